@@ -1,0 +1,39 @@
+"""avn-study: ablation and hyperparameter studies of a multitask AVN segmentation network on Ray.
+
+The public names below are imported lazily, so ``import avn_study`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "PhantomConfig": "avn_study.data.phantom",
+    "write_cohort": "avn_study.data.phantom",
+    "synth_case": "avn_study.data.phantom",
+    "verify_dataset": "avn_study.data.verify",
+    "open_cohort": "avn_study.data.layout",
+    "LABELS": "avn_study.data.layout",
+    "PreprocessConfig": "avn_study.data.preprocess",
+    "build_cache": "avn_study.data.cache",
+    "make_splits": "avn_study.data.splits",
+    "load_or_create_splits": "avn_study.data.splits",
+    "SliceConfig": "avn_study.data.slices",
+    "SliceDataset": "avn_study.data.slices",
+    "EpochSampler": "avn_study.data.slices",
+    "AugmentConfig": "avn_study.data.slices",
+    "augment_batch": "avn_study.data.slices",
+    "load_ras": "avn_study.data.nifti",
+    "save_in_geometry": "avn_study.data.nifti",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'avn_study' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from avn_study.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""The nnU-Net v2 raw layout: ``dataset.json``, ``imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz``.
+
+:func:`scan_cohort` reads the layout and returns every problem it finds instead of stopping at the
+first, so ``avn-study verify`` can list them all. :func:`open_cohort` is what training uses: the same
+scan, raising :class:`~avn_study.errors.DataError` with the same messages when anything is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from avn_study.errors import DataError
+
+LABELS: dict[str, int] = {"background": 0, "femoral_head": 1, "necrosis": 2}
+CHANNEL_SUFFIX = "_0000"  # one input channel (T1); nnU-Net numbers channels _0000, _0001, ...
+FILE_ENDINGS = (".nii.gz", ".nii")
+REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of a check, with the file it concerns."""
+
+    path: Path
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper()}: {self.path}: {self.message}"
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    case_id: str
+    patient_id: str
+    image: Path
+    label: Path | None  # None for unlabelled (imagesTs) cases
+
+
+@dataclass
+class Cohort:
+    """A scanned dataset folder: the training cases in sorted order and the dataset.json contents."""
+
+    root: Path
+    spec: dict
+    cases: list[CaseFiles] = field(default_factory=list)
+
+    @property
+    def file_ending(self) -> str:
+        return self.spec.get("file_ending", ".nii.gz")
+
+    def patients(self) -> dict[str, str]:
+        return {c.case_id: c.patient_id for c in self.cases}
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key '{key}'")
+        seen[key] = value
+    return seen
+
+
+def read_dataset_json(root: Path) -> tuple[dict | None, list[Problem]]:
+    """Parse ``dataset.json`` and check its keys; duplicate JSON keys are an error, not last-wins."""
+    path = root / "dataset.json"
+    if not path.is_file():
+        return None, [Problem(path, "dataset.json is missing (expected the nnU-Net v2 raw layout)")]
+    try:
+        spec = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as err:
+        return None, [Problem(path, f"not valid JSON: {err}")]
+    if not isinstance(spec, dict):
+        return None, [Problem(path, f"expected a JSON object, got {type(spec).__name__}")]
+    problems = [Problem(path, f"missing key '{key}'") for key in REQUIRED_KEYS if key not in spec]
+    problems += _check_spec_values(path, spec)
+    return spec, problems
+
+
+def _check_spec_values(path: Path, spec: dict) -> list[Problem]:
+    problems = []
+    channels = spec.get("channel_names", {"0": "T1"})
+    if not isinstance(channels, dict) or list(channels) != ["0"]:
+        problems.append(Problem(path, f"channel_names must name exactly one channel '0' (T1), got {channels!r}"))
+    labels = spec.get("labels", LABELS)
+    if labels != LABELS:
+        problems.append(Problem(path, f"labels must be {json.dumps(LABELS)}, got {json.dumps(labels)}"))
+    ending = spec.get("file_ending", ".nii.gz")
+    if ending not in FILE_ENDINGS:
+        problems.append(Problem(path, f"file_ending must be one of {FILE_ENDINGS}, got {ending!r}"))
+    n = spec.get("numTraining", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        problems.append(Problem(path, f"numTraining must be a non-negative integer, got {n!r}"))
+    patients = spec.get("patients", {})
+    if not isinstance(patients, dict) or not all(isinstance(v, str) and v for v in patients.values()):
+        problems.append(Problem(path, "patients must map case ids to non-empty patient id strings"))
+    return problems
+
+
+def _case_id(name: str, ending: str, suffix: str) -> str | None:
+    if not name.endswith(ending):
+        return None
+    stem = name[: -len(ending)]
+    if suffix:
+        return stem[: -len(suffix)] if stem.endswith(suffix) else None
+    return stem
+
+
+def _scan_folder(folder: Path, ending: str, suffix: str) -> tuple[dict[str, Path], list[Problem]]:
+    """Map case id -> file, reporting files that do not fit the naming scheme and duplicate ids."""
+    found: dict[str, Path] = {}
+    problems = []
+    other_ending = next(e for e in FILE_ENDINGS if e != ending)
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        case = _case_id(path.name, ending, suffix)
+        if case is None:
+            if _case_id(path.name, other_ending, suffix) is not None:
+                problems.append(Problem(path, f"file ending does not match dataset.json file_ending {ending!r}"))
+            elif suffix and re.search(r"_\d{4}" + re.escape(ending) + "$", path.name):
+                problems.append(Problem(path, "extra input channel: dataset.json declares one channel (_0000)"))
+            else:
+                problems.append(Problem(path, f"unexpected file: expected names like case{suffix}{ending}"))
+            continue
+        if case.lower() in {c.lower() for c in found}:
+            problems.append(Problem(path, f"duplicate case id '{case}' (ids must be unique, case-insensitively)"))
+            continue
+        found[case] = path
+    return found, problems
+
+
+def scan_cohort(root: str | Path) -> tuple[Cohort | None, list[Problem]]:
+    """Read ``dataset.json`` and pair images with labels; report every layout problem found."""
+    root = Path(root)
+    if not root.is_dir():
+        return None, [Problem(root, "dataset folder does not exist")]
+    spec, problems = read_dataset_json(root)
+    if spec is None:
+        return None, problems
+    ending = spec.get("file_ending", ".nii.gz") if spec.get("file_ending") in FILE_ENDINGS else ".nii.gz"
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            problems.append(Problem(folder, "folder is missing"))
+    if any(p.message == "folder is missing" for p in problems):
+        return None, problems
+    images, image_problems = _scan_folder(images_dir, ending, CHANNEL_SUFFIX)
+    labels, label_problems = _scan_folder(labels_dir, ending, "")
+    problems += image_problems + label_problems
+    for case in sorted(set(images) - set(labels)):
+        problems.append(Problem(images[case], f"image has no label (expected labelsTr/{case}{ending})"))
+    for case in sorted(set(labels) - set(images)):
+        problems.append(Problem(labels[case], f"label has no image (expected imagesTr/{case}{CHANNEL_SUFFIX}{ending})"))
+    paired = sorted(set(images) & set(labels))
+    if isinstance(spec.get("numTraining"), int) and spec["numTraining"] != len(labels):
+        problems.append(Problem(root / "dataset.json",
+                                f"numTraining is {spec['numTraining']} but labelsTr holds {len(labels)} cases"))
+    patients = spec.get("patients", {}) if isinstance(spec.get("patients"), dict) else {}
+    for case in sorted(set(patients) - set(images) - set(labels)):
+        problems.append(Problem(root / "dataset.json", f"patients names case '{case}' that has no files"))
+    cases = [CaseFiles(c, str(patients.get(c, c)), images[c], labels[c]) for c in paired]
+    if not cases:
+        problems.append(Problem(labels_dir, "no labelled cases found"))
+    return Cohort(root, spec, cases), problems
+
+
+def open_cohort(root: str | Path) -> Cohort:
+    """Scan a dataset folder for training; raise with every layout problem when it is broken."""
+    cohort, problems = scan_cohort(root)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors or cohort is None:
+        raise DataError(format_problems(root, errors))
+    return cohort
+
+
+def format_problems(root: str | Path, problems: list[Problem]) -> str:
+    n_err = sum(p.severity == "error" for p in problems)
+    head = f"{root}: {n_err} problem(s) found; fix them (see `avn-study verify {root}`):"
+    return "\n".join([head, *(f"  - {p}" for p in problems)])
+
+
+def write_dataset_json(root: Path, case_patients: dict[str, str], **extra: object) -> Path:
+    """Write a ``dataset.json`` for the cases in ``case_patients`` (case id -> patient id)."""
+    spec = {
+        "channel_names": {"0": "T1"},
+        "labels": LABELS,
+        "numTraining": len(case_patients),
+        "file_ending": ".nii.gz",
+        "patients": dict(sorted(case_patients.items())),
+        **extra,
+    }
+    path = root / "dataset.json"
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    return path

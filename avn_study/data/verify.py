@@ -1,0 +1,210 @@
+"""Integrity checks of a cohort: ``avn-study verify DATA``.
+
+Covers what nnU-Net's dataset integrity check covers and more: every file is decompressed whole (bad
+CRC, cut trailer and trailing garbage are caught, which ``nib.load`` lets pass), Inf as well as NaN,
+header consistency (qform/sform, pixdim vs affine, nibabel's header diagnosis), label values and
+necrosis outside the femoral head. Every problem is collected with its file; nothing stops at the
+first. Training runs the same checks (:func:`check_case`) on each case before it is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from avn_study.data.layout import LABELS, CaseFiles, Problem, format_problems, scan_cohort
+from avn_study.data.nifti import Geometry, NiftiReadError, RawNifti, read_nifti
+from avn_study.errors import DataError
+
+AFFINE_ATOL_MM = 1e-3  # image and label affines may differ by float noise, not by geometry
+SPACING_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class CaseVolumes:
+    """A checked case in RAS order: float32 image, uint8 labels and the image's original geometry."""
+
+    case: CaseFiles
+    image: np.ndarray  # (R, A, S) float32
+    label: np.ndarray  # (R, A, S) uint8
+    geometry: Geometry
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.geometry.ras_spacing
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    root: Path
+    n_cases: int
+    problems: list[Problem]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        if self.ok:
+            lines = [f"{self.root}: OK, {self.n_cases} labelled case(s) checked"]
+            if self.problems:
+                lines[0] += f" ({len(self.problems)} warning(s))"
+            return "\n".join(lines + [f"  - {p}" for p in self.problems])
+        return format_problems(self.root, self.problems)
+
+
+def header_problems(raw: RawNifti) -> list[Problem]:
+    """Header sanity: dimensionality, spacing, qform/sform agreement, pixdim vs affine, nibabel's diagnosis."""
+    path, header = raw.path, raw.stored_header
+    problems = []
+    shape = header.get_data_shape()
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        problems.append(Problem(path, f"expected a 3D volume (or 4D with a singleton last axis), got shape {shape}"))
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=float)
+    if np.any(pixdim <= 0) or not np.all(np.isfinite(pixdim)):
+        problems.append(Problem(path, f"voxel spacing must be positive, header pixdim[1:4] is {pixdim.tolist()}"))
+    sform, scode = header.get_sform(coded=True)
+    try:
+        qform, qcode = header.get_qform(coded=True)
+    except nib.spatialimages.HeaderDataError:  # e.g. non-positive pixdim, reported above
+        qform, qcode = None, 0
+    if qcode > 0 and scode > 0 and not np.allclose(qform, sform, atol=AFFINE_ATOL_MM):
+        worst = float(np.abs(qform - sform).max())
+        problems.append(Problem(path, f"qform and sform disagree (max difference {worst:.4g} mm)"))
+    affine = raw.image.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        problems.append(Problem(path, "affine is singular or not finite"))
+    else:
+        implied = np.linalg.norm(affine[:3, :3], axis=0)
+        if np.all(pixdim > 0) and not np.allclose(np.abs(pixdim), implied, rtol=1e-3, atol=1e-4):
+            problems.append(Problem(path, f"pixdim {np.round(pixdim, 4).tolist()} disagrees with the spacing "
+                                          f"the affine implies {np.round(implied, 4).tolist()}"))
+    diagnosis = type(header).diagnose_binaryblock(header.binaryblock)
+    if diagnosis:
+        problems.append(Problem(path, f"nibabel header check: {' '.join(diagnosis.split())}", "warning"))
+    if raw.trailing_zero_bytes:
+        problems.append(Problem(path, f"{raw.trailing_zero_bytes} zero bytes of padding after the gzip stream",
+                                "warning"))
+    if raw.extra_bytes:
+        problems.append(Problem(path, f"{raw.extra_bytes} bytes after the voxel data the header announces", "warning"))
+    return problems
+
+
+def _read(path: Path) -> tuple[RawNifti | None, np.ndarray | None, list[Problem]]:
+    try:
+        raw = read_nifti(path)
+    except NiftiReadError as err:
+        return None, None, [Problem(path, str(err).removeprefix(f"{path}: "))]
+    problems = header_problems(raw)
+    if any("expected a 3D volume" in p.message for p in problems):
+        return raw, None, problems
+    if raw.image.header.get_data_dtype().kind not in "biuf":
+        return raw, None, problems + [Problem(path, f"unsupported voxel type {raw.image.header.get_data_dtype()}")]
+    data = raw.image.get_fdata(dtype=np.float32)
+    data = data.reshape(data.shape[:3])
+    n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+    if n_nan or n_inf:
+        problems.append(Problem(path, f"{n_nan} NaN and {n_inf} +/-Inf voxels (all voxels must be finite)"))
+    return raw, data, problems
+
+
+def _label_problems(path: Path, label: np.ndarray) -> list[Problem]:
+    finite = label[np.isfinite(label)]
+    if not np.array_equal(finite, np.round(finite)):
+        bad = np.unique(finite[finite != np.round(finite)])[:3]
+        return [Problem(path, f"label values must be integers, found {bad.tolist()}")]
+    values = set(np.unique(finite).astype(int).tolist())
+    allowed = set(LABELS.values())
+    if values - allowed:
+        return [Problem(path, f"label values {sorted(values - allowed)} are not in the declared labels "
+                              f"{sorted(allowed)} ({', '.join(f'{v}={k}' for k, v in LABELS.items())})")]
+    problems = []
+    if LABELS["femoral_head"] not in values:
+        problems.append(Problem(path, "no femoral head labelled (label 1): the localisation target is empty",
+                                "warning"))
+    return problems
+
+
+def _necrosis_outside_head(path: Path, label: np.ndarray) -> list[Problem]:
+    """Each 3D connected component of necrosis must touch the femoral head label."""
+    necrosis = label == LABELS["necrosis"]
+    if not necrosis.any():
+        return []
+    components, n = ndimage.label(necrosis, structure=np.ones((3, 3, 3), bool))
+    near_head = ndimage.binary_dilation(label == LABELS["femoral_head"], structure=np.ones((3, 3, 3), bool))
+    touching = np.unique(components[near_head & necrosis])
+    outside = n - int(np.count_nonzero(touching))
+    if outside:
+        voxels = int(np.isin(components, np.setdiff1d(np.arange(1, n + 1), touching)).sum())
+        return [Problem(path, f"{outside} necrosis component(s) ({voxels} voxels) lie outside the femoral head "
+                              f"(necrosis, label 2, must lie inside the femoral head region, label 1)")]
+    return []
+
+
+def _pair_problems(case: CaseFiles, img: RawNifti, lab: RawNifti, image: np.ndarray, label: np.ndarray) -> list[Problem]:
+    if image.shape != label.shape:
+        return [Problem(case.label, f"label shape {label.shape} differs from image shape {image.shape}")]
+    problems = []
+    if not np.allclose(img.image.affine, lab.image.affine, atol=AFFINE_ATOL_MM):
+        worst = float(np.abs(img.image.affine - lab.image.affine).max())
+        problems.append(Problem(case.label, f"label affine differs from the image affine (max difference {worst:.4g})"))
+    zi, zl = img.image.header.get_zooms()[:3], lab.image.header.get_zooms()[:3]
+    if not np.allclose(zi, zl, rtol=SPACING_RTOL):
+        problems.append(Problem(case.label, f"label spacing {tuple(map(float, zl))} differs from image spacing "
+                                            f"{tuple(map(float, zi))}"))
+    return problems
+
+
+def check_case(case: CaseFiles) -> tuple[CaseVolumes | None, list[Problem]]:
+    """Read a case's image and label whole and run every per-case check.
+
+    Returns:
+        The volumes in RAS order when there is no error (warnings allowed), and all problems found.
+    """
+    assert case.label is not None, "check_case needs a labelled case"
+    img, image, problems = _read(case.image)
+    lab, label, label_problems = _read(case.label)
+    problems += label_problems
+    if image is not None and float(np.nanmax(image) - np.nanmin(image)) == 0.0:
+        problems.append(Problem(case.image, f"image is constant ({float(image.flat[0])}): nothing to normalise"))
+    if label is not None and not label_problems:
+        problems += _label_problems(case.label, label)
+    if img is not None and lab is not None and image is not None and label is not None:
+        problems += _pair_problems(case, img, lab, image, label)
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    label_u8 = label.astype(np.uint8)
+    problems += _necrosis_outside_head(case.label, label_u8)
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    geometry = Geometry.of(image.shape, img.image.affine)
+    return CaseVolumes(case, geometry.to_ras(image), geometry.to_ras(label_u8), geometry), problems
+
+
+def verify_dataset(root: str | Path) -> VerifyReport:
+    """Check a dataset folder whole: layout, dataset.json and every case; collect every problem."""
+    root = Path(root)
+    cohort, problems = scan_cohort(root)
+    n_cases = 0
+    if cohort is not None:
+        for case in cohort.cases:
+            _, case_problems = check_case(case)
+            problems += case_problems
+            n_cases += 1
+    return VerifyReport(root, n_cases, problems)
+
+
+def require_valid_case(case: CaseFiles) -> CaseVolumes:
+    """:func:`check_case` for training: raise :class:`DataError` listing the case's problems."""
+    volumes, problems = check_case(case)
+    if volumes is None:
+        raise DataError(format_problems(case.image.parent.parent, [p for p in problems if p.severity == "error"]))
+    return volumes
