@@ -1,0 +1,82 @@
+"""Patient-level folds: no leakage, determinism, stratification, frozen file with a hash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from avn_study.data.splits import load_or_create_splits, make_splits, read_splits, write_splits
+from avn_study.errors import DataError
+
+
+def _cohort(n_patients: int = 12) -> tuple[dict[str, str], dict[str, bool]]:
+    patients, necrosis = {}, {}
+    for p in range(n_patients):
+        for scan in range(1 + p % 3):  # some patients have 2 or 3 cases
+            case = f"c{p:02d}_{scan}"
+            patients[case] = f"P{p:02d}"
+            necrosis[case] = p % 4 == 0 and scan == 0
+    return patients, necrosis
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("stratify", [True, False])
+def test_no_patient_in_train_and_val(k: int, stratify: bool) -> None:
+    patients, necrosis = _cohort()
+    splits = make_splits(patients, k=k, seed=1, has_necrosis=necrosis if stratify else None)
+    all_val = [c for f in splits.folds for c in f.val]
+    assert sorted(all_val) == sorted(patients)  # every case validated exactly once
+    for fold in splits.folds:
+        train_patients = {patients[c] for c in fold.train}
+        val_patients = {patients[c] for c in fold.val}
+        assert not train_patients & val_patients
+        assert set(fold.train) | set(fold.val) == set(patients)
+
+
+def test_deterministic_and_seed_dependent() -> None:
+    patients, necrosis = _cohort()
+    assert make_splits(patients, 5, 7, necrosis).hash == make_splits(patients, 5, 7, necrosis).hash
+    assert make_splits(patients, 5, 7, necrosis).hash != make_splits(patients, 5, 8, necrosis).hash
+
+
+def test_stratification_spreads_positive_patients() -> None:
+    patients, necrosis = _cohort(20)  # 5 positive patients
+    splits = make_splits(patients, k=5, seed=0, has_necrosis=necrosis)
+    positives_per_fold = [len({patients[c] for c in f.val if necrosis[c]}) for f in splits.folds]
+    assert positives_per_fold == [1, 1, 1, 1, 1]
+    sizes = [len({patients[c] for c in f.val}) for f in splits.folds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_bad_k() -> None:
+    with pytest.raises(ValueError, match=r"k must be between 2 and the number of patients \(3\), got k=4"):
+        make_splits({"a": "1", "b": "2", "c": "3"}, k=4)
+
+
+def test_frozen_file_round_trip_and_tamper_detection(tmp_path: Path) -> None:
+    patients, necrosis = _cohort()
+    path = tmp_path / "splits.json"
+    splits = load_or_create_splits(path, patients, necrosis, k=3, seed=0)
+    assert read_splits(path, set(patients)) == splits
+    # a second call reuses the frozen file even with another seed
+    assert load_or_create_splits(path, patients, necrosis, k=3, seed=99).hash == splits.hash
+    with pytest.raises(DataError, match="holds 3 folds but 5 were asked for"):
+        load_or_create_splits(path, patients, necrosis, k=5)
+    with pytest.raises(DataError, match="does not match the cohort"):
+        read_splits(path, set(patients) | {"new_case"})
+    raw = json.loads(path.read_text())
+    raw["folds"][0]["val"].append(raw["folds"][1]["val"].pop())
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="the file was edited"):
+        read_splits(path)
+    path.write_text("{")
+    with pytest.raises(DataError, match="not a valid splits file"):
+        read_splits(path)
+
+
+def test_write_splits_is_atomic(tmp_path: Path) -> None:
+    patients, _ = _cohort()
+    write_splits(make_splits(patients, 3), tmp_path / "splits.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["splits.json"]
