@@ -1,0 +1,125 @@
+"""Typed configuration of one training run, and its conversion from Ray's flat config dicts.
+
+A run is described by four small dataclasses (model, data, optimisation, run-time). Ray Tune and
+search-space files speak flat dicts such as ``{"arm": "seg+loc", "lr": 3e-4, "slice_size": 128}``;
+:meth:`TrainConfig.from_flat` turns one into typed config at the boundary, rejecting unknown keys with
+a suggestion, and :meth:`TrainConfig.to_flat` goes back (what trials record as their resolved config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from avn_study.errors import UsageError, look_up
+
+ARMS = ("unet", "seg", "seg+recon", "seg+loc", "seg+recon+loc")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arm: str = "seg+recon+loc"  # ablation row: unet | seg | seg+recon | seg+loc | seg+recon+loc
+    depth: int = 4  # number of down-samplings; slice size must be divisible by 2**depth
+    base_channels: int = 16  # channels of the first level, doubled per level
+    norm: str = "batch"  # batch | instance | group | none
+    upsample: str = "transpose"  # transpose | bilinear
+    gating: str = "multiply"  # multiply | residual | none (only arms with loc)
+    gating_alpha: float = 0.5  # residual gating: p_seg * (a + (1 - a) * p_loc)
+    recon_skips: str = "none"  # none | deepest | all: skips into the reconstruction decoder
+
+    def __post_init__(self) -> None:
+        look_up(self.arm, ARMS, what="arm")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    fold: int = 0  # validation fold of the frozen patient-level split
+    n_folds: int = 5  # folds of the split (must match an existing splits.json)
+    split_seed: int = 0  # seed of the split when it is first made
+    slice_size: int = 128  # in-plane crop/pad size in pixels
+    inplane_spacing_mm: float = 2.0  # cached in-plane spacing (part of the cache key)
+    loc_margin_mm: float = 10.0  # localisation target: femoral head dilated by this margin
+    empty_slice_fraction: float = 0.25  # share of slices without femoral head used per epoch
+    necrosis_oversample: int = 2  # slices with necrosis appear this many times per epoch
+    augment: bool = True  # flip / rotate / zoom / intensity jitter on training batches
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3  # AdamW learning rate, cosine-annealed to lr * 0.01
+    weight_decay: float = 1e-4
+    schedule: str = "recon_dependent"  # loss-adaptation schedule (see avn_study.schedules)
+    schedule_params: dict[str, Any] = field(default_factory=dict)  # the schedule's own parameters
+    seg_dice_weight: float = 0.5  # seg loss = w * soft Dice + (1 - w) * BCE
+    recon_kind: str = "l1"  # l1 | mse
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr=}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    seed: int = 0  # fixes initialisation, data order and augmentation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    eval_every: int = 1  # validate every N epochs (and always after the last)
+    threshold: float = 0.5  # probability threshold of the necrosis mask
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, str]:
+        """Flat key -> section name."""
+        return {f.name: section.name for section in dataclasses.fields(cls)
+                for f in dataclasses.fields(section.default_factory())}
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from a flat dict; unknown keys raise with a did-you-mean suggestion.
+
+        Raises:
+            UsageError: an unknown key or a bad value, naming ``source`` and the key.
+        """
+        keys = cls.flat_keys()
+        sections: dict[str, dict[str, Any]] = {name: {} for name in set(keys.values())}
+        defaults = cls().to_flat()
+        for key, value in flat.items():
+            look_up(key, keys, what=f"key in {source}")
+            sections[keys[key]][key] = _coerce(key, value, defaults[key], source)
+        try:
+            return cls(**{f.name: type(f.default_factory())(**sections[f.name]) for f in dataclasses.fields(cls)})
+        except ValueError as err:
+            raise UsageError(f"{source}: {err}") from None
+
+    def to_flat(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            flat.update(dataclasses.asdict(getattr(self, section.name)))
+        return flat
+
+    def replace(self, **flat: Any) -> TrainConfig:
+        return TrainConfig.from_flat({**self.to_flat(), **flat})
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Check a flat value against its default's type (ints are accepted for floats)."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise UsageError(f"{source}: {key} must be {expected.__name__}, got {value!r}")

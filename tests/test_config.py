@@ -1,0 +1,41 @@
+"""Flat <-> typed config at the trainable boundary, with errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from avn_study.config import ARMS, TrainConfig
+from avn_study.errors import UsageError
+
+
+def test_round_trip() -> None:
+    config = TrainConfig.from_flat({"arm": "seg+loc", "lr": 3e-4, "epochs": 7, "schedule_params": {"ramp_epochs": 3}})
+    assert config.model.arm == "seg+loc" and config.optim.epochs == 7
+    assert TrainConfig.from_flat(config.to_flat()) == config
+    assert config.replace(seed=5).runtime.seed == 5
+
+
+def test_every_arm_is_accepted() -> None:
+    for arm in ARMS:
+        assert TrainConfig.from_flat({"arm": arm}).model.arm == arm
+
+
+def test_int_is_accepted_for_float() -> None:
+    assert TrainConfig.from_flat({"lr": 1}).optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("flat", "fragment"),
+    [
+        ({"lrr": 1e-3}, "Unknown key in space.yaml 'lrr'; did you mean 'lr'?"),
+        ({"arm": "seg+rcon"}, "Unknown arm 'seg+rcon'; did you mean 'seg+recon'?"),
+        ({"epochs": "ten"}, "space.yaml: epochs must be int, got 'ten'"),
+        ({"epochs": True}, "space.yaml: epochs must be int, got True"),
+        ({"epochs": 0}, "space.yaml: epochs must be >= 1, got 0"),
+        ({"lr": -1.0}, "lr must be > 0"),
+    ],
+)
+def test_bad_flat_config(flat: dict, fragment: str) -> None:
+    with pytest.raises(UsageError) as info:
+        TrainConfig.from_flat(flat, source="space.yaml")
+    assert fragment in str(info.value)
