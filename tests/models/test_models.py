@@ -1,0 +1,203 @@
+"""Models: registry, arm outputs, gradient flow, U-Net equivalence, recon skips, gating math, errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from avn_study.errors import UsageError
+from avn_study.models import (
+    ARMS,
+    MultitaskNet,
+    UNet,
+    create_model,
+    gate_logits,
+    list_models,
+    model_for_arm,
+    register_model,
+)
+
+TINY = {"base_channels": 4, "depth": 2}
+SIZE = 32
+
+
+def _input(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _expected_keys(arm: str) -> set[str]:
+    _, branches = ARMS[arm]
+    keys = set(branches or ("seg",))
+    return keys | {"seg_raw"} if "loc" in keys else keys
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_arm_outputs_and_gradients_reach_every_parameter(arm: str) -> None:
+    model = model_for_arm(arm, **TINY)
+    out = model(_input())
+    assert set(out) == _expected_keys(arm)
+    for name, value in out.items():
+        assert value.shape == (2, 1, SIZE, SIZE), name
+    assert model.branches == (ARMS[arm][1] or ("seg",))
+    targets = torch.Generator().manual_seed(1)
+    loss = sum((v - torch.randn(v.shape, generator=targets)).pow(2).mean() for v in out.values())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    by_branch = model.parameters_by_branch()
+    assert sum(len(ps) for ps in by_branch.values()) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("arm", [a for a in ARMS if "loc" in a])
+def test_gated_seg_loss_trains_the_loc_branch(arm: str) -> None:
+    model = model_for_arm(arm, **TINY)
+    out = model(_input())
+    torch.testing.assert_close(out["seg"], gate_logits(out["seg_raw"], out["loc"], "multiply"))
+    out["seg"].sigmoid().mean().backward()
+    loc_params = model.parameters_by_branch()["loc"]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in loc_params)
+    assert sum(p.grad.abs().sum() for p in loc_params) > 0
+
+
+@pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+def test_seg_only_multitask_is_the_unet(norm: str, upsample: str) -> None:
+    cfg = {**TINY, "depth": 3, "norm": norm, "upsample": upsample}
+    unet = create_model("unet", **cfg)
+    multi = create_model("multitask", branches=("seg",), gating="none", **cfg)
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in multi.parameters())
+    assert unet.state_dict().keys() == multi.state_dict().keys()
+    multi.load_state_dict(unet.state_dict())
+    x = _input()
+    for mode in (True, False):  # batch statistics, then running statistics
+        unet.train(mode)
+        multi.train(mode)
+        torch.testing.assert_close(multi(x)["seg"], unet(x)["seg"], rtol=0, atol=0)
+
+
+def test_recon_without_skips_reads_only_the_bottleneck() -> None:
+    model = MultitaskNet(branches=("seg", "recon"), base_channels=4, depth=3, aux_channels_factor=0.5)
+    decoder = model.recon_decoder
+    assert decoder.skip_levels == ()
+    for block, up in zip(decoder.blocks, decoder.ups, strict=True):
+        assert block[0].in_channels == up.conv.out_channels  # nothing concatenated
+    feats = model.encoder(_input())
+    scrambled = [torch.randn_like(f) for f in feats[:-1]] + [feats[-1]]
+    torch.testing.assert_close(decoder(scrambled), decoder(feats))
+    seg_blocks = model.seg_decoder.blocks
+    assert [b[0].in_channels for b in seg_blocks] == [2 * w for w in (16, 8, 4)]  # full skips
+
+
+@pytest.mark.parametrize(("skips", "levels"), [("all", (0, 1, 2)), ("deepest", (2,)), ("none", ())])
+def test_skip_modes(skips: str, levels: tuple[int, ...]) -> None:
+    model = MultitaskNet("seg+recon+loc", base_channels=4, depth=3, recon_skips=skips, loc_skips=skips)
+    assert model.recon_decoder.skip_levels == levels
+    assert model.loc_decoder.skip_levels == levels
+    assert model.loc_decoder.out_channels == 2  # aux_channels_factor 0.5 of 4
+
+
+def _probs(seg: torch.Tensor, loc: torch.Tensor, gating: str, alpha: float) -> torch.Tensor:
+    p_seg, p_loc = seg.double().sigmoid(), loc.double().sigmoid()
+    return p_seg * p_loc if gating == "multiply" else p_seg * (alpha + (1 - alpha) * p_loc)
+
+
+GATING_CASES = [("multiply", 0.5), ("residual", 0.5), ("residual", 0.0), ("residual", 0.2), ("residual", 1.0)]
+
+
+@pytest.mark.parametrize(("gating", "alpha"), GATING_CASES)
+def test_gating_math(gating: str, alpha: float) -> None:
+    grid = torch.linspace(-10, 10, 41)
+    seg, loc = torch.meshgrid(grid, grid, indexing="ij")
+    gated = gate_logits(seg, loc, gating, alpha)
+    torch.testing.assert_close(gated.sigmoid().double(), _probs(seg, loc, gating, alpha), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("gating", "alpha"), GATING_CASES)
+def test_gating_is_finite_for_extreme_logits(gating: str, alpha: float) -> None:
+    values = torch.tensor([-50.0, -30.0, 0.0, 30.0, 50.0])
+    seg, loc = (t.clone().requires_grad_(True) for t in torch.meshgrid(values, values, indexing="ij"))
+    gated = gate_logits(seg, loc, gating, alpha)
+    assert torch.isfinite(gated).all() and gated.abs().max() <= 30
+    torch.testing.assert_close(gated.sigmoid().double(), _probs(seg, loc, gating, alpha), rtol=0, atol=1e-5)
+    torch.nn.functional.binary_cross_entropy_with_logits(gated, torch.ones_like(gated)).backward()
+    assert torch.isfinite(seg.grad).all()
+    assert loc.grad is None if alpha == 1.0 else torch.isfinite(loc.grad).all()  # alpha 1: no gate
+    assert seg.grad[0, 0] < 0  # a confidently wrong pixel still learns through the clamp
+
+
+BAD_ARGUMENTS = [
+    (lambda: UNet(depth=0), ValueError, "depth must be an integer >= 1, got depth=0"),
+    (lambda: UNet(base_channels=0), ValueError, "base_channels must be an integer >= 1, got base_channels=0"),
+    (lambda: UNet(norm="btach"), UsageError, "Unknown norm 'btach'; did you mean 'batch'?"),
+    (lambda: UNet(upsample="bilinar"), UsageError, "Unknown upsample 'bilinar'; did you mean 'bilinear'?"),
+    (lambda: MultitaskNet(branches=("recon", "loc")), ValueError, "branches must include 'seg'"),
+    (lambda: MultitaskNet(branches=("seg", "lco")), UsageError, "Unknown branch 'lco'; did you mean 'loc'?"),
+    (
+        lambda: MultitaskNet(branches=("seg", "recon"), gating="multiply"),
+        ValueError,
+        "gating='multiply' needs the 'loc' branch, got branches=('seg', 'recon')",
+    ),
+    (
+        lambda: MultitaskNet(gating_alpha=1.5),
+        ValueError,
+        "gating_alpha must be in [0, 1], got gating_alpha=1.5",
+    ),
+    (lambda: MultitaskNet(gating="mutliply"), UsageError, "did you mean 'multiply'?"),
+    (lambda: MultitaskNet(recon_skips="al"), UsageError, "Unknown recon_skips 'al'; did you mean 'all'?"),
+    (lambda: MultitaskNet(aux_channels_factor=0), ValueError, "aux_channels_factor must be > 0"),
+    (lambda: create_model("unte"), UsageError, "Unknown model 'unte'; did you mean 'unet'?"),
+    (lambda: model_for_arm("seg+lco"), UsageError, "Unknown arm 'seg+lco'; did you mean 'seg+loc'?"),
+    (lambda: model_for_arm("seg", branches=("seg",)), UsageError, "fixes the branches"),
+]
+
+
+@pytest.mark.parametrize(("build", "error", "message"), BAD_ARGUMENTS)
+def test_bad_arguments(build, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        build()
+
+
+@pytest.mark.parametrize("name", ["unet", "multitask"])
+def test_bad_input_size(name: str) -> None:
+    model = create_model(name, base_channels=2, depth=4)
+    message = "input size (H, W)=(100, 96) must be divisible by 2**depth=16"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(torch.zeros(1, 1, 100, 96))
+    with pytest.raises(ValueError, match=re.escape("input must be (B, C, H, W), got shape (1, 32, 32)")):
+        model(torch.zeros(1, 32, 32))
+
+
+def test_registry_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {"unet", "multitask"} <= set(list_models())
+    assert isinstance(create_model("unet", **TINY), UNet)
+    assert isinstance(create_model("multitask", **TINY), MultitaskNet)
+
+    import avn_study.models as registry
+
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+
+    @register_model("toy")
+    class Toy(nn.Module):
+        def __init__(self, width: int = 1) -> None:
+            super().__init__()
+            self.width = width
+
+    assert "toy" in list_models()
+    assert create_model("toy", width=3).width == 3
+    with pytest.raises(ValueError, match="'toy' is already registered"):
+        register_model("toy")(Toy)
+
+
+def test_model_for_arm_drops_options_the_arm_lacks() -> None:
+    cfg = {**TINY, "gating": "residual", "gating_alpha": 0.3, "recon_skips": "all", "aux_channels_factor": 2}
+    assert isinstance(model_for_arm("unet", **cfg), UNet)
+    assert model_for_arm("seg", **cfg).gating == "none"
+    seg_loc = model_for_arm("seg+loc", **cfg)
+    assert (seg_loc.gating, seg_loc.gating_alpha, seg_loc.branches) == ("residual", 0.3, ("seg", "loc"))
+    assert model_for_arm("seg+recon", **cfg).recon_decoder.skip_levels == (0, 1)
+    with pytest.raises(TypeError, match="widht"):
+        model_for_arm("seg", widht=3)
