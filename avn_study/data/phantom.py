@@ -1,0 +1,691 @@
+"""Synthetic coronal T1-weighted hip MRI with avascular necrosis (AVN) of the femoral head.
+
+There is no public AVN data set, so avn-study ships this generator. It is built to be hard in the ways
+the real task is hard (Pham et al., BVM 2020): the lesion is small in a large field of view, its contrast
+varies, and necrosis-like dark spots lie outside the femoral head where only localisation can reject them.
+
+Generator. Each patient is a set of signed-distance primitives in a patient frame (mm; x to the right,
+y anterior, z superior; origin midway between the femoral head centres). A primitive is evaluated only
+inside its bounding box and painted with an anti-aliased edge, back to front.
+
+* Anatomy: subcutaneous fat around muscle, pelvic fat with bowel loops, bladder, the crotch below;
+  pelvis (ilium, ischium, pubis, acetabular cups); two femoral heads (radius per hip), cartilage and
+  joint space, necks at a per-hip neck-shaft angle and anteversion, greater and lesser trochanters,
+  metaphysis and shaft. Bone has a dark cortex around fatty marrow; a faint physeal scar crosses the head.
+  T1 contrast (fatty marrow ~0.95): fat 1.0, pelvic marrow 0.72, muscle 0.36, cartilage 0.28, urine 0.12,
+  cortex 0.05, air 0.
+* Necrosis: per patient bilateral, unilateral or none. A lesion is the level set ``g < tau`` of an
+  ellipsoidal distance from an antero-superior (weight-bearing) centre plus a smooth random field
+  (a sum of random plane waves); ``tau`` is the quantile that makes the lesion the drawn fraction of the
+  head volume, so the fraction is exact on a 1 mm grid. It is clipped to the head and has a dark rim
+  (about ``rim_thickness_mm`` thick, never brighter than the interior) around a low-signal interior.
+* Distractors (Poisson count): dark blobs in trochanter, neck, metaphysis, supra-acetabular, ischial
+  and pubic marrow (lesion-like with probability ``distractor_likeness``: same contrast and rim), dark
+  tubes (vessels, flow void) and fluid collections (bursae); all kept outside the femoral heads.
+* Acquisition: a coronal slab of thick slices (the A/P axis), per-case in-plane and slice spacing, pose
+  (rotation about each axis, translation), and scanner table position (affine origin). Partial volume:
+  ``sub_slices`` sub-slices per slice are averaged (labels at the slice centre), then an in-plane
+  Gaussian blur. Then mild multiplicative texture (marrow heterogeneity), a smooth bias field, Rician
+  noise (magnitude of signal plus complex Gaussian noise) at a per-case SNR, a per-scan intensity
+  scale, int16 storage, and a scanner-like orientation for a fraction of cases (axis-aligned, never
+  oblique; reading back with ``io_orientation``/``apply_orientation`` gives exactly the RAS array).
+* Follow-ups: with ``followup_fraction`` a patient gets a second scan with the same anatomy, lesions and
+  distractors but a new pose, spacing, noise, bias and orientation.
+
+Labels: 0 background, 1 femoral head (the whole head sphere, both sides), 2 necrosis (with its rim,
+always inside the head). Randomness: a patient's anatomy, its first scan and its follow-up use three
+streams spawned from ``np.random.SeedSequence([seed, index])``, so a case never depends on cohort size.
+Distractors are drawn last from the anatomy stream and the orientation last from the scan stream, so
+changing ``distractor_*`` or ``non_ras_fraction`` leaves the rest of a case unchanged (tests rely on it).
+
+Difficulty knobs (:class:`PhantomConfig`): ``lesion_contrast`` (interior/marrow ratio, near 1 =
+subtle), ``rim_darkness`` and ``rim_thickness_mm`` (rim visibility), ``lesion_fraction`` (size),
+``lesion_irregularity`` (shape), ``snr``, ``bias_strength``, ``texture``, ``distractor_mean`` and
+``distractor_likeness``, ``sub_slices`` and ``blur_mm`` (partial volume), ``slice_spacing_mm``;
+``p_bilateral``/``p_unilateral`` (healthy hips are the rest), ``non_ras_fraction``, pose ranges.
+
+What the phantom does not model: real anatomical variability (shapes are spheres, capsules and
+ellipsoids), bone marrow edema, joint effusion and synovitis, subchondral fracture, collapse or
+flattening of the head, osteoarthritis, red-marrow patterns, STIR/T2/fat-saturated or other sequences,
+patient motion, wrap-around, chemical shift, vendor-specific artifacts and reconstruction filters, k-space
+truncation (Gibbs), partial volume between in-plane voxels beyond anti-aliased edges and a Gaussian blur,
+oblique slices, and the clinical staging of lesions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from nibabel import orientations as nio
+from scipy import ndimage
+
+from avn_study.data.nifti import write_nifti
+
+__all__ = ["PhantomCase", "PhantomConfig", "iter_cohort", "synth_case", "write_cohort"]
+
+_F = np.float32
+_RAS = nio.axcodes2ornt(("R", "A", "S"))
+_NON_RAS = ("LPS", "LSP", "RIA")  # scanner-like stored orientations (the last two are coronal-native)
+_FOV_Z_OFFSET = 15.0  # the FOV centre lies this far above the femoral heads (more pelvis than thigh)
+_FAT, _MUSCLE, _CARTILAGE, _CORTEX, _PELVIC_MARROW = 1.0, 0.36, 0.28, 0.05, 0.72
+_MARROW = {"head": 0.95, "neck": 0.92, "gt": 0.93, "lt": 0.9, "meta": 0.9, "shaft": 0.85}
+_SITES = {"trochanter": 0.25, "neck": 0.12, "metaphysis": 0.08, "supra_acetabular": 0.2,
+          "ischium_pubis": 0.1, "vessel": 0.15, "fluid": 0.1}  # distractor sites and their weights
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Every knob of the phantom; the defaults make the default cohort. Pairs are (lo, hi) ranges."""
+
+    fov_mm: tuple[float, float] = (300.0, 220.0)  # in-plane FOV, R/L x S/I; trochanters fit inside
+    ap_coverage_mm: tuple[float, float] = (80.0, 90.0)  # A/P extent of the coronal slab
+    inplane_spacing_mm: tuple[float, float] = (0.9, 1.2)  # R/L and S/I spacing, drawn per case and axis
+    slice_spacing_mm: tuple[float, float] = (3.0, 4.0)  # coronal slice spacing (A/P), thick as in clinics
+    sub_slices: int = 3  # partial volume: sub-slices averaged per slice (1 = none)
+    blur_mm: float = 0.4  # in-plane Gaussian point-spread sigma
+    snr: tuple[float, float] = (8.0, 20.0)  # fatty-marrow signal / noise sigma, per case (Rician)
+    bias_strength: float = 0.2  # std of the log of the smooth multiplicative bias field
+    texture: float = 0.05  # std of the fine multiplicative texture (marrow heterogeneity)
+    intensity_scale: tuple[float, float] = (600.0, 2400.0)  # stored value of fatty marrow, per scan
+    non_ras_fraction: float = 1 / 3  # scans stored in a non-RAS orientation (LPS, LSP or RIA)
+    rotation_deg: float = 3.0  # max |rotation| about each axis
+    translation_mm: tuple[float, float, float] = (10.0, 5.0, 10.0)  # max |shift| R/L, A/P, S/I
+    head_radius_mm: tuple[float, float] = (20.0, 26.0)  # femoral head radius, per hip
+    neck_shaft_angle_deg: tuple[float, float] = (125.0, 135.0)  # per hip
+    p_bilateral: float = 0.35  # patients with necrosis in both hips
+    p_unilateral: float = 0.45  # patients with necrosis in one hip (the rest are healthy)
+    lesion_fraction: tuple[float, float] = (0.03, 0.35)  # lesion volume / femoral head volume
+    lesion_contrast: tuple[float, float] = (0.35, 0.85)  # lesion interior / marrow intensity
+    lesion_irregularity: float = 0.35  # random-field amplitude relative to the lesion radius
+    rim_darkness: tuple[float, float] = (0.15, 0.5)  # rim / marrow intensity (lower = more visible)
+    rim_thickness_mm: tuple[float, float] = (1.0, 2.5)  # thickness of the dark demarcating rim
+    distractor_mean: float = 4.0  # mean of the Poisson number of distractors per patient
+    distractor_likeness: float = 0.6  # probability that a marrow distractor copies the lesion look
+    distractor_radius_mm: tuple[float, float] = (3.0, 10.0)  # distractor size
+    followup_fraction: float = 0.0  # patients with a second scan (same anatomy, new acquisition)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # accept lists (e.g. from JSON) for the tuple fields
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        for name, top in _RANGE_LIMITS.items():
+            v = getattr(self, name)
+            ok = _numbers(v, 2) and 0 < v[0] <= v[1] <= top
+            _require(ok, name, v, f"a (lo, hi) pair with 0 < lo <= hi <= {top}")
+        for name, top in _SCALAR_LIMITS.items():
+            v = getattr(self, name)
+            _require(_numbers((v,), 1) and 0 <= v <= top, name, v, f"in [0, {top}]")
+        if self.p_bilateral + self.p_unilateral > 1:
+            raise ValueError("PhantomConfig.p_bilateral + p_unilateral must be <= 1, got "
+                             f"p_bilateral={self.p_bilateral!r} + p_unilateral={self.p_unilateral!r}")
+        fov, shift, sub = self.fov_mm, self.translation_mm, self.sub_slices
+        _require(_numbers(fov, 2) and min(fov) > 0, "fov_mm", fov, "two sizes > 0 (R/L, S/I)")
+        _require(_numbers(shift, 3) and min(shift) >= 0, "translation_mm", shift, "three shifts >= 0")
+        _require(isinstance(sub, int) and not isinstance(sub, bool) and 1 <= sub <= 16, "sub_slices", sub,
+                 "an int in [1, 16]")
+
+    @classmethod
+    def tiny(cls, **overrides: object) -> PhantomConfig:
+        """A coarse config (2-2.4 mm in-plane, 4-5 mm slices) that makes a case in well under 0.1 s."""
+        base = {"inplane_spacing_mm": (2.0, 2.4), "slice_spacing_mm": (4.0, 5.0), "sub_slices": 2}
+        return cls(**{**base, **overrides})
+
+
+# (lo, hi) fields and the largest hi; scalar fields and their largest value
+_RANGE_LIMITS = {"ap_coverage_mm": 400, "inplane_spacing_mm": 10, "slice_spacing_mm": 20, "snr": 1e4,
+                 "intensity_scale": 2e4, "head_radius_mm": 35, "neck_shaft_angle_deg": 170,
+                 "lesion_fraction": 0.9, "lesion_contrast": 1, "rim_darkness": 1, "rim_thickness_mm": 10,
+                 "distractor_radius_mm": 30}
+_SCALAR_LIMITS = {"p_bilateral": 1, "p_unilateral": 1, "non_ras_fraction": 1, "distractor_likeness": 1,
+                  "followup_fraction": 1, "blur_mm": 10, "bias_strength": 2, "texture": 1,
+                  "lesion_irregularity": 2, "distractor_mean": 100, "rotation_deg": 30}
+
+
+def _numbers(value: object, n: int) -> bool:
+    """Whether ``value`` is a tuple of ``n`` finite real numbers."""
+    return (isinstance(value, tuple) and len(value) == n and all(
+        isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and math.isfinite(v)
+        for v in value))
+
+
+def _require(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"PhantomConfig.{name} must be {expected}, got {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class PhantomCase:
+    """One synthetic scan; arrays and affine are in the stored (possibly non-RAS) orientation."""
+
+    case_id: str  # f"AVN_{index:03d}", follow-ups f"AVN_{index:03d}_fu"
+    patient_id: str  # f"P{index:03d}"
+    image: np.ndarray  # int16 (X, Y, Z) stored orientation
+    label: np.ndarray  # uint8, same shape: 0 background, 1 femoral head, 2 necrosis
+    affine: np.ndarray  # 4x4 float64 voxel-to-world of the stored arrays
+    info: dict  # JSON-serialisable generation parameters (necrosis, snr, axcodes, ...)
+
+
+# ---------------------------------------------------------------- shapes (signed distances in mm)
+# q is a tuple of three float32 arrays (patient coordinates); every parameter is float32 so that
+# NumPy 2 never promotes the per-voxel arithmetic to float64.
+
+
+class _Sphere:
+    def __init__(self, c: np.ndarray, r: float) -> None:
+        self.c, self.r = _F(c), _F(r)
+        self.bound = (self.c, np.full(3, float(r)))  # (centre, half-extents): a box in the patient frame
+
+    def sd(self, q: tuple) -> np.ndarray:
+        return np.sqrt((q[0] - self.c[0]) ** 2 + (q[1] - self.c[1]) ** 2 + (q[2] - self.c[2]) ** 2) - self.r
+
+
+class _Capsule:
+    def __init__(self, a: np.ndarray, b: np.ndarray, r: float) -> None:
+        self.a, self.ba, self.r = _F(a), _F(np.subtract(b, a)), _F(r)
+        self.bound = (_F(np.add(a, b) / 2), np.abs(self.ba) / 2 + r)
+
+    def sd(self, q: tuple) -> np.ndarray:
+        p = [q[i] - self.a[i] for i in range(3)]
+        h = sum(p[i] * self.ba[i] for i in range(3)) / _F(self.ba @ self.ba)
+        np.clip(h, 0, 1, out=h)
+        return np.sqrt(sum((p[i] - self.ba[i] * h) ** 2 for i in range(3))) - self.r
+
+
+class _Ellipsoid:
+    """Approximate signed distance (k0 (k0 - 1) / k1, exact on the surface); ``rot`` columns = axes."""
+
+    def __init__(self, c: np.ndarray, radii: np.ndarray, rot: np.ndarray | None = None) -> None:
+        self.c, self.radii, self.rot = _F(c), _F(radii), _F(np.eye(3) if rot is None else rot)
+        self.bound = (self.c, np.abs(self.rot) @ self.radii)
+        self.axes = [j for j in range(3) if radii[j] < 1e3]  # a radius >= 1 m makes a cylinder
+        self.aligned = np.array_equal(self.rot, np.eye(3))
+
+    def sd(self, q: tuple) -> np.ndarray:
+        if self.aligned:
+            loc = {j: q[j] - self.c[j] for j in self.axes}
+        else:
+            p = [q[i] - self.c[i] for i in range(3)]
+            loc = {j: sum(p[i] * self.rot[i, j] for i in range(3)) for j in self.axes}
+        k0 = np.sqrt(sum((loc[j] / self.radii[j]) ** 2 for j in self.axes))
+        k1 = np.sqrt(sum((loc[j] / self.radii[j] ** 2) ** 2 for j in self.axes)) + _F(1e-6)
+        return k0 * (k0 - 1) / k1
+
+
+class _HalfSpace:
+    def __init__(self, n: np.ndarray, p: np.ndarray, thickness: float | None = None) -> None:
+        self.n, self.d, self.h = _F(n), _F(np.dot(n, p)), thickness  # slab of half-width h if given
+        self.bound = None
+
+    def sd(self, q: tuple) -> np.ndarray:
+        s = q[0] * self.n[0] + q[1] * self.n[1] + q[2] * self.n[2] - self.d
+        return s if self.h is None else np.abs(s) - _F(self.h)
+
+
+class _Blob:
+    """Ellipsoidal distance from ``c`` (mm) plus a smooth random field: ``|M (q - c)| + amp n(q) - tau``."""
+
+    def __init__(self, rng: np.random.Generator, c: np.ndarray, flat: float, amp: float) -> None:
+        rot = _random_rotation(rng)
+        axes = np.array([flat, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)])
+        self.c, self.m, self.amp, self.tau = _F(c), _F(np.diag(1 / axes) @ rot.T), _F(amp), _F(0)
+        waves = rng.normal(size=(6, 3))
+        waves *= (2 * np.pi / rng.uniform(10, 25, size=(6, 1))) / np.linalg.norm(waves, axis=1, keepdims=True)
+        self.waves, self.phases, self.bound = _F(waves), _F(rng.uniform(0, 2 * np.pi, 6)), None
+
+    def with_level(self, tau: float, bound: tuple | None = None) -> _Blob:
+        self.tau = _F(tau)  # set once, right after construction
+        self.bound = bound or (self.c, np.full(3, float((tau + 3.5 * self.amp) / self.m_min)))
+        return self
+
+    @property
+    def m_min(self) -> float:
+        return float(np.linalg.svd(self.m, compute_uv=False).min())
+
+    def sd(self, q: tuple) -> np.ndarray:
+        p = [q[i] - self.c[i] for i in range(3)]
+        g = np.sqrt(sum(sum(self.m[j, i] * p[i] for i in range(3)) ** 2 for j in range(3)))
+        waves = zip(self.waves, self.phases, strict=True)
+        field = sum(np.cos(sum(k[i] * q[i] for i in range(3)) + ph) for k, ph in waves)
+        return g + field * _F(self.amp * math.sqrt(2 / len(self.phases))) - self.tau
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _euler(angles_deg: np.ndarray) -> np.ndarray:
+    a, b, c = np.radians(angles_deg)
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+# ---------------------------------------------------------------- layers and rendering
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The intersection of ``terms`` (shape, offset mm, outside?) painted with ``bands``.
+
+    A band (offset, value) shrinks the first term by ``offset`` mm: cortex then marrow, rim then interior.
+    """
+
+    terms: tuple
+    bands: tuple[tuple[float, float], ...]
+
+
+def _layer(shape: object, *bands: tuple[float, float], clip: tuple = ()) -> _Layer:
+    return _Layer(((shape, 0.0, False), *clip), tuple(bands))
+
+
+@dataclass(frozen=True)
+class _Grid:
+    origin: np.ndarray  # (3,) position of voxel 0 (FOV frame, mm)
+    spacing: np.ndarray  # (3,) mm
+    shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class _Pose:
+    rot: np.ndarray  # patient -> FOV frame: p = rot q + shift
+    shift: np.ndarray
+
+
+def _region(grid: _Grid, pose: _Pose, terms: tuple, margin: float = 0.0) -> tuple[tuple, tuple] | None:
+    """The voxel box where a region (grown by ``margin`` mm) can be, and the patient coordinates there."""
+    lo, hi = np.zeros(3, int), np.array(grid.shape)
+    for shape, _, outside in terms:
+        if shape.bound is not None and not outside:
+            c, half = shape.bound
+            w, half = pose.rot @ c + pose.shift, np.abs(pose.rot) @ half + margin
+            lo = np.maximum(np.floor((w - half - grid.origin) / grid.spacing).astype(int), lo)
+            hi = np.minimum(np.ceil((w + half - grid.origin) / grid.spacing).astype(int) + 1, hi)
+    if np.any(hi <= lo):
+        return None
+    ax = [_F(grid.origin[a] + grid.spacing[a] * np.arange(lo[a], hi[a]) - pose.shift[a]) for a in range(3)]
+    x, y, z = ax[0][:, None, None], ax[1][None, :, None], ax[2][None, None, :]
+    rt = _F(pose.rot.T)
+    q = tuple(rt[i, 0] * x + rt[i, 1] * y + rt[i, 2] * z for i in range(3))
+    return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)), q
+
+
+def _paint(canvas: np.ndarray, grid: _Grid, pose: _Pose, layers: list[_Layer]) -> None:
+    aa = _F(grid.spacing[0])  # anti-aliasing width
+    for layer in layers:
+        region = _region(grid, pose, layer.terms, max(0.0, -min(o for o, _ in layer.bands)) + float(aa))
+        if region is None:
+            continue
+        box, q = region
+        first, rest = _terms_sd(layer.terms, q)
+        view = canvas[box]
+        for offset, value in layer.bands:
+            alpha = first + _F(offset) if rest is None else np.maximum(first + _F(offset), rest)
+            alpha *= -1 / aa
+            alpha += _F(0.5)
+            np.clip(alpha, 0, 1, out=alpha)  # anti-aliased coverage of the voxel
+            step = _F(value) - view
+            step *= alpha
+            view += step
+
+
+def _terms_sd(terms: tuple, q: tuple) -> tuple[np.ndarray, np.ndarray | None]:
+    sds = [(-s.sd(q) if outside else s.sd(q)) + _F(off) for s, off, outside in terms]
+    return sds[0], (np.maximum.reduce(sds[1:]) if len(sds) > 1 else None)
+
+
+def _labels(grid: _Grid, pose: _Pose, regions: list[tuple[tuple, int]]) -> np.ndarray:
+    label = np.zeros(grid.shape, np.uint8)
+    for terms, value in regions:
+        region = _region(grid, pose, terms)
+        if region is not None:
+            first, rest = _terms_sd(terms, region[1])
+            inside = first < 0 if rest is None else (first < 0) & (rest < 0)
+            label[region[0]][inside] = value
+    return label
+
+
+# ---------------------------------------------------------------- anatomy, lesions, distractors
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    background: list[_Layer]  # large smooth soft tissue, painted once per slice
+    layers: list[_Layer]  # bones, joints, lesions, distractors, painted on every sub-slice
+    labels: list[tuple[tuple, int]]  # regions painted into the label volume, in order
+    info: dict
+
+
+def _v(*xs: float) -> np.ndarray:
+    return np.array(xs, dtype=np.float64)
+
+
+def _unit(v: np.ndarray | list) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _hip(rng: np.random.Generator, cfg: PhantomConfig, s: int, d: float) -> dict:
+    """The shapes of one hip; ``s`` is +1 for the right hip (at +x), -1 for the left."""
+    r = rng.uniform(*cfg.head_radius_mm)
+    c = np.array([s * d, 0.0, 0.0])
+    alpha = math.radians(180 - rng.uniform(*cfg.neck_shaft_angle_deg))  # neck axis vs shaft axis
+    av = math.radians(rng.uniform(5, 20))  # anteversion
+    v = np.array([-s * math.sin(alpha) * math.cos(av), math.sin(alpha) * math.sin(av), math.cos(alpha)])
+    j = c - rng.uniform(2.0, 2.3) * r * v  # neck-shaft junction
+    tilt = math.radians(rng.uniform(5, 10))  # the shaft runs medially downwards
+    opening = _unit(np.array([s, 0.3, -0.9]) + rng.normal(0, 0.1, 3))  # acetabular opening direction
+    g = rng.uniform(0.9, 1.1)  # trochanter size
+    return {
+        "r": r, "c": c, "head": _Sphere(c, r), "neck": _Capsule(c, j, 0.62 * r),
+        "gt": _Ellipsoid(j + g * np.array([s * 10, -8, 18]), g * np.array([13, 16, 22])),
+        "lt": _Ellipsoid(j + _v(-s * 12, -10, -38), [7, 8, 10]),
+        "meta": _Ellipsoid(j + _v(0, -2, -8), [21, 17, 28]),
+        "shaft": _Capsule(j + _v(0, 0, -5), j + 220 * _v(-s * math.sin(tilt), 0, -math.cos(tilt)), 14),
+        "cup": _Sphere(c, r + 13), "opening": _HalfSpace(opening, c + opening * 0.15 * r),
+        "ilium": _Capsule(c + _v(-s * 5, -5, r + 6), c + _v(s * 25, -20, 125), 14),
+        "ischium": _Capsule(c + _v(-s * 8, -15, -18), c + _v(-s * 18, -30, -70), 13),
+        "pubis": _Capsule(c + _v(-s * 20, 12, -10), [s * 8, 30, -40], 10),
+        "physis": _HalfSpace(v, c - v * 0.35 * r, thickness=0.6),
+    }
+
+
+# host shape -> (cortex thickness mm, marrow T1 value); painted in this order (the head last)
+_FEMUR = {"shaft": (4.5, _MARROW["shaft"]), "meta": (1.5, _MARROW["meta"]), "lt": (1.5, _MARROW["lt"]),
+          "gt": (1.5, _MARROW["gt"]), "neck": (1.8, _MARROW["neck"]), "head": (1.2, _MARROW["head"])}
+_PELVIS = {"cup": (2.0, _PELVIC_MARROW), "ilium": (2.0, _PELVIC_MARROW),
+           "ischium": (2.0, _PELVIC_MARROW), "pubis": (2.0, _PELVIC_MARROW)}
+_HOSTS = {**_FEMUR, **_PELVIS}
+
+
+def _bones(hips: list[dict]) -> list[_Layer]:
+    """Cortex of all bones, then marrow, so overlapping parts of a bone merge without inner cortex."""
+    def clip(hip: dict, name: str, off: float) -> tuple:
+        return ((hip["opening"], off, False),) if name == "cup" else ()
+
+    pelvis = [_layer(h[n], (0, _CORTEX), clip=clip(h, n, 0)) for h in hips for n in _PELVIS]
+    pelvis += [_layer(h[n], (t, v), clip=clip(h, n, t)) for h in hips for n, (t, v) in _PELVIS.items()]
+    joints = [_layer(_Sphere(h["c"], h["r"] + 4.5), (0, _CORTEX), clip=clip(h, "cup", 0)) for h in hips]
+    joints += [_layer(_Sphere(h["c"], h["r"] + 2.2), (0, _CARTILAGE)) for h in hips]
+    femur = [_layer(h[n], (0, _CORTEX)) for h in hips for n in _FEMUR]
+    femur += [_layer(h[n], (t, v)) for h in hips for n, (t, v) in _FEMUR.items()]
+    scars = [_layer(h["physis"], (0, 0.55), clip=((h["head"], 1.2, False),)) for h in hips]
+    return pelvis + joints + femur + scars
+
+
+def _soft_tissue(rng: np.random.Generator, d: float) -> list[_Layer]:
+    body = _Ellipsoid([0, -10, 0], [rng.uniform(165, 190), rng.uniform(115, 135), 1e4])
+    pelvic_fat = _Ellipsoid([0, -5, 75], [d - 25, 55, 55])
+    bowel = [_Ellipsoid([rng.uniform(-40, 40), rng.uniform(-40, 40), rng.uniform(40, 110)],
+                        rng.uniform(12, 28, 3), _random_rotation(rng)) for _ in range(rng.integers(5, 10))]
+    bladder = _Ellipsoid([0, 35, 0], rng.uniform(0.6, 1.1) * np.array([40, 35, 30]))
+    crotch = _Ellipsoid([0, 0, -rng.uniform(95, 115) - 150], [30, 1e4, 150])
+    return [_layer(body, (0, _FAT), (rng.uniform(8, 30), _MUSCLE)), _layer(pelvic_fat, (0, 0.8 * _FAT)),
+            *[_layer(b, (0, rng.uniform(0.3, 0.55))) for b in bowel],
+            _layer(bladder, (0, 0.12)), _layer(crotch, (-12, _FAT), (0, 0.0))]
+
+
+def _lesion(rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int) -> tuple[_Layer, tuple, dict]:
+    """An antero-superior lesion whose volume is exactly the drawn fraction of the head (1 mm grid)."""
+    r, c, frac = hip["r"], hip["c"], rng.uniform(*cfg.lesion_fraction)
+    centre = c + _unit([s * rng.uniform(0, 0.5), rng.uniform(0.3, 0.9), 1.0]) * r * rng.uniform(0.45, 0.8)
+    blob = _Blob(rng, centre, rng.uniform(0.6, 0.9), cfg.lesion_irregularity * r * frac ** (1 / 3))
+    o = np.arange(-math.ceil(r), math.ceil(r) + 1, dtype=_F)
+    grid = np.stack(np.meshgrid(o, o, o, indexing="ij")).reshape(3, -1)
+    grid = grid[:, (grid**2).sum(axis=0) < r**2]  # 1 mm grid points inside the head
+    g = blob.sd(tuple(grid[i] + _F(c[i]) for i in range(3)))
+    blob.with_level(float(np.quantile(g, frac)), bound=hip["head"].bound)
+    contrast = rng.uniform(*cfg.lesion_contrast)
+    rim = min(rng.uniform(*cfg.rim_darkness), contrast)  # a rim never brighter than the interior
+    rim_mm, base = rng.uniform(*cfg.rim_thickness_mm), _MARROW["head"]
+    bands = ((0, rim * base), (rim_mm, contrast * base))
+    layer = _Layer(((blob, 0.0, False), (hip["head"], 1.2, False)), bands)
+    info = {"fraction": float(frac), "contrast": float(contrast), "rim": float(rim), "rim_mm": float(rim_mm)}
+    return layer, ((blob, 0.0, False), (hip["head"], 0.0, False)), info
+
+
+def _inside_point(rng: np.random.Generator, host: object, t_range: tuple[float, float]) -> np.ndarray:
+    ball = _unit(rng.normal(size=3)) * rng.random() ** (1 / 3)
+    if isinstance(host, _Ellipsoid):
+        return host.c + host.rot @ (host.radii * ball * 0.6)
+    return host.a + rng.uniform(*t_range) * host.ba + ball * host.r * 0.5  # a capsule
+
+
+def _distractor(
+    rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int, site: str
+) -> tuple[_Layer, bool]:
+    """One dark spot outside the femoral head; returns the layer and whether it copies the lesion look."""
+    rho = rng.uniform(*cfg.distractor_radius_mm)
+    away = (hip["head"], 1.5, True)  # at least 1.5 mm outside the head sphere
+    if site == "vessel":  # flow void: a dark tube near the femoral vessels, anterior to the joint
+        r = hip["r"]
+        p = hip["c"] + _v(-s * rng.uniform(5, 30), rng.uniform(r + 4, r + 25), rng.uniform(-40, 30))
+        half = _unit(rng.normal(size=3) + _v(0, 0, 1.5)) * rng.uniform(10, 40)
+        tube = _Capsule(p - half, p + half, rng.uniform(1.5, 4))
+        return _Layer(((tube, 0, False), away), ((0, 0.08),)), False
+    if site == "fluid":  # a bursa lateral to the greater trochanter or anterior to the joint (iliopsoas)
+        gt, r = hip["gt"], hip["r"]
+        lateral = gt.c + _v(s * (gt.radii[0] + 0.7 * rho), rng.uniform(-5, 5), rng.uniform(-10, 10))
+        front = hip["c"] + _v(-s * rng.uniform(0, 10), r + 6 + 0.7 * rho, rng.uniform(-15, 10))
+        p = lateral if rng.random() < 0.5 else front
+        blob = _Blob(rng, p, rng.uniform(0.5, 0.9), 0.5 * cfg.lesion_irregularity * rho).with_level(rho)
+        return _Layer(((blob, 0, False), away), ((0, rng.uniform(0.12, 0.3)),)), False
+    name = {"trochanter": "gt", "neck": "neck", "metaphysis": "meta", "supra_acetabular": "ilium",
+            "ischium_pubis": ("ischium", "pubis")[rng.integers(2)]}[site]
+    t_range = {"neck": (0.5, 0.95), "ilium": (0.0, 0.4)}.get(name, (0.1, 0.8))
+    blob = _Blob(rng, _inside_point(rng, hip[name], t_range), rng.uniform(0.6, 1.0),
+                 cfg.lesion_irregularity * rho).with_level(rho)
+    cortex, base = _HOSTS[name]
+    like = bool(rng.random() < cfg.distractor_likeness)
+    if like:
+        contrast = rng.uniform(*cfg.lesion_contrast)
+        rim = min(rng.uniform(*cfg.rim_darkness), contrast)
+        bands = ((0, rim * base), (rng.uniform(*cfg.rim_thickness_mm), contrast * base))
+    else:
+        bands = ((0, rng.uniform(0.25, 0.55) * base),)
+    return _Layer(((blob, 0, False), (hip[name], cortex, False), away), bands), like
+
+
+def _anatomy(rng: np.random.Generator, cfg: PhantomConfig) -> _Anatomy:
+    has_followup = bool(rng.random() < cfg.followup_fraction)  # first draw: see _has_followup
+    d = rng.uniform(76, 86)  # half the distance between the head centres
+    sides = {"right": 1, "left": -1}
+    hips = {side: _hip(rng, cfg, s, d) for side, s in sides.items()}
+    u = rng.random()
+    necrotic = ({"right", "left"} if u < cfg.p_bilateral else
+                {("right", "left")[rng.integers(2)]} if u < cfg.p_bilateral + cfg.p_unilateral else set())
+    background, layers = _soft_tissue(rng, d), _bones(list(hips.values()))
+    labels: list[tuple[tuple, int]] = [(((h["head"], 0.0, False),), 1) for h in hips.values()]
+    lesions: dict[str, dict | None] = {}
+    for side, s in sides.items():
+        lesions[side] = None
+        if side in necrotic:
+            layer, region, lesions[side] = _lesion(rng, cfg, hips[side], s)
+            layers.append(layer)
+            labels.append((region, 2))
+    names, weights = list(_SITES), np.array(list(_SITES.values()))
+    distractors = []
+    for _ in range(rng.poisson(cfg.distractor_mean)):
+        side = ("right", "left")[rng.integers(2)]
+        site = names[rng.choice(len(names), p=weights / weights.sum())]
+        layer, like = _distractor(rng, cfg, hips[side], sides[side], site)
+        layers.append(layer)
+        distractors.append({"site": site, "side": side, "lesion_like": like})
+    info = {"necrosis": {k: k in necrotic for k in sides},
+            "lesion_fraction": {k: (v["fraction"] if v else 0.0) for k, v in lesions.items()},
+            "lesions": lesions, "head_radius_mm": [float(hips[k]["r"]) for k in sides],
+            "n_distractors": len(distractors), "distractors": distractors, "has_followup": has_followup}
+    return _Anatomy(background, layers, labels, info)
+
+
+# ---------------------------------------------------------------- acquisition
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple, spacing: np.ndarray, corr_mm: float) -> np.ndarray:
+    """A smooth random field of unit std: Gaussian-weighted random knots every ``corr_mm`` (separable)."""
+    mats = []
+    for n, sp in zip(shape, spacing, strict=True):
+        x = np.arange(n) * sp
+        knots = np.arange(-1, math.ceil(n * sp / corr_mm) + 2) * corr_mm
+        mats.append(_F(np.exp(-0.5 * ((x[:, None] - knots[None, :]) / corr_mm) ** 2)))
+    field = rng.standard_normal([m.shape[1] for m in mats], dtype=_F)
+    field = np.tensordot(mats[0], field, axes=(1, 0))  # (X, ky, kz)
+    field = np.matmul(mats[1][None], field)  # (X, Y, kz)
+    field = field @ mats[2].T  # (X, Y, Z)
+    return field / _F(field[::3, :, ::3].std() + 1e-6)
+
+
+def _degrade(image: np.ndarray, rng: np.random.Generator, cfg: PhantomConfig, sp: np.ndarray,
+             snr: float) -> np.ndarray:
+    """In-plane blur, texture, bias field and Rician noise, in place where possible."""
+    if cfg.blur_mm > 0:
+        image = ndimage.gaussian_filter(image, (cfg.blur_mm / sp[0], 0, cfg.blur_mm / sp[2]), truncate=3.0)
+    if cfg.texture > 0:
+        image *= 1 + cfg.texture * _smooth_field(rng, image.shape, sp, 6.0)
+    if cfg.bias_strength > 0:
+        image *= np.exp(cfg.bias_strength * _smooth_field(rng, image.shape, sp, 90.0))
+    real = rng.standard_normal(image.shape, dtype=_F)
+    real *= 1 / snr
+    real += image
+    imag = rng.standard_normal(image.shape, dtype=_F)
+    imag *= 1 / snr
+    return np.hypot(real, imag, out=real)
+
+
+def _acquire(anat: _Anatomy, rng: np.random.Generator, cfg: PhantomConfig) -> tuple:
+    """Render one scan in RAS, degrade it, and store it in a possibly non-RAS orientation."""
+    sp = np.array([rng.uniform(*cfg.inplane_spacing_mm), rng.uniform(*cfg.slice_spacing_mm),
+                   rng.uniform(*cfg.inplane_spacing_mm)])
+    extent = np.array([cfg.fov_mm[0], rng.uniform(*cfg.ap_coverage_mm), cfg.fov_mm[1]])
+    nx, ny, nz = shape = tuple(int(v) for v in np.maximum(np.round(extent / sp), 1))
+    origin = -(np.array(shape) - 1) / 2 * sp + _v(0, 0, _FOV_Z_OFFSET)
+    angles, shift = rng.uniform(-1, 1, 3) * cfg.rotation_deg, rng.uniform(-1, 1, 3) * cfg.translation_mm
+    pose, k = _Pose(_euler(angles), shift), cfg.sub_slices
+    centre = _Grid(origin, sp, shape)
+    canvas = np.zeros(shape, _F)  # (X, Y, Z) RAS
+    _paint(canvas, centre, pose, anat.background)
+    canvas = np.repeat(canvas, k, axis=1)  # (X, Y*k, Z): sub-slices for the partial volume
+    sub = _Grid(origin + _v(0, (0.5 / k - 0.5) * sp[1], 0), sp / _v(1, k, 1), (nx, ny * k, nz))
+    _paint(canvas, sub, pose, anat.layers)
+    image = canvas.reshape(nx, ny, k, nz).mean(axis=2)
+    label = _labels(centre, pose, anat.labels)
+    snr, scale = rng.uniform(*cfg.snr), rng.uniform(*cfg.intensity_scale)
+    image = _degrade(image, rng, cfg, sp, snr)
+    image *= scale
+    image = np.clip(np.rint(image), 0, np.iinfo(np.int16).max).astype(np.int16)
+    affine = np.diag([*sp, 1.0])
+    affine[:3, 3] = origin + rng.uniform(-1, 1, 3) * [40, 60, 150]  # scanner table position
+    non_ras, pick = rng.random() < cfg.non_ras_fraction, int(rng.integers(len(_NON_RAS)))
+    codes = _NON_RAS[pick] if non_ras else "RAS"
+    transform = nio.ornt_transform(_RAS, nio.axcodes2ornt(tuple(codes)))
+    stored_affine = affine @ nio.inv_ornt_aff(transform, shape)
+    info = {"snr": float(snr), "spacing_mm": [float(v) for v in sp], "shape_ras": list(shape),
+            "axcodes": codes, "rotation_deg": [float(v) for v in angles],
+            "translation_mm": [float(v) for v in shift], "intensity_scale": float(scale)}
+    return (nio.apply_orientation(image, transform), nio.apply_orientation(label, transform),
+            stored_affine, info)
+
+
+# ---------------------------------------------------------------- public API
+
+_DEFAULT = PhantomConfig()
+
+
+def _streams(index: int, seed: int, followup: bool) -> tuple[np.random.Generator, np.random.Generator]:
+    """Anatomy and scan generators: three streams spawned from ``SeedSequence([seed, index])``."""
+    for name, value in (("index", index), ("seed", seed)):
+        if not isinstance(value, int | np.integer) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
+    anatomy, baseline, second = np.random.SeedSequence([seed, index]).spawn(3)
+    return np.random.default_rng(anatomy), np.random.default_rng(second if followup else baseline)
+
+
+def synth_case(
+    index: int, seed: int, config: PhantomConfig = _DEFAULT, *, followup: bool = False
+) -> PhantomCase:
+    """Generate one scan of patient ``index``; the same arguments always give the same arrays.
+
+    Args:
+        index: the patient index (>= 0); the case id is ``AVN_{index:03d}``.
+        seed: the cohort seed (>= 0).
+        config: the phantom knobs.
+        followup: render the patient's second scan (``AVN_{index:03d}_fu``): same anatomy and lesions,
+            new acquisition. :func:`iter_cohort` asks for it only for patients drawn by
+            ``config.followup_fraction``; here it is rendered on request.
+
+    Returns:
+        The case, arrays and affine in its stored orientation (``info["axcodes"]``).
+
+    Raises:
+        ValueError: a negative or non-integer ``index`` or ``seed``.
+        TypeError: ``config`` is not a :class:`PhantomConfig`.
+    """
+    if not isinstance(config, PhantomConfig):
+        raise TypeError(f"config must be a PhantomConfig, got {type(config).__name__}")
+    anatomy_rng, scan_rng = _streams(index, seed, followup)
+    anatomy = _anatomy(anatomy_rng, config)
+    image, label, affine, scan = _acquire(anatomy, scan_rng, config)
+    info = {**anatomy.info, **scan, "followup": followup}
+    case_id = f"AVN_{index:03d}" + ("_fu" if followup else "")
+    return PhantomCase(case_id, f"P{index:03d}", image, label, affine, info)
+
+
+def _has_followup(index: int, seed: int, config: PhantomConfig) -> bool:
+    return bool(_streams(index, seed, False)[0].random() < config.followup_fraction)
+
+
+def iter_cohort(cases: int, seed: int, config: PhantomConfig = _DEFAULT) -> Iterator[PhantomCase]:
+    """Yield patients ``0 .. cases-1``, each followed by its follow-up scan when it has one.
+
+    Raises:
+        ValueError: ``cases < 1`` or a bad seed (at the call, not at the first ``next``).
+    """
+    if not isinstance(cases, int | np.integer) or cases < 1:
+        raise ValueError(f"cases must be an int >= 1, got {cases=}")
+    _streams(0, seed, False)  # validates the seed
+    return _cohort(int(cases), seed, config)
+
+
+def _cohort(cases: int, seed: int, config: PhantomConfig) -> Iterator[PhantomCase]:
+    for index in range(cases):
+        yield synth_case(index, seed, config)
+        if _has_followup(index, seed, config):
+            yield synth_case(index, seed, config, followup=True)
+
+
+def write_cohort(out: str | Path, cases: int, seed: int, config: PhantomConfig = _DEFAULT) -> Path:
+    """Write a cohort in the nnU-Net v2 raw layout; ``dataset.json`` is written last.
+
+    Files of the same names are overwritten; a stale ``dataset.json`` is removed first, so a folder
+    without one is an incomplete cohort.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        ValueError: ``cases < 1`` or a bad seed.
+    """
+    out = Path(out)
+    cohort = iter_cohort(cases, seed, config)  # validates the arguments before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataset.json").unlink(missing_ok=True)
+    patients, infos = {}, {}
+    for case in cohort:
+        write_nifti(case.image, case.affine, out / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+        write_nifti(case.label, case.affine, out / "labelsTr" / f"{case.case_id}.nii.gz")
+        patients[case.case_id], infos[case.case_id] = case.patient_id, case.info
+    dataset = {
+        "name": "AVN phantom",
+        "description": "Synthetic coronal T1 hip MRI with femoral head necrosis (avn_study.data.phantom)",
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "femoral_head": 1, "necrosis": 2},
+        "numTraining": len(patients), "file_ending": ".nii.gz", "patients": patients,
+        "phantom": {"seed": int(seed), "config": asdict(config), "cases": infos},
+    }
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+    return out
