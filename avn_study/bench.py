@@ -46,7 +46,7 @@ def _iterate_for_rss(data: str, cache_dir: str, size: int) -> tuple[float, int]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, n
 
 
-def bench_data(work: Path, rss_cases: int, size: int = 128) -> list[tuple[str, str, str]]:
+def bench_data(work: Path, rss_cases: int, size: int = 128, synth_cases: int = 50, batches: int = 200) -> list[tuple[str, str, str]]:
     import torch
 
     from avn_study.data.cache import build_cache
@@ -54,22 +54,23 @@ def bench_data(work: Path, rss_cases: int, size: int = 128) -> list[tuple[str, s
 
     rows = []
     t0 = time.perf_counter()
-    write_cohort(work / "c50", cases=50, seed=0)
+    n = synth_cases
+    write_cohort(work / "synth", cases=n, seed=0)
     t_synth = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cases = build_cache(work / "c50", cache_dir=work / "cache")
+    cases = build_cache(work / "synth", cache_dir=work / "cache")
     t_pre = time.perf_counter() - t0
     t0 = time.perf_counter()
-    build_cache(work / "c50", cache_dir=work / "cache")
+    build_cache(work / "synth", cache_dir=work / "cache")
     t_hit = time.perf_counter() - t0
-    rows += [("synthesize 50 cases", f"{t_synth:.1f} s", f"{t_synth / 50:.2f} s/case"),
-             ("preprocess 50 cases (cold cache)", f"{t_pre:.1f} s", f"{t_pre / 50:.2f} s/case"),
-             ("open 50 cases (warm cache: hash only)", f"{t_hit:.2f} s", "")]
+    rows += [(f"synthesize {n} cases", f"{t_synth:.1f} s", f"{t_synth / n:.2f} s/case"),
+             (f"preprocess {n} cases (cold cache)", f"{t_pre:.1f} s", f"{t_pre / n:.2f} s/case"),
+             (f"open {n} cases (warm cache: hash only)", f"{t_hit:.2f} s", "")]
     torch.set_num_threads(1)
-    one = _slices_per_second(cases, size, num_workers=0)
+    one = _slices_per_second(cases, size, num_workers=0, batches=batches)
     rows.append((f"slices/s at {size}x{size}, in-process loader (1 core, the default)", f"{one:,.0f}",
                  f"target >= {TARGET_SLICES_PER_S_PER_CORE:,}/core: {'met' if one >= TARGET_SLICES_PER_S_PER_CORE else 'MISSED'}"))
-    two = _slices_per_second(cases, size, num_workers=1)
+    two = _slices_per_second(cases, size, num_workers=1, batches=batches)
     rows.append((f"slices/s at {size}x{size}, 1 worker process", f"{two:,.0f}", "worker start-up excluded"))
 
     write_cohort(work / f"c{rss_cases}", cases=rss_cases, seed=1)
@@ -78,6 +79,104 @@ def bench_data(work: Path, rss_cases: int, size: int = 128) -> list[tuple[str, s
     rows.append((f"peak RSS iterating {rss_cases} cases ({n:,} slices)", f"{peak:.2f} GB",
                  f"target < {TARGET_PEAK_RSS_GB} GB: {'met' if peak < TARGET_PEAK_RSS_GB else 'MISSED'}"))
     return rows
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
+    """Measured fp32 matmul throughput of this process's CPU threads (FLOP/s), best of a few runs."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * repeats / best
+
+
+def _train_step_stats(model, batch: int, size: int, steps: int) -> dict[str, float]:
+    """Seconds per training step (fwd + bwd + AdamW), inference slices/s, FLOPs per training step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, 1, size, size)
+    target = (torch.rand(batch, 1, size, size) > 0.95).float()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        out = model(x)
+        out = out if isinstance(out, dict) else {"seg": out}
+        loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(v, target) if k != "recon"
+                   else (v - x).abs().mean() for k, v in out.items() if k in ("seg", "recon", "loc"))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_s = (time.perf_counter() - start) / steps
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        infer_s = (time.perf_counter() - start) / steps
+    return {"step_s": step_s, "train_sps": batch / step_s, "infer_sps": batch / infer_s, "flops": flops}
+
+
+def bench_train(size: int = 128, batch: int = 16, steps: int = 5, base_channels: int = 16, depth: int = 4) -> list[tuple[str, str, str]]:
+    import torch
+
+    from avn_study.config import ARMS, TrainConfig
+    from avn_study.engine import build_model
+
+    peak = matmul_peak_flops()
+    rows = [(f"fp32 matmul peak ({torch.get_num_threads()} threads)", f"{peak / 1e9:.1f} GFLOP/s", "torch.mm 1024^2")]
+    stats = {}
+    for arm in ARMS:
+        torch.manual_seed(0)
+        config = TrainConfig.from_flat({"arm": arm, "base_channels": base_channels, "depth": depth, "slice_size": size})
+        model = build_model(config)
+        stats[arm] = s = _train_step_stats(model, batch, size, steps)
+        n_params = sum(p.numel() for p in model.parameters())
+        rows.append((f"{arm}: train / infer slices/s", f"{s['train_sps']:.1f} / {s['infer_sps']:.1f}",
+                     f"{n_params:,} params, {s['flops'] / 1e9:.1f} GFLOP/step = "
+                     f"{s['flops'] / s['step_s'] / peak:.0%} of matmul peak"))
+    ratio = stats["seg+recon+loc"]["step_s"] / stats["seg"]["step_s"]
+    rows.append(("step time seg+recon+loc / seg", f"{ratio:.2f}x", f"target <= 1.7x: {'met' if ratio <= 1.7 else 'MISSED'}"))
+    rows += _peer_rows(stats["unet"], size, batch, steps, base_channels, depth, peak)
+    return rows
+
+
+def _peer_rows(ours: dict[str, float], size: int, batch: int, steps: int, base: int, depth: int, peak: float) -> list[tuple[str, str, str]]:
+    """MONAI's BasicUNet at the same widths (16..256, 4 down-samplings), batch norm and ReLU like ours."""
+    try:
+        from monai.networks.nets import BasicUNet
+    except ImportError:
+        return [("MONAI BasicUNet (peer)", "skipped", "pip install 'avn-study[bench]' for the comparison")]
+    import torch
+
+    if depth != 4:
+        return [("MONAI BasicUNet (peer)", "skipped", "BasicUNet has exactly 4 down-samplings")]
+    torch.manual_seed(0)
+    features = (base, base * 2, base * 4, base * 8, base * 16, base)
+    peer = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=features, act=("relu", {"inplace": True}),
+                     norm="batch", upsample="deconv")
+    s = _train_step_stats(peer, batch, size, steps)
+    n_params = sum(p.numel() for p in peer.parameters())
+    speed = s["step_s"] / ours["step_s"]
+    return [("MONAI BasicUNet: train / infer slices/s", f"{s['train_sps']:.1f} / {s['infer_sps']:.1f}",
+             f"{n_params:,} params, {s['flops'] / 1e9:.1f} GFLOP/step = {s['flops'] / s['step_s'] / peak:.0%} of peak"),
+            ("our unet speed vs peer (step time ratio)", f"{speed:.2f}x", f"target >= 1.0x: {'met' if speed >= 1.0 else 'MISSED'}")]
 
 
 def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -93,6 +192,13 @@ def run(what: str, args: argparse.Namespace) -> int:
     try:
         if what == "data":
             print_table(f"avn-study bench data (cohorts in {work})", bench_data(work, args.cases))
+        elif what == "train":
+            import torch
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            print_table(f"avn-study bench train (slice {args.slice_size}, batch 16, {torch.get_num_threads()} threads)",
+                        bench_train(size=args.slice_size))
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

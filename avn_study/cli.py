@@ -62,6 +62,63 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_set(items: list[str]) -> dict[str, object]:
+    """``--set key=value`` pairs; values are parsed as YAML scalars/maps (``lr=3e-4``, ``schedule_params={a: 1}``)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UsageError(f"--set {key}: cannot parse {value!r} ({err})") from None
+    return out
+
+
+_TRAIN_FLAGS = ("fold", "arm", "schedule", "epochs", "slice_size", "base_channels", "depth", "lr", "batch_size",
+                "seed", "device", "amp", "threads", "gating")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from avn_study.config import TrainConfig
+
+    flat = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    flat.update(_parse_set(args.set))
+    return TrainConfig.from_flat(flat, source="command line")
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    losses = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss_") and k != "loss_total")
+    weights = " ".join(f"{k[2:]} {v:.2f}" for k, v in record.items() if k.startswith("w_"))
+    line = f"epoch {record['epoch'] + 1:>3}/{epochs}  loss {record['loss_total']:.3f} ({losses})  w ({weights})"
+    if "val_dice" in record:
+        line += f"  val_dice {record['val_dice']:.3f}"
+    return line + f"  {record['train_seconds']:.1f}s"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from avn_study.engine import prepare_data
+    from avn_study.training import TrainingRun, write_run_outputs
+
+    config = train_config_from_args(args)
+    data = prepare_data(args.data, config, cache_dir=args.cache_dir, splits_path=args.splits)
+    print(f"fold {config.data.fold}: {len(data.train)} training / {len(data.val)} validation cases, "
+          f"arm {config.model.arm}, schedule {config.optim.schedule}", file=sys.stderr)
+    run = TrainingRun(config, data)
+    while not run.done:
+        record = run.run_epoch()
+        if not args.quiet:
+            print(_epoch_line(record, config.optim.epochs), file=sys.stderr, flush=True)
+    out = write_run_outputs(run, args.out)
+    final = run.history[-1]
+    print(f"val_dice {final['val_dice']:.4f} (mean over {int(final['n_cases_necrosis'])} validation case(s) "
+          f"with necrosis); wrote {out}/metrics.json, per_case.csv, checkpoint/")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from avn_study import bench
 
@@ -96,10 +153,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.set_defaults(func=cmd_split)
 
+    p = sub.add_parser("train", help="one training run without Ray")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (nnU-Net raw layout)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--fold", type=int, help="validation fold (default 0)")
+    p.add_argument("--arm", help="unet | seg | seg+recon | seg+loc | seg+recon+loc (default seg+recon+loc)")
+    p.add_argument("--schedule", help="loss-adaptation schedule (default recon_dependent)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--slice-size", type=int, dest="slice_size")
+    p.add_argument("--base-channels", type=int, dest="base_channels")
+    p.add_argument("--depth", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--gating", help="multiply | residual | none")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", help="auto | bf16 | off")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config key, e.g. --set loc_margin_mm=15 --set 'schedule_params={pretrain_epochs: 3}'")
+    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
+    p.add_argument("--splits", type=Path, help="frozen splits file (default DATA/splits.json)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("bench", help="throughput figures")
-    p.add_argument("what", choices=["data"], help="what to measure")
+    p.add_argument("what", choices=["data", "train"], help="what to measure")
     p.add_argument("--cases", type=_positive_int, default=200, help="cohort size for the RSS figure")
     p.add_argument("--work-dir", type=Path, help="where to put the bench cohorts (default: a temp folder)")
+    p.add_argument("--slice-size", type=int, default=128, dest="slice_size", help="train bench: slice size")
+    p.add_argument("--threads", type=int, default=0, help="train bench: torch threads (default: torch's)")
     p.set_defaults(func=cmd_bench)
     return parser
 

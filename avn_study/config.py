@@ -81,6 +81,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def __post_init__(self) -> None:
+        multiple = 2**self.model.depth
+        if self.data.slice_size % multiple:
+            raise ValueError(f"slice_size={self.data.slice_size} must be divisible by 2**depth={multiple}")
+
     @classmethod
     def flat_keys(cls) -> dict[str, str]:
         """Flat key -> section name."""

@@ -1,0 +1,211 @@
+"""Training and evaluation in plain torch: no Ray here (the trainable wraps this module).
+
+:func:`train_one_epoch` and :func:`evaluate` are the two loops; :class:`TrainingRun` wires a
+:class:`~avn_study.config.TrainConfig` to data, model, optimizer and loss schedule, runs one epoch at
+a time and saves/restores its whole state, so ``avn-study train`` and a Ray trial share every line of
+training logic. A run is deterministic: the seed fixes initialisation, the per-epoch slice order
+(:class:`~avn_study.data.slices.EpochSampler`) and augmentation (a generator seeded per epoch), so
+resuming at an epoch boundary continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avn_study.config import TrainConfig
+from avn_study.data.cache import CachedCase, build_cache, cohort_fingerprint
+from avn_study.data.layout import LABELS, open_cohort
+from avn_study.data.preprocess import PreprocessConfig
+from avn_study.data.slices import AugmentConfig, SliceConfig, SliceDataset, augment_batch, make_loader, validation_volumes
+from avn_study.data.splits import SPLITS_FILE, load_or_create_splits
+from avn_study.errors import AvnError
+from avn_study.losses import LossConfig, branch_losses
+from avn_study.metrics import case_metrics, summarize
+from avn_study.models import model_for_arm
+from avn_study.schedules import Schedule, create_schedule
+
+
+class NonFiniteLossError(AvnError):
+    """A loss became NaN or Inf: the run stops, naming the epoch, step and loss term."""
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The cases of one fold and the identities every result records."""
+
+    train: list[CachedCase]
+    val: list[CachedCase]
+    split_hash: str
+    data_fingerprint: str
+
+
+def prepare_data(data_root: str | Path, config: TrainConfig, cache_dir: str | Path | None = None,
+                 splits_path: str | Path | None = None) -> RunData:
+    """Verify and cache the cohort, freeze (or read) the patient-level split, pick the fold."""
+    cohort = open_cohort(data_root)
+    cases = build_cache(cohort, PreprocessConfig(inplane_spacing_mm=config.data.inplane_spacing_mm), cache_dir)
+    splits = load_or_create_splits(
+        Path(splits_path) if splits_path else Path(data_root) / SPLITS_FILE,
+        {c.case_id: c.patient_id for c in cases},
+        {c.case_id: c.has_necrosis for c in cases},
+        k=config.data.n_folds,
+        seed=config.data.split_seed,
+    )
+    fold = splits.fold(config.data.fold)
+    by_id = {c.case_id: c for c in cases}
+    return RunData([by_id[c] for c in fold.train], [by_id[c] for c in fold.val], splits.hash,
+                   cohort_fingerprint(cases))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AvnError(f"device {name!r} was asked for but CUDA is not available here")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; on CPU only when asked (it is slower there for small nets)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp in ("auto", "bf16"):
+        return torch.bfloat16
+    raise ValueError(f"amp must be one of auto, bf16, off, got {amp=}")
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    m = config.model
+    kwargs: dict[str, Any] = {"depth": m.depth, "base_channels": m.base_channels, "norm": m.norm, "upsample": m.upsample}
+    if m.arm != "unet":
+        kwargs["gating"] = m.gating if "loc" in m.arm else "none"
+        kwargs["gating_alpha"] = m.gating_alpha
+        kwargs["recon_skips"] = m.recon_skips
+    return model_for_arm(m.arm, **kwargs)
+
+
+def _move(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return {k: v.to(device, non_blocking=True).contiguous(memory_format=fmt) for k, v in batch.items()}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    weights: dict[str, float],
+    *,
+    epoch: int,
+    loss_config: LossConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    augment: AugmentConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One pass over ``batches``; returns mean unweighted branch losses, the weighted total, counts.
+
+    Raises:
+        NonFiniteLossError: a loss term is NaN or Inf (names the epoch, step and term).
+    """
+    model.train()
+    branches = tuple(model.branches)
+    sums: dict[str, float] = defaultdict(float)
+    n_slices, start = 0, time.perf_counter()
+    channels_last = device.type == "cuda"
+    for step, batch in enumerate(batches):
+        batch = _move(batch, device, channels_last)
+        if augment is not None:
+            batch = augment_batch(batch, augment, generator)
+        with _autocast(device, amp_dtype):
+            outputs = model(batch["image"])
+        losses = branch_losses({k: v.float() for k, v in outputs.items()}, batch, branches, loss_config)
+        total = schedule.combine(losses, weights)
+        if not torch.isfinite(total):  # one sync per step; the term is looked up only on failure
+            bad = next((k for k, v in losses.items() if not torch.isfinite(v)), "total")
+            value = losses.get(bad, total).item()
+            raise NonFiniteLossError(f"epoch {epoch}, step {step}: loss term '{bad}' is {value} "
+                                     "(lower the learning rate, or check the data with `avn-study verify`)")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        b = batch["image"].shape[0]
+        n_slices += b
+        sums["loss_total"] += total.item() * b
+        for name, value in losses.items():
+            sums[f"loss_{name}"] += value.item() * b
+    if n_slices == 0:
+        raise AvnError(f"epoch {epoch}: the training set yielded no slices")
+    record = {k: v / n_slices for k, v in sums.items()}
+    record.update(train_slices=float(n_slices), train_seconds=time.perf_counter() - start)
+    return record
+
+
+@torch.inference_mode()
+def predict_slices(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                   amp_dtype: torch.dtype | None = None, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Probabilities (``seg``, ``loc``) and reconstructions for a stack of slices ``(N, 1, S, S)``.
+
+    Returns:
+        numpy float32 arrays ``(N, S, S)`` per output the model has.
+    """
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = defaultdict(list)
+    channels_last = device.type == "cuda"
+    for start in range(0, images.shape[0], batch_size):
+        x = _move({"x": images[start : start + batch_size]}, device, channels_last)["x"]
+        with _autocast(device, amp_dtype):
+            outputs = model(x)
+        for name in ("seg", "loc", "recon"):
+            if name in outputs:
+                out = outputs[name].float()
+                out = out if name == "recon" else torch.sigmoid(out)
+                chunks[name].append(out[:, 0].cpu().numpy())
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], slice_config: SliceConfig, device: torch.device,
+             amp_dtype: torch.dtype | None = None, threshold: float = 0.5) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Predict every coronal slice of each case, stack back to 3D, compute per-case metrics.
+
+    Returns:
+        The trial-level summary (``val_dice`` etc., see :func:`avn_study.metrics.summarize`) and one
+        dict of metrics per case (with ``case`` and ``patient``).
+    """
+    per_case, ids = [], []
+    for volume in validation_volumes(list(cases), slice_config):
+        case = volume.case
+        out = predict_slices(model, volume.image, device, amp_dtype)
+        spacing = (case.spacing[1], case.spacing[0], case.spacing[2])  # cached arrays are (A, R, S)
+        kwargs: dict[str, Any] = {}
+        if "loc" in out:
+            kwargs.update(pred_loc=volume.paste(out["loc"]) >= 0.5,
+                          ref_loc=np.asarray(case.head_dist) <= slice_config.loc_margin_mm)
+        if "recon" in out:
+            kwargs.update(recon=out["recon"], recon_ref=volume.image[:, 0].numpy())
+        pred = volume.paste(out["seg"]) >= threshold
+        metrics = case_metrics(pred, np.asarray(case.label) == LABELS["necrosis"], spacing, **kwargs)
+        per_case.append(metrics)
+        ids.append({"case": case.case_id, "patient": case.patient_id})
+    return summarize(per_case), [{**i, **m} for i, m in zip(ids, per_case, strict=True)]
+
+
+def cosine_lr(base: float, epoch: int, epochs: int, final_fraction: float = 0.01) -> float:
+    """Cosine annealing from ``base`` at epoch 0 to ``base * final_fraction`` at the last epoch."""
+    t = epoch / max(1, epochs - 1)
+    return base * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t)))

@@ -1,0 +1,129 @@
+"""One training run, an epoch at a time: what ``avn-study train`` and the Ray trainable both drive."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avn_study.checkpoint import load_training_state, load_weights, save_checkpoint, save_weights
+from avn_study.config import TrainConfig
+from avn_study.data.slices import AugmentConfig, SliceConfig, SliceDataset, make_loader
+from avn_study.engine import (
+    RunData,
+    autocast_dtype,
+    build_model,
+    cosine_lr,
+    evaluate,
+    resolve_device,
+    train_one_epoch,
+)
+from avn_study.losses import LossConfig
+from avn_study.schedules import create_schedule
+
+
+class TrainingRun:
+    """Model, optimizer, loss schedule and data of one run; :meth:`run_epoch` advances one epoch.
+
+    Attributes:
+        history: one record per finished epoch: ``epoch, lr, w_<branch>, loss_<branch>, loss_total,
+            train_slices, train_seconds`` and, on evaluated epochs, the validation summary
+            (``val_dice``, ``val_dice_all``, ...).
+        last_per_case: per-case metrics of the latest evaluation.
+    """
+
+    def __init__(self, config: TrainConfig, data: RunData) -> None:
+        self.config, self.data = config, data
+        rt = config.runtime
+        if rt.threads > 0:
+            torch.set_num_threads(rt.threads)
+        self.device = resolve_device(rt.device)
+        self.amp_dtype = autocast_dtype(rt.amp, self.device)
+        torch.manual_seed(rt.seed)
+        self.model = build_model(config).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.schedule = create_schedule(config.optim.schedule, tuple(self.model.branches), **config.optim.schedule_params)
+        groups = [{"params": list(self.model.parameters()), "weight_decay": config.optim.weight_decay}]
+        if self.schedule.parameters():
+            groups.append({"params": self.schedule.parameters(), "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.optim.lr)
+        self.loss_config = LossConfig(seg_dice_weight=config.optim.seg_dice_weight, recon_kind=config.optim.recon_kind)
+        d = config.data
+        self.slice_config = SliceConfig(d.slice_size, d.loc_margin_mm, d.empty_slice_fraction, d.necrosis_oversample)
+        self.loader = make_loader(SliceDataset(data.train, self.slice_config), batch_size=config.optim.batch_size,
+                                  seed=rt.seed)
+        self.augment = AugmentConfig() if d.augment else None
+        self.history: list[dict[str, Any]] = []
+        self.last_per_case: list[dict[str, Any]] = []
+
+    @property
+    def epoch(self) -> int:
+        """The next epoch to run (0-based)."""
+        return len(self.history)
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.optim.epochs
+
+    def run_epoch(self) -> dict[str, Any]:
+        """Train one epoch, evaluate when due, append and return the epoch's record."""
+        cfg, epoch = self.config, self.epoch
+        lr = cosine_lr(cfg.optim.lr, epoch, cfg.optim.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        weights = self.schedule.weights(epoch, self.history)
+        self.loader.batch_sampler.sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(cfg.runtime.seed * 1_000_003 + epoch)
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr, **{f"w_{k}": float(v) for k, v in weights.items()}}
+        record.update(train_one_epoch(
+            self.model, self.loader, self.optimizer, self.schedule, weights, epoch=epoch,
+            loss_config=self.loss_config, device=self.device, amp_dtype=self.amp_dtype,
+            augment=self.augment, generator=generator,
+        ))
+        last = epoch + 1 == cfg.optim.epochs
+        if last or (epoch + 1) % cfg.runtime.eval_every == 0:
+            summary, self.last_per_case = evaluate(self.model, self.data.val, self.slice_config, self.device,
+                                                   self.amp_dtype, cfg.runtime.threshold)
+            record.update(summary)
+        self.history.append(record)
+        return record
+
+    def provenance(self) -> dict[str, Any]:
+        return {"split_hash": self.data.split_hash, "data_fingerprint": self.data.data_fingerprint,
+                "train_cases": [c.case_id for c in self.data.train], "val_cases": [c.case_id for c in self.data.val]}
+
+    def save(self, directory: str | Path) -> Path:
+        """Weights, config and the full training state (resumable)."""
+        training = {"history": self.history, "per_case": self.last_per_case,
+                    "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                    "provenance": self.provenance()}
+        return save_checkpoint(directory, self.model, self.config.to_flat(), training)
+
+    def restore(self, directory: str | Path) -> None:
+        """Continue from :meth:`save`'s folder (same config); the next epoch runs as if never stopped."""
+        self.model.load_state_dict(load_weights(directory, map_location=str(self.device)))
+        state = load_training_state(directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.history = list(state["history"])
+        self.last_per_case = list(state["per_case"])
+
+
+def write_run_outputs(run: TrainingRun, out: str | Path) -> Path:
+    """``metrics.json`` (config, provenance, history), ``per_case.csv`` and ``checkpoint/``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    final = next((r for r in reversed(run.history) if "val_dice" in r), {})
+    payload = {"config": run.config.to_flat(), "provenance": run.provenance(), "final": final, "history": run.history}
+    (out / "metrics.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    if run.last_per_case:
+        with (out / "per_case.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(run.last_per_case[0]))
+            writer.writeheader()
+            writer.writerows(run.last_per_case)
+    save_weights(run.model, out / "checkpoint", run.config.to_flat())
+    return out

@@ -1,0 +1,169 @@
+"""The training engine: every arm x schedule trains, runs are deterministic and resumable, NaN stops."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from avn_study import engine
+from avn_study.cli import main
+from avn_study.config import ARMS, TrainConfig
+from avn_study.data.slices import SliceDataset
+from avn_study.engine import NonFiniteLossError, prepare_data
+from avn_study.schedules import create_schedule, list_schedules
+from avn_study.training import TrainingRun
+
+# small enough for seconds per run on 2 CPU cores; 4 mm x 64 px still holds both hips
+TINY = {"slice_size": 64, "inplane_spacing_mm": 4.0, "base_channels": 4, "depth": 2, "batch_size": 8,
+        "n_folds": 3, "epochs": 2, "threads": 1, "schedule_params": {}}
+TRAIN_ARGS = ["--slice-size", "64", "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--threads", "1",
+              "--set", "n_folds=3", "--set", "inplane_spacing_mm=4.0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_phantom: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    splits = tmp_path_factory.mktemp("splits") / "splits.json"
+    return prepare_data(tiny_phantom, TrainConfig.from_flat(TINY), shared_cache, splits)
+
+
+def _needs_recon(schedule: str) -> bool:
+    try:
+        create_schedule(schedule, ("seg", "loc"))
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("schedule", list_schedules())
+@pytest.mark.parametrize("arm", ARMS)
+def test_train_cli_runs_every_arm_and_schedule(arm: str, schedule: str, tiny_phantom: Path, shared_cache: Path,
+                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    params = "{pretrain_epochs: 1}" if schedule in ("pretrain", "recon_dependent") else "{}"
+    argv = ["train", "--data", str(tiny_phantom), "--out", str(tmp_path / "run"), "--arm", arm,
+            "--schedule", schedule, "--epochs", "2", "--cache-dir", str(shared_cache),
+            "--splits", str(tmp_path / "splits.json"), "--set", f"schedule_params={params}", *TRAIN_ARGS]
+    code = main(argv)
+    err = capsys.readouterr().err
+    if "recon" not in arm and _needs_recon(schedule):
+        assert code == 2 and f"schedule '{schedule}' needs the 'recon' branch" in err
+        return
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    branches = {"unet": ["seg"]}.get(arm, arm.split("+"))
+    for record in metrics["history"]:
+        assert {f"w_{b}" for b in branches} <= set(record)
+        assert all(math.isfinite(record[f"loss_{b}"]) for b in branches)
+    assert 0.0 <= metrics["final"]["val_dice"] <= 1.0
+    assert metrics["provenance"]["split_hash"]
+    assert (tmp_path / "run/per_case.csv").read_text().startswith("case,patient,dice")
+    assert (tmp_path / "run/checkpoint/model.safetensors").is_file()
+
+
+def _history(config: TrainConfig, data) -> list[dict]:
+    run = TrainingRun(config, data)
+    while not run.done:
+        run.run_epoch()
+    return run.history
+
+
+def _comparable(history: list[dict]) -> str:
+    """JSON text without timings (NaN-safe: NaN == NaN only when it is the same object)."""
+    return json.dumps([{k: v for k, v in r.items() if k != "train_seconds"} for r in history], sort_keys=True)
+
+
+def test_same_seed_same_metrics(tiny_data) -> None:
+    config = TrainConfig.from_flat({**TINY, "arm": "seg+recon+loc", "schedule": "dwa"})
+    assert _comparable(_history(config, tiny_data)) == _comparable(_history(config, tiny_data))
+    other = _history(config.replace(seed=1), tiny_data)
+    assert _comparable(other) != _comparable(_history(config, tiny_data))
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path: Path) -> None:
+    config = TrainConfig.from_flat({**TINY, "arm": "seg+recon+loc", "schedule": "uncertainty", "epochs": 3})
+    straight = _history(config, tiny_data)
+    first = TrainingRun(config, tiny_data)
+    first.run_epoch()
+    first.run_epoch()
+    first.save(tmp_path / "ckpt")
+    resumed = TrainingRun(config, tiny_data)
+    resumed.restore(tmp_path / "ckpt")
+    assert resumed.epoch == 2
+    resumed.run_epoch()
+    assert _comparable(resumed.history) == _comparable(straight)
+
+
+def test_nan_loss_stops_with_epoch_and_term(tiny_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine.branch_losses
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        losses["loc"] = losses["loc"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(engine, "branch_losses", poisoned)
+    run = TrainingRun(TrainConfig.from_flat({**TINY, "arm": "seg+loc", "schedule": "constant"}), tiny_data)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 0: loss term 'loc' is nan"):
+        run.run_epoch()
+
+
+def test_train_cli_reports_nan_as_runtime_failure(tiny_phantom: Path, shared_cache: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    argv = ["train", "--data", str(tiny_phantom), "--out", str(tmp_path / "r"), "--arm", "seg", "--lr", "1e30",
+            "--schedule", "constant", "--epochs", "2", "--cache-dir", str(shared_cache),
+            "--splits", str(tmp_path / "s.json"), *TRAIN_ARGS]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and "loss term" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--arm", "seg+rcon"], "Unknown arm 'seg+rcon'; did you mean 'seg+recon'?"),
+        (["--schedule", "linaer"], "Unknown schedule 'linaer'; did you mean 'linear'?"),
+        (["--slice-size", "62"], "slice_size=62 must be divisible by 2**depth=4"),
+        (["--set", "fold=7"], "fold must be in [0, 2]"),
+        (["--set", "lr"], "--set expects KEY=VALUE"),
+    ],
+)
+def test_train_cli_bad_arguments(extra: list[str], fragment: str, tiny_phantom: Path, shared_cache: Path,
+                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["train", "--data", str(tiny_phantom), "--out", str(tmp_path / "r"), "--epochs", "1",
+            "--cache-dir", str(shared_cache), "--splits", str(tmp_path / "s.json"), *TRAIN_ARGS, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_train_refuses_broken_data(toy_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (toy_cohort / "labelsTr/toy_001.nii.gz").write_bytes(b"\x1f\x8b broken")
+    assert main(["train", "--data", str(toy_cohort), "--out", str(tmp_path / "r"),
+                 "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "toy_001.nii.gz: corrupt gzip data" in capsys.readouterr().err
+
+
+def test_evaluate_scores_a_perfect_prediction(tiny_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Predicting exactly the (cropped) reference gives Dice 1 everywhere, healthy cases included."""
+    config = TrainConfig.from_flat({**TINY, "arm": "unet", "schedule": "constant"})
+    run = TrainingRun(config, tiny_data)
+    dataset = SliceDataset(tiny_data.val, run.slice_config)
+    targets, start = [], 0
+    for case in tiny_data.val:
+        n = case.image.shape[0]
+        targets.append({"seg": dataset.__getitems__(list(range(start, start + n)))["seg"][:, 0].numpy()})
+        start += n
+    answers = iter(targets)
+    monkeypatch.setattr(engine, "predict_slices", lambda *args, **kwargs: next(answers))
+    summary, per_case = engine.evaluate(run.model, tiny_data.val, run.slice_config, torch.device("cpu"))
+    assert [c["dice"] for c in per_case] == [1.0] * len(per_case)
+    assert summary["val_dice"] == 1.0 and summary["n_cases"] == len(tiny_data.val)
+    assert {c["case"] for c in per_case} == {c.case_id for c in tiny_data.val}
