@@ -17,8 +17,9 @@ TARGET_PEAK_RSS_GB = 1.5
 def _slices_per_second(cases: list, size: int, num_workers: int, batches: int = 200) -> float:
     from avn_study.data.slices import SliceConfig, SliceDataset, make_loader
 
-    loader = make_loader(SliceDataset(cases, SliceConfig(size=size, empty_slice_fraction=1.0)),
-                         batch_size=16, num_workers=num_workers)
+    loader = make_loader(
+        SliceDataset(cases, SliceConfig(size=size, empty_slice_fraction=1.0)), batch_size=16, num_workers=num_workers
+    )
     n, done = 0, 0
     it = iter(loader)
     next(it)  # start-up (worker processes) is not throughput
@@ -46,7 +47,9 @@ def _iterate_for_rss(data: str, cache_dir: str, size: int) -> tuple[float, int]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, n
 
 
-def bench_data(work: Path, rss_cases: int, size: int = 128, synth_cases: int = 50, batches: int = 200) -> list[tuple[str, str, str]]:
+def bench_data(
+    work: Path, rss_cases: int, size: int = 128, synth_cases: int = 50, batches: int = 200
+) -> list[tuple[str, str, str]]:
     import torch
 
     from avn_study.data.cache import build_cache
@@ -63,22 +66,38 @@ def bench_data(work: Path, rss_cases: int, size: int = 128, synth_cases: int = 5
     t0 = time.perf_counter()
     build_cache(work / "synth", cache_dir=work / "cache")
     t_hit = time.perf_counter() - t0
-    rows += [(f"synthesize {n} cases", f"{t_synth:.1f} s", f"{t_synth / n:.2f} s/case"),
-             (f"preprocess {n} cases (cold cache)", f"{t_pre:.1f} s", f"{t_pre / n:.2f} s/case"),
-             (f"open {n} cases (warm cache: hash only)", f"{t_hit:.2f} s", "")]
+    rows += [
+        (f"synthesize {n} cases", f"{t_synth:.1f} s", f"{t_synth / n:.2f} s/case"),
+        (f"preprocess {n} cases (cold cache)", f"{t_pre:.1f} s", f"{t_pre / n:.2f} s/case"),
+        (f"open {n} cases (warm cache: hash only)", f"{t_hit:.2f} s", ""),
+    ]
     torch.set_num_threads(1)
     one = _slices_per_second(cases, size, num_workers=0, batches=batches)
-    rows.append((f"slices/s at {size}x{size}, in-process loader (1 core, the default)", f"{one:,.0f}",
-                 f"target >= {TARGET_SLICES_PER_S_PER_CORE:,}/core: {'met' if one >= TARGET_SLICES_PER_S_PER_CORE else 'MISSED'}"))
+    rows.append(
+        (
+            f"slices/s at {size}x{size}, in-process loader (1 core, the default)",
+            f"{one:,.0f}",
+            _verdict(one >= TARGET_SLICES_PER_S_PER_CORE, f">= {TARGET_SLICES_PER_S_PER_CORE:,}/core"),
+        )
+    )
     two = _slices_per_second(cases, size, num_workers=1, batches=batches)
     rows.append((f"slices/s at {size}x{size}, 1 worker process", f"{two:,.0f}", "worker start-up excluded"))
 
     write_cohort(work / f"c{rss_cases}", cases=rss_cases, seed=1)
     with mp.get_context("spawn").Pool(1) as pool:
         peak, n = pool.apply(_iterate_for_rss, (str(work / f"c{rss_cases}"), str(work / "cache"), size))
-    rows.append((f"peak RSS iterating {rss_cases} cases ({n:,} slices)", f"{peak:.2f} GB",
-                 f"target < {TARGET_PEAK_RSS_GB} GB: {'met' if peak < TARGET_PEAK_RSS_GB else 'MISSED'}"))
+    rows.append(
+        (
+            f"peak RSS iterating {rss_cases} cases ({n:,} slices)",
+            f"{peak:.2f} GB",
+            _verdict(peak < TARGET_PEAK_RSS_GB, f"< {TARGET_PEAK_RSS_GB} GB"),
+        )
+    )
     return rows
+
+
+def _verdict(ok: bool, target: str) -> str:
+    return f"target {target}: {'met' if ok else 'MISSED'}"
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
@@ -107,8 +126,11 @@ def _train_step_stats(model, batch: int, size: int, steps: int) -> dict[str, flo
     def step() -> None:
         out = model(x)
         out = out if isinstance(out, dict) else {"seg": out}
-        loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(v, target) if k != "recon"
-                   else (v - x).abs().mean() for k, v in out.items() if k in ("seg", "recon", "loc"))
+        loss = sum(
+            torch.nn.functional.binary_cross_entropy_with_logits(v, target) if k != "recon" else (v - x).abs().mean()
+            for k, v in out.items()
+            if k in ("seg", "recon", "loc")
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -133,7 +155,9 @@ def _train_step_stats(model, batch: int, size: int, steps: int) -> dict[str, flo
     return {"step_s": step_s, "train_sps": batch / step_s, "infer_sps": batch / infer_s, "flops": flops}
 
 
-def bench_train(size: int = 128, batch: int = 16, steps: int = 5, base_channels: int = 16, depth: int = 4) -> list[tuple[str, str, str]]:
+def bench_train(
+    size: int = 128, batch: int = 16, steps: int = 5, base_channels: int = 16, depth: int = 4
+) -> list[tuple[str, str, str]]:
     import torch
 
     from avn_study.config import ARMS, TrainConfig
@@ -148,16 +172,23 @@ def bench_train(size: int = 128, batch: int = 16, steps: int = 5, base_channels:
         model = build_model(config)
         stats[arm] = s = _train_step_stats(model, batch, size, steps)
         n_params = sum(p.numel() for p in model.parameters())
-        rows.append((f"{arm}: train / infer slices/s", f"{s['train_sps']:.1f} / {s['infer_sps']:.1f}",
-                     f"{n_params:,} params, {s['flops'] / 1e9:.1f} GFLOP/step = "
-                     f"{s['flops'] / s['step_s'] / peak:.0%} of matmul peak"))
+        rows.append(
+            (
+                f"{arm}: train / infer slices/s",
+                f"{s['train_sps']:.1f} / {s['infer_sps']:.1f}",
+                f"{n_params:,} params, {s['flops'] / 1e9:.1f} GFLOP/step = "
+                f"{s['flops'] / s['step_s'] / peak:.0%} of matmul peak",
+            )
+        )
     ratio = stats["seg+recon+loc"]["step_s"] / stats["seg"]["step_s"]
-    rows.append(("step time seg+recon+loc / seg", f"{ratio:.2f}x", f"target <= 1.7x: {'met' if ratio <= 1.7 else 'MISSED'}"))
+    rows.append(("step time seg+recon+loc / seg", f"{ratio:.2f}x", _verdict(ratio <= 1.7, "<= 1.7x")))
     rows += _peer_rows(stats["unet"], size, batch, steps, base_channels, depth, peak)
     return rows
 
 
-def _peer_rows(ours: dict[str, float], size: int, batch: int, steps: int, base: int, depth: int, peak: float) -> list[tuple[str, str, str]]:
+def _peer_rows(
+    ours: dict[str, float], size: int, batch: int, steps: int, base: int, depth: int, peak: float
+) -> list[tuple[str, str, str]]:
     """MONAI's BasicUNet at the same widths (16..256, 4 down-samplings), batch norm and ReLU like ours."""
     try:
         from monai.networks.nets import BasicUNet
@@ -169,14 +200,30 @@ def _peer_rows(ours: dict[str, float], size: int, batch: int, steps: int, base: 
         return [("MONAI BasicUNet (peer)", "skipped", "BasicUNet has exactly 4 down-samplings")]
     torch.manual_seed(0)
     features = (base, base * 2, base * 4, base * 8, base * 16, base)
-    peer = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=features, act=("relu", {"inplace": True}),
-                     norm="batch", upsample="deconv")
+    peer = BasicUNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        features=features,
+        act=("relu", {"inplace": True}),
+        norm="batch",
+        upsample="deconv",
+    )
     s = _train_step_stats(peer, batch, size, steps)
     n_params = sum(p.numel() for p in peer.parameters())
     speed = s["step_s"] / ours["step_s"]
-    return [("MONAI BasicUNet: train / infer slices/s", f"{s['train_sps']:.1f} / {s['infer_sps']:.1f}",
-             f"{n_params:,} params, {s['flops'] / 1e9:.1f} GFLOP/step = {s['flops'] / s['step_s'] / peak:.0%} of peak"),
-            ("our unet speed vs peer (step time ratio)", f"{speed:.2f}x", f"target >= 1.0x: {'met' if speed >= 1.0 else 'MISSED'}")]
+    return [
+        (
+            "MONAI BasicUNet: train / infer slices/s",
+            f"{s['train_sps']:.1f} / {s['infer_sps']:.1f}",
+            f"{n_params:,} params, {s['flops'] / 1e9:.1f} GFLOP/step = {s['flops'] / s['step_s'] / peak:.0%} of peak",
+        ),
+        (
+            "our unet speed vs peer (step time ratio)",
+            f"{speed:.2f}x",
+            _verdict(speed >= 1.0, ">= 1.0x"),
+        ),
+    ]
 
 
 def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -197,8 +244,10 @@ def run(what: str, args: argparse.Namespace) -> int:
 
             if args.threads:
                 torch.set_num_threads(args.threads)
-            print_table(f"avn-study bench train (slice {args.slice_size}, batch 16, {torch.get_num_threads()} threads)",
-                        bench_train(size=args.slice_size))
+            print_table(
+                f"avn-study bench train (slice {args.slice_size}, batch 16, {torch.get_num_threads()} threads)",
+                bench_train(size=args.slice_size),
+            )
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -18,7 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from avn_study.errors import DataError
 
-MODEL_FILE, CONFIG_FILE, TRAINING_FILE, STATE_FILE = "model.safetensors", "config.json", "training.safetensors", "state.json"
+MODEL_FILE, CONFIG_FILE, TRAINING_FILE, STATE_FILE = (
+    "model.safetensors",
+    "config.json",
+    "training.safetensors",
+    "state.json",
+)
 
 
 def _split(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -53,7 +58,9 @@ def save_weights(model: torch.nn.Module, directory: str | Path, config: dict[str
     return directory
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: dict[str, Any], training: dict[str, Any]) -> Path:
+def save_checkpoint(
+    directory: str | Path, model: torch.nn.Module, config: dict[str, Any], training: dict[str, Any]
+) -> Path:
     """Write weights, config and the training state (optimizer, schedule, epoch, history)."""
     directory = save_weights(model, directory, config)
     tensors: dict[str, torch.Tensor] = {}

@@ -78,8 +78,22 @@ def _parse_set(items: list[str]) -> dict[str, object]:
     return out
 
 
-_TRAIN_FLAGS = ("fold", "arm", "schedule", "epochs", "slice_size", "base_channels", "depth", "lr", "batch_size",
-                "seed", "device", "amp", "threads", "gating")
+_TRAIN_FLAGS = (
+    "fold",
+    "arm",
+    "schedule",
+    "epochs",
+    "slice_size",
+    "base_channels",
+    "depth",
+    "lr",
+    "batch_size",
+    "seed",
+    "device",
+    "amp",
+    "threads",
+    "gating",
+)
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -105,8 +119,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     data = prepare_data(args.data, config, cache_dir=args.cache_dir, splits_path=args.splits)
-    print(f"fold {config.data.fold}: {len(data.train)} training / {len(data.val)} validation cases, "
-          f"arm {config.model.arm}, schedule {config.optim.schedule}", file=sys.stderr)
+    print(
+        f"fold {config.data.fold}: {len(data.train)} training / {len(data.val)} validation cases, "
+        f"arm {config.model.arm}, schedule {config.optim.schedule}",
+        file=sys.stderr,
+    )
     run = TrainingRun(config, data)
     while not run.done:
         record = run.run_epoch()
@@ -114,8 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(_epoch_line(record, config.optim.epochs), file=sys.stderr, flush=True)
     out = write_run_outputs(run, args.out)
     final = run.history[-1]
-    print(f"val_dice {final['val_dice']:.4f} (mean over {int(final['n_cases_necrosis'])} validation case(s) "
-          f"with necrosis); wrote {out}/metrics.json, per_case.csv, checkpoint/")
+    print(
+        f"val_dice {final['val_dice']:.4f} (mean over {int(final['n_cases_necrosis'])} validation case(s) "
+        f"with necrosis); wrote {out}/metrics.json, per_case.csv, checkpoint/"
+    )
     return 0
 
 
@@ -170,8 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", help="auto | bf16 | off")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config key, e.g. --set loc_margin_mm=15 --set 'schedule_params={pretrain_epochs: 3}'")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config key, e.g. --set loc_margin_mm=15 --set 'schedule_params={pretrain_epochs: 3}'",
+    )
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.add_argument("--splits", type=Path, help="frozen splits file (default DATA/splits.json)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")

@@ -89,8 +89,11 @@ class TrainConfig:
     @classmethod
     def flat_keys(cls) -> dict[str, str]:
         """Flat key -> section name."""
-        return {f.name: section.name for section in dataclasses.fields(cls)
-                for f in dataclasses.fields(section.default_factory())}
+        return {
+            f.name: section.name
+            for section in dataclasses.fields(cls)
+            for f in dataclasses.fields(section.default_factory())
+        }
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any], *, source: str = "config") -> TrainConfig:

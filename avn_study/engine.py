@@ -26,13 +26,18 @@ from avn_study.config import TrainConfig
 from avn_study.data.cache import CachedCase, build_cache, cohort_fingerprint
 from avn_study.data.layout import LABELS, open_cohort
 from avn_study.data.preprocess import PreprocessConfig
-from avn_study.data.slices import AugmentConfig, SliceConfig, SliceDataset, augment_batch, make_loader, validation_volumes
+from avn_study.data.slices import (
+    AugmentConfig,
+    SliceConfig,
+    augment_batch,
+    validation_volumes,
+)
 from avn_study.data.splits import SPLITS_FILE, load_or_create_splits
 from avn_study.errors import AvnError
 from avn_study.losses import LossConfig, branch_losses
 from avn_study.metrics import case_metrics, summarize
 from avn_study.models import model_for_arm
-from avn_study.schedules import Schedule, create_schedule
+from avn_study.schedules import Schedule
 
 
 class NonFiniteLossError(AvnError):
@@ -49,8 +54,12 @@ class RunData:
     data_fingerprint: str
 
 
-def prepare_data(data_root: str | Path, config: TrainConfig, cache_dir: str | Path | None = None,
-                 splits_path: str | Path | None = None) -> RunData:
+def prepare_data(
+    data_root: str | Path,
+    config: TrainConfig,
+    cache_dir: str | Path | None = None,
+    splits_path: str | Path | None = None,
+) -> RunData:
     """Verify and cache the cohort, freeze (or read) the patient-level split, pick the fold."""
     cohort = open_cohort(data_root)
     cases = build_cache(cohort, PreprocessConfig(inplane_spacing_mm=config.data.inplane_spacing_mm), cache_dir)
@@ -63,8 +72,7 @@ def prepare_data(data_root: str | Path, config: TrainConfig, cache_dir: str | Pa
     )
     fold = splits.fold(config.data.fold)
     by_id = {c.case_id: c for c in cases}
-    return RunData([by_id[c] for c in fold.train], [by_id[c] for c in fold.val], splits.hash,
-                   cohort_fingerprint(cases))
+    return RunData([by_id[c] for c in fold.train], [by_id[c] for c in fold.val], splits.hash, cohort_fingerprint(cases))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,7 +95,12 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def build_model(config: TrainConfig) -> torch.nn.Module:
     m = config.model
-    kwargs: dict[str, Any] = {"depth": m.depth, "base_channels": m.base_channels, "norm": m.norm, "upsample": m.upsample}
+    kwargs: dict[str, Any] = {
+        "depth": m.depth,
+        "base_channels": m.base_channels,
+        "norm": m.norm,
+        "upsample": m.upsample,
+    }
     if m.arm != "unet":
         kwargs["gating"] = m.gating if "loc" in m.arm else "none"
         kwargs["gating_alpha"] = m.gating_alpha
@@ -139,8 +152,10 @@ def train_one_epoch(
         if not torch.isfinite(total):  # one sync per step; the term is looked up only on failure
             bad = next((k for k, v in losses.items() if not torch.isfinite(v)), "total")
             value = losses.get(bad, total).item()
-            raise NonFiniteLossError(f"epoch {epoch}, step {step}: loss term '{bad}' is {value} "
-                                     "(lower the learning rate, or check the data with `avn-study verify`)")
+            raise NonFiniteLossError(
+                f"epoch {epoch}, step {step}: loss term '{bad}' is {value} "
+                "(lower the learning rate, or check the data with `avn-study verify`)"
+            )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -157,8 +172,13 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def predict_slices(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                   amp_dtype: torch.dtype | None = None, batch_size: int = 32) -> dict[str, np.ndarray]:
+def predict_slices(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int = 32,
+) -> dict[str, np.ndarray]:
     """Probabilities (``seg``, ``loc``) and reconstructions for a stack of slices ``(N, 1, S, S)``.
 
     Returns:
@@ -179,8 +199,14 @@ def predict_slices(model: torch.nn.Module, images: torch.Tensor, device: torch.d
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
-def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], slice_config: SliceConfig, device: torch.device,
-             amp_dtype: torch.dtype | None = None, threshold: float = 0.5) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def evaluate(
+    model: torch.nn.Module,
+    cases: Sequence[CachedCase],
+    slice_config: SliceConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    threshold: float = 0.5,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Predict every coronal slice of each case, stack back to 3D, compute per-case metrics.
 
     Returns:
@@ -194,8 +220,10 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], slice_config: 
         spacing = (case.spacing[1], case.spacing[0], case.spacing[2])  # cached arrays are (A, R, S)
         kwargs: dict[str, Any] = {}
         if "loc" in out:
-            kwargs.update(pred_loc=volume.paste(out["loc"]) >= 0.5,
-                          ref_loc=np.asarray(case.head_dist) <= slice_config.loc_margin_mm)
+            kwargs.update(
+                pred_loc=volume.paste(out["loc"]) >= 0.5,
+                ref_loc=np.asarray(case.head_dist) <= slice_config.loc_margin_mm,
+            )
         if "recon" in out:
             kwargs.update(recon=out["recon"], recon_ref=volume.image[:, 0].numpy())
         pred = volume.paste(out["seg"]) >= threshold

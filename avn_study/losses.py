@@ -44,8 +44,10 @@ class LossConfig:
                 raise ValueError(f"{name} must be a number in [0, 1], got {name}={value!r}")
         smooth = self.dice_smooth
         if isinstance(smooth, bool) or not isinstance(smooth, int | float) or not 0.0 < smooth < float("inf"):
-            raise ValueError("dice_smooth must be a finite number > 0 (it keeps an empty batch from giving "
-                             f"0/0), got dice_smooth={smooth!r}")
+            raise ValueError(
+                "dice_smooth must be a finite number > 0 (it keeps an empty batch from giving "
+                f"0/0), got dice_smooth={smooth!r}"
+            )
         if not isinstance(self.recon_kind, str):
             raise ValueError(f"recon_kind must be one of {RECON_KINDS}, got recon_kind={self.recon_kind!r}")
         look_up(self.recon_kind, RECON_KINDS, what="recon_kind")
@@ -151,11 +153,13 @@ def branch_losses(
     for branch in branches:
         look_up(branch, _LOSSES, what="branch")
         if branch not in outputs:
-            raise ValueError(f"branch '{branch}' is active but the model returned no '{branch}' output "
-                             f"(outputs: {sorted(outputs)})")
+            raise ValueError(
+                f"branch '{branch}' is active but the model returned no '{branch}' output (outputs: {sorted(outputs)})"
+            )
         if branch not in batch:
-            raise ValueError(f"branch '{branch}' is active but the batch has no '{branch}' target "
-                             f"(batch keys: {sorted(batch)})")
+            raise ValueError(
+                f"branch '{branch}' is active but the batch has no '{branch}' target (batch keys: {sorted(batch)})"
+            )
         losses[branch] = _LOSSES[branch](outputs[branch], batch[branch], cfg)
     return losses
 

@@ -71,9 +71,7 @@ _FULL_26 = ndimage.generate_binary_structure(3, 3)  # face, edge and corner neig
 _PERCENTILE = 95.0
 
 
-def _mask_pair(
-    pred: np.ndarray, ref: np.ndarray, *, ndim: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def _mask_pair(pred: np.ndarray, ref: np.ndarray, *, ndim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Validate two masks and return them as bool arrays (integers: non-zero is foreground)."""
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
@@ -220,9 +218,7 @@ def psnr(pred: np.ndarray, ref: np.ndarray, data_range: float | None = None) -> 
 
 def _both_or_neither(name_a: str, a: object, name_b: str, b: object) -> bool:
     if (a is None) != (b is None):
-        raise ValueError(
-            f"{name_a} and {name_b} must be given together, got only {name_a if b is None else name_b}"
-        )
+        raise ValueError(f"{name_a} and {name_b} must be given together, got only {name_a if b is None else name_b}")
     return a is not None
 
 

@@ -76,8 +76,7 @@ def _int_param(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _float_param(name: str, value: Any, low: float, high: float = math.inf, *,
-                 open_low: bool = False) -> float:
+def _float_param(name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not (low < value if open_low else low <= value) or value > high:
         bound = f"> {low}" if open_low else f">= {low}"
@@ -93,8 +92,9 @@ def _check_epoch(epoch: Any) -> int:
 def _history_loss(history: History, index: int, branch: str, epoch: int) -> float:
     """``history[index]["loss_<branch>"]`` as a finite float, or a message saying what is missing."""
     if index >= len(history):
-        raise ValueError(f"weights(epoch={epoch}) needs the losses of epoch {index}, "
-                         f"but history has {len(history)} epochs")
+        raise ValueError(
+            f"weights(epoch={epoch}) needs the losses of epoch {index}, but history has {len(history)} epochs"
+        )
     key = f"loss_{branch}"
     if key not in history[index]:
         raise ValueError(f"history[{index}] has no '{key}' (keys: {sorted(history[index])})")
@@ -112,8 +112,9 @@ def _fixed_weights(schedule: Schedule, weights: Mapping[str, Any] | None) -> dic
     for branch in weights:
         look_up(branch, BRANCHES, what="branch in weights")
         if branch not in schedule.branches:
-            raise ValueError(f"schedule '{schedule.name}' weights name the '{branch}' branch, "
-                             f"model branches are {schedule.branches}")
+            raise ValueError(
+                f"schedule '{schedule.name}' weights name the '{branch}' branch, model branches are {schedule.branches}"
+            )
     fixed = {b: _float_param(f"weights['{b}']", weights.get(b, 1.0), 0.0) for b in schedule.branches}
     if not any(fixed.values()):
         raise ValueError(f"schedule '{schedule.name}' weights must not all be 0, got weights={fixed}")
@@ -141,8 +142,7 @@ class Schedule(ABC):
 
     def __init__(self, branches: Sequence[str]) -> None:
         if isinstance(branches, str) or not isinstance(branches, Sequence):
-            raise ValueError(f"branches must be a sequence of branch names such as ('seg', 'recon'), "
-                             f"got {branches=}")
+            raise ValueError(f"branches must be a sequence of branch names such as ('seg', 'recon'), got {branches=}")
         for branch in branches:
             look_up(branch, BRANCHES, what="branch")
         if len(set(branches)) != len(branches):
@@ -150,8 +150,9 @@ class Schedule(ABC):
         self.branches: tuple[str, ...] = tuple(b for b in BRANCHES if b in branches)
         for branch in self.requires:
             if branch not in self.branches:
-                raise ValueError(f"schedule '{self.name}' needs the '{branch}' branch, "
-                                 f"model branches are {self.branches}")
+                raise ValueError(
+                    f"schedule '{self.name}' needs the '{branch}' branch, model branches are {self.branches}"
+                )
 
     @abstractmethod
     def weights(self, epoch: int, history: History) -> dict[str, float]:
@@ -189,8 +190,7 @@ class Schedule(ABC):
             ValueError: the state belongs to another schedule.
         """
         if state.get("name", self.name) != self.name:
-            raise ValueError(f"cannot load the state of schedule '{state['name']}' "
-                             f"into schedule '{self.name}'")
+            raise ValueError(f"cannot load the state of schedule '{state['name']}' into schedule '{self.name}'")
 
     def _check_losses(self, losses: Mapping[str, Tensor]) -> None:
         missing = [b for b in self.branches if b not in losses]
@@ -241,8 +241,9 @@ class PretrainSchedule(Schedule):
 
     requires = ("seg", "recon")
 
-    def __init__(self, branches: Sequence[str], *, pretrain_epochs: int = 5,
-                 weights: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, branches: Sequence[str], *, pretrain_epochs: int = 5, weights: Mapping[str, float] | None = None
+    ) -> None:
         super().__init__(branches)
         self.pretrain_epochs = _int_param("pretrain_epochs", pretrain_epochs, 0)
         self.fixed = _fixed_weights(self, weights)
@@ -258,8 +259,9 @@ class _RampSchedule(Schedule):
 
     requires = ("seg", "recon")
 
-    def __init__(self, branches: Sequence[str], *, ramp_epochs: int = 20, pretrain_epochs: int = 0,
-                 min_recon_weight: float = 0.0) -> None:
+    def __init__(
+        self, branches: Sequence[str], *, ramp_epochs: int = 20, pretrain_epochs: int = 0, min_recon_weight: float = 0.0
+    ) -> None:
         super().__init__(branches)
         self.ramp_epochs = _int_param("ramp_epochs", ramp_epochs, 1)
         self.pretrain_epochs = _int_param("pretrain_epochs", pretrain_epochs, 0)
@@ -352,16 +354,24 @@ class ReconDependentSchedule(Schedule):
 
     requires = ("seg", "recon")
 
-    def __init__(self, branches: Sequence[str], *, pretrain_epochs: int = 5, exponent: float = 1.0,
-                 min_recon_weight: float = 0.1, min_seg_weight: float = 0.1) -> None:
+    def __init__(
+        self,
+        branches: Sequence[str],
+        *,
+        pretrain_epochs: int = 5,
+        exponent: float = 1.0,
+        min_recon_weight: float = 0.1,
+        min_seg_weight: float = 0.1,
+    ) -> None:
         super().__init__(branches)
         self.pretrain_epochs = _int_param("pretrain_epochs", pretrain_epochs, 1)
         self.exponent = _float_param("exponent", exponent, 0.0, open_low=True)
         self.min_recon_weight = _float_param("min_recon_weight", min_recon_weight, 0.0, 1.0)
         self.min_seg_weight = _float_param("min_seg_weight", min_seg_weight, 0.0, 1.0)
         if self.min_recon_weight + self.min_seg_weight > 1.0:
-            raise ValueError(f"min_recon_weight + min_seg_weight must be <= 1, got {min_recon_weight=}, "
-                             f"{min_seg_weight=}")
+            raise ValueError(
+                f"min_recon_weight + min_seg_weight must be <= 1, got {min_recon_weight=}, {min_seg_weight=}"
+            )
         self.reference_loss: float | None = None
 
     def weights(self, epoch: int, history: History) -> dict[str, float]:
@@ -432,8 +442,9 @@ class UncertaintySchedule(Schedule):
         super().load_state_dict(state)
         saved = state["log_variances"]
         if set(saved) != set(self.log_variances):
-            raise ValueError(f"saved log-variances are for branches {sorted(saved)}, "
-                             f"this schedule has {list(self.branches)}")
+            raise ValueError(
+                f"saved log-variances are for branches {sorted(saved)}, this schedule has {list(self.branches)}"
+            )
         with torch.no_grad():  # in place, so the optimizer keeps pointing at the same Parameters
             for b, s in self.log_variances.items():
                 s.copy_(torch.as_tensor(saved[b], dtype=s.dtype))

@@ -46,7 +46,9 @@ class TrainingRun:
         self.model = build_model(config).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.schedule = create_schedule(config.optim.schedule, tuple(self.model.branches), **config.optim.schedule_params)
+        self.schedule = create_schedule(
+            config.optim.schedule, tuple(self.model.branches), **config.optim.schedule_params
+        )
         groups = [{"params": list(self.model.parameters()), "weight_decay": config.optim.weight_decay}]
         if self.schedule.parameters():
             groups.append({"params": self.schedule.parameters(), "weight_decay": 0.0})
@@ -54,8 +56,9 @@ class TrainingRun:
         self.loss_config = LossConfig(seg_dice_weight=config.optim.seg_dice_weight, recon_kind=config.optim.recon_kind)
         d = config.data
         self.slice_config = SliceConfig(d.slice_size, d.loc_margin_mm, d.empty_slice_fraction, d.necrosis_oversample)
-        self.loader = make_loader(SliceDataset(data.train, self.slice_config), batch_size=config.optim.batch_size,
-                                  seed=rt.seed)
+        self.loader = make_loader(
+            SliceDataset(data.train, self.slice_config), batch_size=config.optim.batch_size, seed=rt.seed
+        )
         self.augment = AugmentConfig() if d.augment else None
         self.history: list[dict[str, Any]] = []
         self.last_per_case: list[dict[str, Any]] = []
@@ -79,28 +82,47 @@ class TrainingRun:
         self.loader.batch_sampler.sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(cfg.runtime.seed * 1_000_003 + epoch)
         record: dict[str, Any] = {"epoch": epoch, "lr": lr, **{f"w_{k}": float(v) for k, v in weights.items()}}
-        record.update(train_one_epoch(
-            self.model, self.loader, self.optimizer, self.schedule, weights, epoch=epoch,
-            loss_config=self.loss_config, device=self.device, amp_dtype=self.amp_dtype,
-            augment=self.augment, generator=generator,
-        ))
+        record.update(
+            train_one_epoch(
+                self.model,
+                self.loader,
+                self.optimizer,
+                self.schedule,
+                weights,
+                epoch=epoch,
+                loss_config=self.loss_config,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                augment=self.augment,
+                generator=generator,
+            )
+        )
         last = epoch + 1 == cfg.optim.epochs
         if last or (epoch + 1) % cfg.runtime.eval_every == 0:
-            summary, self.last_per_case = evaluate(self.model, self.data.val, self.slice_config, self.device,
-                                                   self.amp_dtype, cfg.runtime.threshold)
+            summary, self.last_per_case = evaluate(
+                self.model, self.data.val, self.slice_config, self.device, self.amp_dtype, cfg.runtime.threshold
+            )
             record.update(summary)
         self.history.append(record)
         return record
 
     def provenance(self) -> dict[str, Any]:
-        return {"split_hash": self.data.split_hash, "data_fingerprint": self.data.data_fingerprint,
-                "train_cases": [c.case_id for c in self.data.train], "val_cases": [c.case_id for c in self.data.val]}
+        return {
+            "split_hash": self.data.split_hash,
+            "data_fingerprint": self.data.data_fingerprint,
+            "train_cases": [c.case_id for c in self.data.train],
+            "val_cases": [c.case_id for c in self.data.val],
+        }
 
     def save(self, directory: str | Path) -> Path:
         """Weights, config and the full training state (resumable)."""
-        training = {"history": self.history, "per_case": self.last_per_case,
-                    "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                    "provenance": self.provenance()}
+        training = {
+            "history": self.history,
+            "per_case": self.last_per_case,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "provenance": self.provenance(),
+        }
         return save_checkpoint(directory, self.model, self.config.to_flat(), training)
 
     def restore(self, directory: str | Path) -> None:

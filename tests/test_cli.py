@@ -48,15 +48,19 @@ def test_split_command_freezes_folds(cohort: Path, tmp_path: Path, capsys: pytes
     assert main(["split", str(cohort), "--folds", "4", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     splits = json.loads(out.read_text())
     assert splits["k"] == 4 and sorted(c for f in splits["folds"] for c in f["val"]) == sorted(
-        json.loads((cohort / "dataset.json").read_text())["patients"])
+        json.loads((cohort / "dataset.json").read_text())["patients"]
+    )
     assert main(["split", str(cohort), "--folds", "9", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
     assert "k must be between 2 and the number of patients (8)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("argv", "fragment"), [
-    (["synth", "x", "--cases", "0"], "must be >= 1"),
-    (["verify"], "the following arguments are required"),
-])
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["synth", "x", "--cases", "0"], "must be >= 1"),
+        (["verify"], "the following arguments are required"),
+    ],
+)
 def test_bad_usage_exits_2(argv: list[str], fragment: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -18,10 +18,34 @@ from avn_study.schedules import create_schedule, list_schedules
 from avn_study.training import TrainingRun
 
 # small enough for seconds per run on 2 CPU cores; 4 mm x 64 px still holds both hips
-TINY = {"slice_size": 64, "inplane_spacing_mm": 4.0, "base_channels": 4, "depth": 2, "batch_size": 8,
-        "n_folds": 3, "epochs": 2, "threads": 1, "schedule_params": {}}
-TRAIN_ARGS = ["--slice-size", "64", "--base-channels", "4", "--depth", "2", "--batch-size", "8", "--threads", "1",
-              "--set", "n_folds=3", "--set", "inplane_spacing_mm=4.0", "--quiet"]
+TINY = {
+    "slice_size": 64,
+    "inplane_spacing_mm": 4.0,
+    "base_channels": 4,
+    "depth": 2,
+    "batch_size": 8,
+    "n_folds": 3,
+    "epochs": 2,
+    "threads": 1,
+    "schedule_params": {},
+}
+TRAIN_ARGS = [
+    "--slice-size",
+    "64",
+    "--base-channels",
+    "4",
+    "--depth",
+    "2",
+    "--batch-size",
+    "8",
+    "--threads",
+    "1",
+    "--set",
+    "n_folds=3",
+    "--set",
+    "inplane_spacing_mm=4.0",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +69,30 @@ def _needs_recon(schedule: str) -> bool:
 
 @pytest.mark.parametrize("schedule", list_schedules())
 @pytest.mark.parametrize("arm", ARMS)
-def test_train_cli_runs_every_arm_and_schedule(arm: str, schedule: str, tiny_phantom: Path, shared_cache: Path,
-                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_cli_runs_every_arm_and_schedule(
+    arm: str, schedule: str, tiny_phantom: Path, shared_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     params = "{pretrain_epochs: 1}" if schedule in ("pretrain", "recon_dependent") else "{}"
-    argv = ["train", "--data", str(tiny_phantom), "--out", str(tmp_path / "run"), "--arm", arm,
-            "--schedule", schedule, "--epochs", "2", "--cache-dir", str(shared_cache),
-            "--splits", str(tmp_path / "splits.json"), "--set", f"schedule_params={params}", *TRAIN_ARGS]
+    argv = [
+        "train",
+        "--data",
+        str(tiny_phantom),
+        "--out",
+        str(tmp_path / "run"),
+        "--arm",
+        arm,
+        "--schedule",
+        schedule,
+        "--epochs",
+        "2",
+        "--cache-dir",
+        str(shared_cache),
+        "--splits",
+        str(tmp_path / "splits.json"),
+        "--set",
+        f"schedule_params={params}",
+        *TRAIN_ARGS,
+    ]
     code = main(argv)
     err = capsys.readouterr().err
     if "recon" not in arm and _needs_recon(schedule):
@@ -115,11 +157,29 @@ def test_nan_loss_stops_with_epoch_and_term(tiny_data, monkeypatch: pytest.Monke
         run.run_epoch()
 
 
-def test_train_cli_reports_nan_as_runtime_failure(tiny_phantom: Path, shared_cache: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
-    argv = ["train", "--data", str(tiny_phantom), "--out", str(tmp_path / "r"), "--arm", "seg", "--lr", "1e30",
-            "--schedule", "constant", "--epochs", "2", "--cache-dir", str(shared_cache),
-            "--splits", str(tmp_path / "s.json"), *TRAIN_ARGS]
+def test_train_cli_reports_nan_as_runtime_failure(
+    tiny_phantom: Path, shared_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [
+        "train",
+        "--data",
+        str(tiny_phantom),
+        "--out",
+        str(tmp_path / "r"),
+        "--arm",
+        "seg",
+        "--lr",
+        "1e30",
+        "--schedule",
+        "constant",
+        "--epochs",
+        "2",
+        "--cache-dir",
+        str(shared_cache),
+        "--splits",
+        str(tmp_path / "s.json"),
+        *TRAIN_ARGS,
+    ]
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 1 and "loss term" in err and "Traceback" not in err
@@ -135,10 +195,29 @@ def test_train_cli_reports_nan_as_runtime_failure(tiny_phantom: Path, shared_cac
         (["--set", "lr"], "--set expects KEY=VALUE"),
     ],
 )
-def test_train_cli_bad_arguments(extra: list[str], fragment: str, tiny_phantom: Path, shared_cache: Path,
-                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    argv = ["train", "--data", str(tiny_phantom), "--out", str(tmp_path / "r"), "--epochs", "1",
-            "--cache-dir", str(shared_cache), "--splits", str(tmp_path / "s.json"), *TRAIN_ARGS, *extra]
+def test_train_cli_bad_arguments(
+    extra: list[str],
+    fragment: str,
+    tiny_phantom: Path,
+    shared_cache: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    argv = [
+        "train",
+        "--data",
+        str(tiny_phantom),
+        "--out",
+        str(tmp_path / "r"),
+        "--epochs",
+        "1",
+        "--cache-dir",
+        str(shared_cache),
+        "--splits",
+        str(tmp_path / "s.json"),
+        *TRAIN_ARGS,
+        *extra,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
@@ -146,8 +225,10 @@ def test_train_cli_bad_arguments(extra: list[str], fragment: str, tiny_phantom: 
 
 def test_train_refuses_broken_data(toy_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (toy_cohort / "labelsTr/toy_001.nii.gz").write_bytes(b"\x1f\x8b broken")
-    assert main(["train", "--data", str(toy_cohort), "--out", str(tmp_path / "r"),
-                 "--cache-dir", str(tmp_path / "c")]) == 2
+    assert (
+        main(["train", "--data", str(toy_cohort), "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
+        == 2
+    )
     assert "toy_001.nii.gz: corrupt gzip data" in capsys.readouterr().err
 
 

@@ -129,8 +129,7 @@ def test_branch_losses_reports_missing_output_and_target():
 
 
 BAD_CONFIGS = [
-    ({"seg_dice_weight": 1.5}, ValueError,
-     "seg_dice_weight must be a number in [0, 1], got seg_dice_weight=1.5"),
+    ({"seg_dice_weight": 1.5}, ValueError, "seg_dice_weight must be a number in [0, 1], got seg_dice_weight=1.5"),
     ({"loc_dice_weight": -0.1}, ValueError, "loc_dice_weight must be a number in [0, 1]"),
     ({"seg_dice_weight": float("nan")}, ValueError, "seg_dice_weight must be"),
     ({"dice_smooth": 0.0}, ValueError, "dice_smooth must be a finite number > 0"),

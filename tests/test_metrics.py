@@ -71,9 +71,7 @@ def _same(actual: float, expected: float) -> bool:
     return math.isnan(actual) if math.isnan(expected) else actual == pytest.approx(expected)
 
 
-@pytest.mark.parametrize(
-    ("has_pred", "has_ref", "exp_dice", "exp_hd", "exp_sens", "exp_fp", "exp_nec"), EMPTY_CASES
-)
+@pytest.mark.parametrize(("has_pred", "has_ref", "exp_dice", "exp_hd", "exp_sens", "exp_fp", "exp_nec"), EMPTY_CASES)
 def test_empty_rule_every_metric(
     has_pred: bool,
     has_ref: bool,
@@ -290,9 +288,7 @@ def test_lesions_are_26_connected(other: tuple[int, int, int], n_lesions: int) -
 
 PSNR_CASES = [
     # ref range 3, MSE = 1 / 4 -> 10 log10(9 / 0.25) = 10 log10(36)
-    pytest.param(
-        [0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 4.0], None, 10 * math.log10(36.0), id="inferred-range"
-    ),
+    pytest.param([0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 4.0], None, 10 * math.log10(36.0), id="inferred-range"),
     pytest.param([0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 4.0], 1.0, 10 * math.log10(4.0), id="given-range"),
     # MSE = (0.5^2 * 4) / 4 = 0.25, range 2 -> 10 log10(16)
     pytest.param([[0.0, 2.0], [1.0, 1.0]], [[0.5, 1.5], [1.5, 0.5]], None, 10 * math.log10(16.0), id="2d"),

@@ -16,8 +16,16 @@ EPOCHS = 30
 
 def synthetic_history(epochs: int = EPOCHS) -> list[dict[str, float]]:
     """Decreasing losses, each branch at its own pace."""
-    return [{"epoch": i, "loss_seg": 0.9 * 0.95**i + 0.1, "loss_recon": 0.5 * 0.8**i + 0.05,
-             "loss_loc": 0.7 * 0.9**i + 0.1, "loss_total": 0.0} for i in range(epochs)]
+    return [
+        {
+            "epoch": i,
+            "loss_seg": 0.9 * 0.95**i + 0.1,
+            "loss_recon": 0.5 * 0.8**i + 0.05,
+            "loss_loc": 0.7 * 0.9**i + 0.1,
+            "loss_total": 0.0,
+        }
+        for i in range(epochs)
+    ]
 
 
 def needs_recon(name: str) -> bool:
@@ -35,7 +43,8 @@ CASES = [(name, branches) for name in list_schedules() for branches in BRANCH_SE
 
 def test_registry_lists_all_schedules():
     assert {"constant", "pretrain", "linear", "cosine", "recon_dependent", "uncertainty", "dwa"} <= set(
-        list_schedules())
+        list_schedules()
+    )
 
 
 @pytest.mark.parametrize(("name", "branches"), CASES)
@@ -117,10 +126,16 @@ def test_pretrain_is_recon_only_for_e_epochs():
 @pytest.mark.parametrize(
     ("params", "epoch", "recon"),
     [
-        ({}, 0, 1.0), ({}, 5, 0.75), ({}, 10, 0.5), ({}, 20, 0.0), ({}, 29, 0.0),
-        ({"pretrain_epochs": 5}, 4, 1.0), ({"pretrain_epochs": 5}, 15, 0.5),
+        ({}, 0, 1.0),
+        ({}, 5, 0.75),
+        ({}, 10, 0.5),
+        ({}, 20, 0.0),
+        ({}, 29, 0.0),
+        ({"pretrain_epochs": 5}, 4, 1.0),
+        ({"pretrain_epochs": 5}, 15, 0.5),
         ({"ramp_epochs": 4}, 1, 0.75),
-        ({"min_recon_weight": 0.2}, 16, 0.2), ({"min_recon_weight": 0.2}, 4, 0.8),
+        ({"min_recon_weight": 0.2}, 16, 0.2),
+        ({"min_recon_weight": 0.2}, 4, 0.8),
     ],
 )
 def test_linear(params, epoch, recon):
@@ -130,8 +145,16 @@ def test_linear(params, epoch, recon):
     assert weights["loc"] == weights["seg"]  # localisation follows segmentation
 
 
-@pytest.mark.parametrize(("epoch", "recon"), [(0, 1.0), (5, 0.5 * (1 + math.cos(math.pi / 4))), (10, 0.5),
-                                              (15, 0.5 * (1 + math.cos(3 * math.pi / 4))), (20, 0.0)])
+@pytest.mark.parametrize(
+    ("epoch", "recon"),
+    [
+        (0, 1.0),
+        (5, 0.5 * (1 + math.cos(math.pi / 4))),
+        (10, 0.5),
+        (15, 0.5 * (1 + math.cos(3 * math.pi / 4))),
+        (20, 0.0),
+    ],
+)
 def test_cosine(epoch, recon):
     weights = create_schedule("cosine", ("seg", "recon")).weights(epoch, [])
     assert weights == pytest.approx({"seg": 1 - recon, "recon": recon})
@@ -157,8 +180,9 @@ def test_recon_dependent_exponent_and_floors():
     assert sharp.weights(2, _recon_history([1.0, 0.6]))["recon"] == pytest.approx(0.36)
     worse = create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1, min_seg_weight=0.25)
     assert worse.weights(1, _recon_history([1.0]))["seg"] == pytest.approx(0.25)  # r = 1: seg still trains
-    no_floor = create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1,
-                               min_recon_weight=0.0, min_seg_weight=0.0)
+    no_floor = create_schedule(
+        "recon_dependent", ("seg", "recon"), pretrain_epochs=1, min_recon_weight=0.0, min_seg_weight=0.0
+    )
     assert no_floor.weights(2, _recon_history([1.0, 1.5]))["seg"] == 0.0
 
 
@@ -266,23 +290,29 @@ BAD_VALUES = [
     ("cosine", {"ramp_epochs": 2.5}, "ramp_epochs must be an integer > 0, got ramp_epochs=2.5"),
     ("linear", {"ramp_epochs": True}, "ramp_epochs must be an integer > 0, got ramp_epochs=True"),
     ("linear", {"pretrain_epochs": -1}, "pretrain_epochs must be an integer >= 0, got pretrain_epochs=-1"),
-    ("linear", {"min_recon_weight": 1.5}, "min_recon_weight must be a finite number in [0.0, 1.0], got "
-                                          "min_recon_weight=1.5"),
-    ("pretrain", {"pretrain_epochs": "5"},
-     "pretrain_epochs must be an integer >= 0, got pretrain_epochs='5'"),
-    ("recon_dependent", {"pretrain_epochs": 0},
-     "pretrain_epochs must be an integer > 0, got pretrain_epochs=0"),
+    (
+        "linear",
+        {"min_recon_weight": 1.5},
+        "min_recon_weight must be a finite number in [0.0, 1.0], got min_recon_weight=1.5",
+    ),
+    ("pretrain", {"pretrain_epochs": "5"}, "pretrain_epochs must be an integer >= 0, got pretrain_epochs='5'"),
+    ("recon_dependent", {"pretrain_epochs": 0}, "pretrain_epochs must be an integer > 0, got pretrain_epochs=0"),
     ("recon_dependent", {"exponent": 0}, "exponent must be a finite number > 0.0, got exponent=0"),
-    ("recon_dependent", {"min_recon_weight": 0.6, "min_seg_weight": 0.5},
-     "min_recon_weight + min_seg_weight must be <= 1, got min_recon_weight=0.6, min_seg_weight=0.5"),
+    (
+        "recon_dependent",
+        {"min_recon_weight": 0.6, "min_seg_weight": 0.5},
+        "min_recon_weight + min_seg_weight must be <= 1, got min_recon_weight=0.6, min_seg_weight=0.5",
+    ),
     ("recon_dependent", {"min_seg_weight": -0.1}, "min_seg_weight must be a finite number in [0.0, 1.0]"),
     ("uncertainty", {"init_log_variance": float("nan")}, "init_log_variance must be a finite number"),
     ("dwa", {"temperature": 0.0}, "temperature must be a finite number > 0.0, got temperature=0.0"),
     ("dwa", {"temperature": float("inf")}, "temperature must be a finite number > 0.0, got temperature=inf"),
-    ("constant", {"weights": {"loc": 1.0}},
-     "schedule 'constant' weights name the 'loc' branch, model branches are ('seg', 'recon')"),
-    ("pretrain", {"weights": {"seg": -1}},
-     "weights['seg'] must be a finite number >= 0.0, got weights['seg']=-1"),
+    (
+        "constant",
+        {"weights": {"loc": 1.0}},
+        "schedule 'constant' weights name the 'loc' branch, model branches are ('seg', 'recon')",
+    ),
+    ("pretrain", {"weights": {"seg": -1}}, "weights['seg'] must be a finite number >= 0.0, got weights['seg']=-1"),
     ("constant", {"weights": {"seg": 0, "recon": 0}}, "weights must not all be 0"),
     ("constant", {"weights": [1.0, 2.0]}, "weights must be a mapping of branch -> weight"),
 ]
@@ -306,6 +336,7 @@ def test_bad_branches():
         create_schedule("constant", ("seg", "seg"))
     with pytest.raises(ValueError, match=r"schedule 'dwa' needs the 'seg' branch, model branches are \("):
         create_schedule("dwa", ("recon",))
-    with pytest.raises(ValueError, match="schedule 'linear' needs the 'recon' branch, model branches are "
-                                         "\\('seg', 'loc'\\)"):
+    with pytest.raises(
+        ValueError, match="schedule 'linear' needs the 'recon' branch, model branches are \\('seg', 'loc'\\)"
+    ):
         create_schedule("linear", ("seg", "loc"))

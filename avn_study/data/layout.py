@@ -159,8 +159,11 @@ def scan_cohort(root: str | Path) -> tuple[Cohort | None, list[Problem]]:
         problems.append(Problem(labels[case], f"label has no image (expected imagesTr/{case}{CHANNEL_SUFFIX}{ending})"))
     paired = sorted(set(images) & set(labels))
     if isinstance(spec.get("numTraining"), int) and spec["numTraining"] != len(labels):
-        problems.append(Problem(root / "dataset.json",
-                                f"numTraining is {spec['numTraining']} but labelsTr holds {len(labels)} cases"))
+        problems.append(
+            Problem(
+                root / "dataset.json", f"numTraining is {spec['numTraining']} but labelsTr holds {len(labels)} cases"
+            )
+        )
     patients = spec.get("patients", {}) if isinstance(spec.get("patients"), dict) else {}
     for case in sorted(set(patients) - set(images) - set(labels)):
         problems.append(Problem(root / "dataset.json", f"patients names case '{case}' that has no files"))

@@ -102,9 +102,7 @@ def read_nifti(path: str | Path) -> RawNifti:
     header = image.header
     needed = int(image.dataobj.offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     if len(data) < needed:
-        raise NiftiReadError(
-            f"{path}: truncated voxel data: header needs {needed} bytes, the file holds {len(data)}"
-        )
+        raise NiftiReadError(f"{path}: truncated voxel data: header needs {needed} bytes, the file holds {len(data)}")
     return RawNifti(path, image, stored, trailing, len(data) - needed)
 
 

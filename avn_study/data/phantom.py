@@ -74,8 +74,15 @@ _NON_RAS = ("LPS", "LSP", "RIA")  # scanner-like stored orientations (the last t
 _FOV_Z_OFFSET = 15.0  # the FOV centre lies this far above the femoral heads (more pelvis than thigh)
 _FAT, _MUSCLE, _CARTILAGE, _CORTEX, _PELVIC_MARROW = 1.0, 0.36, 0.28, 0.05, 0.72
 _MARROW = {"head": 0.95, "neck": 0.92, "gt": 0.93, "lt": 0.9, "meta": 0.9, "shaft": 0.85}
-_SITES = {"trochanter": 0.25, "neck": 0.12, "metaphysis": 0.08, "supra_acetabular": 0.2,
-          "ischium_pubis": 0.1, "vessel": 0.15, "fluid": 0.1}  # distractor sites and their weights
+_SITES = {
+    "trochanter": 0.25,
+    "neck": 0.12,
+    "metaphysis": 0.08,
+    "supra_acetabular": 0.2,
+    "ischium_pubis": 0.1,
+    "vessel": 0.15,
+    "fluid": 0.1,
+}  # distractor sites and their weights
 
 
 @dataclass(frozen=True)
@@ -121,13 +128,19 @@ class PhantomConfig:
             v = getattr(self, name)
             _require(_numbers((v,), 1) and 0 <= v <= top, name, v, f"in [0, {top}]")
         if self.p_bilateral + self.p_unilateral > 1:
-            raise ValueError("PhantomConfig.p_bilateral + p_unilateral must be <= 1, got "
-                             f"p_bilateral={self.p_bilateral!r} + p_unilateral={self.p_unilateral!r}")
+            raise ValueError(
+                "PhantomConfig.p_bilateral + p_unilateral must be <= 1, got "
+                f"p_bilateral={self.p_bilateral!r} + p_unilateral={self.p_unilateral!r}"
+            )
         fov, shift, sub = self.fov_mm, self.translation_mm, self.sub_slices
         _require(_numbers(fov, 2) and min(fov) > 0, "fov_mm", fov, "two sizes > 0 (R/L, S/I)")
         _require(_numbers(shift, 3) and min(shift) >= 0, "translation_mm", shift, "three shifts >= 0")
-        _require(isinstance(sub, int) and not isinstance(sub, bool) and 1 <= sub <= 16, "sub_slices", sub,
-                 "an int in [1, 16]")
+        _require(
+            isinstance(sub, int) and not isinstance(sub, bool) and 1 <= sub <= 16,
+            "sub_slices",
+            sub,
+            "an int in [1, 16]",
+        )
 
     @classmethod
     def tiny(cls, **overrides: object) -> PhantomConfig:
@@ -137,20 +150,45 @@ class PhantomConfig:
 
 
 # (lo, hi) fields and the largest hi; scalar fields and their largest value
-_RANGE_LIMITS = {"ap_coverage_mm": 400, "inplane_spacing_mm": 10, "slice_spacing_mm": 20, "snr": 1e4,
-                 "intensity_scale": 2e4, "head_radius_mm": 35, "neck_shaft_angle_deg": 170,
-                 "lesion_fraction": 0.9, "lesion_contrast": 1, "rim_darkness": 1, "rim_thickness_mm": 10,
-                 "distractor_radius_mm": 30}
-_SCALAR_LIMITS = {"p_bilateral": 1, "p_unilateral": 1, "non_ras_fraction": 1, "distractor_likeness": 1,
-                  "followup_fraction": 1, "blur_mm": 10, "bias_strength": 2, "texture": 1,
-                  "lesion_irregularity": 2, "distractor_mean": 100, "rotation_deg": 30}
+_RANGE_LIMITS = {
+    "ap_coverage_mm": 400,
+    "inplane_spacing_mm": 10,
+    "slice_spacing_mm": 20,
+    "snr": 1e4,
+    "intensity_scale": 2e4,
+    "head_radius_mm": 35,
+    "neck_shaft_angle_deg": 170,
+    "lesion_fraction": 0.9,
+    "lesion_contrast": 1,
+    "rim_darkness": 1,
+    "rim_thickness_mm": 10,
+    "distractor_radius_mm": 30,
+}
+_SCALAR_LIMITS = {
+    "p_bilateral": 1,
+    "p_unilateral": 1,
+    "non_ras_fraction": 1,
+    "distractor_likeness": 1,
+    "followup_fraction": 1,
+    "blur_mm": 10,
+    "bias_strength": 2,
+    "texture": 1,
+    "lesion_irregularity": 2,
+    "distractor_mean": 100,
+    "rotation_deg": 30,
+}
 
 
 def _numbers(value: object, n: int) -> bool:
     """Whether ``value`` is a tuple of ``n`` finite real numbers."""
-    return (isinstance(value, tuple) and len(value) == n and all(
-        isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and math.isfinite(v)
-        for v in value))
+    return (
+        isinstance(value, tuple)
+        and len(value) == n
+        and all(
+            isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
+    )
 
 
 def _require(ok: bool, name: str, value: object, expected: str) -> None:
@@ -383,12 +421,16 @@ def _hip(rng: np.random.Generator, cfg: PhantomConfig, s: int, d: float) -> dict
     opening = _unit(np.array([s, 0.3, -0.9]) + rng.normal(0, 0.1, 3))  # acetabular opening direction
     g = rng.uniform(0.9, 1.1)  # trochanter size
     return {
-        "r": r, "c": c, "head": _Sphere(c, r), "neck": _Capsule(c, j, 0.62 * r),
+        "r": r,
+        "c": c,
+        "head": _Sphere(c, r),
+        "neck": _Capsule(c, j, 0.62 * r),
         "gt": _Ellipsoid(j + g * np.array([s * 10, -8, 18]), g * np.array([13, 16, 22])),
         "lt": _Ellipsoid(j + _v(-s * 12, -10, -38), [7, 8, 10]),
         "meta": _Ellipsoid(j + _v(0, -2, -8), [21, 17, 28]),
         "shaft": _Capsule(j + _v(0, 0, -5), j + 220 * _v(-s * math.sin(tilt), 0, -math.cos(tilt)), 14),
-        "cup": _Sphere(c, r + 13), "opening": _HalfSpace(opening, c + opening * 0.15 * r),
+        "cup": _Sphere(c, r + 13),
+        "opening": _HalfSpace(opening, c + opening * 0.15 * r),
         "ilium": _Capsule(c + _v(-s * 5, -5, r + 6), c + _v(s * 25, -20, 125), 14),
         "ischium": _Capsule(c + _v(-s * 8, -15, -18), c + _v(-s * 18, -30, -70), 13),
         "pubis": _Capsule(c + _v(-s * 20, 12, -10), [s * 8, 30, -40], 10),
@@ -397,15 +439,26 @@ def _hip(rng: np.random.Generator, cfg: PhantomConfig, s: int, d: float) -> dict
 
 
 # host shape -> (cortex thickness mm, marrow T1 value); painted in this order (the head last)
-_FEMUR = {"shaft": (4.5, _MARROW["shaft"]), "meta": (1.5, _MARROW["meta"]), "lt": (1.5, _MARROW["lt"]),
-          "gt": (1.5, _MARROW["gt"]), "neck": (1.8, _MARROW["neck"]), "head": (1.2, _MARROW["head"])}
-_PELVIS = {"cup": (2.0, _PELVIC_MARROW), "ilium": (2.0, _PELVIC_MARROW),
-           "ischium": (2.0, _PELVIC_MARROW), "pubis": (2.0, _PELVIC_MARROW)}
+_FEMUR = {
+    "shaft": (4.5, _MARROW["shaft"]),
+    "meta": (1.5, _MARROW["meta"]),
+    "lt": (1.5, _MARROW["lt"]),
+    "gt": (1.5, _MARROW["gt"]),
+    "neck": (1.8, _MARROW["neck"]),
+    "head": (1.2, _MARROW["head"]),
+}
+_PELVIS = {
+    "cup": (2.0, _PELVIC_MARROW),
+    "ilium": (2.0, _PELVIC_MARROW),
+    "ischium": (2.0, _PELVIC_MARROW),
+    "pubis": (2.0, _PELVIC_MARROW),
+}
 _HOSTS = {**_FEMUR, **_PELVIS}
 
 
 def _bones(hips: list[dict]) -> list[_Layer]:
     """Cortex of all bones, then marrow, so overlapping parts of a bone merge without inner cortex."""
+
     def clip(hip: dict, name: str, off: float) -> tuple:
         return ((hip["opening"], off, False),) if name == "cup" else ()
 
@@ -422,13 +475,23 @@ def _bones(hips: list[dict]) -> list[_Layer]:
 def _soft_tissue(rng: np.random.Generator, d: float) -> list[_Layer]:
     body = _Ellipsoid([0, -10, 0], [rng.uniform(165, 190), rng.uniform(115, 135), 1e4])
     pelvic_fat = _Ellipsoid([0, -5, 75], [d - 25, 55, 55])
-    bowel = [_Ellipsoid([rng.uniform(-40, 40), rng.uniform(-40, 40), rng.uniform(40, 110)],
-                        rng.uniform(12, 28, 3), _random_rotation(rng)) for _ in range(rng.integers(5, 10))]
+    bowel = [
+        _Ellipsoid(
+            [rng.uniform(-40, 40), rng.uniform(-40, 40), rng.uniform(40, 110)],
+            rng.uniform(12, 28, 3),
+            _random_rotation(rng),
+        )
+        for _ in range(rng.integers(5, 10))
+    ]
     bladder = _Ellipsoid([0, 35, 0], rng.uniform(0.6, 1.1) * np.array([40, 35, 30]))
     crotch = _Ellipsoid([0, 0, -rng.uniform(95, 115) - 150], [30, 1e4, 150])
-    return [_layer(body, (0, _FAT), (rng.uniform(8, 30), _MUSCLE)), _layer(pelvic_fat, (0, 0.8 * _FAT)),
-            *[_layer(b, (0, rng.uniform(0.3, 0.55))) for b in bowel],
-            _layer(bladder, (0, 0.12)), _layer(crotch, (-12, _FAT), (0, 0.0))]
+    return [
+        _layer(body, (0, _FAT), (rng.uniform(8, 30), _MUSCLE)),
+        _layer(pelvic_fat, (0, 0.8 * _FAT)),
+        *[_layer(b, (0, rng.uniform(0.3, 0.55))) for b in bowel],
+        _layer(bladder, (0, 0.12)),
+        _layer(crotch, (-12, _FAT), (0, 0.0)),
+    ]
 
 
 def _lesion(rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int) -> tuple[_Layer, tuple, dict]:
@@ -457,9 +520,7 @@ def _inside_point(rng: np.random.Generator, host: object, t_range: tuple[float, 
     return host.a + rng.uniform(*t_range) * host.ba + ball * host.r * 0.5  # a capsule
 
 
-def _distractor(
-    rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int, site: str
-) -> tuple[_Layer, bool]:
+def _distractor(rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int, site: str) -> tuple[_Layer, bool]:
     """One dark spot outside the femoral head; returns the layer and whether it copies the lesion look."""
     rho = rng.uniform(*cfg.distractor_radius_mm)
     away = (hip["head"], 1.5, True)  # at least 1.5 mm outside the head sphere
@@ -476,11 +537,17 @@ def _distractor(
         p = lateral if rng.random() < 0.5 else front
         blob = _Blob(rng, p, rng.uniform(0.5, 0.9), 0.5 * cfg.lesion_irregularity * rho).with_level(rho)
         return _Layer(((blob, 0, False), away), ((0, rng.uniform(0.12, 0.3)),)), False
-    name = {"trochanter": "gt", "neck": "neck", "metaphysis": "meta", "supra_acetabular": "ilium",
-            "ischium_pubis": ("ischium", "pubis")[rng.integers(2)]}[site]
+    name = {
+        "trochanter": "gt",
+        "neck": "neck",
+        "metaphysis": "meta",
+        "supra_acetabular": "ilium",
+        "ischium_pubis": ("ischium", "pubis")[rng.integers(2)],
+    }[site]
     t_range = {"neck": (0.5, 0.95), "ilium": (0.0, 0.4)}.get(name, (0.1, 0.8))
-    blob = _Blob(rng, _inside_point(rng, hip[name], t_range), rng.uniform(0.6, 1.0),
-                 cfg.lesion_irregularity * rho).with_level(rho)
+    blob = _Blob(
+        rng, _inside_point(rng, hip[name], t_range), rng.uniform(0.6, 1.0), cfg.lesion_irregularity * rho
+    ).with_level(rho)
     cortex, base = _HOSTS[name]
     like = bool(rng.random() < cfg.distractor_likeness)
     if like:
@@ -498,8 +565,13 @@ def _anatomy(rng: np.random.Generator, cfg: PhantomConfig) -> _Anatomy:
     sides = {"right": 1, "left": -1}
     hips = {side: _hip(rng, cfg, s, d) for side, s in sides.items()}
     u = rng.random()
-    necrotic = ({"right", "left"} if u < cfg.p_bilateral else
-                {("right", "left")[rng.integers(2)]} if u < cfg.p_bilateral + cfg.p_unilateral else set())
+    necrotic = (
+        {"right", "left"}
+        if u < cfg.p_bilateral
+        else {("right", "left")[rng.integers(2)]}
+        if u < cfg.p_bilateral + cfg.p_unilateral
+        else set()
+    )
     background, layers = _soft_tissue(rng, d), _bones(list(hips.values()))
     labels: list[tuple[tuple, int]] = [(((h["head"], 0.0, False),), 1) for h in hips.values()]
     lesions: dict[str, dict | None] = {}
@@ -517,10 +589,15 @@ def _anatomy(rng: np.random.Generator, cfg: PhantomConfig) -> _Anatomy:
         layer, like = _distractor(rng, cfg, hips[side], sides[side], site)
         layers.append(layer)
         distractors.append({"site": site, "side": side, "lesion_like": like})
-    info = {"necrosis": {k: k in necrotic for k in sides},
-            "lesion_fraction": {k: (v["fraction"] if v else 0.0) for k, v in lesions.items()},
-            "lesions": lesions, "head_radius_mm": [float(hips[k]["r"]) for k in sides],
-            "n_distractors": len(distractors), "distractors": distractors, "has_followup": has_followup}
+    info = {
+        "necrosis": {k: k in necrotic for k in sides},
+        "lesion_fraction": {k: (v["fraction"] if v else 0.0) for k, v in lesions.items()},
+        "lesions": lesions,
+        "head_radius_mm": [float(hips[k]["r"]) for k in sides],
+        "n_distractors": len(distractors),
+        "distractors": distractors,
+        "has_followup": has_followup,
+    }
     return _Anatomy(background, layers, labels, info)
 
 
@@ -541,8 +618,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple, spacing: np.ndarray, c
     return field / _F(field[::3, :, ::3].std() + 1e-6)
 
 
-def _degrade(image: np.ndarray, rng: np.random.Generator, cfg: PhantomConfig, sp: np.ndarray,
-             snr: float) -> np.ndarray:
+def _degrade(image: np.ndarray, rng: np.random.Generator, cfg: PhantomConfig, sp: np.ndarray, snr: float) -> np.ndarray:
     """In-plane blur, texture, bias field and Rician noise, in place where possible."""
     if cfg.blur_mm > 0:
         image = ndimage.gaussian_filter(image, (cfg.blur_mm / sp[0], 0, cfg.blur_mm / sp[2]), truncate=3.0)
@@ -560,8 +636,9 @@ def _degrade(image: np.ndarray, rng: np.random.Generator, cfg: PhantomConfig, sp
 
 def _acquire(anat: _Anatomy, rng: np.random.Generator, cfg: PhantomConfig) -> tuple:
     """Render one scan in RAS, degrade it, and store it in a possibly non-RAS orientation."""
-    sp = np.array([rng.uniform(*cfg.inplane_spacing_mm), rng.uniform(*cfg.slice_spacing_mm),
-                   rng.uniform(*cfg.inplane_spacing_mm)])
+    sp = np.array(
+        [rng.uniform(*cfg.inplane_spacing_mm), rng.uniform(*cfg.slice_spacing_mm), rng.uniform(*cfg.inplane_spacing_mm)]
+    )
     extent = np.array([cfg.fov_mm[0], rng.uniform(*cfg.ap_coverage_mm), cfg.fov_mm[1]])
     nx, ny, nz = shape = tuple(int(v) for v in np.maximum(np.round(extent / sp), 1))
     origin = -(np.array(shape) - 1) / 2 * sp + _v(0, 0, _FOV_Z_OFFSET)
@@ -585,11 +662,16 @@ def _acquire(anat: _Anatomy, rng: np.random.Generator, cfg: PhantomConfig) -> tu
     codes = _NON_RAS[pick] if non_ras else "RAS"
     transform = nio.ornt_transform(_RAS, nio.axcodes2ornt(tuple(codes)))
     stored_affine = affine @ nio.inv_ornt_aff(transform, shape)
-    info = {"snr": float(snr), "spacing_mm": [float(v) for v in sp], "shape_ras": list(shape),
-            "axcodes": codes, "rotation_deg": [float(v) for v in angles],
-            "translation_mm": [float(v) for v in shift], "intensity_scale": float(scale)}
-    return (nio.apply_orientation(image, transform), nio.apply_orientation(label, transform),
-            stored_affine, info)
+    info = {
+        "snr": float(snr),
+        "spacing_mm": [float(v) for v in sp],
+        "shape_ras": list(shape),
+        "axcodes": codes,
+        "rotation_deg": [float(v) for v in angles],
+        "translation_mm": [float(v) for v in shift],
+        "intensity_scale": float(scale),
+    }
+    return (nio.apply_orientation(image, transform), nio.apply_orientation(label, transform), stored_affine, info)
 
 
 # ---------------------------------------------------------------- public API
@@ -606,9 +688,7 @@ def _streams(index: int, seed: int, followup: bool) -> tuple[np.random.Generator
     return np.random.default_rng(anatomy), np.random.default_rng(second if followup else baseline)
 
 
-def synth_case(
-    index: int, seed: int, config: PhantomConfig = _DEFAULT, *, followup: bool = False
-) -> PhantomCase:
+def synth_case(index: int, seed: int, config: PhantomConfig = _DEFAULT, *, followup: bool = False) -> PhantomCase:
     """Generate one scan of patient ``index``; the same arguments always give the same arrays.
 
     Args:
@@ -683,8 +763,11 @@ def write_cohort(out: str | Path, cases: int, seed: int, config: PhantomConfig =
     dataset = {
         "name": "AVN phantom",
         "description": "Synthetic coronal T1 hip MRI with femoral head necrosis (avn_study.data.phantom)",
-        "channel_names": {"0": "T1"}, "labels": {"background": 0, "femoral_head": 1, "necrosis": 2},
-        "numTraining": len(patients), "file_ending": ".nii.gz", "patients": patients,
+        "channel_names": {"0": "T1"},
+        "labels": {"background": 0, "femoral_head": 1, "necrosis": 2},
+        "numTraining": len(patients),
+        "file_ending": ".nii.gz",
+        "patients": patients,
         "phantom": {"seed": int(seed), "config": asdict(config), "cases": infos},
     }
     (out / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")

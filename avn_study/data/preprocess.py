@@ -53,7 +53,9 @@ def normalise(image: np.ndarray, percentiles: tuple[float, float]) -> tuple[np.n
     return out.astype(np.float32, copy=False), (float(lo) - mean) / std
 
 
-def inplane_shape(shape: tuple[int, int, int], spacing: tuple[float, float, float], target: float | None) -> tuple[int, int, int]:
+def inplane_shape(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], target: float | None
+) -> tuple[int, int, int]:
     if target is None:
         return shape
     nx, ny, nz = shape

@@ -147,7 +147,9 @@ class AugmentConfig:
             raise ValueError(f"scale must be < 1, got {self.scale=}")
 
 
-def augment_batch(batch: dict[str, torch.Tensor], config: AugmentConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def augment_batch(
+    batch: dict[str, torch.Tensor], config: AugmentConfig, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """Apply one random flip/rotation/zoom per sample identically to image and targets, then jitter
     the image intensity. Runs on the batch's device; masks use nearest sampling so they stay binary.
 

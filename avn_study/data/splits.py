@@ -124,15 +124,19 @@ def read_splits(path: str | Path, cases: set[str] | None = None) -> Splits:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: not a valid splits file ({err})") from None
     if raw.get("hash") != splits.hash:
-        raise DataError(f"{path}: hash {raw.get('hash')} does not match its folds ({splits.hash}); "
-                        "the file was edited: delete it to make a new split")
+        raise DataError(
+            f"{path}: hash {raw.get('hash')} does not match its folds ({splits.hash}); "
+            "the file was edited: delete it to make a new split"
+        )
     vals = [c for f in folds for c in f.val]
     if len(vals) != len(set(vals)) or len(folds) != splits.k:
         raise DataError(f"{path}: folds overlap or their number differs from k={splits.k}")
     if cases is not None and set(vals) != cases:
         missing, extra = sorted(cases - set(vals)), sorted(set(vals) - cases)
-        raise DataError(f"{path}: does not match the cohort: missing cases {missing[:5]}, unknown cases {extra[:5]}; "
-                        "delete it to make a new split")
+        raise DataError(
+            f"{path}: does not match the cohort: missing cases {missing[:5]}, unknown cases {extra[:5]}; "
+            "delete it to make a new split"
+        )
     return splits
 
 
@@ -155,8 +159,10 @@ def load_or_create_splits(
     if path.is_file():
         splits = read_splits(path, set(patients))
         if splits.k != k:
-            raise DataError(f"{path}: holds {splits.k} folds but {k} were asked for; "
-                            "use the same number of folds or delete the file to re-split")
+            raise DataError(
+                f"{path}: holds {splits.k} folds but {k} were asked for; "
+                "use the same number of folds or delete the file to re-split"
+            )
         return splits
     splits = make_splits(patients, k, seed, has_necrosis)
     write_splits(splits, path)

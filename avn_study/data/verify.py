@@ -85,14 +85,20 @@ def header_problems(raw: RawNifti) -> list[Problem]:
     else:
         implied = np.linalg.norm(affine[:3, :3], axis=0)
         if np.all(pixdim > 0) and not np.allclose(np.abs(pixdim), implied, rtol=1e-3, atol=1e-4):
-            problems.append(Problem(path, f"pixdim {np.round(pixdim, 4).tolist()} disagrees with the spacing "
-                                          f"the affine implies {np.round(implied, 4).tolist()}"))
+            problems.append(
+                Problem(
+                    path,
+                    f"pixdim {np.round(pixdim, 4).tolist()} disagrees with the spacing "
+                    f"the affine implies {np.round(implied, 4).tolist()}",
+                )
+            )
     diagnosis = type(header).diagnose_binaryblock(header.binaryblock)
     if diagnosis:
         problems.append(Problem(path, f"nibabel header check: {' '.join(diagnosis.split())}", "warning"))
     if raw.trailing_zero_bytes:
-        problems.append(Problem(path, f"{raw.trailing_zero_bytes} zero bytes of padding after the gzip stream",
-                                "warning"))
+        problems.append(
+            Problem(path, f"{raw.trailing_zero_bytes} zero bytes of padding after the gzip stream", "warning")
+        )
     if raw.extra_bytes:
         problems.append(Problem(path, f"{raw.extra_bytes} bytes after the voxel data the header announces", "warning"))
     return problems
@@ -107,7 +113,7 @@ def _read(path: Path) -> tuple[RawNifti | None, np.ndarray | None, list[Problem]
     if any("expected a 3D volume" in p.message for p in problems):
         return raw, None, problems
     if raw.image.header.get_data_dtype().kind not in "biuf":
-        return raw, None, problems + [Problem(path, f"unsupported voxel type {raw.image.header.get_data_dtype()}")]
+        return raw, None, [*problems, Problem(path, f"unsupported voxel type {raw.image.header.get_data_dtype()}")]
     data = raw.image.get_fdata(dtype=np.float32)
     data = data.reshape(data.shape[:3])
     n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
@@ -124,12 +130,18 @@ def _label_problems(path: Path, label: np.ndarray) -> list[Problem]:
     values = set(np.unique(finite).astype(int).tolist())
     allowed = set(LABELS.values())
     if values - allowed:
-        return [Problem(path, f"label values {sorted(values - allowed)} are not in the declared labels "
-                              f"{sorted(allowed)} ({', '.join(f'{v}={k}' for k, v in LABELS.items())})")]
+        return [
+            Problem(
+                path,
+                f"label values {sorted(values - allowed)} are not in the declared labels "
+                f"{sorted(allowed)} ({', '.join(f'{v}={k}' for k, v in LABELS.items())})",
+            )
+        ]
     problems = []
     if LABELS["femoral_head"] not in values:
-        problems.append(Problem(path, "no femoral head labelled (label 1): the localisation target is empty",
-                                "warning"))
+        problems.append(
+            Problem(path, "no femoral head labelled (label 1): the localisation target is empty", "warning")
+        )
     return problems
 
 
@@ -144,12 +156,19 @@ def _necrosis_outside_head(path: Path, label: np.ndarray) -> list[Problem]:
     outside = n - int(np.count_nonzero(touching))
     if outside:
         voxels = int(np.isin(components, np.setdiff1d(np.arange(1, n + 1), touching)).sum())
-        return [Problem(path, f"{outside} necrosis component(s) ({voxels} voxels) lie outside the femoral head "
-                              f"(necrosis, label 2, must lie inside the femoral head region, label 1)")]
+        return [
+            Problem(
+                path,
+                f"{outside} necrosis component(s) ({voxels} voxels) lie outside the femoral head "
+                f"(necrosis, label 2, must lie inside the femoral head region, label 1)",
+            )
+        ]
     return []
 
 
-def _pair_problems(case: CaseFiles, img: RawNifti, lab: RawNifti, image: np.ndarray, label: np.ndarray) -> list[Problem]:
+def _pair_problems(
+    case: CaseFiles, img: RawNifti, lab: RawNifti, image: np.ndarray, label: np.ndarray
+) -> list[Problem]:
     if image.shape != label.shape:
         return [Problem(case.label, f"label shape {label.shape} differs from image shape {image.shape}")]
     problems = []
@@ -158,8 +177,11 @@ def _pair_problems(case: CaseFiles, img: RawNifti, lab: RawNifti, image: np.ndar
         problems.append(Problem(case.label, f"label affine differs from the image affine (max difference {worst:.4g})"))
     zi, zl = img.image.header.get_zooms()[:3], lab.image.header.get_zooms()[:3]
     if not np.allclose(zi, zl, rtol=SPACING_RTOL):
-        problems.append(Problem(case.label, f"label spacing {tuple(map(float, zl))} differs from image spacing "
-                                            f"{tuple(map(float, zi))}"))
+        problems.append(
+            Problem(
+                case.label, f"label spacing {tuple(map(float, zl))} differs from image spacing {tuple(map(float, zi))}"
+            )
+        )
     return problems
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_toy_case
 
 from avn_study.data.cache import build_cache, cohort_fingerprint
 from avn_study.data.preprocess import PreprocessConfig
-from conftest import write_toy_case
 
 CONFIG = PreprocessConfig(inplane_spacing_mm=3.0)
 

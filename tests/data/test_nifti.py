@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from nibabel import orientations as nio
 
-from avn_study.data.nifti import Geometry, NiftiReadError, gunzip_strict, load_ras, read_nifti, save_in_geometry, write_nifti
+from avn_study.data.nifti import (
+    Geometry,
+    NiftiReadError,
+    gunzip_strict,
+    load_ras,
+    read_nifti,
+    save_in_geometry,
+    write_nifti,
+)
 
 PAYLOAD = bytes(range(256)) * 64
 GZ = gzip.compress(PAYLOAD)

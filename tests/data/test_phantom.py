@@ -120,8 +120,9 @@ def test_non_ras_files_read_back_to_the_ras_volume(tmp_path) -> None:
 
 def test_t1_contrast() -> None:
     """Marrow bright, necrosis dark, air dark; a wide FOV puts air beside the body."""
-    config = PhantomConfig.tiny(fov_mm=(460.0, 220.0), lesion_contrast=(0.3, 0.45), p_bilateral=1.0,
-                                p_unilateral=0.0, snr=(15.0, 20.0))
+    config = PhantomConfig.tiny(
+        fov_mm=(460.0, 220.0), lesion_contrast=(0.3, 0.45), p_bilateral=1.0, p_unilateral=0.0, snr=(15.0, 20.0)
+    )
     for index in range(3):
         case = synth_case(index, 11, config)
         image, label = to_ras(case.image, case.affine).astype(float), to_ras(case.label, case.affine)

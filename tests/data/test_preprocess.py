@@ -71,7 +71,10 @@ def test_head_distance_map() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
-    [({"inplane_spacing_mm": 0}, "inplane_spacing_mm must be > 0"), ({"clip_percentiles": (50, 5)}, "clip_percentiles")],
+    [
+        ({"inplane_spacing_mm": 0}, "inplane_spacing_mm must be > 0"),
+        ({"clip_percentiles": (50, 5)}, "clip_percentiles"),
+    ],
 )
 def test_bad_preprocess_config(kwargs: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):

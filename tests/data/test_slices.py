@@ -116,8 +116,12 @@ def test_validation_volumes_paste_back_exactly(cases) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
-    [({"size": 4}, "size must be >= 8"), ({"empty_slice_fraction": 2.0}, "empty_slice_fraction"),
-     ({"necrosis_oversample": 0}, "necrosis_oversample"), ({"loc_margin_mm": -1}, "loc_margin_mm")],
+    [
+        ({"size": 4}, "size must be >= 8"),
+        ({"empty_slice_fraction": 2.0}, "empty_slice_fraction"),
+        ({"necrosis_oversample": 0}, "necrosis_oversample"),
+        ({"loc_margin_mm": -1}, "loc_margin_mm"),
+    ],
 )
 def test_bad_slice_config(kwargs: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):

@@ -49,6 +49,7 @@ def _set_voxel(value: float) -> Callable[[np.ndarray], np.ndarray]:
     def change(a: np.ndarray) -> np.ndarray:
         a[5, 2, 5] = value
         return a
+
     return change
 
 
@@ -69,44 +70,111 @@ def _gz(root: Path, rel: str) -> bytes:
 BROKEN: list[tuple[str, Callable[[Path], None], str, str]] = [
     ("no_dataset_json", lambda r: (r / "dataset.json").unlink(), "dataset.json", "dataset.json is missing"),
     ("bad_json", lambda r: (r / "dataset.json").write_text("{"), "dataset.json", "not valid JSON"),
-    ("duplicate_json_key", lambda r: (r / "dataset.json").write_text(
-        (r / "dataset.json").read_text().replace('"numTraining"', '"numTraining": 3, "numTraining"', 1)),
-     "dataset.json", "duplicate key 'numTraining'"),
-    ("missing_key", lambda r: _rewrite_json(r, file_ending=None) or (r / "dataset.json").write_text(
-        (r / "dataset.json").read_text().replace('"file_ending": null, ', "").replace(', "file_ending": null', "")),
-     "dataset.json", "missing key 'file_ending'"),
-    ("wrong_labels", lambda r: _rewrite_json(r, labels={"background": 0, "lesion": 1}), "dataset.json", "labels must be"),
-    ("two_channels", lambda r: _rewrite_json(r, channel_names={"0": "T1", "1": "T2"}), "dataset.json",
-     "exactly one channel"),
-    ("num_training", lambda r: _rewrite_json(r, numTraining=5), "dataset.json", "numTraining is 5 but labelsTr holds 3"),
+    (
+        "duplicate_json_key",
+        lambda r: (r / "dataset.json").write_text(
+            (r / "dataset.json").read_text().replace('"numTraining"', '"numTraining": 3, "numTraining"', 1)
+        ),
+        "dataset.json",
+        "duplicate key 'numTraining'",
+    ),
+    (
+        "missing_key",
+        lambda r: (
+            _rewrite_json(r, file_ending=None)
+            or (r / "dataset.json").write_text(
+                (r / "dataset.json")
+                .read_text()
+                .replace('"file_ending": null, ', "")
+                .replace(', "file_ending": null', "")
+            )
+        ),
+        "dataset.json",
+        "missing key 'file_ending'",
+    ),
+    (
+        "wrong_labels",
+        lambda r: _rewrite_json(r, labels={"background": 0, "lesion": 1}),
+        "dataset.json",
+        "labels must be",
+    ),
+    (
+        "two_channels",
+        lambda r: _rewrite_json(r, channel_names={"0": "T1", "1": "T2"}),
+        "dataset.json",
+        "exactly one channel",
+    ),
+    (
+        "num_training",
+        lambda r: _rewrite_json(r, numTraining=5),
+        "dataset.json",
+        "numTraining is 5 but labelsTr holds 3",
+    ),
     ("bad_file_ending", lambda r: _rewrite_json(r, file_ending=".mha"), "dataset.json", "file_ending must be one of"),
-    ("unknown_patient_case", lambda r: _rewrite_json(r, patients={"toy_000": "P0", "ghost": "P9"}), "dataset.json",
-     "patients names case 'ghost'"),
+    (
+        "unknown_patient_case",
+        lambda r: _rewrite_json(r, patients={"toy_000": "P0", "ghost": "P9"}),
+        "dataset.json",
+        "patients names case 'ghost'",
+    ),
     ("image_without_label", lambda r: (r / LAB).unlink(), IMG, "image has no label"),
     ("label_without_image", lambda r: (r / IMG).unlink(), LAB, "label has no image"),
     ("missing_images_folder", lambda r: shutil.rmtree(r / "imagesTr"), "imagesTr", "folder is missing"),
-    ("extra_channel", lambda r: shutil.copy(r / IMG, r / "imagesTr/toy_000_0001.nii.gz"),
-     "imagesTr/toy_000_0001.nii.gz", "extra input channel"),
-    ("wrong_ending", lambda r: (r / "labelsTr/toy_009.nii").write_bytes(b""), "labelsTr/toy_009.nii",
-     "file ending does not match"),
+    (
+        "extra_channel",
+        lambda r: shutil.copy(r / IMG, r / "imagesTr/toy_000_0001.nii.gz"),
+        "imagesTr/toy_000_0001.nii.gz",
+        "extra input channel",
+    ),
+    (
+        "wrong_ending",
+        lambda r: (r / "labelsTr/toy_009.nii").write_bytes(b""),
+        "labelsTr/toy_009.nii",
+        "file ending does not match",
+    ),
     ("stray_file", lambda r: (r / "labelsTr/notes.txt").write_text("hi"), "labelsTr/notes.txt", "unexpected file"),
-    ("duplicate_case_id", lambda r: shutil.copy(r / IMG, r / "imagesTr/TOY_000_0000.nii.gz"),
-     "imagesTr/toy_000_0000.nii.gz", "duplicate case id"),
+    (
+        "duplicate_case_id",
+        lambda r: shutil.copy(r / IMG, r / "imagesTr/TOY_000_0000.nii.gz"),
+        "imagesTr/toy_000_0000.nii.gz",
+        "duplicate case id",
+    ),
     ("truncated_gzip", lambda r: _write_raw_bytes(r, IMG, _gz(r, IMG)[:-300]), IMG, "truncated"),
     ("cut_trailer", lambda r: _write_raw_bytes(r, IMG, _gz(r, IMG)[:-4]), IMG, "truncated"),
-    ("bad_crc", lambda r: _write_raw_bytes(r, LAB, _gz(r, LAB)[:-8] + b"\0\0\0\0" + _gz(r, LAB)[-4:]), LAB,
-     "corrupt gzip data"),
+    (
+        "bad_crc",
+        lambda r: _write_raw_bytes(r, LAB, _gz(r, LAB)[:-8] + b"\0\0\0\0" + _gz(r, LAB)[-4:]),
+        LAB,
+        "corrupt gzip data",
+    ),
     ("trailing_garbage", lambda r: _write_raw_bytes(r, IMG, _gz(r, IMG) + b"garbage"), IMG, "trailing garbage"),
     ("not_gzip", lambda r: _write_raw_bytes(r, IMG, b"plain text, not a volume"), IMG, "not a gzip stream"),
-    ("truncated_voxels", lambda r: _write_raw_bytes(r, IMG, gzip.compress(bytes(_raw(r, IMG)[:-100]))), IMG,
-     "truncated voxel data"),
-    ("short_header", lambda r: _write_raw_bytes(r, IMG, gzip.compress(b"\0" * 100)), IMG, "too short for a NIfTI header"),
+    (
+        "truncated_voxels",
+        lambda r: _write_raw_bytes(r, IMG, gzip.compress(bytes(_raw(r, IMG)[:-100]))),
+        IMG,
+        "truncated voxel data",
+    ),
+    (
+        "short_header",
+        lambda r: _write_raw_bytes(r, IMG, gzip.compress(b"\0" * 100)),
+        IMG,
+        "too short for a NIfTI header",
+    ),
     ("shape_mismatch", lambda r: _rewrite_array(r, LAB, lambda a: a[:-1], np.uint8), LAB, "label shape"),
     ("non_integer_label", lambda r: _rewrite_array(r, LAB, _set_voxel(1.5)), LAB, "label values must be integers"),
-    ("undeclared_label", lambda r: _rewrite_array(r, LAB, _set_voxel(3), np.uint8), LAB,
-     "label values [3] are not in the declared labels"),
-    ("necrosis_outside_head", lambda r: _rewrite_array(r, LAB, _move_necrosis_out, np.uint8), LAB,
-     "lie outside the femoral head"),
+    (
+        "undeclared_label",
+        lambda r: _rewrite_array(r, LAB, _set_voxel(3), np.uint8),
+        LAB,
+        "label values [3] are not in the declared labels",
+    ),
+    (
+        "necrosis_outside_head",
+        lambda r: _rewrite_array(r, LAB, _move_necrosis_out, np.uint8),
+        LAB,
+        "lie outside the femoral head",
+    ),
     ("nan_image", lambda r: _rewrite_array(r, IMG, _set_voxel(np.nan)), IMG, "1 NaN and 0 +/-Inf voxels"),
     ("inf_image", lambda r: _rewrite_array(r, IMG, _set_voxel(np.inf)), IMG, "0 NaN and 1 +/-Inf voxels"),
     ("constant_image", lambda r: _rewrite_array(r, IMG, lambda a: np.zeros_like(a)), IMG, "image is constant"),
