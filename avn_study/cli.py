@@ -138,6 +138,112 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary_table(result, metric: str) -> str:
+    """Per row and stage: mean and SD of the final metric over finished trials (until analysis exists)."""
+    import math
+    import statistics
+
+    lines = [f"{'stage':<6} {'row':<28} {'trials':>6} {metric + ' mean':>14} {'SD':>7}"]
+    groups: dict[tuple[int, str], list[float]] = {}
+    for o in result.outcomes:
+        if o.status == "TERMINATED" and o.metric is not None and not math.isnan(o.metric):
+            groups.setdefault((o.stage, o.row), []).append(o.metric)
+    ranked = sorted(groups.items(), key=lambda kv: (kv[0][0], -statistics.fmean(kv[1])))
+    for (stage, row), values in ranked:
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        lines.append(f"{stage:<6} {row:<28} {len(values):>6} {statistics.fmean(values):>14.4f} {sd:>7.4f}")
+    return "\n".join(lines)
+
+
+def _errored_summary(result) -> str:
+    lines = [f"{len(result.errored)} trial(s) errored after their retries:"]
+    for o in result.errored:
+        reason = next((line for line in reversed(o.error.splitlines()) if line.strip()), "unknown")
+        lines.append(f"  - {o.trial_id} (stage {o.stage}, row {o.row}): {reason[:200]}\n    log: {o.path}/error.txt")
+    return "\n".join(lines)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import signal
+
+    from avn_study.space import load_space
+    from avn_study.sweep import Study, init_ray
+
+    space = load_space(args.space)
+    study = Study(
+        space,
+        args.data,
+        str(args.storage),
+        args.name,
+        args.max_concurrent,
+        args.gpus_per_trial,
+        progress=not args.quiet,
+    )
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as gracefully as Ctrl-C
+    init_ray(args.address, args.num_cpus)
+    study.prepare(resume=args.resume)
+    print(
+        f"study {study.root} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",
+        file=sys.stderr,
+    )
+    try:
+        result = study.run(resume=args.resume)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; continue with: avn-study sweep {args.space} --data {args.data} "
+            f"--storage {args.storage} --name {study.name} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(_summary_table(result, space.metric))
+    print(f"results in {study.root}")
+    if result.errored:
+        print(_errored_summary(result), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _repo_space(name: str) -> Path:
+    """A shipped search-space file: ``search_spaces/NAME.yaml`` of the checkout avn-study runs from."""
+    import avn_study
+
+    path = Path(avn_study.__file__).resolve().parents[1] / "search_spaces" / f"{name}.yaml"
+    if not path.is_file():
+        raise UsageError(f"{path} not found: run from a clone of the repository or pass --space FILE")
+    return path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from avn_study.data.phantom import write_cohort
+    from avn_study.space import load_space
+    from avn_study.sweep import Study, init_ray
+
+    out = args.out.resolve()
+    cohort = out / "cohort"
+    if (cohort / "dataset.json").is_file():
+        print(f"reusing the phantom cohort in {cohort}", file=sys.stderr)
+    else:
+        print(f"writing a phantom cohort of {args.cases} patients to {cohort}", file=sys.stderr)
+        write_cohort(cohort, cases=args.cases, seed=args.seed)
+    space = load_space(args.space or _repo_space("demo"))
+    study = Study(space, cohort, str(out / "experiments"), progress=not args.quiet)
+    resume = (study.root / "study.json").is_file()
+    init_ray(None, args.num_cpus)
+    study.prepare(resume=resume)
+    print(
+        f"{'resuming' if resume else 'running'} the {space.name} study ({space.protocol}, rows: "
+        f"{', '.join(space.arms)}) in {study.root}",
+        file=sys.stderr,
+    )
+    result = study.run(resume=resume)
+    print(_summary_table(result, space.metric))
+    print(f"cohort: {cohort}\nexperiment: {study.root}")
+    if result.errored:
+        print(_errored_summary(result), file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from avn_study import bench
 
@@ -200,6 +306,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=Path, help="frozen splits file (default DATA/splits.json)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run a search-space file (sweep or fair ablation) on Ray Tune")
+    p.add_argument("space", type=Path, help="search-space YAML file (see search_spaces/)")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder, readable on every node")
+    p.add_argument("--storage", required=True, help="experiment storage: a local/shared path or a pyarrow URI")
+    p.add_argument("--name", help="study name (default: the file's name key)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study (trusts its storage)")
+    p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs of a local Ray (default: all)")
+    p.add_argument("--max-concurrent", type=int, dest="max_concurrent", help="trials at once (default: the file's)")
+    p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="GPU share per trial, e.g. 0.25")
+    p.add_argument("--quiet", action="store_true", help="no live progress lines")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("demo", help="phantom cohort + the demo fair ablation + its report (the README's command)")
+    p.add_argument("--out", type=Path, default=Path("avn-demo"), help="output folder (default ./avn-demo)")
+    p.add_argument("--cases", type=_positive_int, default=24, help="phantom patients (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    p.add_argument("--space", type=Path, help="search-space file (default search_spaces/demo.yaml)")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for Ray (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no live progress lines")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="throughput figures")
     p.add_argument("what", choices=["data", "train"], help="what to measure")

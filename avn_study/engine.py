@@ -36,7 +36,7 @@ from avn_study.data.splits import SPLITS_FILE, load_or_create_splits
 from avn_study.errors import AvnError
 from avn_study.losses import LossConfig, branch_losses
 from avn_study.metrics import case_metrics, summarize
-from avn_study.models import model_for_arm
+from avn_study.models import ARMS, model_for_arm
 from avn_study.schedules import Schedule
 
 
@@ -91,6 +91,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp in ("auto", "bf16"):
         return torch.bfloat16
     raise ValueError(f"amp must be one of auto, bf16, off, got {amp=}")
+
+
+def arm_branches(config: TrainConfig) -> tuple[str, ...]:
+    """The branches the arm's model has, without building it (``unet`` has only ``seg``)."""
+    return ARMS[config.model.arm][1] or ("seg",)
 
 
 def build_model(config: TrainConfig) -> torch.nn.Module:

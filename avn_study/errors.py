@@ -44,6 +44,7 @@ def look_up(name: str, options: Mapping[str, T] | Iterable[str], *, what: str) -
     names = sorted(options)
     if name in names:
         return name
-    close = difflib.get_close_matches(name, names, n=1)
+    prefixed = [n for n in names if n.startswith(name) or name.startswith(n)]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5) or sorted(prefixed, key=len)[:1]
     hint = f"; did you mean '{close[0]}'?" if close else "."
     raise UsageError(f"Unknown {what} '{name}'{hint} Available: {', '.join(names)}")

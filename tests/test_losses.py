@@ -135,7 +135,7 @@ BAD_CONFIGS = [
     ({"dice_smooth": 0.0}, ValueError, "dice_smooth must be a finite number > 0"),
     ({"dice_smooth": -1}, ValueError, "got dice_smooth=-1"),
     ({"recon_kind": "mes"}, UsageError, "Unknown recon_kind 'mes'; did you mean 'mse'? Available: l1, mse"),
-    ({"recon_kind": "l2"}, UsageError, "Unknown recon_kind 'l2'. Available: l1, mse"),
+    ({"recon_kind": "l2"}, UsageError, "Unknown recon_kind 'l2'; did you mean 'l1'? Available: l1, mse"),
 ]
 
 

@@ -1,0 +1,308 @@
+"""Search-space files (``search_spaces/*.yaml``): parsing and validation before Ray starts.
+
+A file declares an experiment: fixed settings for every trial, named ablation arms (each a set of
+overrides), an Optuna-sampled search space, grid factors (folds, seeds, repeats), the protocol, the
+early-stopping scheduler and the resources of a trial. Every problem is reported with the file, the
+key and what is allowed; names of arms, schedules and config keys get a did-you-mean suggestion.
+
+Example (all keys; see README "Search-space files")::
+
+    name: demo
+    protocol: fair_ablation      # sweep | fair_ablation
+    metric: val_dice             # tuning metric, reported by every trial
+    mode: max
+    fixed: {epochs: 8, slice_size: 64, base_channels: 8}
+    arms:                        # ablation rows: overrides of the fixed settings
+      unet: {arm: unet, schedule: constant}
+      seg+recon+loc: {schedule: recon_dependent}   # the arm defaults to the row's name
+    search:                      # sampled by Optuna (TPE, seeded)
+      lr: {loguniform: [1.0e-4, 3.0e-3]}
+      loc_margin_mm: {uniform: [5, 20]}
+      schedule_params.pretrain_epochs: {int: [1, 3]}
+      gating: {categorical: [multiply, residual]}
+    trials: 4                    # per arm (fair_ablation stage 1) or in total (sweep)
+    tuning_fold: 0               # the fold searched on
+    folds: [0, 1, 2]             # stage 2 of fair_ablation (and the grid of a sweep)
+    seeds: [0, 1]
+    repeats: 1
+    scheduler: {type: asha, grace_period: 2, reduction_factor: 2}   # or {type: none}
+    resources: {cpu: 1, gpu: 0}
+    max_concurrent: 2
+    checkpoint: {frequency: 1, num_to_keep: 2}
+    max_failures: 1
+    sampler_seed: 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from avn_study.config import ARMS, TrainConfig
+from avn_study.errors import UsageError, look_up
+
+TOP_KEYS = {
+    "name", "protocol", "metric", "mode", "fixed", "arms", "search", "trials", "tuning_fold", "folds", "seeds",
+    "repeats", "scheduler", "resources", "max_concurrent", "checkpoint", "max_failures", "sampler_seed",
+}  # fmt: skip
+PROTOCOLS = ("sweep", "fair_ablation")
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
+METRICS = ("val_dice", "val_dice_all", "loc_dice", "hd95_mm", "abs_volume_error_ml", "lesion_fp")
+SCHEDULERS = ("asha", "none")
+SCHEDULE_PARAM_PREFIX = "schedule_params."
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Optuna-sampled parameter: a flat config key (or ``schedule_params.<name>``)."""
+
+    name: str
+    kind: str  # loguniform | uniform | int | categorical
+    values: tuple[Any, ...]  # (low, high) or the choices
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    type: str = "asha"  # asha | none
+    grace_period: int = 1  # epochs every trial runs before it may be stopped
+    reduction_factor: float = 2.0  # keep the best 1/reduction_factor at each rung
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search-space file."""
+
+    path: Path
+    name: str
+    protocol: str
+    metric: str
+    mode: str
+    fixed: dict[str, Any]
+    arms: dict[str, dict[str, Any]]  # row name -> flat overrides (with "arm" resolved)
+    search: tuple[Param, ...]
+    trials: int
+    tuning_fold: int
+    folds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    repeats: int
+    scheduler: Scheduler
+    cpu: float
+    gpu: float
+    max_concurrent: int
+    checkpoint_frequency: int
+    num_to_keep: int
+    max_failures: int
+    sampler_seed: int
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def trial_config(self, row: str, **flat: Any) -> dict[str, Any]:
+        """The flat config of one trial of ``row``: fixed, then the row's overrides, then ``flat``."""
+        return {**self.fixed, **self.arms[row], **flat}
+
+
+class _Reader:
+    """Typed access to a YAML mapping that reports errors as ``FILE: key: problem``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, message: str) -> UsageError:
+        return UsageError(f"{self.path}: {key}: {message}")
+
+    def number(self, data: dict, key: str, default: Any, *, kind: type = int, low: float | None = None) -> Any:
+        value = data.get(key.rsplit(".", 1)[-1], default)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if kind is int:
+            ok = ok and float(value).is_integer()
+        if not ok or (low is not None and value < low):
+            bound = f" >= {low}" if low is not None else ""
+            raise self.fail(key, f"expected {'an integer' if kind is int else 'a number'}{bound}, got {value!r}")
+        return kind(value)
+
+    def mapping(self, data: dict, key: str, allowed: set[str] | None = None) -> dict:
+        value = data.get(key.rsplit(".", 1)[-1], {})
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        if allowed is not None:
+            for sub in value:
+                self.known(sub, allowed, f"{key}.{sub}")
+        return value
+
+    def known(self, name: Any, allowed: set[str] | tuple[str, ...], key: str) -> str:
+        try:
+            return look_up(str(name), allowed, what="key" if isinstance(allowed, set) else "value")
+        except UsageError as err:
+            raise self.fail(key, str(err)) from None
+
+    def int_list(self, data: dict, key: str, default: list[int]) -> tuple[int, ...]:
+        value = data.get(key, default)
+        if not isinstance(value, list) or not value or not all(isinstance(v, int) and v >= 0 for v in value):
+            raise self.fail(key, f"expected a non-empty list of integers >= 0, got {value!r}")
+        if len(set(value)) != len(value):
+            raise self.fail(key, f"values must not repeat, got {value!r}")
+        return tuple(value)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space file.
+
+    Raises:
+        UsageError: a missing or unparsable file, an unknown key, a bad value or range, an unknown
+            arm, schedule or config key; the message names the file and the key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UsageError(f"{path}: cannot be read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping of settings at the top level")
+    return parse_space(raw, path)
+
+
+def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpace:
+    r = _Reader(path)
+    for key in raw:
+        r.known(key, TOP_KEYS, str(key))
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+        raise r.fail("name", f"expected a folder-safe experiment name, got {name!r}")
+    protocol = r.known(raw.get("protocol", "sweep"), PROTOCOLS, "protocol")
+    metric = r.known(raw.get("metric", "val_dice"), METRICS, "metric")
+    mode = r.known(raw.get("mode", "max"), ("max", "min"), "mode")
+    fixed = r.mapping(raw, "fixed")
+    _check_flat(r, fixed, "fixed")
+    arms = _parse_arms(r, raw, fixed)
+    search = tuple(_parse_param(r, key, spec) for key, spec in r.mapping(raw, "search").items())
+    n_folds = TrainConfig.from_flat({**fixed}).data.n_folds
+    folds = r.int_list(raw, "folds", list(range(n_folds)))
+    tuning_fold = r.number(raw, "tuning_fold", folds[0], low=0)
+    for key, values in (("folds", folds), ("tuning_fold", (tuning_fold,))):
+        if max(values) >= n_folds:
+            raise r.fail(key, f"fold indices must be < n_folds={n_folds}, got {list(values)}")
+    sched = r.mapping(raw, "scheduler", {"type", "grace_period", "reduction_factor"})
+    scheduler = Scheduler(
+        type=r.known(sched.get("type", "asha"), SCHEDULERS, "scheduler.type"),
+        grace_period=r.number(sched, "scheduler.grace_period", 1, low=1),
+        reduction_factor=r.number(sched, "scheduler.reduction_factor", 2.0, kind=float, low=1.01),
+    )
+    epochs = TrainConfig.from_flat(fixed).optim.epochs
+    if scheduler.type == "asha" and scheduler.grace_period > epochs:
+        raise r.fail("scheduler.grace_period", f"must be <= epochs ({epochs}), got {scheduler.grace_period}")
+    resources = r.mapping(raw, "resources", {"cpu", "gpu"})
+    ckpt = r.mapping(raw, "checkpoint", {"frequency", "num_to_keep"})
+    space = SearchSpace(
+        path=path, name=name, protocol=protocol, metric=metric, mode=mode, fixed=fixed, arms=arms, search=search,
+        trials=r.number(raw, "trials", 1, low=1), tuning_fold=tuning_fold, folds=folds,
+        seeds=r.int_list(raw, "seeds", [0]), repeats=r.number(raw, "repeats", 1, low=1), scheduler=scheduler,
+        cpu=r.number(resources, "resources.cpu", 1.0, kind=float, low=0.01),
+        gpu=r.number(resources, "resources.gpu", 0.0, kind=float, low=0.0),
+        max_concurrent=r.number(raw, "max_concurrent", 0, low=0),
+        checkpoint_frequency=r.number(ckpt, "checkpoint.frequency", 1, low=1),
+        num_to_keep=r.number(ckpt, "checkpoint.num_to_keep", 2, low=1),
+        max_failures=r.number(raw, "max_failures", 1, low=0), sampler_seed=r.number(raw, "sampler_seed", 0, low=0),
+        raw=raw,
+    )  # fmt: skip
+    if space.gpu > 1 and not space.gpu.is_integer():
+        raise r.fail(
+            "resources.gpu", f"fractions are for sharing one GPU: use a value <= 1 or an integer, got {space.gpu}"
+        )
+    _check_every_row(r, space)
+    return space
+
+
+def _check_flat(r: _Reader, flat: dict[str, Any], key: str) -> None:
+    try:
+        TrainConfig.from_flat(flat, source=f"{r.path}: {key}")
+    except UsageError as err:
+        message = str(err)
+        raise UsageError(message if str(r.path) in message else f"{r.path}: {key}: {message}") from None
+
+
+def _parse_arms(r: _Reader, raw: dict[str, Any], fixed: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    arms_raw = raw.get("arms")
+    if arms_raw is None:
+        return {str(fixed.get("arm", TrainConfig().model.arm)): {}}
+    if isinstance(arms_raw, list):  # shorthand: a list of arm names
+        arms_raw = {str(a): {} for a in arms_raw}
+    if not isinstance(arms_raw, dict) or not arms_raw:
+        raise r.fail("arms", "expected a non-empty mapping of row name -> overrides (or a list of arm names)")
+    arms = {}
+    for row, overrides in arms_raw.items():
+        overrides = dict(overrides or {})
+        if "arm" not in overrides:
+            if row not in ARMS:
+                try:
+                    look_up(str(row), ARMS, what="arm")
+                except UsageError as err:
+                    raise r.fail(f"arms.{row}", f"{err} (or give the row an 'arm:' override)") from None
+            overrides["arm"] = row
+        _check_flat(r, {**fixed, **overrides}, f"arms.{row}")
+        arms[str(row)] = overrides
+    return arms
+
+
+def _parse_param(r: _Reader, key: str, spec: Any) -> Param:
+    base = key.removeprefix(SCHEDULE_PARAM_PREFIX)
+    if key == base:
+        r.known(key, set(TrainConfig.flat_keys()) - {"schedule_params"}, f"search.{key}")
+    elif not base:
+        raise r.fail(f"search.{key}", "name the schedule parameter: schedule_params.<name>")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise r.fail(f"search.{key}", f"expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+    (kind, values), = spec.items()  # fmt: skip
+    kind = r.known(kind, DISTRIBUTIONS, f"search.{key}")
+    if kind == "categorical":
+        if not isinstance(values, list) or len(values) < 2:
+            raise r.fail(f"search.{key}", f"categorical needs a list of at least 2 choices, got {values!r}")
+        return Param(key, kind, tuple(values))
+    ok = isinstance(values, list) and len(values) == 2 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values)  # fmt: skip
+    if not ok or not values[0] < values[1]:
+        raise r.fail(f"search.{key}", f"{kind} needs [low, high] with low < high, got {values!r}")
+    if kind == "loguniform" and values[0] <= 0:
+        raise r.fail(f"search.{key}", f"loguniform needs low > 0, got {values!r}")
+    if kind == "int" and not all(float(v).is_integer() for v in values):
+        raise r.fail(f"search.{key}", f"int needs integer bounds, got {values!r}")
+    return Param(key, kind, tuple(values))
+
+
+def _check_every_row(r: _Reader, space: SearchSpace) -> None:
+    """Build every row's config with the extreme search values and its schedule, as a trial would."""
+    from avn_study.engine import arm_branches
+    from avn_study.schedules import create_schedule
+
+    for row in space.arms:
+        for pick in (0, -1):
+            sample = {}
+            for p in space.search:
+                sample[p.name] = p.values[pick] if p.kind != "int" else int(p.values[pick])
+            flat = resolve_sampled(space.trial_config(row), sample)
+            try:
+                config = TrainConfig.from_flat(flat, source=f"{r.path}: arms.{row}")
+                branches = arm_branches(config)
+                create_schedule(config.optim.schedule, branches, **config.optim.schedule_params)
+            except (UsageError, ValueError) as err:
+                message = str(err)
+                raise UsageError(message if str(r.path) in message else f"{r.path}: arms.{row}: {message}") from None
+
+
+def resolve_sampled(flat: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+    """Merge sampled values into a flat config; ``schedule_params.<p>`` keys go into the dict."""
+    out = dict(flat)
+    params = dict(out.get("schedule_params") or {})
+    for key, value in sample.items():
+        if key.startswith(SCHEDULE_PARAM_PREFIX):
+            params[key.removeprefix(SCHEDULE_PARAM_PREFIX)] = value
+        else:
+            out[key] = value
+    out["schedule_params"] = params
+    return out

@@ -1,0 +1,309 @@
+"""Running a search-space file on Ray Tune: sweeps, the fair-ablation protocol, resume.
+
+A study lives in ``STORAGE/NAME/``::
+
+    study.json            manifest: protocol, data, split hash, stages and their Ray experiments
+    space.yaml            the search-space file as run
+    optuna.journal        Optuna's journal storage: one study per row (optuna.load_study / optuna-dashboard)
+    stage1-<row>/         Ray Tune experiment: the Optuna search of one row on the tuning fold (ASHA)
+    stage2/               Ray Tune experiment: each row's best configuration on every fold x seed
+
+``protocol: sweep`` runs stage 1 only. ``protocol: fair_ablation`` gives every row the same Optuna
+budget on the tuning fold (stage 1, early stopping allowed), then re-trains each row's best
+configuration on all folds and seeds to the end (stage 2), so rows are compared at their best and
+paired case by case. Each stage folder is Ray Tune's own format (``ExperimentAnalysis``,
+``Tuner.restore``). ``--resume`` restores unfinished stages with ``Tuner.restore``, which unpickles
+Ray's state files: resume only experiments whose storage you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avn_study.errors import AvnError, UsageError
+from avn_study.space import SearchSpace
+
+MANIFEST = "study.json"
+
+
+def slug(row: str) -> str:
+    """A folder-safe form of a row name (``seg+recon/linear`` -> ``seg-recon_linear``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", row.replace("/", "_"))
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    row: str
+    stage: int
+    status: str  # TERMINATED | ERROR
+    path: str
+    metric: float | None
+    epochs: int
+    config: dict[str, Any]
+    error: str = ""
+
+
+@dataclass
+class StudyResult:
+    root: Path
+    outcomes: list[TrialOutcome] = field(default_factory=list)
+
+    @property
+    def errored(self) -> list[TrialOutcome]:
+        return [o for o in self.outcomes if o.status == "ERROR"]
+
+
+def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome]:
+    """Trials of one Ray experiment folder from their JSON files only (params.json, result.json, error.txt)."""
+    outcomes = []
+    for params in sorted(experiment.glob("*/params.json")):
+        trial_dir = params.parent
+        config = json.loads(params.read_text())
+        results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()] \
+            if (trial_dir / "result.json").is_file() else []  # fmt: skip
+        last = results[-1] if results else {}
+        error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else ""
+        merged = {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
+        outcomes.append(TrialOutcome(
+            trial_id=str(last.get("trial_id", trial_dir.name)), row=str(merged.get("_row", "?")),
+            stage=int(merged.get("_stage", 1)), status="ERROR" if error else "TERMINATED", path=str(trial_dir),
+            metric=last.get(metric), epochs=len(results), config=merged, error=error,
+        ))  # fmt: skip
+    return outcomes
+
+
+class Study:
+    """One study folder and the Ray runs that fill it."""
+
+    def __init__(self, space: SearchSpace, data: Path, storage: str, name: str | None = None,
+                 max_concurrent: int | None = None, gpus_per_trial: float | None = None,
+                 progress: bool = True, fault: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.space = space
+        self.data = Path(data).resolve()
+        self.storage = str(Path(storage).resolve()) if "://" not in storage else storage
+        self.name = name or space.name
+        self.root = Path(self.storage) / self.name
+        self.max_concurrent = space.max_concurrent if max_concurrent is None else max_concurrent
+        self.gpu = space.gpu if gpus_per_trial is None else gpus_per_trial
+        self.progress = progress
+        self.fault = fault or {}
+        self.split_hash = ""
+
+    # ---------------------------------------------------------------- preparation (driver side)
+    def prepare(self, resume: bool) -> None:
+        """Check the cohort, build the head node's cache and freeze the split before any trial starts."""
+        from avn_study.config import TrainConfig
+        from avn_study.engine import prepare_data
+
+        manifest = self.root / MANIFEST
+        if resume and not manifest.is_file():
+            raise UsageError(f"--resume: {manifest} does not exist; run without --resume to start the study")
+        if not resume and manifest.is_file():
+            raise UsageError(
+                f"{self.root} already holds a study; use --resume to continue it or --name to start another"
+            )
+        config = TrainConfig.from_flat(self.space.trial_config(next(iter(self.space.arms))))
+        run_data = prepare_data(self.data, config)
+        self.split_hash = run_data.split_hash
+        if resume:
+            stored = json.loads(manifest.read_text())
+            if stored["space"] != self.space.raw:
+                raise UsageError(f"--resume: {self.space.path} differs from the space this study was started with "
+                                 f"({self.root / 'space.yaml'}); resume with that file")  # fmt: skip
+            if stored["split_hash"] != self.split_hash:
+                raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
+                                 f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.space.path, self.root / "space.yaml") if self.space.path.is_file() else None
+        manifest.write_text(json.dumps({
+            "name": self.name, "protocol": self.space.protocol, "metric": self.space.metric, "mode": self.space.mode,
+            "data": str(self.data), "split_hash": self.split_hash, "rows": list(self.space.arms),
+            "space": self.space.raw,
+        }, indent=1, default=str))  # fmt: skip
+
+    def _meta(self) -> dict[str, Any]:
+        return {"data": str(self.data), "splits": str(self.data / "splits.json"),
+                "checkpoint_frequency": self.space.checkpoint_frequency, "fault": self.fault}  # fmt: skip
+
+    # ---------------------------------------------------------------- Ray pieces
+    def _trainable(self):
+        from ray import tune
+
+        from avn_study.trainable import train_trial
+
+        return tune.with_resources(train_trial, {"cpu": self.space.cpu, "gpu": self.gpu})
+
+    def _run_config(self, experiment: str, label: str, total: int):
+        from ray import tune
+
+        from avn_study.progress import ProgressView
+
+        callbacks = []
+        if self.progress:
+            callbacks.append(ProgressView(label, total, self.space.metric, self.space.mode,
+                                          self.max_concurrent or max(1, int(os.cpu_count() or 1))))  # fmt: skip
+        return tune.RunConfig(
+            name=experiment, storage_path=f"{self.storage}/{self.name}", verbose=0, callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=self.space.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=self.space.num_to_keep,
+                                                    checkpoint_score_attribute=self.space.metric,
+                                                    checkpoint_score_order=self.space.mode),
+        )  # fmt: skip
+
+    def _fit(self, experiment: str, make_tuner, resume: bool) -> None:
+        from ray import tune
+
+        path = f"{self.storage}/{self.name}/{experiment}"
+        if resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=self._trainable(), resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)  # fmt: skip
+        else:
+            tuner = make_tuner()
+        tuner.fit()
+
+    def _optuna(self, row: str):
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+        from ray.tune.search.optuna import OptunaSearch
+
+        distributions = {p.name: _distribution(p) for p in self.space.search}
+        storage = None
+        if "://" not in self.storage:
+            storage = JournalStorage(JournalFileBackend(str(self.root / "optuna.journal")))
+        sampler = optuna.samplers.TPESampler(seed=self.space.sampler_seed)
+        return OptunaSearch(distributions, metric=self.space.metric, mode=self.space.mode, sampler=sampler,
+                            study_name=f"{self.name}-{slug(row)}", storage=storage)  # fmt: skip
+
+    def _scheduler(self, stage: int):
+        from ray.tune.schedulers import ASHAScheduler
+
+        s = self.space.scheduler
+        if stage != 1 or s.type == "none":
+            return None  # stage 2 runs every trial to the end
+        epochs = int(self.space.fixed.get("epochs", 30))
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)  # fmt: skip
+
+    # ---------------------------------------------------------------- stages
+    def run_stage1(self, row: str, resume: bool) -> None:
+        from ray import tune
+
+        experiment = f"stage1-{slug(row)}"
+        param_space = {**self.space.trial_config(row, fold=self.space.tuning_fold, seed=self.space.sampler_seed),
+                       "_row": row, "_stage": 1, "_avn": self._meta()}  # fmt: skip
+        search = self._optuna(row) if self.space.search else None
+        concurrency = self.max_concurrent or None
+
+        def make_tuner():
+            return tune.Tuner(
+                self._trainable(), param_space=param_space,
+                tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode, search_alg=search,
+                                            scheduler=self._scheduler(1), num_samples=self.space.trials,
+                                            max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
+                run_config=self._run_config(experiment, f"stage 1 {row}", self.space.trials),
+            )  # fmt: skip
+
+        self._fit(experiment, make_tuner, resume)
+
+    def best_config(self, row: str) -> dict[str, Any]:
+        """The stage-1 configuration of ``row`` with the best final metric among trials that ran to the
+        last epoch (ASHA-stopped trials are compared only if none did)."""
+        trials = read_trials(self.root / f"stage1-{slug(row)}", self.space.metric)
+        outcomes = [o for o in trials if o.status == "TERMINATED"]
+        scored = [o for o in outcomes if o.metric is not None and not math.isnan(o.metric)]
+        if not scored:
+            raise AvnError(f"stage 1 of row '{row}' has no finished trial with a {self.space.metric}; "
+                           f"see {self.root / ('stage1-' + slug(row))}")  # fmt: skip
+        longest = max(o.epochs for o in scored)
+        pool = [o for o in scored if o.epochs == longest]
+        best = (max if self.space.mode == "max" else min)(pool, key=lambda o: o.metric)
+        return {k: v for k, v in best.config.items() if not k.startswith("_")}
+
+    def stage2_grid(self) -> list[dict[str, Any]]:
+        grid = []
+        for row in self.space.arms:
+            best = self.best_config(row)
+            for fold in self.space.folds:
+                for seed in self.space.seeds:
+                    for repeat in range(self.space.repeats):
+                        run_seed = seed + 10_007 * repeat  # repeats add seeds beyond the listed ones
+                        grid.append({**best, "fold": fold, "seed": run_seed, "_row": row, "_stage": 2,
+                                     "_repeat": repeat})  # fmt: skip
+        return grid
+
+    def run_stage2(self, resume: bool) -> None:
+        from ray import tune
+
+        grid = self.stage2_grid()
+        (self.root / "stage2_plan.json").write_text(json.dumps(grid, indent=1))
+
+        def make_tuner():
+            return tune.Tuner(
+                self._trainable(), param_space={"grid": tune.grid_search(grid), "_avn": self._meta()},
+                tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode,
+                                            max_concurrent_trials=self.max_concurrent or None,
+                                            trial_dirname_creator=_trial_dirname),
+                run_config=self._run_config("stage2", "stage 2", len(grid)),
+            )  # fmt: skip
+
+        self._fit("stage2", make_tuner, resume)
+
+    def run(self, resume: bool = False) -> StudyResult:
+        for row in self.space.arms:
+            self.run_stage1(row, resume)
+        if self.space.protocol == "fair_ablation":
+            self.run_stage2(resume)
+        return self.result()
+
+    def result(self) -> StudyResult:
+        result = StudyResult(self.root)
+        for experiment in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("stage")):
+            result.outcomes += read_trials(experiment, self.space.metric)
+        return result
+
+
+def _trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Ray's default embeds the whole config)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _distribution(p: Any):
+    """An Optuna distribution for a search-space parameter."""
+    from optuna import distributions as d
+
+    low, high = p.values[0], p.values[-1]
+    if p.kind == "loguniform":
+        return d.FloatDistribution(low, high, log=True)
+    if p.kind == "uniform":
+        return d.FloatDistribution(low, high)
+    if p.kind == "int":
+        return d.IntDistribution(int(low), int(high))
+    return d.CategoricalDistribution(list(p.values))
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join a cluster (``auto`` or HOST:PORT) or start Ray on this machine."""
+    # quiet drivers: our ProgressView replaces Ray's tables; snapshot warnings are noise for short epochs
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import optuna
+    import ray
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)

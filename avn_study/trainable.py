@@ -1,0 +1,107 @@
+"""The Ray Tune function trainable: config in, :class:`~avn_study.training.TrainingRun` epochs out.
+
+No training logic lives here. The trainable converts Ray's flat config to a
+:class:`~avn_study.config.TrainConfig`, resumes from ``tune.get_checkpoint()``, runs one epoch at a
+time, writes the epoch's per-case metrics into the trial folder, and calls ``tune.report`` with the
+epoch record (losses, loss weights, validation metrics) plus the trial's identity (row, arm, stage,
+fold, seed, split hash, node). Checkpoints are safetensors + JSON inside a ``tune.Checkpoint``.
+
+Trial configs hold the flat TrainConfig keys, Optuna's sampled keys (``schedule_params.<p>`` allowed),
+``_row``/``_stage``/``_repeat`` (identity) and ``_avn`` (where the data is; same for all trials).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESERVED = ("_row", "_stage", "_repeat", "_avn", "grid")
+
+
+def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial's Ray config -> (flat TrainConfig dict, identity and run-time meta)."""
+    from avn_study.space import resolve_sampled
+
+    merged = {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
+    flat = {k: v for k, v in merged.items() if not k.startswith("_")}
+    sampled = {k: flat.pop(k) for k in list(flat) if k.startswith("schedule_params.")}
+    meta = {"row": merged.get("_row", flat.get("arm")), "stage": merged.get("_stage", 1),
+            "repeat": merged.get("_repeat", 0), **merged.get("_avn", {})}  # fmt: skip
+    return resolve_sampled(flat, sampled), meta
+
+
+def _threads_for_trial() -> int:
+    """Torch threads = the CPUs Ray gave this trial (at least 1)."""
+    from ray import tune
+
+    try:
+        cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    except Exception:  # not running under Tune (e.g. a direct call in a test)
+        cpus = 1
+    return max(1, int(cpus))
+
+
+def _identity(run: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    cfg = run.config
+    return {
+        "row": meta["row"], "arm": cfg.model.arm, "schedule": cfg.optim.schedule, "stage": meta["stage"],
+        "fold": cfg.data.fold, "seed": cfg.runtime.seed, "repeat": meta["repeat"],
+        "split_hash": run.data.split_hash, "data_fingerprint": run.data.data_fingerprint,
+        "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+    }  # fmt: skip
+
+
+def _maybe_inject_fault(meta: dict[str, Any], epoch: int, trial_dir: Path) -> None:
+    """Test hook (``_avn.fault``): die once at an epoch, so the retry from a checkpoint is exercised."""
+    fault = meta.get("fault") or {}
+    marker = trial_dir / ".fault-injected"
+    if fault.get("kill_at_epoch") == epoch and not marker.exists():
+        marker.write_text(str(epoch))
+        os._exit(17)  # a worker crash, not an exception: Ray sees the actor die
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """The function trainable (see module docstring)."""
+    import torch
+    from ray import tune
+
+    from avn_study.config import TrainConfig
+    from avn_study.engine import prepare_data
+    from avn_study.training import TrainingRun
+
+    flat, meta = split_trial_config(config)
+    flat["threads"] = _threads_for_trial()
+    train_config = TrainConfig.from_flat(flat, source="trial config")
+    torch.set_num_threads(train_config.runtime.threads)
+    data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"))
+    run = TrainingRun(train_config, data)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            run.restore(directory)
+    context = tune.get_context()
+    trial_dir = Path(context.get_trial_dir())
+    (trial_dir / "per_case").mkdir(parents=True, exist_ok=True)
+    (trial_dir / "resolved_config.json").write_text(json.dumps(train_config.to_flat(), indent=1))
+    identity = _identity(run, meta)
+    every = int(meta.get("checkpoint_frequency", 1))
+    while not run.done:
+        record = run.run_epoch()
+        epoch = record["epoch"]
+        if "val_dice" in record:
+            rows = [{**identity, "epoch": epoch, **case} for case in run.last_per_case]
+            (trial_dir / "per_case" / f"epoch_{epoch:03d}.json").write_text(json.dumps(rows))
+        metrics = {**identity, **record}
+        if run.done or (epoch + 1) % every == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                run.save(tmp)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            tune.report(metrics)
+        _maybe_inject_fault(meta, epoch, trial_dir)
