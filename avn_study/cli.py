@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (a message, n
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -179,7 +180,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.gpus_per_trial,
         progress=not args.quiet,
     )
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as gracefully as Ctrl-C
+    # SIGTERM (e.g. a scheduler preempting the driver) takes Ray Tune's graceful Ctrl-C path
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     init_ray(args.address, args.num_cpus)
     study.prepare(resume=args.resume)
     print(

@@ -38,6 +38,10 @@ def slug(row: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", row.replace("/", "_"))
 
 
+class StudyInterrupted(KeyboardInterrupt):
+    """The driver was interrupted; the study's state is saved and ``--resume`` continues it."""
+
+
 @dataclass
 class TrialOutcome:
     trial_id: str
@@ -60,9 +64,33 @@ class StudyResult:
     def errored(self) -> list[TrialOutcome]:
         return [o for o in self.outcomes if o.status == "ERROR"]
 
+    @property
+    def unfinished(self) -> list[TrialOutcome]:
+        return [o for o in self.outcomes if o.status not in ("ERROR", "TERMINATED")]
+
+
+def trial_statuses(experiment: Path) -> dict[str, str]:
+    """Trial folder name -> Ray's status, from the newest ``experiment_state-*.json``.
+
+    Only the JSON structure is read; Ray's pickled fields inside it are never decoded.
+    """
+    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    statuses = {}
+    for trial_json, _ in json.loads(states[-1].read_text())["trial_data"]:
+        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        statuses[str(trial.get("relative_logdir"))] = str(trial.get("status"))
+    return statuses
+
 
 def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome]:
-    """Trials of one Ray experiment folder from their JSON files only (params.json, result.json, error.txt)."""
+    """Trials of one Ray experiment folder from JSON and text files only (no pickle is opened).
+
+    A trial's status is Ray's (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` for an interrupted
+    run); ``error`` holds ``error.txt``, which also survives a failure that a retry later recovered.
+    """
+    statuses = trial_statuses(experiment)
     outcomes = []
     for params in sorted(experiment.glob("*/params.json")):
         trial_dir = params.parent
@@ -74,7 +102,8 @@ def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome
         merged = {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
         outcomes.append(TrialOutcome(
             trial_id=str(last.get("trial_id", trial_dir.name)), row=str(merged.get("_row", "?")),
-            stage=int(merged.get("_stage", 1)), status="ERROR" if error else "TERMINATED", path=str(trial_dir),
+            stage=int(merged.get("_stage", 1)), path=str(trial_dir),
+            status=statuses.get(trial_dir.name, "ERROR" if error else "TERMINATED"),
             metric=last.get(metric), epochs=len(results), config=merged, error=error,
         ))  # fmt: skip
     return outcomes
@@ -85,7 +114,8 @@ class Study:
 
     def __init__(self, space: SearchSpace, data: Path, storage: str, name: str | None = None,
                  max_concurrent: int | None = None, gpus_per_trial: float | None = None,
-                 progress: bool = True, fault: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 progress: bool = True, fault: dict[str, Any] | None = None,
+                 callbacks: list[Any] | None = None) -> None:  # fmt: skip
         self.space = space
         self.data = Path(data).resolve()
         self.storage = str(Path(storage).resolve()) if "://" not in storage else storage
@@ -94,7 +124,8 @@ class Study:
         self.max_concurrent = space.max_concurrent if max_concurrent is None else max_concurrent
         self.gpu = space.gpu if gpus_per_trial is None else gpus_per_trial
         self.progress = progress
-        self.fault = fault or {}
+        self.fault = fault or {}  # test hook, see avn_study.trainable._maybe_inject_fault
+        self.callbacks = list(callbacks or [])  # extra ray.tune.Callback objects for every stage
         self.split_hash = ""
 
     # ---------------------------------------------------------------- preparation (driver side)
@@ -147,7 +178,7 @@ class Study:
 
         from avn_study.progress import ProgressView
 
-        callbacks = []
+        callbacks = list(self.callbacks)
         if self.progress:
             callbacks.append(ProgressView(label, total, self.space.metric, self.space.mode,
                                           self.max_concurrent or max(1, int(os.cpu_count() or 1))))  # fmt: skip
@@ -160,6 +191,7 @@ class Study:
         )  # fmt: skip
 
     def _fit(self, experiment: str, make_tuner, resume: bool) -> None:
+        """Run (or restore and finish) one Ray experiment; raise :class:`StudyInterrupted` if it stopped early."""
         from ray import tune
 
         path = f"{self.storage}/{self.name}/{experiment}"
@@ -167,8 +199,14 @@ class Study:
             tuner = tune.Tuner.restore(path, trainable=self._trainable(), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)  # fmt: skip
         else:
+            local = self.root / experiment
+            if local.exists():  # started but never saved its state (driver killed early): start it over
+                local.rename(local.with_name(f"{experiment}.abandoned-{len(list(self.root.glob('*.abandoned-*')))}"))
             tuner = make_tuner()
         tuner.fit()
+        unfinished = [o for o in read_trials(self.root / experiment) if o.status not in ("TERMINATED", "ERROR")]
+        if unfinished:  # Tune stops gracefully on Ctrl-C/SIGTERM and returns; the study must stop too
+            raise StudyInterrupted(f"{experiment}: {len(unfinished)} trial(s) did not finish")
 
     def _optuna(self, row: str):
         import optuna
@@ -267,7 +305,8 @@ class Study:
 
     def result(self) -> StudyResult:
         result = StudyResult(self.root)
-        for experiment in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("stage")):
+        stages = (p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("stage") and "." not in p.name)
+        for experiment in sorted(stages):
             result.outcomes += read_trials(experiment, self.space.metric)
         return result
 

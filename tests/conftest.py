@@ -74,3 +74,34 @@ def read_spec(root: Path) -> dict:
 
 def load_stored(path: Path) -> nib.Nifti1Image:
     return nib.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def ray_2cpus():
+    """A local Ray with 2 CPUs for one test module (shut down after it, so other modules can start a cluster)."""
+    import ray
+
+    from avn_study.sweep import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sweep_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private tiny phantom cohort (sweeps freeze DATA/splits.json, so it is not shared)."""
+    from avn_study.data.phantom import PhantomConfig, write_cohort
+
+    return write_cohort(tmp_path_factory.mktemp("sweep") / "cohort", cases=6, seed=3, config=PhantomConfig.tiny())
+
+
+def small_space(tmp_path: Path, **changes: object) -> Path:
+    """search_spaces/smoke.yaml with changes, written to tmp_path/space.yaml."""
+    import yaml
+
+    base = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "smoke.yaml").read_text())
+    base.update(changes)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path

@@ -1,0 +1,79 @@
+"""A two-node Ray cluster on this machine (ray.cluster_utils.Cluster): trials spread, and survive a lost node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from avn_study.space import load_space
+from avn_study.sweep import Study
+from conftest import small_space
+
+
+_LIVE: dict = {}  # the cluster objects hold locks: Tune pickles callbacks, so they are looked up here
+
+
+class RemoveWorkerNode(tune.Callback):
+    """Removes the worker node as soon as a trial has reported from it."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not _LIVE["removed"] and result["node_id"] == _LIVE["worker"].node_id:
+            _LIVE["removed"] = True
+            _LIVE["cluster"].remove_node(_LIVE["worker"])
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _space(tmp_path: Path, epochs: int):
+    return load_space(small_space(
+        tmp_path, protocol="sweep", arms={"unet": {"schedule": "constant", "schedule_params": {}}},
+        fixed={**load_space(small_space(tmp_path)).fixed, "epochs": epochs}, trials=2, max_concurrent=2,
+        max_failures=3, scheduler={"type": "none"},
+    ))  # fmt: skip
+
+
+def _nodes(trial_path: str) -> list[str]:
+    return [json.loads(line)["node_id"] for line in (Path(trial_path) / "result.json").read_text().splitlines()]
+
+
+def test_trials_run_on_both_nodes(two_nodes, sweep_cohort: Path, tmp_path: Path) -> None:
+    cluster, worker = two_nodes
+    study = Study(_space(tmp_path, epochs=2), sweep_cohort, str(tmp_path / "storage"), progress=False)
+    study.prepare(resume=False)
+    outcomes = study.run().outcomes
+    assert [o.status for o in outcomes] == ["TERMINATED", "TERMINATED"]
+    used = {node for o in outcomes for node in _nodes(o.path)}
+    assert used == {cluster.head_node.node_id, worker.node_id}
+
+
+def test_trials_finish_when_a_worker_node_is_removed(two_nodes, sweep_cohort: Path, tmp_path: Path) -> None:
+    cluster, worker = two_nodes
+    _LIVE.update(cluster=cluster, worker=worker, removed=False)
+    callback = RemoveWorkerNode()
+    study = Study(_space(tmp_path, epochs=3), sweep_cohort, str(tmp_path / "storage"), progress=False,
+                  callbacks=[callback])  # fmt: skip
+    study.prepare(resume=False)
+    outcomes = study.run().outcomes
+    assert _LIVE["removed"]
+    assert [o.status for o in outcomes] == ["TERMINATED", "TERMINATED"]
+    for o in outcomes:  # each trial ends with its last epoch, whatever node it finished on
+        last = (Path(o.path) / "result.json").read_text().splitlines()[-1]
+        assert json.loads(last)["epoch"] == 2
+    moved = [o for o in outcomes if len(set(_nodes(o.path))) == 2]
+    assert moved, "the trial on the removed node should have finished on the head node"
+    assert _nodes(moved[0].path)[-1] == cluster.head_node.node_id

@@ -1,0 +1,52 @@
+"""Interrupting the sweep driver and resuming: finished trials are kept, not re-run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from avn_study.sweep import read_trials
+from conftest import small_space
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in root.glob("stage1-unet/*/result.json")}
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_interrupted_driver_resumes_without_rerunning(sweep_cohort: Path, tmp_path: Path, how: signal.Signals) -> None:
+    space = small_space(tmp_path)
+    storage, root = tmp_path / "storage", tmp_path / "storage" / "smoke"
+    cmd = [sys.executable, "-m", "avn_study", "sweep", str(space), "--data", str(sweep_cohort),
+           "--storage", str(storage), "--num-cpus", "2", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (root / "stage1-seg-recon-loc").exists():  # stage 1 of the first row has finished
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the sweep did not reach its second row in time"
+        time.sleep(0.2)
+    proc.send_signal(how)
+    output = proc.communicate(timeout=180)[0]
+    if how == signal.SIGTERM:
+        assert proc.returncode == 130 and "--resume" in output, output
+    finished = _snapshot(root)
+    assert len(finished) == 2
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _snapshot(root) == finished  # neither re-run nor lost
+    assert len(read_trials(root / "stage1-seg-recon-loc")) == 2
+    stage2 = read_trials(root / "stage2")
+    assert len(stage2) == 4 and all(o.status == "TERMINATED" and o.epochs == 2 for o in stage2)
+
+
+def test_resume_needs_an_existing_study(sweep_cohort: Path, tmp_path: Path) -> None:
+    from avn_study.cli import main
+
+    space = small_space(tmp_path)
+    assert main(["sweep", str(space), "--data", str(sweep_cohort), "--storage", str(tmp_path), "--resume"]) == 2

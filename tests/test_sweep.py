@@ -1,0 +1,111 @@
+"""Sweeps on a local 2-CPU Ray: the smoke fair ablation, worker crashes, NaN trials, Ray-format output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from avn_study.cli import main
+from avn_study.sweep import read_trials
+from conftest import small_space
+
+IDENTITY = ("row", "arm", "schedule", "stage", "fold", "seed", "split_hash", "data_fingerprint", "node_id")
+
+
+@pytest.fixture(scope="module")
+def smoke_study(ray_2cpus, sweep_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    storage = tmp_path_factory.mktemp("storage")
+    space = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
+    code = main(["sweep", str(space), "--data", str(sweep_cohort), "--storage", str(storage), "--quiet"])
+    return code, storage / "smoke"
+
+
+def test_smoke_fair_ablation_runs_both_stages(smoke_study: tuple[int, Path]) -> None:
+    code, root = smoke_study
+    assert code == 0
+    manifest = json.loads((root / "study.json").read_text())
+    stage1 = {row: read_trials(root / f"stage1-{row.replace('+', '-')}") for row in manifest["rows"]}
+    assert {row: len(t) for row, t in stage1.items()} == {"unet": 2, "seg+recon+loc": 2}  # equal budgets
+    stage2 = read_trials(root / "stage2")
+    assert sorted((o.row, o.config["fold"]) for o in stage2) == [
+        ("seg+recon+loc", 0), ("seg+recon+loc", 1), ("unet", 0), ("unet", 1)]  # fmt: skip
+    assert all(o.status == "TERMINATED" and o.epochs == 2 for o in stage2)  # stage 2 runs to the end
+
+
+def test_every_result_records_identity_and_per_case_metrics(smoke_study: tuple[int, Path]) -> None:
+    _, root = smoke_study
+    split_hash = json.loads((root / "study.json").read_text())["split_hash"]
+    for result_file in root.glob("stage*/*/result.json"):
+        lines = result_file.read_text().splitlines()
+        for line in lines:
+            record = json.loads(line)
+            assert all(key in record for key in IDENTITY), sorted(record)
+            assert record["split_hash"] == split_hash
+            assert "w_seg" in record and "loss_seg" in record and "val_dice" in record
+        per_case = sorted((result_file.parent / "per_case").glob("epoch_*.json"))
+        assert len(per_case) == len(lines)  # every evaluated epoch (ASHA may stop stage 1 trials early)
+        rows = json.loads(per_case[-1].read_text())
+        assert {"case", "patient", "dice", "hd95_mm", "arm", "fold"} <= set(rows[0])
+
+
+def test_output_opens_with_ray_and_optuna(smoke_study: tuple[int, Path]) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray import tune
+
+    _, root = smoke_study
+    frame = tune.ExperimentAnalysis(str(root / "stage2")).dataframe()
+    assert len(frame) == 4 and set(frame["row"]) == {"unet", "seg+recon+loc"}
+    assert tune.Tuner.can_restore(str(root / "stage2"))
+    storage = JournalStorage(JournalFileBackend(str(root / "optuna.journal")))
+    study = optuna.load_study(study_name="smoke-unet", storage=storage)
+    assert len(study.trials) == 2 and all("lr" in t.params for t in study.trials)
+
+
+def test_best_stage1_config_is_retrained(smoke_study: tuple[int, Path]) -> None:
+    _, root = smoke_study
+    for row in ("unet", "seg+recon+loc"):
+        stage1 = [o for o in read_trials(root / f"stage1-{row.replace('+', '-')}") if o.epochs == 2]
+        best = max(stage1, key=lambda o: o.metric)
+        retrained = [o for o in read_trials(root / "stage2") if o.row == row]
+        assert {o.config["lr"] for o in retrained} == {best.config["lr"]}
+
+
+def test_worker_crash_is_retried_from_checkpoint(ray_2cpus, sweep_cohort: Path, tmp_path: Path) -> None:
+    from avn_study.space import load_space
+    from avn_study.sweep import Study
+
+    space = load_space(small_space(tmp_path, protocol="sweep", arms={"unet": {"schedule": "constant", "schedule_params": {}}}, search={},
+                                   trials=1, max_failures=1, scheduler={"type": "none"}))  # fmt: skip
+    study = Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False, fault={"kill_at_epoch": 0})
+    study.prepare(resume=False)
+    (trial,) = study.run().outcomes
+    assert trial.status == "TERMINATED"
+    assert (Path(trial.path) / ".fault-injected").read_text() == "0"  # it did die once
+    records = [json.loads(line) for line in (Path(trial.path) / "result.json").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]  # resumed at epoch 1, not restarted: same epoch count
+
+
+def test_nan_trial_errors_and_the_sweep_goes_on(ray_2cpus, sweep_cohort: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    constant = {"arm": "unet", "schedule": "constant", "schedule_params": {}}
+    arms = {"ok": {**constant, "lr": 1e-3}, "diverges": {**constant, "lr": 1e30}}
+    path = small_space(tmp_path, protocol="sweep", arms=arms, search={}, trials=1, max_failures=0,
+                       scheduler={"type": "none"})  # fmt: skip
+    code = main(["sweep", str(path), "--data", str(sweep_cohort), "--storage", str(tmp_path / "s"), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "1 trial(s) errored after their retries" in captured.err and "row diverges" in captured.err
+    assert "loss term" in captured.err and "error.txt" in captured.err
+    assert "ok" in captured.out  # the healthy row finished and is in the table
+
+
+def test_existing_study_needs_resume(smoke_study: tuple[int, Path], sweep_cohort: Path,
+                                     capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    _, root = smoke_study
+    space = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
+    assert main(["sweep", str(space), "--data", str(sweep_cohort), "--storage", str(root.parent)]) == 2
+    assert "already holds a study; use --resume" in capsys.readouterr().err
