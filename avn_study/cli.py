@@ -180,9 +180,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.gpus_per_trial,
         progress=not args.quiet,
     )
-    # SIGTERM (e.g. a scheduler preempting the driver) takes Ray Tune's graceful Ctrl-C path
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     init_ray(args.address, args.num_cpus)
+    # after ray.init, which installs its own SIGTERM handler: SIGTERM (e.g. a scheduler preempting the
+    # driver) takes Ray Tune's graceful Ctrl-C path instead of aborting
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     study.prepare(resume=args.resume)
     print(
         f"study {study.root} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",

@@ -74,7 +74,8 @@ def trial_statuses(experiment: Path) -> dict[str, str]:
 
     Only the JSON structure is read; Ray's pickled fields inside it are never decoded.
     """
-    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # one file per driver session, named by its start time: the last name is the latest session
+    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: (p.name, p.stat().st_mtime))
     if not states:
         return {}
     statuses = {}
@@ -190,34 +191,54 @@ class Study:
                                                     checkpoint_score_order=self.space.mode),
         )  # fmt: skip
 
-    def _fit(self, experiment: str, make_tuner, resume: bool) -> None:
+    def _fit(self, experiment: str, make_tuner, param_space: dict[str, Any], resume: bool) -> None:
         """Run (or restore and finish) one Ray experiment; raise :class:`StudyInterrupted` if it stopped early."""
         from ray import tune
 
         path = f"{self.storage}/{self.name}/{experiment}"
-        if resume and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=self._trainable(), resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)  # fmt: skip
+        local = self.root / experiment
+        saved = any(local.glob("experiment_state-*.json"))  # Ray snapshots its state after trials start
+        if resume and saved and tune.Tuner.can_restore(path):
+            # param_space again: trials the searcher creates after the restore need its constants too
+            tuner = tune.Tuner.restore(path, trainable=self._trainable(), param_space=param_space,
+                                       resume_unfinished=True, resume_errored=False, restart_errored=False)  # fmt: skip
         else:
-            local = self.root / experiment
             if local.exists():  # started but never saved its state (driver killed early): start it over
-                local.rename(local.with_name(f"{experiment}.abandoned-{len(list(self.root.glob('*.abandoned-*')))}"))
+                n = len(list(self.root.glob("*.abandoned-*")))
+                local.rename(local.with_name(f"{experiment}.abandoned-{n}"))
+                self._forget_optuna_study(experiment)
             tuner = make_tuner()
         tuner.fit()
-        unfinished = [o for o in read_trials(self.root / experiment) if o.status not in ("TERMINATED", "ERROR")]
+        statuses = trial_statuses(self.root / experiment).values()
+        unfinished = [s for s in statuses if s not in ("TERMINATED", "ERROR")]
         if unfinished:  # Tune stops gracefully on Ctrl-C/SIGTERM and returns; the study must stop too
             raise StudyInterrupted(f"{experiment}: {len(unfinished)} trial(s) did not finish")
 
-    def _optuna(self, row: str):
+    def _forget_optuna_study(self, experiment: str) -> None:
+        """Drop the Optuna study of an abandoned stage-1 run so the restarted search starts clean."""
         import optuna
+
+        if not experiment.startswith("stage1-") or not (self.root / "optuna.journal").is_file():
+            return
+        storage = self._optuna_storage()
+        name = f"{self.name}-{experiment.removeprefix('stage1-')}"
+        if name in optuna.get_all_study_names(storage):
+            optuna.delete_study(study_name=name, storage=storage)
+
+    def _optuna_storage(self):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
+
+        if "://" in self.storage:
+            return None
+        return JournalStorage(JournalFileBackend(str(self.root / "optuna.journal")))
+
+    def _optuna(self, row: str):
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         distributions = {p.name: _distribution(p) for p in self.space.search}
-        storage = None
-        if "://" not in self.storage:
-            storage = JournalStorage(JournalFileBackend(str(self.root / "optuna.journal")))
+        storage = self._optuna_storage()
         sampler = optuna.samplers.TPESampler(seed=self.space.sampler_seed)
         return OptunaSearch(distributions, metric=self.space.metric, mode=self.space.mode, sampler=sampler,
                             study_name=f"{self.name}-{slug(row)}", storage=storage)  # fmt: skip
@@ -239,10 +260,10 @@ class Study:
         experiment = f"stage1-{slug(row)}"
         param_space = {**self.space.trial_config(row, fold=self.space.tuning_fold, seed=self.space.sampler_seed),
                        "_row": row, "_stage": 1, "_avn": self._meta()}  # fmt: skip
-        search = self._optuna(row) if self.space.search else None
         concurrency = self.max_concurrent or None
 
-        def make_tuner():
+        def make_tuner():  # the Optuna study is created (or loaded) only when a fresh run starts
+            search = self._optuna(row) if self.space.search else None
             return tune.Tuner(
                 self._trainable(), param_space=param_space,
                 tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode, search_alg=search,
@@ -251,7 +272,7 @@ class Study:
                 run_config=self._run_config(experiment, f"stage 1 {row}", self.space.trials),
             )  # fmt: skip
 
-        self._fit(experiment, make_tuner, resume)
+        self._fit(experiment, make_tuner, param_space, resume)
 
     def best_config(self, row: str) -> dict[str, Any]:
         """The stage-1 configuration of ``row`` with the best final metric among trials that ran to the
@@ -285,16 +306,18 @@ class Study:
         grid = self.stage2_grid()
         (self.root / "stage2_plan.json").write_text(json.dumps(grid, indent=1))
 
+        param_space = {"grid": tune.grid_search(grid), "_avn": self._meta()}
+
         def make_tuner():
             return tune.Tuner(
-                self._trainable(), param_space={"grid": tune.grid_search(grid), "_avn": self._meta()},
+                self._trainable(), param_space=param_space,
                 tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode,
                                             max_concurrent_trials=self.max_concurrent or None,
                                             trial_dirname_creator=_trial_dirname),
                 run_config=self._run_config("stage2", "stage 2", len(grid)),
             )  # fmt: skip
 
-        self._fit("stage2", make_tuner, resume)
+        self._fit("stage2", make_tuner, param_space, resume)
 
     def run(self, resume: bool = False) -> StudyResult:
         for row in self.space.arms:

@@ -103,5 +103,5 @@ def small_space(tmp_path: Path, **changes: object) -> Path:
     base = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "smoke.yaml").read_text())
     base.update(changes)
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(base))
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path
