@@ -164,7 +164,13 @@ def bench_train(
     from avn_study.engine import build_model
 
     peak = matmul_peak_flops()
-    rows = [(f"fp32 matmul peak ({torch.get_num_threads()} threads)", f"{peak / 1e9:.1f} GFLOP/s", "torch.mm 2048^2, best of 3")]
+    rows = [
+        (
+            f"fp32 matmul peak ({torch.get_num_threads()} threads)",
+            f"{peak / 1e9:.1f} GFLOP/s",
+            "torch.mm 2048^2, best of 3",
+        )
+    ]
     stats = {}
     for arm in ARMS:
         torch.manual_seed(0)
@@ -226,6 +232,90 @@ def _peer_rows(
     ]
 
 
+def _sweep_space(path: Path, **changes: object):
+    """search_spaces/smoke.yaml with changes (the bench's small, real sweeps)."""
+    import yaml
+
+    from avn_study.space import parse_space
+
+    repo_smoke = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+    raw = {**yaml.safe_load(repo_smoke.read_text()), **changes}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return parse_space(raw, path)
+
+
+def _trial_times(root: Path) -> list[dict[str, float]]:
+    import json
+
+    out = []
+    for result in sorted(root.glob("stage*/*/result.json")):
+        records = [json.loads(line) for line in result.read_text().splitlines()]
+        out.append({"total_s": records[-1]["time_total_s"], "val_dice": records[-1]["val_dice"],
+                    "epoch_s": [r["time_this_iter_s"] for r in records[1:]]})  # fmt: skip
+    return out
+
+
+def bench_sweep(work: Path, epochs: int = 4, trials: int = 8) -> list[tuple[str, str, str]]:
+    import statistics
+
+    from ray import tune
+
+    from avn_study.config import TrainConfig
+    from avn_study.data.phantom import PhantomConfig, write_cohort
+    from avn_study.engine import prepare_data
+    from avn_study.sweep import Study, init_ray
+    from avn_study.training import TrainingRun
+
+    t_start = time.perf_counter()
+    cohort = write_cohort(work / "cohort", cases=8, seed=0, config=PhantomConfig.tiny())
+    first: dict[str, float] = {}
+
+    class FirstResult(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            first.setdefault("t", time.perf_counter())
+
+    unet = {"unet": {"schedule": "constant", "schedule_params": {}}}
+    fixed = {**_sweep_space(work / "s.yaml").fixed, "epochs": epochs}
+    base = {"protocol": "sweep", "arms": unet, "fixed": fixed, "trials": trials, "max_concurrent": 2,
+            "search": {"lr": {"loguniform": [1.0e-3, 1.0e-2]}}}  # fmt: skip
+    init_ray(None, num_cpus=2)
+    rows = []
+    results = {}
+    for label, scheduler in (("none", {"type": "none"}), ("asha", {"type": "asha", "grace_period": 1,
+                                                                   "reduction_factor": 2})):  # fmt: skip
+        space = _sweep_space(work / f"{label}.yaml", **base, name=f"bench-{label}", scheduler=scheduler)
+        study = Study(space, cohort, str(work / "storage"), progress=False, callbacks=[FirstResult()])
+        study.prepare(resume=False)
+        t0 = time.perf_counter()
+        study.run()
+        results[label] = (time.perf_counter() - t0, _trial_times(study.root))
+        if label == "none":
+            rows.append(("time from start to the first reported result", f"{first['t'] - t_start:.1f} s",
+                         "synth + ray.init + cache + first epoch"))  # fmt: skip
+    wall, times = results["none"]
+    compute = sum(t["total_s"] for t in times)
+    efficiency = compute / (wall * 2)
+    rows.append((f"sweep efficiency, {trials} trials x {epochs} epochs on 2 CPUs", f"{efficiency:.2f}",
+                 _verdict(efficiency >= 0.85, ">= 0.85")))  # fmt: skip
+    in_tune = statistics.median(e for t in times for e in t["epoch_s"])
+    config = TrainConfig.from_flat({**base["fixed"], "arm": "unet", "schedule": "constant", "schedule_params": {},
+                                    "threads": 1})  # fmt: skip
+    run = TrainingRun(config, prepare_data(cohort, config))
+    plain = []
+    while not run.done:
+        t0 = time.perf_counter()
+        run.run_epoch()
+        plain.append(time.perf_counter() - t0)
+    overhead = in_tune / statistics.median(plain[1:]) - 1
+    rows.append(("Tune overhead per epoch (trainable vs avn-study train)", f"{overhead:+.1%}",
+                 _verdict(overhead <= 0.05, "<= 5%")))  # fmt: skip
+    for label, (wall, times) in results.items():
+        best = max(t["val_dice"] for t in times)
+        rows.append((f"scheduler {label}: compute / best val_dice", f"{sum(t['total_s'] for t in times):.0f} s",
+                     f"best val_dice {best:.3f}, wall {wall:.0f} s"))  # fmt: skip
+    return rows
+
+
 def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     print(title)
@@ -239,6 +329,8 @@ def run(what: str, args: argparse.Namespace) -> int:
     try:
         if what == "data":
             print_table(f"avn-study bench data (cohorts in {work})", bench_data(work, args.cases))
+        elif what == "sweep":
+            print_table("avn-study bench sweep (local Ray, 2 CPUs, tiny phantom)", bench_sweep(work))
         elif what == "train":
             import torch
 

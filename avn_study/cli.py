@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="phantom cohort + the demo fair ablation + its report (the README's command)")
     p.add_argument("--out", type=Path, default=Path("avn-demo"), help="output folder (default ./avn-demo)")
-    p.add_argument("--cases", type=_positive_int, default=24, help="phantom patients (default 24)")
+    p.add_argument("--cases", type=_positive_int, default=16, help="phantom patients (default 16)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--space", type=Path, help="search-space file (default search_spaces/demo.yaml)")
     p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for Ray (default: all)")
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="throughput figures")
-    p.add_argument("what", choices=["data", "train"], help="what to measure")
+    p.add_argument("what", choices=["data", "train", "sweep"], help="what to measure")
     p.add_argument("--cases", type=_positive_int, default=200, help="cohort size for the RSS figure")
     p.add_argument("--work-dir", type=Path, help="where to put the bench cohorts (default: a temp folder)")
     p.add_argument("--slice-size", type=int, default=128, dest="slice_size", help="train bench: slice size")

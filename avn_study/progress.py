@@ -14,7 +14,7 @@ class ProgressView(Callback):
     """Prints one status line when something changes, at most every ``every_s`` seconds."""
 
     def __init__(self, label: str, total: int, metric: str, mode: str, concurrency: int,
-                 stream: TextIO | None = None, every_s: float = 5.0) -> None:  # fmt: skip
+                 stream: TextIO | None = None, every_s: float = 15.0) -> None:  # fmt: skip
         self.label, self.total, self.metric, self.mode = label, total, metric, mode
         self.concurrency = max(1, concurrency)
         self.stream = stream or sys.stderr
@@ -36,13 +36,13 @@ class ProgressView(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)
         self.started.setdefault(trial.trial_id, time.monotonic())
-        self.show()
+        self.show(force=len(self.running) == 1 and not self.finished)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value, row = result.get(self.metric), str(result.get("row", "?"))
         if isinstance(value, int | float) and not math.isnan(value) and self._better(value, self.best.get(row)):
             self.best[row] = float(value)
-        self.show()
+            self.show()  # a new best is news; other results only refresh the line every every_s
 
     def _ended(self, trial: Any, bucket: set[str]) -> None:
         self.running.discard(trial.trial_id)

@@ -268,7 +268,8 @@ class Study:
                 self._trainable(), param_space=param_space,
                 tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode, search_alg=search,
                                             scheduler=self._scheduler(1), num_samples=self.space.trials,
-                                            max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
+                                            max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname,
+                                            reuse_actors=True),
                 run_config=self._run_config(experiment, f"stage 1 {row}", self.space.trials),
             )  # fmt: skip
 
@@ -313,7 +314,7 @@ class Study:
                 self._trainable(), param_space=param_space,
                 tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode,
                                             max_concurrent_trials=self.max_concurrent or None,
-                                            trial_dirname_creator=_trial_dirname),
+                                            trial_dirname_creator=_trial_dirname, reuse_actors=True),
                 run_config=self._run_config("stage2", "stage 2", len(grid)),
             )  # fmt: skip
 
