@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import small_space
 from ray import tune
 
 from avn_study.space import load_space
 from avn_study.sweep import Study
-from conftest import small_space
-
 
 _LIVE: dict = {}  # the cluster objects hold locks: Tune pickles callbacks, so they are looked up here
 

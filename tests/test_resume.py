@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import small_space
 
 from avn_study.sweep import read_trials
-from conftest import small_space
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import small_space
 
 from avn_study.cli import main
 from avn_study.sweep import read_trials
-from conftest import small_space
 
 IDENTITY = ("row", "arm", "schedule", "stage", "fold", "seed", "split_hash", "data_fingerprint", "node_id")
 
@@ -78,8 +78,9 @@ def test_worker_crash_is_retried_from_checkpoint(ray_2cpus, sweep_cohort: Path, 
     from avn_study.space import load_space
     from avn_study.sweep import Study
 
-    space = load_space(small_space(tmp_path, protocol="sweep", arms={"unet": {"schedule": "constant", "schedule_params": {}}}, search={},
-                                   trials=1, max_failures=1, scheduler={"type": "none"}))  # fmt: skip
+    unet = {"unet": {"schedule": "constant", "schedule_params": {}}}
+    space = load_space(small_space(tmp_path, protocol="sweep", arms=unet, search={}, trials=1, max_failures=1,
+                                   scheduler={"type": "none"}))  # fmt: skip
     study = Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False, fault={"kill_at_epoch": 0})
     study.prepare(resume=False)
     (trial,) = study.run().outcomes
