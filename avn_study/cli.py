@@ -164,6 +164,16 @@ def _errored_summary(result) -> str:
     return "\n".join(lines)
 
 
+def _report(result, metric: str, where: str) -> int:
+    """The ranked table, where things are, and the errored trials (exit 1 when there are any)."""
+    print(_summary_table(result, metric))
+    print(where)
+    if result.errored:
+        print(_errored_summary(result), file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     import signal
 
@@ -198,12 +208,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(_summary_table(result, space.metric))
-    print(f"results in {study.root}")
-    if result.errored:
-        print(_errored_summary(result), file=sys.stderr)
-        return 1
-    return 0
+    return _report(result, space.metric, f"results in {study.root}")
 
 
 def _repo_space(name: str) -> Path:
@@ -239,12 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     result = study.run(resume=resume)
-    print(_summary_table(result, space.metric))
-    print(f"cohort: {cohort}\nexperiment: {study.root}")
-    if result.errored:
-        print(_errored_summary(result), file=sys.stderr)
-        return 1
-    return 0
+    return _report(result, space.metric, f"cohort: {cohort}\nexperiment: {study.root}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
