@@ -44,6 +44,9 @@ _EXPORTS = {
     "prepare_data": "avn_study.engine",
     "TrainingRun": "avn_study.training",
     "save_in_geometry": "avn_study.data.nifti",
+    "load_experiment": "avn_study.analysis",
+    "analyze": "avn_study.analysis",
+    "write_analysis": "avn_study.analysis",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

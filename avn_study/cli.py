@@ -190,11 +190,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.gpus_per_trial,
         progress=not args.quiet,
     )
+    study.prepare(resume=args.resume)  # bad --resume/--name and broken cohorts fail before Ray starts
     init_ray(args.address, args.num_cpus)
     # after ray.init, which installs its own SIGTERM handler: SIGTERM (e.g. a scheduler preempting the
     # driver) takes Ray Tune's graceful Ctrl-C path instead of aborting
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    study.prepare(resume=args.resume)
     print(
         f"study {study.root} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",
         file=sys.stderr,
@@ -244,7 +244,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     result = study.run(resume=resume)
-    return _report(result, space.metric, f"cohort: {cohort}\nexperiment: {study.root}")
+    print(f"cohort: {cohort}\nexperiment: {study.root}")
+    if result.errored:
+        print(_errored_summary(result), file=sys.stderr)
+    code = _analyze_and_print(study.root, out / "report")
+    return 1 if result.errored else code
+
+
+def _analyze_and_print(experiment: Path, out: Path, reference: str | None = None, metric: str = "dice") -> int:
+    from avn_study.analysis import analyze, write_analysis
+    from avn_study.analysis.report import ablation_markdown
+
+    analysis = write_analysis(analyze(experiment, reference, metric), out)
+    print(ablation_markdown(analysis))
+    for warning in analysis.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"report: {analysis.summary}\ntables and figures: {out}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    out = args.out or args.experiment / "analysis"
+    return _analyze_and_print(args.experiment, out, args.reference, args.metric)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -331,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for Ray (default: all)")
     p.add_argument("--quiet", action="store_true", help="no live progress lines")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("analyze", help="tables, paired statistics, plots and summary.md of an experiment")
+    p.add_argument("experiment", type=Path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
+    p.add_argument("--out", type=Path, help="output folder (default EXPERIMENT/analysis)")
+    p.add_argument("--reference", help="row the others are compared with (default unet, else the first row)")
+    p.add_argument("--metric", default="dice", help="metric of the paired comparison (default dice)")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("bench", help="throughput figures")
     p.add_argument("what", choices=["data", "train", "sweep"], help="what to measure")

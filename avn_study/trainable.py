@@ -6,6 +6,12 @@ time, writes the epoch's per-case metrics into the trial folder, and calls ``tun
 epoch record (losses, loss weights, validation metrics) plus the trial's identity (row, arm, stage,
 fold, seed, split hash, node). Checkpoints are safetensors + JSON inside a ``tune.Checkpoint``.
 
+Files of the trial (``resolved_config.json``, ``per_case/epoch_NNN.json``) are written straight into
+the trial's folder *in the experiment storage*, through the filesystem Ray itself uses for
+checkpoints (``tune.get_context().get_storage()``). ``get_trial_dir()`` would name a node-local
+staging folder that Ray does not sync from worker nodes, so files written there would be missing
+from a multi-node experiment.
+
 Trial configs hold the flat TrainConfig keys, Optuna's sampled keys (``schedule_params.<p>`` allowed),
 ``_row``/``_stage``/``_repeat`` (identity) and ``_avn`` (where the data is; same for all trials).
 """
@@ -16,7 +22,6 @@ import json
 import os
 import socket
 import tempfile
-from pathlib import Path
 from typing import Any
 
 RESERVED = ("_row", "_stage", "_repeat", "_avn", "grid")
@@ -57,12 +62,32 @@ def _identity(run: Any, meta: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _maybe_inject_fault(meta: dict[str, Any], epoch: int, trial_dir: Path) -> None:
+class TrialFiles:
+    """Writes into the trial's folder of the experiment storage (local, shared or a pyarrow URI)."""
+
+    def __init__(self) -> None:
+        from ray import tune
+
+        storage = tune.get_context().get_storage()
+        self.fs, self.root = storage.storage_filesystem, storage.trial_fs_path
+
+    def write(self, relative: str, text: str) -> None:
+        path = f"{self.root}/{relative}"
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(path) as stream:
+            stream.write(text.encode())
+
+    def exists(self, relative: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(f"{self.root}/{relative}").type != fs.FileType.NotFound
+
+
+def _maybe_inject_fault(meta: dict[str, Any], epoch: int, files: TrialFiles) -> None:
     """Test hook (``_avn.fault``): die once at an epoch, so the retry from a checkpoint is exercised."""
     fault = meta.get("fault") or {}
-    marker = trial_dir / ".fault-injected"
-    if fault.get("kill_at_epoch") == epoch and not marker.exists():
-        marker.write_text(str(epoch))
+    if fault.get("kill_at_epoch") == epoch and not files.exists(".fault-injected"):
+        files.write(".fault-injected", str(epoch))
         os._exit(17)  # a worker crash, not an exception: Ray sees the actor die
 
 
@@ -85,10 +110,8 @@ def train_trial(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             run.restore(directory)
-    context = tune.get_context()
-    trial_dir = Path(context.get_trial_dir())
-    (trial_dir / "per_case").mkdir(parents=True, exist_ok=True)
-    (trial_dir / "resolved_config.json").write_text(json.dumps(train_config.to_flat(), indent=1))
+    files = TrialFiles()
+    files.write("resolved_config.json", json.dumps(train_config.to_flat(), indent=1))
     identity = _identity(run, meta)
     every = int(meta.get("checkpoint_frequency", 1))
     while not run.done:
@@ -96,7 +119,7 @@ def train_trial(config: dict[str, Any]) -> None:
         epoch = record["epoch"]
         if "val_dice" in record:
             rows = [{**identity, "epoch": epoch, **case} for case in run.last_per_case]
-            (trial_dir / "per_case" / f"epoch_{epoch:03d}.json").write_text(json.dumps(rows))
+            files.write(f"per_case/epoch_{epoch:03d}.json", json.dumps(rows))
         metrics = {**identity, **record}
         if run.done or (epoch + 1) % every == 0:
             with tempfile.TemporaryDirectory() as tmp:
@@ -104,4 +127,4 @@ def train_trial(config: dict[str, Any]) -> None:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
             tune.report(metrics)
-        _maybe_inject_fault(meta, epoch, trial_dir)
+        _maybe_inject_fault(meta, epoch, files)

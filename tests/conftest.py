@@ -105,3 +105,23 @@ def small_space(tmp_path: Path, **changes: object) -> Path:
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished smoke fair ablation with two seeds (study folder), shared read-only by the analysis,
+    report, notebook, export and predict tests. It runs in a subprocess with its own Ray, so it does
+    not collide with the modules that start a local Ray or a two-node cluster."""
+    import subprocess
+    import sys
+
+    from avn_study.data.phantom import PhantomConfig, write_cohort
+
+    work = tmp_path_factory.mktemp("experiment")
+    cohort = write_cohort(work / "cohort", cases=6, seed=3, config=PhantomConfig.tiny())
+    space = small_space(work, seeds=[0, 1])
+    command = [sys.executable, "-m", "avn_study", "sweep", str(space), "--data", str(cohort),
+               "--storage", str(work / "storage"), "--num-cpus", "2", "--quiet"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work / "storage" / "smoke"

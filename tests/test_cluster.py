@@ -29,6 +29,7 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # a Ray that an earlier in-process test started must not shadow the cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import small_space
 
+from avn_study.analysis import analyze
 from avn_study.sweep import read_trials
 
 
@@ -36,6 +37,9 @@ def test_interrupted_driver_resumes_without_rerunning(sweep_cohort: Path, tmp_pa
         assert proc.returncode == 130 and "--resume" in output, output
     finished = _snapshot(root)
     assert len(finished) == 2
+    partial = analyze(root, n_boot=100)  # the interrupted study is analysable as it stands
+    assert "unet" in set(partial.ablation["row"]) and any("did not finish" in w or "stage 2" in w
+                                                          for w in partial.warnings)  # fmt: skip
 
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

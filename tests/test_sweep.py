@@ -102,6 +102,14 @@ def test_nan_trial_errors_and_the_sweep_goes_on(ray_2cpus, sweep_cohort: Path, t
     assert "1 trial(s) errored after their retries" in captured.err and "row diverges" in captured.err
     assert "loss term" in captured.err and "error.txt" in captured.err
     assert "ok" in captured.out  # the healthy row finished and is in the table
+    # analysis keeps the errored trial, with its reason, and leaves it out of the statistics visibly
+    from avn_study.analysis import analyze
+
+    analysis = analyze(tmp_path / "s" / "smoke", n_boot=100)
+    errored = analysis.experiment.trials.query("status == 'ERROR'")
+    assert errored["row"].tolist() == ["diverges"] and "loss term" in errored["error"].iloc[0]
+    assert any("1 errored trial(s) are excluded" in w for w in analysis.warnings)
+    assert analysis.ablation["row"].tolist() == ["ok"]
 
 
 def test_existing_study_needs_resume(smoke_study: tuple[int, Path], sweep_cohort: Path,

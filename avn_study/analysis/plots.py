@@ -1,0 +1,114 @@
+"""matplotlib figures of an experiment, written as PNG (Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from avn_study.analysis.stats import metric_spec, patient_matrix
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # keeps an interactive backend a notebook already chose
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def per_case_plot(cases: pd.DataFrame, rows: list[str], reference: str | None, path: Path,
+                  metric: str = "dice") -> Path:  # fmt: skip
+    """Per-patient values by row: box, points, and lines pairing each patient with the reference row."""
+    plt = _pyplot()
+    matrix = patient_matrix(cases, metric, rows)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(1, matrix.shape[1]), 4.2))
+    positions = np.arange(matrix.shape[1])
+    data = [matrix[c].dropna().to_numpy() for c in matrix.columns]
+    ax.boxplot(data, positions=positions, widths=0.5, showfliers=False, medianprops={"color": "black"})
+    jitter = np.random.default_rng(0).uniform(-0.12, 0.12, size=len(matrix))
+    if reference in matrix.columns:
+        ref_x = list(matrix.columns).index(reference)
+        for x, column in enumerate(matrix.columns):
+            if column == reference:
+                continue
+            pair = matrix[[reference, column]].dropna()
+            for (_, p), j in zip(pair.iterrows(), jitter, strict=False):
+                ax.plot([ref_x + j, x + j], [p[reference], p[column]], color="tab:gray", alpha=0.25, lw=0.8)
+    for x, column in enumerate(matrix.columns):
+        values = matrix[column].to_numpy()
+        ax.scatter(x + jitter, values, s=14, alpha=0.8, zorder=3)
+    ax.set_xticks(positions, list(matrix.columns), rotation=20, ha="right")
+    ax.set_ylabel(f"{metric_spec(metric).label}, per patient")
+    ax.set_title(f"per-patient {metric} (lines pair patients with {reference})" if reference else metric)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _band_plot(history: pd.DataFrame, rows: list[str], column: str, ylabel: str, title: str, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for row in rows:
+        mine = history[(history["row"] == row) & history[column].notna()] if column in history else history.iloc[0:0]
+        if mine.empty:
+            continue
+        by_epoch = mine.groupby("epoch")[column]
+        mean, sd = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)
+        ax.plot(mean.index, mean.to_numpy(), marker="o", ms=3, label=f"{row} (n={mine['trial_id'].nunique()})")
+        ax.fill_between(mean.index, (mean - sd).to_numpy(), (mean + sd).to_numpy(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def learning_curves(history: pd.DataFrame, rows: list[str], path: Path) -> Path:
+    """Validation Dice per epoch per row: mean over the row's trials, band = +-1 SD."""
+    return _band_plot(history, rows, "val_dice", "validation Dice (cases with necrosis)",
+                      "learning curves (mean +- SD over trials)", path)  # fmt: skip
+
+
+def loss_weights(history: pd.DataFrame, rows: list[str], path: Path) -> Path:
+    """Loss-weight trajectories ``w_<branch>`` of each row's schedule (mean over its trials)."""
+    plt = _pyplot()
+    branches = sorted(c for c in history.columns if c.startswith("w_"))
+    fig, axes = plt.subplots(1, max(1, len(branches)), figsize=(3.6 * max(1, len(branches)), 3.4), squeeze=False)
+    for ax, column in zip(axes[0], branches, strict=False):
+        for row in rows:
+            mine = history[(history["row"] == row) & history[column].notna()]
+            if mine.empty:
+                continue
+            curve = mine.groupby("epoch")[column].mean()
+            ax.plot(curve.index, curve.to_numpy(), marker="o", ms=3, label=row)
+        ax.set_title(f"weight of {column.removeprefix('w_')}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if branches and axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def importance_plot(importance: pd.DataFrame, path: Path) -> Path:
+    """Optuna parameter importance per row (horizontal bars)."""
+    plt = _pyplot()
+    studies = list(importance["row"].drop_duplicates())
+    fig, axes = plt.subplots(1, len(studies), figsize=(3.6 * len(studies), 2.8), squeeze=False)
+    for ax, row in zip(axes[0], studies, strict=True):
+        mine = importance[importance["row"] == row].sort_values("importance")
+        ax.barh(mine["param"], mine["importance"], color="tab:blue")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{row} ({int(mine['n_trials'].iloc[0])} trials)", fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,302 @@
+"""An experiment folder as tidy DataFrames, read from JSON files only.
+
+A *study* folder (``avn-study sweep``'s ``STORAGE/NAME``, holding ``study.json``) is read stage by
+stage; a single Ray Tune experiment folder (one holding ``experiment_state-*.json``) is read as is.
+Per trial the reader uses ``params.json``, ``result.json``, ``resolved_config.json``,
+``per_case/epoch_NNN.json`` and ``error.txt``, plus the JSON skeleton of Ray's
+``experiment_state-*.json`` for statuses. Ray's pickles (``tuner.pkl``, ``searcher-state-*.pkl``,
+``params.pkl``, ``error.pkl``) are never opened, so analysing somebody else's folder runs no code
+from it.
+
+Tables (see :class:`Experiment`):
+
+- ``trials``: one row per trial: identity (``trial_id, experiment, stage, row, arm, schedule, fold,
+  seed, repeat``), ``status`` and ``error``, ``epochs``/``epochs_planned``/``stopped_early``, the
+  final validation metrics, ``best_val_dice``/``best_epoch``, ``train_seconds``, ``node``, split hash
+  and data fingerprint, and the resolved training config (``schedule_params.*`` flattened).
+- ``cases``: one row per trial x validation case, the per-case metrics of the trial's last evaluated
+  epoch (the epoch its final ``val_dice`` came from).
+- ``history``: one row per trial x epoch: learning rate, loss weights ``w_*``, losses ``loss_*`` and
+  the validation metrics of evaluated epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from avn_study.errors import UsageError
+
+IDENTITY = ("trial_id", "experiment", "stage", "row", "arm", "schedule", "fold", "seed", "repeat")
+FINISHED = "TERMINATED"
+# metric columns of a validation record that describe the whole trial (the per-case means and counts)
+VAL_KEYS = ("val_dice", "val_dice_all", "n_cases", "n_cases_necrosis", "n_hd95_undefined")
+_RAY_KEYS = {
+    "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "time_this_iter_s",
+    "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore", "iterations_since_restore",
+    "should_checkpoint", "node_id", "data_fingerprint", "split_hash", "row", "arm", "schedule", "stage", "fold",
+    "seed", "repeat",
+}  # fmt: skip
+
+
+@dataclass
+class Experiment:
+    """The tables of one study (or one Ray experiment) plus what the reader noticed on the way."""
+
+    root: Path
+    manifest: dict[str, Any]
+    trials: pd.DataFrame
+    cases: pd.DataFrame
+    history: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return str(self.manifest.get("metric", "val_dice"))
+
+    @property
+    def mode(self) -> str:
+        return str(self.manifest.get("mode", "max"))
+
+    @property
+    def protocol(self) -> str:
+        return str(self.manifest.get("protocol", "sweep"))
+
+    @property
+    def rows(self) -> list[str]:
+        """Row names in the order of the search-space file (else in order of appearance)."""
+        declared = [str(r) for r in self.manifest.get("rows", [])]
+        seen = [str(r) for r in self.trials["row"].drop_duplicates()] if len(self.trials) else []
+        return declared + [r for r in seen if r not in declared]
+
+    def evaluation_trials(self) -> pd.DataFrame:
+        """The finished trials the statistics use.
+
+        ``fair_ablation``: stage 2 (every row's best configuration on every fold x seed). ``sweep``
+        (stage 1 only): per row, the finished, full-length trial with the best final metric; all rows
+        then share the tuning fold, and the selection is optimistic (chosen on the data it is
+        reported on), which the report says.
+        """
+        finished = self.trials[self.trials["status"] == FINISHED]
+        if (finished["stage"] == 2).any():
+            return finished[finished["stage"] == 2]
+        full = finished[~finished["stopped_early"]]
+        full = full[full[self.metric].notna()] if self.metric in full else full.iloc[0:0]
+        if full.empty:
+            return full
+        ascending = self.mode == "min"
+        ranked = full.sort_values(self.metric, ascending=ascending)
+        return ranked.groupby("row", sort=False).head(1)
+
+    def evaluation_cases(self) -> pd.DataFrame:
+        """Per-case rows of :meth:`evaluation_trials`."""
+        ids = set(self.evaluation_trials()["trial_id"])
+        return self.cases[self.cases["trial_id"].isin(ids)].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}: not valid JSON ({error}); expected Ray Tune's {what}") from None
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # a driver killed mid-write leaves a torn last line; anything earlier is corruption
+            if number < len(path.read_text().splitlines()):
+                raise UsageError(f"{path}, line {number}: not valid JSON; the results file is damaged") from None
+    return records
+
+
+def _statuses(experiment: Path) -> dict[str, str]:
+    from avn_study.sweep import trial_statuses
+
+    try:
+        return trial_statuses(experiment)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UsageError(f"{experiment}: Ray's experiment_state-*.json is unreadable; statuses unknown") from None
+
+
+def experiment_folders(path: Path) -> tuple[dict[str, Any], list[Path]]:
+    """(manifest, Ray experiment folders) of a study folder or of one Ray experiment folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such folder; expected a study folder (STORAGE/NAME) or a Ray experiment")
+    if (path / "study.json").is_file():
+        manifest = _json(path / "study.json", "study manifest")
+        stages = [p for p in sorted(path.iterdir()) if p.is_dir() and p.name.startswith("stage") and "." not in p.name]
+        return manifest, stages
+    if any(path.glob("experiment_state-*.json")) or any(path.glob("*/params.json")):
+        return {"name": path.name, "protocol": "sweep", "metric": "val_dice", "mode": "max"}, [path]
+    raise UsageError(
+        f"{path}: neither a study folder (no study.json) nor a Ray Tune experiment (no experiment_state-*.json "
+        "or */params.json)"
+    )
+
+
+def _flatten_config(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
+def _read_trial(trial_dir: Path, experiment: str, status: str | None) -> tuple[dict, list[dict], list[dict]]:
+    """(trial row, case rows, history rows) of one trial folder."""
+    params = _json(trial_dir / "params.json", "trial parameters")
+    merged = {**params.get("grid", {}), **{k: v for k, v in params.items() if k != "grid"}}
+    results = _json_lines(trial_dir / "result.json") if (trial_dir / "result.json").is_file() else []
+    resolved = trial_dir / "resolved_config.json"
+    config = _json(resolved, "resolved config") if resolved.is_file() else {
+        k: v for k, v in merged.items() if not k.startswith("_")
+    }  # fmt: skip
+    error = (trial_dir / "error.txt").read_text() if (trial_dir / "error.txt").is_file() else ""
+    last = results[-1] if results else {}
+    evaluated = [r for r in results if "val_dice" in r]
+    final = evaluated[-1] if evaluated else {}
+    planned = int(config.get("epochs", len(results)))
+    if status is None:  # Ray saved no experiment state yet (driver killed early): judge by the files
+        status = FINISHED if len(results) >= planned else "ERROR" if error else "INCOMPLETE"
+    row = {
+        "trial_id": str(last.get("trial_id", trial_dir.name.removeprefix("trial_"))),
+        "experiment": experiment,
+        "stage": int(merged.get("_stage", last.get("stage", 1))),
+        "row": str(merged.get("_row", last.get("row", config.get("arm", "?")))),
+        "arm": config.get("arm", last.get("arm")),
+        "schedule": config.get("schedule", last.get("schedule")),
+        "fold": config.get("fold", last.get("fold")),
+        "seed": config.get("seed", last.get("seed")),
+        "repeat": int(merged.get("_repeat", last.get("repeat", 0))),
+        "status": status,
+        "error": _last_line(error) if status == "ERROR" else "",
+        "recovered_failures": error.count("Traceback") if status != "ERROR" else 0,
+        "epochs": len(results),
+        "epochs_planned": planned,
+        "stopped_early": status == FINISHED and len(results) < planned,
+        "eval_epoch": final.get("epoch"),
+        **{k: v for k, v in final.items() if k not in _RAY_KEYS and not k.startswith(("w_", "loss_", "lr"))},
+        "best_val_dice": max((r["val_dice"] for r in evaluated if _finite(r["val_dice"])), default=math.nan),
+        "best_epoch": _best_epoch(evaluated),
+        "train_seconds": float(last.get("time_total_s", math.nan)),
+        "node": last.get("hostname", ""),
+        "node_id": last.get("node_id", ""),
+        "split_hash": last.get("split_hash", ""),
+        "data_fingerprint": last.get("data_fingerprint", ""),
+        "path": str(trial_dir),
+    }
+    row.pop("epoch", None)
+    row.pop("train_slices", None)
+    row.update({k: v for k, v in _flatten_config(config).items() if k not in row and k != "threads"})
+    identity = {k: row[k] for k in IDENTITY}
+    cases: list[dict] = []
+    if final:
+        per_case = trial_dir / "per_case" / f"epoch_{int(final['epoch']):03d}.json"
+        if per_case.is_file():
+            for case in _json(per_case, "per-case metrics"):
+                cases.append({**identity, **{k: v for k, v in case.items() if k not in IDENTITY and k not in (
+                    "split_hash", "data_fingerprint", "node_id", "hostname")}})  # fmt: skip
+    history = [
+        {**identity, **{k: v for k, v in r.items() if k not in _RAY_KEYS}, "epoch_seconds": r.get("time_this_iter_s")}
+        for r in results
+    ]
+    return row, cases, history
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _best_epoch(evaluated: list[dict[str, Any]]) -> float:
+    scored = [r for r in evaluated if _finite(r["val_dice"])]
+    return float(max(scored, key=lambda r: r["val_dice"])["epoch"]) if scored else math.nan
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read a study folder (or one Ray experiment folder) into tidy tables; see the module docstring.
+
+    Errored and unfinished trials stay in ``trials`` with their status and reason; :attr:`Experiment.notes`
+    says how many there are and that statistics leave them out.
+    """
+    root = Path(path)
+    manifest, experiments = experiment_folders(root)
+    trial_rows, case_rows, history_rows = [], [], []
+    for experiment in experiments:
+        statuses = _statuses(experiment)
+        for params in sorted(experiment.glob("*/params.json")):
+            trial_dir = params.parent
+            row, cases, history = _read_trial(trial_dir, experiment.name, statuses.get(trial_dir.name))
+            trial_rows.append(row)
+            case_rows += cases
+            history_rows += history
+    trials = pd.DataFrame(trial_rows)
+    if trials.empty:
+        raise UsageError(f"{root}: no trial folders (*/params.json) found; has the sweep started?")
+    experiment = Experiment(root, manifest, trials, pd.DataFrame(case_rows), pd.DataFrame(history_rows))
+    experiment.notes += _notes(experiment)
+    return experiment
+
+
+def _notes(experiment: Experiment) -> list[str]:
+    notes = []
+    trials = experiment.trials
+    errored = trials[trials["status"] == "ERROR"]
+    if len(errored):
+        listed = "; ".join(f"{t.trial_id} ({t.row}, stage {t.stage}): {t.error[:120]}" for t in errored.itertuples())
+        notes.append(f"{len(errored)} errored trial(s) are excluded from the statistics: {listed}")
+    unfinished = trials[~trials["status"].isin([FINISHED, "ERROR"])]
+    if len(unfinished):
+        notes.append(
+            f"{len(unfinished)} trial(s) did not finish (status {', '.join(sorted(set(unfinished['status'])))}); "
+            "they are excluded from the statistics. `avn-study sweep ... --resume` finishes them."
+        )
+    if experiment.protocol == "fair_ablation" and not (trials["stage"] == 2).any():
+        notes.append("stage 2 has not run: statistics use each row's best stage-1 trial on the tuning fold")
+    hashes = set(trials["split_hash"]) - {""}
+    if len(hashes) > 1:
+        notes.append(f"trials used {len(hashes)} different splits ({', '.join(h[:12] for h in hashes)})")
+    return notes
+
+
+def write_tables(experiment: Experiment, out: Path) -> list[Path]:
+    """``trials``, ``cases`` and ``history`` as Parquet and CSV in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ("trials", "cases", "history"):
+        table: pd.DataFrame = _arrow_safe(getattr(experiment, name))
+        table.to_parquet(out / f"{name}.parquet", index=False)
+        table.to_csv(out / f"{name}.csv", index=False)
+        written += [out / f"{name}.parquet", out / f"{name}.csv"]
+    return written
+
+
+def _arrow_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """Object columns that mix types (e.g. a schedule parameter that is a number in one row and a
+    string in another) become strings, which Parquet can store; numeric and uniform columns stay."""
+    table = table.copy()
+    for column in table.select_dtypes(include="object").columns:
+        kinds = {type(v) for v in table[column] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        if len(kinds) > 1 or kinds & {list, dict, tuple}:
+            table[column] = table[column].map(
+                lambda v: v if v is None else json.dumps(v) if not isinstance(v, str) else v
+            )
+    return table
