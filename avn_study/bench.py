@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import tempfile
@@ -316,6 +317,128 @@ def bench_sweep(work: Path, epochs: int = 4, trials: int = 8) -> list[tuple[str,
     return rows
 
 
+def _gpu_step_speed(model, batch: int, size: int, dtype, steps: int) -> tuple[float, float]:
+    """(training slices/s, peak MiB) of ``steps`` AdamW steps on the GPU, autocast to ``dtype`` (None: fp32)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 1, size, size, device="cuda").to(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(x)
+            out = out if isinstance(out, dict) else {"seg": out}
+            loss = sum(v.float().square().mean() for v in out.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start), torch.cuda.max_memory_allocated() / 2**20
+
+
+def _gpu_step_rows(size: int, batch: int, base_channels: int, depth: int, steps: int = 20) -> list:
+    """Per arm on the GPU: training slices/s in fp32 and bf16 autocast, and the peak memory of a step."""
+    import torch
+
+    from avn_study.config import ARMS, TrainConfig
+    from avn_study.engine import build_model
+
+    rows = []
+    for arm in ARMS:
+        config = TrainConfig.from_flat({"arm": arm, "base_channels": base_channels, "depth": depth, "slice_size": size})
+        result = {}
+        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            torch.manual_seed(0)
+            model = build_model(config).cuda().to(memory_format=torch.channels_last)
+            result[label] = _gpu_step_speed(model, batch, size, dtype, steps)
+            torch.cuda.empty_cache()
+        rows.append((f"{arm}: train slices/s fp32 / bf16", f"{result['fp32'][0]:.0f} / {result['bf16'][0]:.0f}",
+                     f"peak memory {result['fp32'][1]:.0f} / {result['bf16'][1]:.0f} MiB per step"))  # fmt: skip
+    return rows
+
+
+class _GpuSampler:
+    """Samples GPU utilisation (NVML) every ``period`` seconds on a thread."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        while not self._stop.wait(period):
+            self.samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
+    def __enter__(self) -> _GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_gpu(work: Path, per_gpu: int = 4, trials: int = 8, epochs: int = 8) -> list[tuple[str, str, str]]:
+    """GPU paths: fp32 vs bf16 step speed and memory per arm, then trial packing: the same ``trials``
+    run with ``gpu: 1`` (one at a time) and ``gpu: 1/per_gpu`` (``per_gpu`` at a time)."""
+    import json
+
+    import torch
+
+    from avn_study.data.phantom import write_cohort
+    from avn_study.errors import UsageError
+    from avn_study.sweep import Study, init_ray
+
+    if not torch.cuda.is_available():
+        raise UsageError("avn-study bench gpu needs a CUDA GPU; this machine has none (torch.cuda.is_available())")
+    repo = Path(__file__).resolve().parents[1] / "search_spaces" / "ablation.yaml"
+    import yaml
+
+    fixed = {**yaml.safe_load(repo.read_text())["fixed"], "epochs": epochs}
+    rows = [("device", torch.cuda.get_device_name(0), f"torch {torch.__version__}")]
+    rows += _gpu_step_rows(fixed["slice_size"], fixed["batch_size"], fixed["base_channels"], fixed["depth"])
+    cohort = write_cohort(work / "cohort", cases=16, seed=0)
+    init_ray(None, num_cpus=os.cpu_count())
+    arms = {"seg+recon+loc": {"schedule": "recon_dependent", "schedule_params": {"pretrain_epochs": 2}}}
+    cpus = max(1, min(4, (os.cpu_count() or 2) // per_gpu))
+    for share in (1.0, 1.0 / per_gpu):
+        label = f"gpu{share:g}"
+        space = _sweep_space(work / f"{label}.yaml", name=f"bench-{label}", protocol="sweep", arms=arms, fixed=fixed,
+                             search={}, trials=trials, scheduler={"type": "none"}, max_concurrent=per_gpu,
+                             resources={"cpu": cpus, "gpu": share})  # fmt: skip
+        study = Study(space, cohort, str(work / "storage"), progress=False)
+        study.prepare(resume=False)
+        with _GpuSampler() as sampler:
+            t0 = time.perf_counter()
+            study.run()
+            wall = time.perf_counter() - t0
+        records = [
+            json.loads(line) for f in study.root.glob("stage1-*/*/result.json") for line in f.read_text().splitlines()
+        ]
+        slices = sum(r["train_slices"] for r in records)
+        epoch_s = sorted(r["train_seconds"] for r in records)
+        peak = max(r.get("gpu_mem_peak_mb", 0.0) for r in records)
+        util = sum(sampler.samples) / max(1, len(sampler.samples))
+        rows.append((f"{trials} trials x {epochs} epochs at gpu {share:g} ({round(1 / share)} at a time)",
+                     f"{slices / wall:.0f} sl/s", f"wall {wall:.0f} s, GPU busy {util:.0f}% (NVML mean), median "
+                     f"train epoch {epoch_s[len(epoch_s) // 2]:.1f} s, peak {peak:.0f} MiB per trial"))  # fmt: skip
+    return rows
+
+
 def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     print(title)
@@ -331,6 +454,8 @@ def run(what: str, args: argparse.Namespace) -> int:
             print_table(f"avn-study bench data (cohorts in {work})", bench_data(work, args.cases))
         elif what == "sweep":
             print_table("avn-study bench sweep (local Ray, 2 CPUs, tiny phantom)", bench_sweep(work))
+        elif what == "gpu":
+            print_table("avn-study bench gpu (the ablation.yaml network)", bench_gpu(work, per_gpu=args.per_gpu))
         elif what == "train":
             import torch
 

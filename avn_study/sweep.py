@@ -119,7 +119,7 @@ class Study:
                  callbacks: list[Any] | None = None) -> None:  # fmt: skip
         self.space = space
         self.data = Path(data).resolve()
-        self.storage = str(Path(storage).resolve()) if "://" not in storage else storage
+        self.storage = _storage_path(storage)
         self.name = name or space.name
         self.root = Path(self.storage) / self.name
         self.max_concurrent = space.max_concurrent if max_concurrent is None else max_concurrent
@@ -229,8 +229,6 @@ class Study:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        if "://" in self.storage:
-            return None
         return JournalStorage(JournalFileBackend(str(self.root / "optuna.journal")))
 
     def _optuna(self, row: str):
@@ -335,6 +333,18 @@ class Study:
         for experiment in sorted(stages):
             result.outcomes += read_trials(experiment, self.space.metric)
         return result
+
+
+def _storage_path(storage: str) -> str:
+    """An absolute local path for ``--storage`` (``file://`` accepted); other URIs are refused."""
+    if storage.startswith("file://"):
+        storage = storage.removeprefix("file://")
+    elif "://" in storage:
+        raise UsageError(
+            f"--storage {storage}: object-store URIs are not supported yet; the study's own files (study.json, "
+            "the Optuna journal) need a POSIX path. Use a shared mount (NFS, EFS, a mounted bucket) on every node"
+        )
+    return str(Path(storage).expanduser().resolve())
 
 
 def _trial_dirname(trial: Any) -> str:

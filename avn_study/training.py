@@ -103,6 +103,8 @@ class TrainingRun:
                 self.model, self.data.val, self.slice_config, self.device, self.amp_dtype, cfg.runtime.threshold
             )
             record.update(summary)
+        if self.device.type == "cuda":  # what a trial needs of a GPU: sizes fractional `gpu` shares
+            record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.history.append(record)
         return record
 
