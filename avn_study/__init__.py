@@ -47,6 +47,9 @@ _EXPORTS = {
     "load_experiment": "avn_study.analysis",
     "analyze": "avn_study.analysis",
     "write_analysis": "avn_study.analysis",
+    "export_bundle": "avn_study.export",
+    "load_bundle": "avn_study.bundle",
+    "predict": "avn_study.predict",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -268,6 +268,37 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return _analyze_and_print(args.experiment, out, args.reference, args.metric)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from avn_study.export import export_bundle
+
+    result = export_bundle(
+        args.experiment, args.out, row=args.arm, metric=args.metric, onnx=args.onnx, overwrite=args.overwrite
+    )
+    sel, conf = result.selection, result.selection.best
+    sd = f" (SD {conf.sd:.4f})" if conf.sd is not None else ""
+    print(
+        f"best configuration: row {conf.row}, mean {sel.metric} {conf.mean:.4f}{sd} over {len(conf.trials)} "
+        f"trial(s) of stage {sel.stage}; exported trial {sel.trial['trial_id']} (fold {sel.trial['fold']}, "
+        f"seed {sel.trial['seed']}, {sel.metric} {sel.trial['value']:.4f}) from {result.checkpoint}"
+    )
+    for note in sel.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if result.onnx:
+        print(f"model.onnx matches PyTorch to {result.onnx['max_abs_diff_vs_torch']:.2g} (onnxruntime)")
+    print(f"bundle: {result.path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from avn_study.predict import predict
+
+    progress = _progress if args.input.is_dir() else None
+    records = predict(args.bundle, args.input, args.output, args.device, args.batch_size, progress)
+    for r in records:
+        print(f"{r['output']}: necrosis {r['necrosis']['volume_ml']:.2f} ml ({r['necrosis']['voxels']} voxels)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from avn_study import bench
 
@@ -360,8 +391,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="dice", help="metric of the paired comparison (default dice)")
     p.set_defaults(func=cmd_analyze)
 
+    from avn_study.export import SELECTION_RULE  # light module: no heavy imports at its top
+
+    p = sub.add_parser(
+        "export",
+        help="the best model of a study as a bundle (safetensors weights + JSON; optional ONNX)",
+        description=f"Write BUNDLE: model.safetensors, config.json, metrics.json, provenance.json. {SELECTION_RULE} "
+        "Only JSON and safetensors are read; Ray's pickles are never opened.",
+    )
+    p.add_argument("experiment", type=Path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--arm", help="export the best configuration of this row (a name from study.json 'rows')")
+    p.add_argument("--metric", help="selection metric (default: the study's metric, val_dice)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "predict",
+        help="necrosis label maps for NIfTI volumes, written in each input's own geometry",
+        description="Predict every coronal slice with the bundle's preprocessing and write a uint8 label map with "
+        "the input's shape, affine and orientation: necrosis 2 and, for models with a localisation branch, the "
+        "localisation region 1. File to file (OUT.nii.gz plus OUT.json with volumes per label) or folder to "
+        "folder (every *.nii.gz / *.nii; nnU-Net names {case}_0000.nii.gz become {case}.nii.gz, others are "
+        "kept; OUTPUT/volumes.json lists the volumes). The bundle is read as JSON and safetensors only.",
+    )
+    p.add_argument("bundle", type=Path, help="bundle folder written by `avn-study export`")
+    p.add_argument("input", type=Path, help="a .nii/.nii.gz file or a folder of them")
+    p.add_argument("output", type=Path, help="output .nii/.nii.gz file (or folder) for a file; a folder for a folder")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, dest="batch_size", help="slices per batch")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("bench", help="throughput figures")
-    p.add_argument("what", choices=["data", "train", "sweep"], help="what to measure")
+    p.add_argument("what", choices=["data", "train", "sweep", "gpu"], help="what to measure (gpu: needs CUDA)")
+    p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu", help="gpu bench: trials per GPU")
     p.add_argument("--cases", type=_positive_int, default=200, help="cohort size for the RSS figure")
     p.add_argument("--work-dir", type=Path, help="where to put the bench cohorts (default: a temp folder)")
     p.add_argument("--slice-size", type=int, default=128, dest="slice_size", help="train bench: slice size")

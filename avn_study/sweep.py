@@ -380,5 +380,5 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+    else:  # "local": a fresh Ray on this machine, never a cluster that `ray start` left running here
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)

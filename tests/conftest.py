@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import nibabel as nib
@@ -125,3 +126,18 @@ def smoke_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return work / "storage" / "smoke"
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that somebody unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def malicious_pickle(path: Path, marker: Path) -> Path:
+    path.write_bytes(pickle.dumps(Payload(marker)))
+    return path

@@ -293,7 +293,7 @@ def _arrow_safe(table: pd.DataFrame) -> pd.DataFrame:
     """Object columns that mix types (e.g. a schedule parameter that is a number in one row and a
     string in another) become strings, which Parquet can store; numeric and uniform columns stay."""
     table = table.copy()
-    for column in table.select_dtypes(include="object").columns:
+    for column in [c for c in table.columns if pd.api.types.is_object_dtype(table[c])]:
         kinds = {type(v) for v in table[column] if v is not None and not (isinstance(v, float) and math.isnan(v))}
         if len(kinds) > 1 or kinds & {list, dict, tuple}:
             table[column] = table[column].map(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import malicious_pickle
 
 from avn_study.analysis import analyze, load_experiment, write_analysis
 from avn_study.cli import main
@@ -77,14 +77,6 @@ def test_reference_row_can_be_chosen_and_typos_get_suggestions(smoke_experiment:
     assert "no such folder" in capsys.readouterr().err
 
 
-class _Boom:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_analysis_opens_no_pickle(smoke_experiment: Path, tmp_path: Path) -> None:
     """A colleague's folder whose pickles would run code: analysing it must not run them."""
     copy = tmp_path / "smoke"
@@ -93,7 +85,7 @@ def test_analysis_opens_no_pickle(smoke_experiment: Path, tmp_path: Path) -> Non
     pickles = list(copy.rglob("*.pkl"))
     assert pickles  # Ray writes tuner.pkl, params.pkl, ...
     for path in pickles:
-        path.write_bytes(pickle.dumps(_Boom(marker)))
+        malicious_pickle(path, marker)
     write_analysis(analyze(copy, n_boot=100), tmp_path / "out")
     assert not marker.exists()
 

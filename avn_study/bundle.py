@@ -1,0 +1,245 @@
+"""The model bundle: its format, and loading one safely.
+
+A bundle (written by ``avn-study export``, see :mod:`avn_study.export`) is a folder::
+
+    model.safetensors   the weights, nothing else
+    config.json         format version, model (registry name, arm, architecture), preprocessing, labels,
+                        slice axis, threshold, package versions
+    metrics.json        how the model was selected and how it scored
+    provenance.json     trial, study, split hash, data fingerprint, git commit, versions, export time
+    model.onnx          optional (``--onnx``)
+
+A bundle is data, not code. :func:`load_bundle` reads JSON and safetensors only (no pickle, no
+``torch.load``), checks ``config.json`` against the model registry and the weights' names and shapes
+against the model it describes, and refuses anything else with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avn_study.checkpoint import load_weights
+from avn_study.data.layout import LABELS
+from avn_study.data.preprocess import PreprocessConfig
+from avn_study.errors import DataError, UsageError, look_up
+
+BUNDLE_FORMAT = "avn-study-bundle"
+BUNDLE_VERSION = 1  # bump when a reader of this version could misread a newer bundle
+MODEL_FILE, CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, ONNX_FILE = (
+    "model.safetensors",
+    "config.json",
+    "metrics.json",
+    "provenance.json",
+    "model.onnx",
+)
+REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, METRICS_FILE, PROVENANCE_FILE)
+SLICE_AXIS = 1  # coronal slices: planes of constant A/P, RAS array axis 1
+LOC_THRESHOLD = 0.5  # localisation probability threshold (as in validation)
+
+
+# ------------------------------------------------------------------------------------------ bundle
+def bundle_config(flat: dict[str, Any], model: torch.nn.Module, versions: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a bundle whose model was trained with the flat TrainConfig ``flat``."""
+    from avn_study.config import ModelConfig, TrainConfig
+    from avn_study.data.cache import CACHE_VERSION
+    from avn_study.models import ARMS
+
+    config = TrainConfig.from_flat(flat, source="checkpoint config")
+    pre = PreprocessConfig(inplane_spacing_mm=config.data.inplane_spacing_mm)
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "model": {
+            "name": ARMS[config.model.arm][0],  # the model registry name (create_model)
+            "arm": config.model.arm,
+            "branches": list(model.branches),
+            "config": {f: flat[f] for f in ModelConfig.__dataclass_fields__},
+            "outputs": "logits (seg: final necrosis, loc: localisation); recon: the reconstructed image",
+        },
+        "preprocessing": {
+            "orientation": "RAS",
+            "slice_axis": SLICE_AXIS,
+            "slice_plane": "coronal",
+            "inplane_spacing_mm": pre.inplane_spacing_mm,
+            "resampling": "linear, R and S axes only (field of view kept, voxel edges aligned)",
+            "clip_percentiles": list(pre.clip_percentiles),
+            "normalisation": "clip to the case's percentiles, then z-score with the clipped mean and SD",
+            "slice_size": config.data.slice_size,
+            "crop": "centre crop/pad of each coronal slice, padded with the normalised lower clip value",
+            "loc_margin_mm": config.data.loc_margin_mm,
+            "cache_version": CACHE_VERSION,
+        },
+        "labels": dict(LABELS),
+        "label_map": {"2": "necrosis (seg >= threshold)", "1": "localisation region (loc >= 0.5), if predicted"},
+        "threshold": config.runtime.threshold,
+        "loc_threshold": LOC_THRESHOLD,
+        "amp": config.runtime.amp,
+        "train_config": flat,
+        "versions": versions,
+    }
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its JSON files and the model (on the CPU, in eval mode)."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    provenance: dict[str, Any]
+    model: torch.nn.Module
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return tuple(self.model.branches)
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        pre = self.config["preprocessing"]
+        return PreprocessConfig(pre["inplane_spacing_mm"], tuple(pre["clip_percentiles"]))
+
+    @property
+    def slice_size(self) -> int:
+        return int(self.config["preprocessing"]["slice_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config["threshold"])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path}: not a readable JSON file ({err}); the bundle is damaged") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _key(config: dict[str, Any], dotted: str, path: Path) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise DataError(f"{path}: missing key '{dotted}'; not a config.json written by avn-study export")
+        value = value[part]
+    return value
+
+
+def _check_format(config: dict[str, Any], path: Path) -> None:
+    if config.get("format") != BUNDLE_FORMAT:
+        raise DataError(
+            f"{path}: 'format' is {config.get('format')!r}, expected {BUNDLE_FORMAT!r}; not an avn-study bundle"
+        )
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DataError(f"{path}: 'format_version' must be a positive integer, got {version!r}")
+    if version > BUNDLE_VERSION:
+        from avn_study import __version__
+
+        raise DataError(
+            f"{path}: bundle format version {version} is newer than avn-study {__version__} reads (up to "
+            f"{BUNDLE_VERSION}); upgrade avn-study to use this bundle"
+        )
+    labels = _key(config, "labels", path)
+    if labels != LABELS:
+        raise DataError(f"{path}: 'labels' must be {json.dumps(LABELS)}, got {json.dumps(labels)}")
+    axis = _key(config, "preprocessing.slice_axis", path)
+    if axis != SLICE_AXIS:
+        raise DataError(f"{path}: 'preprocessing.slice_axis' must be {SLICE_AXIS} (coronal), got {axis!r}")
+
+
+def build_bundle_model(config: dict[str, Any], path: Path) -> torch.nn.Module:
+    """The model ``config.json`` describes, checked against the registry (random weights).
+
+    Raises:
+        UsageError: an unknown model or arm name (names the file, the key and the available names) or
+            an unknown architecture key.
+    """
+    from avn_study.config import TrainConfig
+    from avn_study.engine import build_model
+    from avn_study.models import ARMS, list_models
+
+    name, arm = _key(config, "model.name", path), _key(config, "model.arm", path)
+    for key, value, options, what in (("model.name", name, list_models(), "model"), ("model.arm", arm, ARMS, "arm")):
+        try:
+            look_up(str(value), options, what=what)
+        except UsageError as err:
+            raise UsageError(f"{path}: key '{key}': {err}") from None
+    if ARMS[arm][0] != name:
+        raise UsageError(f"{path}: 'model.arm' {arm!r} is built by model {ARMS[arm][0]!r}, not {name!r}")
+    architecture = _key(config, "model.config", path)
+    if not isinstance(architecture, dict):
+        raise DataError(f"{path}: 'model.config' must be an object, got {architecture!r}")
+    slice_size = _key(config, "preprocessing.slice_size", path)
+    train_config = TrainConfig.from_flat({**architecture, "slice_size": slice_size}, source=f"{path} (model.config)")
+    return build_model(train_config)
+
+
+def _check_settings(bundle: Bundle, path: Path) -> None:
+    """The preprocessing and thresholds must be usable values (a hand-edited config fails here)."""
+    for key in ("threshold", "preprocessing.inplane_spacing_mm", "preprocessing.clip_percentiles",
+                "preprocessing.slice_size", "preprocessing.loc_margin_mm"):  # fmt: skip
+        _key(bundle.config, key, path)
+    try:
+        bundle.preprocess  # noqa: B018  (validates)
+        if bundle.slice_size < 8 or not 0.0 < bundle.threshold < 1.0:
+            raise ValueError(f"slice_size={bundle.slice_size}, threshold={bundle.threshold}")
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{path}: bad preprocessing or threshold value ({err})") from None
+
+
+def _check_weights(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [k for k in expected if k in found and expected[k] != found[k]]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if wrong:
+        parts.append(
+            f"{len(wrong)} tensor(s) of the wrong shape (e.g. '{wrong[0]}': {list(found[wrong[0]])} in the file, "
+            f"{list(expected[wrong[0]])} in the model)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')")
+    raise DataError(
+        f"{path}: the weights do not fit the model that {CONFIG_FILE} describes: {'; '.join(parts)}. "
+        "The bundle was altered or its files come from different exports."
+    )
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and check a bundle folder; never unpickles anything.
+
+    Raises:
+        UsageError: not a folder, or a config naming an unknown model / arm / key.
+        DataError: a missing or unreadable file, a bundle format from a newer avn-study, weights that
+            are not safetensors or do not fit the described model.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a folder; expected a model bundle written by `avn-study export`")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise DataError(
+            f"{path}: incomplete bundle, missing {', '.join(missing)} (a bundle holds {', '.join(REQUIRED_FILES)})"
+        )
+    config = _read_json(path / CONFIG_FILE)
+    _check_format(config, path / CONFIG_FILE)
+    model = build_bundle_model(config, path / CONFIG_FILE)
+    bundle = Bundle(path, config, _read_json(path / METRICS_FILE), _read_json(path / PROVENANCE_FILE), model)
+    _check_settings(bundle, path / CONFIG_FILE)
+    state = load_weights(path)  # safetensors only: a pickle or anything else raises DataError
+    _check_weights(state, model, path / MODEL_FILE)
+    model.load_state_dict(state)
+    model.eval()
+    return bundle

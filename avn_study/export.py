@@ -1,0 +1,482 @@
+"""``avn-study export``: the best model of a study as a self-contained bundle (see :mod:`avn_study.predict`).
+
+Selection rule (also in ``avn-study export --help`` and in each bundle's ``metrics.json``):
+
+    Candidates are the finished trials of stage 2 for a fair ablation, or, for a sweep (stage 1 only),
+    the finished stage-1 trials that ran all their epochs (trials stopped early by ASHA are not
+    candidates); --arm keeps the trials of one row. Trials of the same row whose resolved
+    configurations are equal apart from fold, seed and run-time settings form one configuration. A
+    configuration's score is the mean of the metric (the study's metric, default val_dice, each trial's
+    final value) over its trials across folds and seeds, so a lucky fold does not win. The
+    configuration with the best score is chosen (ties: the row listed first in study.json, then the
+    lower trial id). Among its trials the one with the best value is exported, from the checkpoint of
+    the epoch that gave that value; if Ray did not keep that checkpoint (checkpoint.num_to_keep), from
+    the kept checkpoint with the best value, and metrics.json says so.
+
+A fair ablation whose stage 2 has no finished trial falls back to the sweep rule on stage 1 (noted in
+``metrics.json``). The bundle records the configuration's mean, SD and number of trials, every trial's
+value, the chosen trial's value and per-case metrics, and the rule in words.
+
+Safety: export reads JSON (study.json, params.json, result.json, resolved_config.json, per-case files,
+the checkpoint's config.json and state.json) and safetensors only. Ray's pickles (``tuner.pkl``,
+``searcher-state-*.pkl``, ``params.pkl``, ``error.pkl``) are never opened, so exporting from somebody
+else's experiment folder runs no code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from avn_study.errors import AvnError, UsageError, look_up
+
+SELECTION_RULE = (
+    "Candidates are the finished trials of stage 2 for a fair ablation, or, for a sweep (stage 1 only), "
+    "the finished stage-1 trials that ran all their epochs (trials stopped early by ASHA are not "
+    "candidates); --arm keeps the trials of one row. Trials of the same row whose resolved configurations "
+    "are equal apart from fold, seed and run-time settings form one configuration. A configuration's "
+    "score is the mean of the metric (the study's metric, default val_dice, each trial's final value) "
+    "over its trials across folds and seeds, so a lucky fold does not win. The configuration with the "
+    "best score is chosen (ties: the row listed first in study.json, then the lower trial id). Among its "
+    "trials the one with the best value is exported, from the checkpoint of the epoch that gave that "
+    "value; if Ray did not keep that checkpoint (checkpoint.num_to_keep), from the kept checkpoint with "
+    "the best value, and metrics.json says so."
+)
+# Config keys that vary between the trials of one configuration (identity and run-time settings).
+RUN_KEYS = ("fold", "seed", "threads", "device")
+# Metrics a trial reports (final value) and whether higher is better; the study's own metric uses its mode.
+METRIC_MODES = {
+    "val_dice": "max",
+    "val_dice_all": "max",
+    "loc_dice": "max",
+    "recon_psnr": "max",
+    "lesion_sensitivity": "max",
+    "hd95_mm": "min",
+    "abs_volume_error_ml": "min",
+    "lesion_fp": "min",
+}
+_CASE_DROP = ("row", "arm", "schedule", "stage", "fold", "seed", "repeat", "split_hash", "data_fingerprint",
+              "node_id", "hostname", "epoch")  # fmt: skip
+
+
+@dataclass
+class Configuration:
+    """Trials that share a row and a resolved configuration (apart from :data:`RUN_KEYS`)."""
+
+    row: str
+    config: dict[str, Any]
+    trials: list[dict[str, Any]] = field(default_factory=list)  # trial_id, fold, seed, repeat, value, path, ...
+
+    @property
+    def values(self) -> list[float]:
+        return [t["value"] for t in self.trials]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def sd(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def summary(self) -> dict[str, Any]:
+        keys = ("trial_id", "fold", "seed", "repeat", "value")
+        trials = [{k: t[k] for k in keys} for t in self.trials]
+        return {"row": self.row, "mean": self.mean, "sd": self.sd, "n": len(self.trials), "trials": trials}
+
+
+@dataclass
+class Selection:
+    metric: str
+    mode: str
+    stage: int
+    configurations: list[Configuration]  # ranked, best first
+    trial: dict[str, Any]  # the chosen trial of configurations[0]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Configuration:
+        return self.configurations[0]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def resolve_metric(experiment: Any, metric: str | None) -> tuple[str, str]:
+    """(metric, mode): the study's own by default; others from :data:`METRIC_MODES`.
+
+    Raises:
+        UsageError: a metric the trials do not report (with a suggestion).
+    """
+    metric = metric or experiment.metric
+    if metric == experiment.metric:
+        return metric, experiment.mode
+    options = [m for m in METRIC_MODES if m in experiment.trials.columns]
+    look_up(metric, options, what="metric (--metric)")
+    return metric, METRIC_MODES[metric]
+
+
+def _trial_config(trial_dir: Path) -> dict[str, Any]:
+    resolved = trial_dir / "resolved_config.json"
+    if resolved.is_file():
+        return json.loads(resolved.read_text())
+    params = json.loads((trial_dir / "params.json").read_text())
+    merged = {**params.get("grid", {}), **{k: v for k, v in params.items() if k != "grid"}}
+    return {k: v for k, v in merged.items() if not k.startswith("_")}
+
+
+def candidate_trials(experiment: Any, row: str | None) -> tuple[Any, int, list[str]]:
+    """The finished trials that may be exported (see :data:`SELECTION_RULE`), their stage, and notes."""
+    trials = experiment.trials
+    if row is not None:
+        look_up(row, experiment.rows, what="row (--arm)")
+        trials = trials[trials["row"] == row]
+    finished = trials[trials["status"] == "TERMINATED"]
+    notes = []
+    if (finished["stage"] == 2).any():
+        return finished[(finished["stage"] == 2) & ~finished["stopped_early"]], 2, notes
+    if experiment.protocol == "fair_ablation":
+        notes.append("stage 2 has no finished trial: selected among the full-length stage-1 trials (tuning fold)")
+    return finished[(finished["stage"] == 1) & ~finished["stopped_early"]], 1, notes
+
+
+def select(experiment: Any, row: str | None = None, metric: str | None = None) -> Selection:
+    """Rank configurations by their mean metric and pick the best trial of the best one.
+
+    Raises:
+        UsageError: an unknown row or metric.
+        AvnError: no finished trial with a finite value of the metric.
+    """
+    metric, mode = resolve_metric(experiment, metric)
+    trials, stage, notes = candidate_trials(experiment, row)
+    groups: dict[tuple[str, str], Configuration] = {}
+    for t in trials.to_dict("records"):
+        if not _finite(t.get(metric)):
+            continue
+        config = _trial_config(Path(t["path"]))
+        shared = {k: v for k, v in config.items() if k not in RUN_KEYS}
+        key = (str(t["row"]), json.dumps(shared, sort_keys=True, default=str))
+        conf = groups.setdefault(key, Configuration(str(t["row"]), shared))
+        conf.trials.append({**t, "value": float(t[metric])})
+    if not groups:
+        where = f"row '{row}'" if row else str(experiment.root)
+        raise AvnError(f"{where}: no finished trial with a finite {metric} to export (see `avn-study analyze`)")
+    sign = -1.0 if mode == "max" else 1.0
+    order = {r: i for i, r in enumerate(experiment.rows)}
+    for conf in groups.values():
+        conf.trials.sort(key=lambda t: (sign * t["value"], str(t["trial_id"])))
+    ranked = sorted(
+        groups.values(), key=lambda c: (sign * c.mean, order.get(c.row, len(order)), str(c.trials[0]["trial_id"]))
+    )
+    return Selection(metric, mode, stage, ranked, ranked[0].trials[0], notes)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+def choose_checkpoint(trial: dict[str, Any], metric: str, mode: str) -> tuple[Path, dict[str, Any], str]:
+    """The checkpoint folder of the epoch that gave the trial's value (else the best kept one).
+
+    Returns:
+        The folder, the last history record it holds (its epoch and metrics), and a note ("" when the
+        checkpoint is the epoch of the trial's value).
+    """
+    from avn_study.checkpoint import load_training_state
+
+    trial_dir = Path(trial["path"])
+    kept = []
+    for folder in sorted(p for p in trial_dir.glob("checkpoint_*") if p.is_dir()):
+        history = load_training_state(folder).get("history") or []  # safetensors + JSON
+        if history:
+            kept.append((folder, history[-1]))
+    if not kept:
+        raise AvnError(
+            f"{trial_dir}: the trial kept no checkpoint (checkpoint_*/ with a training state); cannot export it"
+        )
+    wanted = trial.get("eval_epoch")
+    for folder, record in kept:
+        if _finite(wanted) and record.get("epoch") == int(wanted):
+            return folder, record, ""
+    scored = [(f, r) for f, r in kept if _finite(r.get(metric))]
+    sign = -1.0 if mode == "max" else 1.0
+    folder, record = min(scored, key=lambda fr: sign * fr[1][metric]) if scored else kept[-1]
+    note = (f"Ray did not keep the checkpoint of epoch {wanted} (the trial's final {metric}); exported "
+            f"{folder.name} (epoch {record.get('epoch')}, {metric} {record.get(metric)}) instead")  # fmt: skip
+    return folder, record, note
+
+
+def _per_case(trial_dir: Path, epoch: int) -> list[dict[str, Any]]:
+    path = trial_dir / "per_case" / f"epoch_{epoch:03d}.json"
+    if not path.is_file():
+        return []
+    return [{k: v for k, v in case.items() if k not in _CASE_DROP} for case in json.loads(path.read_text())]
+
+
+# ------------------------------------------------------------------------------------------ provenance
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that define a bundle's numerics (None: not installed)."""
+    import platform
+    from importlib import metadata
+
+    import avn_study
+
+    versions: dict[str, str | None] = {"python": platform.python_version(), "avn-study": avn_study.__version__}
+    for name in ("torch", "numpy", "nibabel", "safetensors", "ray"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> dict[str, Any]:
+    """The commit of the avn-study checkout this package runs from (None when not a git checkout)."""
+    import avn_study
+
+    root = Path(avn_study.__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return {"commit": None, "dirty": None}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+def export_onnx(model: Any, path: Path, slice_size: int, tolerance: float = 1e-3) -> dict[str, Any]:
+    """Write ``model.onnx`` (torch's dynamo exporter; outputs named by branch, dynamic batch axis) and
+    check it against PyTorch with onnxruntime on random slices.
+
+    Raises:
+        UsageError: onnx / onnxscript / onnxruntime are not installed.
+        AvnError: the ONNX outputs differ from PyTorch's by more than ``tolerance``.
+    """
+    import logging
+    import warnings
+
+    import numpy as np
+    import torch
+
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError as err:
+        raise UsageError(
+            f"--onnx needs the onnx extra ({err.name} is missing): pip install 'avn-study[onnx]'"
+        ) from None
+    names = [b for b in ("seg", "loc", "recon") if b in model.branches]
+
+    class Outputs(torch.nn.Module):  # dict outputs -> a tuple in a fixed order, named by branch
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.model(x)
+            return tuple(out[n] for n in names)
+
+    wrapper = Outputs().eval()
+    example = torch.zeros(2, 1, slice_size, slice_size)
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(wrapper, (example,), str(path), input_names=["image"], output_names=names,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
+                              verbose=False)  # fmt: skip
+    finally:
+        quiet.setLevel(level)
+    onnx.checker.check_model(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, slice_size, slice_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = wrapper(x)
+    outputs = session.run(names, {"image": x.numpy()})
+    diff = max(float(np.abs(o - r.numpy()).max()) for o, r in zip(outputs, reference, strict=True))
+    if not diff <= tolerance:
+        raise AvnError(f"{path}: ONNX outputs differ from PyTorch by {diff:.3g} (> {tolerance}); not exported")
+    opset = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "file": path.name,
+        "input": {"name": "image", "shape": ["batch", 1, slice_size, slice_size], "dtype": "float32"},
+        "outputs": names,
+        "outputs_are": "seg, loc: logits (seg is the final, gated necrosis logit); recon: the reconstruction",
+        "opset": opset,
+        "max_abs_diff_vs_torch": diff,
+    }
+
+
+# ------------------------------------------------------------------------------------------ bundle
+@dataclass
+class ExportResult:
+    path: Path
+    selection: Selection
+    checkpoint: Path
+    checkpoint_record: dict[str, Any]
+    onnx: dict[str, Any] | None
+
+
+def _metrics_json(sel: Selection, checkpoint: Path, record: dict[str, Any], note: str) -> dict[str, Any]:
+    trial = sel.trial
+    summary = {k: v for k, v in record.items()
+               if not k.startswith(("loss_", "w_")) and k not in ("lr", "train_slices", "train_seconds")}  # fmt: skip
+    return {
+        "metric": sel.metric,
+        "mode": sel.mode,
+        "stage": sel.stage,
+        "rule": SELECTION_RULE,
+        "notes": [*sel.notes, *([note] if note else [])],
+        "configuration": {**sel.best.summary(), "config": sel.best.config},
+        "ranking": [c.summary() for c in sel.configurations],
+        "chosen_trial": {
+            "trial_id": str(trial["trial_id"]),
+            "fold": trial["fold"],
+            "seed": trial["seed"],
+            "repeat": trial["repeat"],
+            "value": trial["value"],
+            "checkpoint": checkpoint.name,
+            "checkpoint_epoch": record.get("epoch"),
+            "checkpoint_value": record.get(sel.metric),
+            "summary": summary,
+            "per_case": _per_case(Path(trial["path"]), int(record.get("epoch", -1))),
+        },
+    }
+
+
+def _provenance_json(experiment: Any, sel: Selection, checkpoint: Path, versions: dict[str, Any]) -> dict[str, Any]:
+    trial = sel.trial
+    root = Path(experiment.root).resolve()
+    try:
+        relative = str(checkpoint.resolve().relative_to(root))
+    except ValueError:
+        relative = str(checkpoint.resolve())
+    git = git_commit()
+    return {
+        "trial_id": str(trial["trial_id"]),
+        "study": experiment.manifest.get("name", root.name),
+        "study_path": str(root),
+        "experiment": trial["experiment"],
+        "row": trial["row"],
+        "arm": trial["arm"],
+        "schedule": trial["schedule"],
+        "stage": int(trial["stage"]),
+        "fold": trial["fold"],
+        "seed": trial["seed"],
+        "checkpoint": relative,
+        "split_hash": trial.get("split_hash") or experiment.manifest.get("split_hash"),
+        "study_split_hash": experiment.manifest.get("split_hash"),
+        "data_fingerprint": trial.get("data_fingerprint"),
+        "data": experiment.manifest.get("data"),
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+        "versions": versions,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars from pandas rows -> Python numbers."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not (overwrite or (out.is_dir() and not any(out.iterdir()))):
+        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
+
+
+def write_bundle(
+    out: str | Path,
+    model: Any,
+    flat: dict[str, Any],
+    metrics: dict[str, Any],
+    provenance: dict[str, Any],
+    *,
+    onnx: bool = False,
+    overwrite: bool = False,
+) -> tuple[Path, dict[str, Any] | None]:
+    """Write a bundle folder for ``model`` (trained with the flat TrainConfig ``flat``).
+
+    The bundle is assembled in a temporary folder next to ``out`` and moved into place at the end, so
+    an interrupted export leaves no half-written bundle.
+
+    Returns:
+        The bundle folder and the ONNX record (None without ``onnx``).
+    """
+    from safetensors.torch import save_file
+
+    from avn_study.bundle import CONFIG_FILE, METRICS_FILE, MODEL_FILE, ONNX_FILE, PROVENANCE_FILE, bundle_config
+
+    out = Path(out)
+    _check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt", "avn_study_bundle": "1"})
+        config = bundle_config(flat, model, provenance.get("versions") or package_versions())
+        onnx_info = export_onnx(model, tmp / ONNX_FILE, int(flat["slice_size"])) if onnx else None
+        if onnx_info:
+            config["onnx"] = onnx_info
+        for name, payload in ((CONFIG_FILE, config), (METRICS_FILE, metrics), (PROVENANCE_FILE, provenance)):
+            (tmp / name).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, onnx_info
+
+
+def export_bundle(
+    experiment_dir: str | Path,
+    out: str | Path,
+    *,
+    row: str | None = None,
+    metric: str | None = None,
+    onnx: bool = False,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Select (see :data:`SELECTION_RULE`) and write the bundle folder ``out`` (see :func:`write_bundle`).
+
+    Raises:
+        UsageError: ``out`` exists (without ``overwrite``), an unknown row or metric, a bad folder.
+        AvnError: nothing to export, or the checkpoint does not load.
+    """
+    from avn_study.analysis.tables import load_experiment
+    from avn_study.checkpoint import load_config, load_weights
+    from avn_study.config import TrainConfig
+    from avn_study.engine import build_model
+
+    _check_out(Path(out), overwrite)
+    experiment = load_experiment(experiment_dir)
+    sel = select(experiment, row, metric)
+    checkpoint, record, note = choose_checkpoint(sel.trial, sel.metric, sel.mode)
+    flat = load_config(checkpoint)
+    model = build_model(TrainConfig.from_flat(flat, source=str(checkpoint / "config.json")))
+    try:
+        model.load_state_dict(load_weights(checkpoint))
+    except RuntimeError as err:
+        raise AvnError(f"{checkpoint}: the weights do not fit the checkpoint's config.json ({err})") from None
+    model.eval()
+    metrics = _metrics_json(sel, checkpoint, record, note)
+    provenance = _provenance_json(experiment, sel, checkpoint, package_versions())
+    path, onnx_info = write_bundle(out, model, flat, metrics, provenance, onnx=onnx, overwrite=overwrite)
+    return ExportResult(path, sel, checkpoint, record, onnx_info)

@@ -1,0 +1,306 @@
+"""Predicting necrosis on NIfTI volumes in their own geometry.
+
+The bundle format and its safe loading live in :mod:`avn_study.bundle`.
+
+Prediction follows the path of validation during training, step for step: the NIfTI is read whole and
+reoriented to RAS (no resampling), the R and S axes are resampled linearly to the bundle's in-plane
+spacing, intensities are clipped to the case's percentiles and z-scored, every coronal slice (constant
+A/P, RAS axis 1) is centre-cropped or padded to the slice size, and the model's probabilities are
+pasted back into that grid (the *training space*, where the trial's metrics were computed). They are
+then resampled linearly back to the input's RAS grid, thresholded and written in the input's own
+orientation, shape and affine as a uint8 label map: necrosis = 2 and, for models with a localisation
+branch, the localisation region (femoral head plus margin) = 1; necrosis wins where both are set.
+On a GPU the model runs under the trial's ``amp`` setting (bf16 autocast by default, as validation did
+there); on the CPU in float32.
+
+File names in folder mode follow nnU-Net: ``{case}_0000.nii.gz`` -> ``{case}.nii.gz`` (other names are
+kept), and ``volumes.json`` lists each case's volumes; a single file ``OUT.nii.gz`` gets ``OUT.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avn_study.bundle import (  # noqa: F401  (re-exported: the bundle API is reached from here too)
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    CONFIG_FILE,
+    LOC_THRESHOLD,
+    METRICS_FILE,
+    MODEL_FILE,
+    ONNX_FILE,
+    PROVENANCE_FILE,
+    REQUIRED_FILES,
+    SLICE_AXIS,
+    Bundle,
+    build_bundle_model,
+    bundle_config,
+    load_bundle,
+)
+from avn_study.data.layout import FILE_ENDINGS, LABELS
+from avn_study.data.nifti import Geometry, load_ras, save_in_geometry
+from avn_study.data.preprocess import (
+    PreprocessConfig,
+    inplane_shape,
+    normalise,
+    resample_inplane_to,
+    resampled_affine,
+)
+from avn_study.data.slices import crop_box
+from avn_study.errors import AvnError, DataError, UsageError
+
+_CHANNEL = re.compile(r"_(\d{4})$")  # nnU-Net channel suffix of an image file name
+
+
+# ------------------------------------------------------------------------------------------ prediction
+@dataclass
+class CasePrediction:
+    """One volume's prediction in training space and in the input's own RAS grid.
+
+    Attributes:
+        geometry: the input's stored geometry (shape, affine, orientation).
+        slices: the model's input, ``(A, 1, S, S)`` normalised, cropped/padded coronal slices.
+        grid: probabilities per branch (``seg``, ``loc``) pasted into the resampled grid ``(A, R', S')``:
+            the space the trial's validation metrics were computed in.
+        recon: the reconstruction ``(A, S, S)`` in slice space (models with ``recon``), else None.
+        spacing: voxel size in mm of ``grid`` along (A, R', S').
+        labels: the uint8 label map in the input's RAS grid ``(R, A, S)``.
+    """
+
+    geometry: Geometry
+    slices: torch.Tensor
+    grid: dict[str, np.ndarray]
+    recon: np.ndarray | None
+    spacing: tuple[float, float, float]
+    labels: np.ndarray = field(repr=False)
+
+
+def preprocess_image(
+    image_ras: np.ndarray, geometry: Geometry, config: PreprocessConfig
+) -> tuple[np.ndarray, float, tuple[float, float, float]]:
+    """What the cache does to a training image (``data.cache.preprocess_case``): in-plane resampling,
+    then clipping and z-scoring, with the same functions.
+
+    Returns:
+        The normalised image ``(R', A, S')``, its pad value (the normalised lower clip bound), and its
+        voxel size in mm along R, A, S.
+    """
+    shape = inplane_shape(image_ras.shape, geometry.ras_spacing, config.inplane_spacing_mm)
+    resampled = resample_inplane_to(image_ras, shape, order=1)
+    image, pad_value = normalise(resampled, config.clip_percentiles)
+    affine = resampled_affine(geometry.ras_affine, image_ras.shape, shape)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    return image, pad_value, spacing
+
+
+def predict_volume(
+    bundle: Bundle,
+    image_ras: np.ndarray,
+    geometry: Geometry,
+    device: torch.device | None = None,
+    batch_size: int = 32,
+) -> CasePrediction:
+    """Predict every coronal slice of a RAS volume and map the result back to its RAS grid."""
+    from avn_study.engine import autocast_dtype, predict_slices
+
+    device = device or torch.device("cpu")
+    image, pad_value, spacing = preprocess_image(image_ras, geometry, bundle.preprocess)
+    stack = np.ascontiguousarray(np.moveaxis(image, SLICE_AXIS, 0))  # (A, R', S'), as cached
+    size = bundle.slice_size
+    src, dst = crop_box(stack.shape[1:], size)
+    slices = np.full((stack.shape[0], 1, size, size), pad_value, dtype=np.float32)
+    slices[(slice(None), 0, *dst)] = stack[(slice(None), *src)]
+    model = bundle.model.to(device)
+    out = predict_slices(
+        model, torch.from_numpy(slices), device, autocast_dtype(bundle.config.get("amp", "auto"), device), batch_size
+    )
+    grid = {}
+    for name in ("seg", "loc"):
+        if name in out:
+            full = np.zeros(stack.shape, np.float32)  # outside the crop: nothing predicted
+            full[(slice(None), *src)] = out[name][(slice(None), *dst)]
+            grid[name] = full
+    labels = np.zeros(geometry.ras_shape, np.uint8)
+    native = {k: resample_inplane_to(np.moveaxis(v, 0, SLICE_AXIS), geometry.ras_shape) for k, v in grid.items()}
+    if "loc" in native:
+        labels[native["loc"] >= LOC_THRESHOLD] = LABELS["femoral_head"]
+    labels[native["seg"] >= bundle.threshold] = LABELS["necrosis"]
+    a_r_s = (spacing[1], spacing[0], spacing[2])
+    return CasePrediction(geometry, torch.from_numpy(slices), grid, out.get("recon"), a_r_s, labels)
+
+
+def label_volumes(labels: np.ndarray, geometry: Geometry, branches: tuple[str, ...], margin_mm: float) -> dict:
+    """Voxel counts and volumes in ml per label of a predicted label map."""
+    voxel_ml = abs(float(np.linalg.det(geometry.affine[:3, :3]))) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=3)
+    out: dict[str, Any] = {"voxel_volume_ml": voxel_ml}
+    for name in ("necrosis", "femoral_head"):
+        value = LABELS[name]
+        entry = {"value": value, "voxels": int(counts[value]), "volume_ml": float(counts[value]) * voxel_ml}
+        if name == "femoral_head":
+            entry["predicted"] = "loc" in branches
+            entry["meaning"] = (
+                f"localisation region: femoral head plus a {margin_mm:g} mm margin, necrosis excluded"
+                if "loc" in branches
+                else "not predicted: the model has no localisation branch"
+            )
+        out[name] = entry
+    return out
+
+
+def predict_file(bundle: Bundle, source: Path, target: Path, device: torch.device, batch_size: int = 32) -> dict:
+    """Predict one NIfTI file and write its label map; returns its volumes record.
+
+    Raises:
+        DataError: the input is unreadable, not 3D, or holds non-finite voxels (names the file).
+    """
+    image, geometry = load_ras(source)
+    if not np.isfinite(image).all():
+        raise DataError(f"{source}: {int((~np.isfinite(image)).sum())} NaN/Inf voxels; all voxels must be finite")
+    prediction = predict_volume(bundle, image, geometry, device, batch_size)
+    save_in_geometry(prediction.labels, geometry, target)
+    margin = float(bundle.config["preprocessing"]["loc_margin_mm"])
+    return {
+        "input": str(source),
+        "output": str(target),
+        "shape": list(geometry.shape),
+        "axcodes": "".join(geometry.axcodes),
+        **label_volumes(prediction.labels, geometry, bundle.branches, margin),
+    }
+
+
+def _nifti_ending(name: str) -> str | None:
+    return next((e for e in FILE_ENDINGS if name.endswith(e) and len(name) > len(e)), None)
+
+
+def output_name(name: str) -> str:
+    """nnU-Net naming: ``{case}_0000.nii.gz`` -> ``{case}.nii.gz``; other NIfTI names are kept."""
+    ending = _nifti_ending(name)
+    assert ending is not None, name
+    return name[: -len(ending)].removesuffix("_0000") + ending
+
+
+def json_path(output: Path) -> Path:
+    """``OUT.nii.gz`` / ``OUT.nii`` -> ``OUT.json`` (the volumes of a single-file prediction)."""
+    ending = _nifti_ending(output.name) or ""
+    return output.with_name(output.name[: -len(ending)] + ".json")
+
+
+def plan(source: Path, target: Path) -> tuple[list[tuple[Path, Path]], bool]:
+    """(input, output) pairs and whether this is folder mode; checks names before any work.
+
+    Raises:
+        UsageError: a missing input, a non-NIfTI file, an empty folder, outputs that collide with each
+            other or overwrite an input, a folder input with a file output.
+    """
+    if not source.exists():
+        raise UsageError(f"{source}: no such file or folder")
+    if source.is_file():
+        if _nifti_ending(source.name) is None:
+            raise UsageError(f"{source}: not a NIfTI file (expected a .nii or .nii.gz name)")
+        if target.is_dir():
+            target = target / output_name(source.name)
+        elif _nifti_ending(target.name) is None:
+            raise UsageError(f"{target}: the output of a single file must be a .nii or .nii.gz file name (or a folder)")
+        if target.resolve() == source.resolve():
+            raise UsageError(f"{target}: the output would overwrite the input")
+        return [(source, target)], False
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target}: INPUT is a folder, so OUTPUT must be a folder too")
+    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".") and _nifti_ending(p.name))
+    if not files:
+        raise UsageError(f"{source}: no .nii or .nii.gz files in this folder")
+    stems = {p.name[: -len(_nifti_ending(p.name) or "")] for p in files}
+    pairs, seen = [], {}
+    for path in files:
+        stem = path.name[: -len(_nifti_ending(path.name) or "")]
+        channel = _CHANNEL.search(stem)
+        if channel and channel.group(1) != "0000" and f"{stem[: channel.start()]}_0000" in stems:
+            raise UsageError(
+                f"{path}: an extra input channel of case '{stem[: channel.start()]}'; models take one (_0000)"
+            )
+        out = target / output_name(path.name)
+        if out.name in seen:
+            raise UsageError(f"{path} and {seen[out.name]} would both be written to {out}; rename one")
+        if out.resolve() in {p.resolve() for p in files}:
+            raise UsageError(f"{out}: the output would overwrite an input; choose another OUTPUT folder")
+        seen[out.name] = path
+        pairs.append((path, out))
+    return pairs, True
+
+
+def _device(name: str) -> torch.device:
+    """``resolve_device`` with the option's name in its message."""
+    from avn_study.engine import resolve_device
+
+    try:
+        return resolve_device(name)
+    except AvnError as err:
+        raise type(err)(f"--{err}") from None
+
+
+def predict(
+    bundle: str | Path | Bundle,
+    source: str | Path,
+    target: str | Path,
+    device: str = "auto",
+    batch_size: int = 32,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """``avn-study predict``: a file to a file, or every NIfTI of a folder to a folder.
+
+    Writes each label map and ``OUT.json`` (file mode) or ``TARGET/volumes.json`` (folder mode).
+    In folder mode a broken input does not stop the others; the problems are raised together at the end.
+
+    Raises:
+        UsageError: bad paths or names (see :func:`plan`), a bad bundle.
+        DataError: a bad bundle or unreadable inputs (each named).
+    """
+    pairs, folder = plan(Path(source), Path(target))
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    torch_device = _device(device)
+    records, problems = [], []
+    for i, (src, dst) in enumerate(pairs):
+        try:
+            records.append(predict_file(loaded, src, dst, torch_device, batch_size))
+        except DataError as err:
+            if not folder:
+                raise
+            problems.append(str(err))
+        if progress:
+            progress(i + 1, len(pairs), src.name)
+    header = {"bundle": str(loaded.path), "trial_id": loaded.provenance.get("trial_id"), "labels": dict(LABELS)}
+    if folder:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        summary = {**header, "cases": records, "failed": problems}
+        (Path(target) / "volumes.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if problems:
+            raise DataError(
+                f"{len(problems)} of {len(pairs)} input(s) could not be predicted (the others were written):\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
+    else:
+        json_path(Path(records[0]["output"])).write_text(json.dumps({**header, **records[0]}, indent=1) + "\n")
+    return records
+
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "Bundle",
+    "CasePrediction",
+    "bundle_config",
+    "load_bundle",
+    "output_name",
+    "predict",
+    "predict_file",
+    "predict_volume",
+    "preprocess_image",
+]
