@@ -36,18 +36,19 @@ def per_case_plot(cases: pd.DataFrame, rows: list[str], reference: str | None, p
     positions = np.arange(matrix.shape[1])
     data = [matrix[c].dropna().to_numpy() for c in matrix.columns]
     ax.boxplot(data, positions=positions, widths=0.5, showfliers=False, medianprops={"color": "black"})
-    jitter = np.random.default_rng(0).uniform(-0.12, 0.12, size=len(matrix))
+    jitter = pd.Series(np.random.default_rng(0).uniform(-0.12, 0.12, size=len(matrix)), index=matrix.index)
     if reference in matrix.columns:
         ref_x = list(matrix.columns).index(reference)
         for x, column in enumerate(matrix.columns):
             if column == reference:
                 continue
             pair = matrix[[reference, column]].dropna()
-            for (_, p), j in zip(pair.iterrows(), jitter, strict=False):
+            for patient, p in pair.iterrows():
+                j = jitter[patient]  # the same offset as the patient's points
                 ax.plot([ref_x + j, x + j], [p[reference], p[column]], color="tab:gray", alpha=0.25, lw=0.8)
     for x, column in enumerate(matrix.columns):
         values = matrix[column].to_numpy()
-        ax.scatter(x + jitter, values, s=14, alpha=0.8, zorder=3)
+        ax.scatter(x + jitter.to_numpy(), values, s=14, alpha=0.8, zorder=3)
     ax.set_xticks(positions, list(matrix.columns), rotation=20, ha="right")
     ax.set_ylabel(f"{metric_spec(metric).label}, per patient")
     ax.set_title(f"per-patient {metric} (lines pair patients with {reference})" if reference else metric)
