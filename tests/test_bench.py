@@ -23,3 +23,15 @@ def test_bench_train_smoke() -> None:
         assert f"{arm}: train / infer slices/s" in names
     assert "step time seg+recon+loc / seg" in names
     assert any("BasicUNet" in n for n in names)
+
+
+def test_bench_gpu_without_cuda_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    import pytest
+    import torch
+
+    from avn_study.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal path does not apply")
+    assert main(["bench", "gpu", "--per-gpu", "4", "--work-dir", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -175,7 +175,7 @@ def summary_markdown(analysis: Analysis, figures: Path) -> str:
     ]
     if (analysis.importance["importance"].notna()).any():
         parts.append(f"![parameter importance]({figures}/importance.png)")
-    parts += ["## Parameter importance (Optuna, fANOVA, stage 1)", _table(analysis.importance)]
+    parts += ["## Parameter importance (Optuna, PED-ANOVA, stage 1)", _table(analysis.importance)]
     parts += [
         "## Trials",
         _table(counts),
