@@ -208,7 +208,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    return _report(result, space.metric, f"results in {study.root}")
+    return _report(
+        result, space.metric, f"results in {study.root}\nstatistics and report: avn-study analyze {study.root}"
+    )
 
 
 def _repo_space(name: str) -> Path:
