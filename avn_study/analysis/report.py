@@ -112,12 +112,14 @@ def _cell(row: pd.Series, metric: str, decimals: int) -> str:
 def ablation_markdown(analysis: Analysis) -> str:
     """The paper-style table: per row its metrics and the paired comparison with the reference."""
     shown = [m for m in SHOWN if f"{m}_mean" in analysis.ablation]
-    header = ["row", "arm", "schedule", "patients", "seeds", "folds", *(METRICS[m].label for m in shown),
-              f"Δ {analysis.metric} vs {analysis.reference} [95% CI]", "p (Holm)", "r", "verdict"]  # fmt: skip
+    header = ["row", "arm", "schedule", "patients (with necrosis)", "seeds", "folds",
+              *(METRICS[m].label for m in shown), f"Δ {analysis.metric} vs {analysis.reference} [95% CI]",
+              "p (Holm)", "r", "verdict"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     comparison = analysis.comparison.set_index("row")
     for _, row in analysis.ablation.iterrows():
-        cells = [f"**{row['row']}**", str(row["arm"]), str(row["schedule"]), str(row["n_patients"]),
+        necrotic = f" ({row['dice_n']})" if "dice_n" in row else ""
+        cells = [f"**{row['row']}**", str(row["arm"]), str(row["schedule"]), f"{row['n_patients']}{necrotic}",
                  str(row["n_seeds"]), str(row["n_folds"]), *(_cell(row, m, SHOWN[m]) for m in shown)]  # fmt: skip
         if row["row"] in comparison.index:
             c = comparison.loc[row["row"]]
