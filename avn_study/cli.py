@@ -196,7 +196,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # driver) takes Ray Tune's graceful Ctrl-C path instead of aborting
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     print(
-        f"study {study.root} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",
+        f"study {study.location} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",
         file=sys.stderr,
     )
     try:
@@ -208,8 +208,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    mirror = f" (JSON mirror: {study.root})" if study.remote else ""
     return _report(
-        result, space.metric, f"results in {study.root}\nstatistics and report: avn-study analyze {study.root}"
+        result,
+        space.metric,
+        f"results in {study.location}{mirror}\nstatistics and report: avn-study analyze {study.root}",
     )
 
 

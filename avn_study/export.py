@@ -464,8 +464,16 @@ def export_bundle(
     from avn_study.checkpoint import load_config, load_weights
     from avn_study.config import TrainConfig
     from avn_study.engine import build_model
+    from avn_study.storage import MIRROR_MARKER
 
     _check_out(Path(out), overwrite)
+    mirror_of = Path(experiment_dir) / MIRROR_MARKER
+    if mirror_of.is_file():
+        raise UsageError(
+            f"{experiment_dir} is the local JSON mirror of {mirror_of.read_text().strip()}: it holds no checkpoints. "
+            "Export from the study folder itself: mount the store, or download it (aws s3 sync, gcloud storage "
+            "rsync, ...) and run avn-study export on that folder"
+        )
     experiment = load_experiment(experiment_dir)
     sel = select(experiment, row, metric)
     checkpoint, record, note = choose_checkpoint(sel.trial, sel.metric, sel.mode)

@@ -119,9 +119,16 @@ class Study:
                  callbacks: list[Any] | None = None) -> None:  # fmt: skip
         self.space = space
         self.data = Path(data).resolve()
-        self.storage = _storage_path(storage)
         self.name = name or space.name
-        self.root = Path(self.storage) / self.name
+        self.remote = None
+        if "://" in storage:  # an object store: Ray writes there, the study's own files go through a mirror
+            from avn_study.storage import RemoteStudy
+
+            self.remote = RemoteStudy(storage, self.name)
+            self.storage, self.root = storage.rstrip("/"), self.remote.mirror
+        else:
+            self.storage = str(Path(storage).expanduser().resolve())
+            self.root = Path(self.storage) / self.name
         self.max_concurrent = space.max_concurrent if max_concurrent is None else max_concurrent
         self.gpu = space.gpu if gpus_per_trial is None else gpus_per_trial
         self.progress = progress
@@ -136,11 +143,16 @@ class Study:
         from avn_study.engine import prepare_data
 
         manifest = self.root / MANIFEST
-        if resume and not manifest.is_file():
-            raise UsageError(f"--resume: {manifest} does not exist; run without --resume to start the study")
-        if not resume and manifest.is_file():
+        if self.remote:
+            self.remote.pull_study() if resume else None
+            exists = self.remote.exists(MANIFEST)
+        else:
+            exists = manifest.is_file()
+        if resume and not exists:
+            raise UsageError(f"--resume: {self.location}/{MANIFEST} does not exist; run without --resume to start it")
+        if not resume and exists:
             raise UsageError(
-                f"{self.root} already holds a study; use --resume to continue it or --name to start another"
+                f"{self.location} already holds a study; use --resume to continue it or --name to start another"
             )
         config = TrainConfig.from_flat(self.space.trial_config(next(iter(self.space.arms))))
         run_data = prepare_data(self.data, config)
@@ -154,13 +166,23 @@ class Study:
                 raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
                                  f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.remote.start_fresh() if self.remote else self.root.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.space.path, self.root / "space.yaml") if self.space.path.is_file() else None
         manifest.write_text(json.dumps({
             "name": self.name, "protocol": self.space.protocol, "metric": self.space.metric, "mode": self.space.mode,
             "data": str(self.data), "split_hash": self.split_hash, "rows": list(self.space.arms),
             "space": self.space.raw,
         }, indent=1, default=str))  # fmt: skip
+        self._push(MANIFEST, "space.yaml")
+
+    @property
+    def location(self) -> str:
+        """Where the study lives: its folder, or ``URI/NAME`` on an object store."""
+        return self.remote.uri if self.remote else str(self.root)
+
+    def _push(self, *names: str) -> None:
+        if self.remote:
+            self.remote.push(*names)
 
     def _meta(self) -> dict[str, Any]:
         return {"data": str(self.data), "splits": str(self.data / "splits.json"),
@@ -197,18 +219,27 @@ class Study:
 
         path = f"{self.storage}/{self.name}/{experiment}"
         local = self.root / experiment
-        saved = any(local.glob("experiment_state-*.json"))  # Ray snapshots its state after trials start
+        # Ray snapshots its state after trials start
+        saved = self.remote.saved(experiment) if self.remote else any(local.glob("experiment_state-*.json"))
         if resume and saved and tune.Tuner.can_restore(path):
             # param_space again: trials the searcher creates after the restore need its constants too
             tuner = tune.Tuner.restore(path, trainable=self._trainable(), param_space=param_space,
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)  # fmt: skip
         else:
-            if local.exists():  # started but never saved its state (driver killed early): start it over
-                n = len(list(self.root.glob("*.abandoned-*")))
-                local.rename(local.with_name(f"{experiment}.abandoned-{n}"))
+            started = self.remote.exists(experiment) if self.remote else local.exists()
+            if started:  # started but never saved its state (driver killed early): start it over
+                if self.remote:
+                    self.remote.abandon(experiment, f"{experiment}.abandoned-{self.remote.abandoned_count()}")
+                else:
+                    local.rename(
+                        local.with_name(f"{experiment}.abandoned-{len(list(self.root.glob('*.abandoned-*')))}")
+                    )
                 self._forget_optuna_study(experiment)
             tuner = make_tuner()
         tuner.fit()
+        if self.remote:
+            self.remote.pull(experiment)
+            self._push("optuna.journal")
         statuses = trial_statuses(self.root / experiment).values()
         unfinished = [s for s in statuses if s not in ("TERMINATED", "ERROR")]
         if unfinished:  # Tune stops gracefully on Ctrl-C/SIGTERM and returns; the study must stop too
@@ -224,6 +255,7 @@ class Study:
         name = f"{self.name}-{experiment.removeprefix('stage1-')}"
         if name in optuna.get_all_study_names(storage):
             optuna.delete_study(study_name=name, storage=storage)
+            self._push("optuna.journal")
 
     def _optuna_storage(self):
         from optuna.storages import JournalStorage
@@ -306,6 +338,7 @@ class Study:
 
         grid = self.stage2_grid()
         (self.root / "stage2_plan.json").write_text(json.dumps(grid, indent=1))
+        self._push("stage2_plan.json")
 
         param_space = {"grid": tune.grid_search(grid), "_avn": self._meta()}
 
@@ -333,18 +366,6 @@ class Study:
         for experiment in sorted(stages):
             result.outcomes += read_trials(experiment, self.space.metric)
         return result
-
-
-def _storage_path(storage: str) -> str:
-    """An absolute local path for ``--storage`` (``file://`` accepted); other URIs are refused."""
-    if storage.startswith("file://"):
-        storage = storage.removeprefix("file://")
-    elif "://" in storage:
-        raise UsageError(
-            f"--storage {storage}: object-store URIs are not supported yet; the study's own files (study.json, "
-            "the Optuna journal) need a POSIX path. Use a shared mount (NFS, EFS, a mounted bucket) on every node"
-        )
-    return str(Path(storage).expanduser().resolve())
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -118,3 +118,30 @@ def test_existing_study_needs_resume(smoke_study: tuple[int, Path], sweep_cohort
     space = Path(__file__).parents[1] / "search_spaces" / "smoke.yaml"
     assert main(["sweep", str(space), "--data", str(sweep_cohort), "--storage", str(root.parent)]) == 2
     assert "already holds a study; use --resume" in capsys.readouterr().err
+
+
+def test_uri_storage_writes_to_the_store_and_mirrors_json(ray_2cpus, sweep_cohort: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A pyarrow URI (file:// here, the same code path as s3:// or gs://): Ray writes the trials to the
+    store, the study's own files are uploaded, and the JSON is mirrored locally for analysis."""
+    import shutil
+
+    from avn_study.analysis import analyze
+
+    monkeypatch.setenv("AVN_STUDY_CACHE", str(tmp_path / "cache"))
+    arms = {"unet": {"schedule": "constant", "schedule_params": {}}}
+    space = small_space(tmp_path, protocol="sweep", arms=arms, scheduler={"type": "none"})
+    cmd = ["sweep", str(space), "--data", str(sweep_cohort), "--storage", f"file://{tmp_path}/store", "--quiet"]
+    assert main(cmd) == 0
+    store = tmp_path / "store" / "smoke"
+    assert {p.name for p in store.iterdir()} >= {"study.json", "space.yaml", "optuna.journal", "stage1-unet"}
+    trials = sorted(store.glob("stage1-unet/trial_*"))
+    assert len(trials) == 2 and all(any(t.glob("checkpoint_*")) and any(t.glob("per_case/*.json")) for t in trials)
+    (mirror,) = (tmp_path / "cache" / "studies").iterdir()
+    assert not list(mirror.rglob("checkpoint_*")) and not list(mirror.rglob("*.pkl"))  # JSON only
+    assert len(analyze(mirror, n_boot=50).experiment.cases) > 0
+    assert main(["export", str(mirror), "--out", str(tmp_path / "bundle")]) == 2  # no checkpoints in a mirror
+    shutil.rmtree(mirror)  # the mirror is disposable: --resume downloads what it needs
+    assert main([*cmd, "--resume"]) == 0
+    assert (mirror / "study.json").is_file() and sorted(mirror.glob("stage1-unet/trial_*/result.json"))
+    assert main(cmd) == 2  # an existing study in the store is not overwritten
