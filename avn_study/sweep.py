@@ -144,7 +144,8 @@ class Study:
 
         manifest = self.root / MANIFEST
         if self.remote:
-            self.remote.pull_study() if resume else None
+            if resume:
+                self.remote.pull_study()
             exists = self.remote.exists(MANIFEST)
         else:
             exists = manifest.is_file()
@@ -166,7 +167,10 @@ class Study:
                 raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
                                  f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
             return
-        self.remote.start_fresh() if self.remote else self.root.mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            self.remote.start_fresh()
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.space.path, self.root / "space.yaml") if self.space.path.is_file() else None
         manifest.write_text(json.dumps({
             "name": self.name, "protocol": self.space.protocol, "metric": self.space.metric, "mode": self.space.mode,
@@ -236,10 +240,12 @@ class Study:
                     )
                 self._forget_optuna_study(experiment)
             tuner = make_tuner()
-        tuner.fit()
-        if self.remote:
-            self.remote.pull(experiment)
-            self._push("optuna.journal")
+        try:
+            tuner.fit()
+        finally:  # also when the driver is interrupted: the store keeps the journal, the mirror the results
+            if self.remote:
+                self.remote.pull(experiment)
+                self._push("optuna.journal")
         statuses = trial_statuses(self.root / experiment).values()
         unfinished = [s for s in statuses if s not in ("TERMINATED", "ERROR")]
         if unfinished:  # Tune stops gracefully on Ctrl-C/SIGTERM and returns; the study must stop too
