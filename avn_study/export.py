@@ -125,15 +125,6 @@ def resolve_metric(experiment: Any, metric: str | None) -> tuple[str, str]:
     return metric, METRIC_MODES[metric]
 
 
-def _trial_config(trial_dir: Path) -> dict[str, Any]:
-    resolved = trial_dir / "resolved_config.json"
-    if resolved.is_file():
-        return json.loads(resolved.read_text())
-    params = json.loads((trial_dir / "params.json").read_text())
-    merged = {**params.get("grid", {}), **{k: v for k, v in params.items() if k != "grid"}}
-    return {k: v for k, v in merged.items() if not k.startswith("_")}
-
-
 def candidate_trials(experiment: Any, row: str | None) -> tuple[Any, int, list[str]]:
     """The finished trials that may be exported (see :data:`SELECTION_RULE`), their stage, and notes."""
     trials = experiment.trials
@@ -156,13 +147,15 @@ def select(experiment: Any, row: str | None = None, metric: str | None = None) -
         UsageError: an unknown row or metric.
         AvnError: no finished trial with a finite value of the metric.
     """
+    from avn_study.analysis.tables import trial_config
+
     metric, mode = resolve_metric(experiment, metric)
     trials, stage, notes = candidate_trials(experiment, row)
     groups: dict[tuple[str, str], Configuration] = {}
     for t in trials.to_dict("records"):
         if not _finite(t.get(metric)):
             continue
-        config = _trial_config(Path(t["path"]))
+        config = trial_config(Path(t["path"]))
         shared = {k: v for k, v in config.items() if k not in RUN_KEYS}
         key = (str(t["row"]), json.dumps(shared, sort_keys=True, default=str))
         conf = groups.setdefault(key, Configuration(str(t["row"]), shared))

@@ -29,6 +29,7 @@ from typing import Any
 
 from avn_study.errors import AvnError, UsageError
 from avn_study.space import SearchSpace
+from avn_study.trainable import merge_grid
 
 MANIFEST = "study.json"
 
@@ -100,7 +101,7 @@ def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome
             if (trial_dir / "result.json").is_file() else []  # fmt: skip
         last = results[-1] if results else {}
         error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else ""
-        merged = {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
+        merged = merge_grid(config)
         outcomes.append(TrialOutcome(
             trial_id=str(last.get("trial_id", trial_dir.name)), row=str(merged.get("_row", "?")),
             stage=int(merged.get("_stage", 1)), path=str(trial_dir),

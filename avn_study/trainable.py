@@ -27,11 +27,16 @@ from typing import Any
 RESERVED = ("_row", "_stage", "_repeat", "_avn", "grid")
 
 
+def merge_grid(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's Ray config with stage 2's ``grid`` entry (one row x fold x seed) merged into the top level."""
+    return {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
+
+
 def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A trial's Ray config -> (flat TrainConfig dict, identity and run-time meta)."""
     from avn_study.space import resolve_sampled
 
-    merged = {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
+    merged = merge_grid(config)
     flat = {k: v for k, v in merged.items() if not k.startswith("_")}
     sampled = {k: flat.pop(k) for k in list(flat) if k.startswith("schedule_params.")}
     meta = {"row": merged.get("_row", flat.get("arm")), "stage": merged.get("_stage", 1),

@@ -250,3 +250,17 @@ def test_evaluate_scores_a_perfect_prediction(tiny_data, monkeypatch: pytest.Mon
     assert [c["dice"] for c in per_case] == [1.0] * len(per_case)
     assert summary["val_dice"] == 1.0 and summary["n_cases"] == len(tiny_data.val)
     assert {c["case"] for c in per_case} == {c.case_id for c in tiny_data.val}
+
+
+def test_device_names_are_checked() -> None:
+    from avn_study.errors import AvnError, UsageError
+
+    assert engine.resolve_device("cpu").type == "cpu"
+    with pytest.raises(UsageError, match=r"'gpu'.*use auto, cpu, cuda or cuda:N"):
+        engine.resolve_device("gpu")
+    if torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA device"):
+            engine.resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(AvnError, match="CUDA is not available"):
+            engine.resolve_device("cuda:0")

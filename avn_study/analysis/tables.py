@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from avn_study.errors import UsageError
+from avn_study.trainable import merge_grid
 
 IDENTITY = ("trial_id", "experiment", "stage", "row", "arm", "schedule", "fold", "seed", "repeat")
 FINISHED = "TERMINATED"
@@ -108,15 +109,16 @@ def _json(path: Path, what: str) -> Any:
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text().splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             # a driver killed mid-write leaves a torn last line; anything earlier is corruption
-            if number < len(path.read_text().splitlines()):
+            if number < len(lines):
                 raise UsageError(f"{path}, line {number}: not valid JSON; the results file is damaged") from None
     return records
 
@@ -161,15 +163,21 @@ def _last_line(text: str) -> str:
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
+def trial_config(trial_dir: Path, merged: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trial's resolved training config (``resolved_config.json``), else its Ray parameters without
+    avn-study's private keys (a trial that failed before writing the resolved config)."""
+    resolved = trial_dir / "resolved_config.json"
+    if resolved.is_file():
+        return _json(resolved, "resolved config")
+    merged = merged if merged is not None else merge_grid(_json(trial_dir / "params.json", "trial parameters"))
+    return {k: v for k, v in merged.items() if not k.startswith("_")}
+
+
 def _read_trial(trial_dir: Path, experiment: str, status: str | None) -> tuple[dict, list[dict], list[dict]]:
     """(trial row, case rows, history rows) of one trial folder."""
-    params = _json(trial_dir / "params.json", "trial parameters")
-    merged = {**params.get("grid", {}), **{k: v for k, v in params.items() if k != "grid"}}
+    merged = merge_grid(_json(trial_dir / "params.json", "trial parameters"))
     results = _json_lines(trial_dir / "result.json") if (trial_dir / "result.json").is_file() else []
-    resolved = trial_dir / "resolved_config.json"
-    config = _json(resolved, "resolved config") if resolved.is_file() else {
-        k: v for k, v in merged.items() if not k.startswith("_")
-    }  # fmt: skip
+    config = trial_config(trial_dir, merged)
     error = (trial_dir / "error.txt").read_text() if (trial_dir / "error.txt").is_file() else ""
     last = results[-1] if results else {}
     evaluated = [r for r in results if "val_dice" in r]
