@@ -1,32 +1,43 @@
 """Statistics of an ablation with the patient as the unit, computed from stored per-case metrics.
 
-Rules (the report repeats them):
+Rules (the report repeats them; ``inference`` holds the tests and intervals):
 
-- **Unit.** A patient's value is the mean over that patient's validation cases of one run, then the
-  mean over the runs (seeds, repeats) of the row. Patients are independent; cases and seeds of one
-  patient are not, so they are averaged, never counted as extra samples.
+- **Unit.** A patient's value is the mean over that patient's cases of one run, then the mean over
+  the runs (seeds, repeats) of the row. Patients are independent; cases and seeds of one patient are
+  not, so they are averaged, never counted as extra samples.
 - **Which cases.** ``dice``, ``lesion_sensitivity``: cases with necrosis in the reference. ``dice_all``
   (Dice with the empty-mask rule), ``lesion_fp``, ``abs_volume_error_ml``: every case. ``hd95_mm``:
-  cases where it is defined. ``loc_dice``, ``recon_psnr``: rows whose model has that branch.
-- **Per row.** Mean and SD over patients and a 95% percentile-bootstrap CI of the mean (patients
-  resampled, 10,000 resamples, fixed seed).
-- **Paired comparison** with a reference row on the patients both have: mean difference with a 95%
-  paired-bootstrap CI, the Wilcoxon signed-rank test (two-sided, zero differences dropped), Holm's
-  correction across the compared rows, and two effect sizes: the matched-pairs rank-biserial
-  correlation and Cohen's d_z (mean difference / SD of differences). A row is called better or worse
-  only when its Holm-adjusted p is below alpha; otherwise it is *not distinguishable* from the
-  reference, and the table does not rank it.
-- **Seed spread.** Per row, the SD across seeds of the row's mean over patients. A difference between
-  rows smaller than that spread is flagged: a new seed could reverse it.
+  cases where it is defined. ``loc_dice``, ``recon_psnr``: rows whose model has that branch; a perfect
+  reconstruction (PSNR +inf) counts as :data:`PSNR_CAP_DB`, the PSNR of a one-ulp float32 error.
+- **Per row.** Mean and SD over patients and a 95 % studentized-bootstrap CI of the mean (patients
+  resampled, the trained models taken as fixed).
+- **Paired comparison** with a reference row on the patients both have: mean difference with its
+  studentized-bootstrap CI; two tests: patients as the random unit (Wilcoxon signed-rank, exact, on
+  differences rounded so ties are ties) and trained models as the random unit (the row labels of runs
+  on the same fold permuted, mean difference). ``p`` is the larger of the two (both must reject),
+  Holm-corrected across the compared rows. The verdict's direction is the sign of the signed-rank
+  statistic R+ - R-; see :func:`verdict` for when it is *inconclusive*.
+- **Seed spread.** Per row, the SD across seeds of the row's mean over patients.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from avn_study.analysis.inference import (
+    N_BOOT,
+    N_PERM,
+    bootstrap_ci,
+    holm,
+    run_permutation_test,
+    signed_rank_test,
+    tie_rounded,
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,7 @@ METRICS: dict[str, MetricSpec] = {
     "recon_psnr": MetricSpec("recon_psnr", "defined", True, "reconstruction PSNR (dB)"),
 }
 RUN_KEYS = ("seed", "repeat")
-N_BOOT = 10_000
+PSNR_CAP_DB = 20 * math.log10(1 / float(np.finfo(np.float32).eps))  # 138.5 dB: a one-ulp error of a unit range
 
 
 def metric_spec(name: str) -> MetricSpec:
@@ -66,7 +77,16 @@ def case_values(cases: pd.DataFrame, metric: str) -> pd.DataFrame:
     if spec.subset == "necrotic":
         chosen = cases[cases["has_necrosis"] > 0]
     values = chosen.assign(value=pd.to_numeric(chosen[spec.column], errors="coerce"))
+    if spec.column == "recon_psnr":
+        values["value"] = values["value"].clip(upper=PSNR_CAP_DB)  # +inf: a perfect reconstruction
     return values[np.isfinite(values["value"])]
+
+
+def capped_psnr_cases(cases: pd.DataFrame) -> int:
+    """How many cases had a perfect reconstruction (PSNR +inf, counted as :data:`PSNR_CAP_DB`)."""
+    if "recon_psnr" not in cases:
+        return 0
+    return int(np.isposinf(pd.to_numeric(cases["recon_psnr"], errors="coerce")).sum())
 
 
 def patient_values(cases: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -83,46 +103,24 @@ def patient_values(cases: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame({"value": grouped.mean(), "n_runs": grouped.size()}).reset_index()
 
 
-def bootstrap_ci(
-    values: np.ndarray, n_boot: int = N_BOOT, confidence: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile-bootstrap CI of the mean (NaN, NaN with fewer than 2 values)."""
-    values = np.asarray(values, dtype=float)
-    if values.size < 2:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+def _paired(d: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """Patient-level statistics of rounded paired differences ``d``."""
+    test = signed_rank_test(d)
+    low, high = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+    sd = float(np.std(d, ddof=1)) if d.size > 1 else math.nan
+    return {
+        "mean_diff": float(d.mean()) if d.size else math.nan, "diff_ci_low": low, "diff_ci_high": high,
+        "statistic": test.statistic if d.size else math.nan, "p_patients": test.p if d.size else math.nan,
+        "rank_biserial": test.rank_biserial if d.size else math.nan,
+        "cohen_dz": float(d.mean() / sd) if sd and sd > 0 else math.nan,
+    }  # fmt: skip
 
 
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (NaN entries stay NaN and do not count)."""
-    p = np.asarray(pvalues, dtype=float)
-    valid = np.flatnonzero(np.isfinite(p))
-    adjusted = np.full(p.shape, np.nan)
-    order = valid[np.argsort(p[valid])]
-    m, running = len(order), 0.0
-    for i, index in enumerate(order):
-        running = max(running, min(1.0, (m - i) * p[index]))
-        adjusted[index] = running
-    return adjusted.tolist()
-
-
-def wilcoxon(differences: np.ndarray) -> tuple[float, float, float]:
-    """(statistic, two-sided p, rank-biserial r) of the signed-rank test; zeros are dropped."""
-    from scipy import stats
-
-    d = np.asarray(differences, dtype=float)
-    d = d[d != 0]
-    if d.size == 0:
-        return 0.0, 1.0, 0.0  # no pair differs at all: nothing to detect
-    ranks = stats.rankdata(np.abs(d))
-    positive, negative = ranks[d > 0].sum(), ranks[d < 0].sum()
-    r = float((positive - negative) / ranks.sum())
-    result = stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided")
-    return float(result.statistic), float(result.pvalue), r
+COMPARISON_COLUMNS = [
+    "row", "reference", "n_pairs", "mean_row", "mean_reference", "mean_diff", "diff_ci_low", "diff_ci_high",
+    "statistic", "p_patients", "n_runs_row", "n_runs_reference", "p_runs", "p_runs_min", "p", "p_holm",
+    "rank_biserial", "cohen_dz", "verdict",
+]  # fmt: skip
 
 
 def compare_paired(
@@ -135,9 +133,11 @@ def compare_paired(
 ) -> pd.DataFrame:
     """Every column of a patient x row table against ``reference``, paired on patients both have.
 
+    Patients are the only random unit here (the trained models are taken as fixed): ``p`` is the
+    signed-rank test's. :func:`compare_rows` also tests against run-to-run variation.
+
     Returns:
-        One row per compared row: ``row, reference, n_pairs, mean_row, mean_reference, mean_diff,
-        diff_ci_low, diff_ci_high, wilcoxon_w, p, p_holm, rank_biserial, cohen_dz, verdict``.
+        One row per compared row with the columns of :data:`COMPARISON_COLUMNS` (the run columns NaN).
     """
     if reference not in per_patient:
         raise KeyError(reference)
@@ -146,31 +146,44 @@ def compare_paired(
         if row == reference:
             continue
         pair = per_patient[[row, reference]].dropna()
-        diff = (pair[row] - pair[reference]).to_numpy()
-        statistic, p, r = wilcoxon(diff) if diff.size else (math.nan, math.nan, math.nan)
-        low, high = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
-        sd = float(np.std(diff, ddof=1)) if diff.size > 1 else math.nan
-        out.append({
-            "row": row, "reference": reference, "n_pairs": int(diff.size),
-            "mean_row": float(pair[row].mean()) if diff.size else math.nan,
-            "mean_reference": float(pair[reference].mean()) if diff.size else math.nan,
-            "mean_diff": float(diff.mean()) if diff.size else math.nan,
-            "diff_ci_low": low, "diff_ci_high": high, "wilcoxon_w": statistic, "p": p,
-            "rank_biserial": r, "cohen_dz": float(diff.mean() / sd) if sd and sd > 0 else math.nan,
-        })  # fmt: skip
-    table = pd.DataFrame(out, columns=[
-        "row", "reference", "n_pairs", "mean_row", "mean_reference", "mean_diff", "diff_ci_low", "diff_ci_high",
-        "wilcoxon_w", "p", "rank_biserial", "cohen_dz",
-    ])  # fmt: skip
-    table.insert(table.columns.get_loc("p") + 1, "p_holm", holm(table["p"].tolist()))
-    table["verdict"] = [_verdict(t, reference, higher_is_better, alpha) for t in table.itertuples()]
+        d = tie_rounded((pair[row] - pair[reference]).to_numpy(), _scale(pair))
+        stats_ = _paired(d, n_boot, seed)
+        out.append({"row": row, "reference": reference, "n_pairs": int(d.size), **_means(pair, row, reference),
+                    **stats_, "p": stats_["p_patients"]})  # fmt: skip
+    return _finish(out, reference, higher_is_better, alpha)
+
+
+def _scale(pair: pd.DataFrame) -> float:
+    return float(np.abs(pair.to_numpy()).max()) if pair.size else 1.0
+
+
+def _means(pair: pd.DataFrame, row: str, reference: str) -> dict[str, float]:
+    empty = pair.empty
+    return {"mean_row": math.nan if empty else float(pair[row].mean()),
+            "mean_reference": math.nan if empty else float(pair[reference].mean())}  # fmt: skip
+
+
+def _finish(out: list[dict], reference: str, higher_is_better: bool, alpha: float) -> pd.DataFrame:
+    table = pd.DataFrame(out).reindex(columns=COMPARISON_COLUMNS)
+    table["p_holm"] = holm(table["p"].astype(float).tolist())
+    table["verdict"] = [verdict(t, reference, higher_is_better, alpha) for t in table.itertuples()]
     return table
 
 
-def _verdict(t, reference: str, higher_is_better: bool, alpha: float) -> str:
+def verdict(t: Any, reference: str, higher_is_better: bool, alpha: float) -> str:
+    """better / worse only when the corrected test, the rank statistic, the mean and its CI all agree.
+
+    The direction is the sign of the signed-rank statistic (R+ - R-), the statistic whose p-value
+    decides; a mean difference of the other sign, or a mean-difference CI that includes 0, makes the
+    verdict *inconclusive* instead, so the table can never contradict itself.
+    """
     if not (t.n_pairs and math.isfinite(t.p_holm)) or t.p_holm >= alpha:
         return f"not distinguishable from {reference}"
-    better = (t.mean_diff > 0) == higher_is_better
+    if np.sign(t.rank_biserial) != np.sign(t.mean_diff):
+        return "inconclusive (median and mean disagree)"
+    if not (t.diff_ci_low > 0 or t.diff_ci_high < 0):
+        return "inconclusive (the CI of the mean difference includes 0)"
+    better = (t.rank_biserial > 0) == higher_is_better
     return f"{'better' if better else 'worse'} than {reference}"
 
 
@@ -217,11 +230,46 @@ def patient_matrix(cases: pd.DataFrame, metric: str, rows: list[str]) -> pd.Data
     return matrix.reindex(columns=[r for r in rows if r in matrix.columns])
 
 
-def compare_rows(cases: pd.DataFrame, rows: list[str], reference: str, metric: str = "dice",
-                 alpha: float = 0.05, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:  # fmt: skip
-    """:func:`compare_paired` on an experiment's per-case table."""
-    matrix = patient_matrix(cases, metric, rows)
-    return compare_paired(matrix, reference, metric_spec(metric).higher_is_better, alpha, n_boot, seed)
+def run_values(cases: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One value per row x run (fold, seed, repeat) x patient: the patient's cases in that run averaged."""
+    values = case_values(cases, metric)
+    keys = ["row", "fold", *RUN_KEYS, "patient"]
+    if values.empty:
+        return pd.DataFrame(columns=[*keys, "value"])
+    return values.groupby(keys, sort=False)["value"].mean().reset_index()
+
+
+def compare_rows(cases: pd.DataFrame, rows: list[str], reference: str, metric: str = "dice", alpha: float = 0.05,
+                 n_boot: int = N_BOOT, seed: int = 0, n_perm: int = N_PERM) -> pd.DataFrame:  # fmt: skip
+    """Every row against ``reference`` on an experiment's per-case table, patients *and* runs as random units.
+
+    Returns:
+        :data:`COMPARISON_COLUMNS`; ``p_patients`` (Wilcoxon), ``p_runs`` (run permutation, with
+        ``p_runs_min`` the smallest p the design allows) and ``p`` = the larger of the two.
+    """
+    per_run = run_values(cases, metric)
+    per_patient = per_run.groupby(["row", "patient"], sort=False)["value"].mean().unstack("row")
+    if reference not in per_patient:
+        raise KeyError(reference)
+    out = []
+    for row in [r for r in rows if r in per_patient and r != reference]:
+        pair = per_patient[[row, reference]].dropna()
+        scale = _scale(pair)
+        d = tie_rounded((pair[row] - pair[reference]).to_numpy(), scale)
+        entry = {"row": row, "reference": reference, "n_pairs": int(d.size), **_means(pair, row, reference),
+                 **_paired(d, n_boot, seed)}  # fmt: skip
+        runs = per_run[per_run["row"].isin([row, reference]) & per_run["patient"].isin(pair.index)]
+        matrix = runs.pivot_table(index=["row", "fold", *RUN_KEYS], columns="patient", values="value")
+        labels = matrix.index.get_level_values("row") == row
+        entry.update(n_runs_row=int(labels.sum()), n_runs_reference=int((~labels).sum()))
+        if d.size and labels.any() and (~labels).any():
+            perm = run_permutation_test(matrix.to_numpy(), labels, matrix.index.get_level_values("fold").to_numpy(),
+                                        scale, n_perm=n_perm, seed=seed)  # fmt: skip
+            entry.update(p_runs=perm.p, p_runs_min=perm.min_p)
+        # both tests must reject (intersection-union): the larger p is a valid p-value for either null
+        entry["p"] = max(entry["p_patients"], entry["p_runs"]) if "p_runs" in entry else entry["p_patients"]
+        out.append(entry)
+    return _finish(out, reference, metric_spec(metric).higher_is_better, alpha)
 
 
 def seed_spread(cases: pd.DataFrame, rows: list[str], metric: str = "dice") -> pd.DataFrame:

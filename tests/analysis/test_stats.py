@@ -63,12 +63,19 @@ def test_bootstrap_ci_covers_the_mean_and_shrinks_with_n() -> None:
     rng = np.random.default_rng(1)
     small, large = rng.normal(0.5, 0.1, 10), rng.normal(0.5, 0.1, 1000)
     low_s, high_s = bootstrap_ci(small)
-    low_l, high_l = bootstrap_ci(large)
+    low_l, high_l = bootstrap_ci(large, n_boot=2000)
     assert low_s < small.mean() < high_s and low_l < large.mean() < high_l
     assert (high_l - low_l) < (high_s - low_s) / 5
-    # about 1.96 standard errors each side for a normal sample
+    # about 1.96 standard errors each side for a large normal sample; near Student's t for small ones
     assert high_l - low_l == pytest.approx(2 * 1.96 * large.std(ddof=1) / np.sqrt(1000), rel=0.1)
+    ratios = []
+    for i in range(100):
+        x = rng.normal(0.5, 0.1, 10)
+        low, high = bootstrap_ci(x, n_boot=1000, seed=i)
+        ratios.append((high - low) / (2 * scipy_stats.t.ppf(0.975, 9) * x.std(ddof=1) / np.sqrt(10)))
+    assert np.median(ratios) == pytest.approx(1.0, abs=0.08)
     assert np.isnan(bootstrap_ci(np.array([0.3]))[0])
+    assert bootstrap_ci(np.array([0.3, 0.3, 0.3])) == (0.3, 0.3)
 
 
 def test_a_known_effect_is_found_with_the_right_sign_size_and_correction() -> None:
@@ -81,11 +88,14 @@ def test_a_known_effect_is_found_with_the_right_sign_size_and_correction() -> No
     assert table.loc["none", "verdict"] == "not distinguishable from unet"
     assert table.loc["big", "rank_biserial"] > 0.9 and table.loc["worse", "rank_biserial"] < -0.9
     assert (table["p_holm"] >= table["p"]).all()
-    # the test statistic is scipy's on the per-patient differences (seeds and cases averaged)
+    # the patient-level test is scipy's on the per-patient differences (seeds and cases averaged)
     values = patient_values(cases, "dice").pivot(index="patient", columns="row", values="value")
     expected = scipy_stats.wilcoxon(values["big"] - values["unet"]).pvalue
-    assert table.loc["big", "p"] == pytest.approx(expected)
-    assert table.loc["big", "n_pairs"] == 20
+    assert table.loc["big", "p_patients"] == pytest.approx(expected)
+    # the run-level test: 3 folds x (3 + 3 runs) = 20^3 labellings, the observed one the most extreme
+    assert table.loc["big", "p_runs"] == pytest.approx(2 / 20**3)
+    assert table.loc["big", "p"] == max(table.loc["big", "p_patients"], table.loc["big", "p_runs"])
+    assert table.loc["big", "n_pairs"] == 20 and table.loc["big", "n_runs_row"] == 9
 
 
 def test_lower_is_better_metrics_flip_the_verdict() -> None:
