@@ -184,6 +184,51 @@ def train_one_epoch(
     return record
 
 
+REFERENCE_SLICES = 64  # slices of the fixed set on which schedules measure the untrained network's losses
+
+
+def reference_indices(has_head: np.ndarray, n: int = REFERENCE_SLICES) -> np.ndarray:
+    """A fixed, seed-independent set of training slices: ``n`` evenly spaced among those with a femoral head."""
+    pool = np.flatnonzero(has_head) if has_head.any() else np.arange(has_head.size)
+    picks = np.unique(np.linspace(0, pool.size - 1, min(n, pool.size)).round().astype(int))
+    return pool[picks]
+
+
+@torch.no_grad()
+def reference_losses(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    loss_config: LossConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean unweighted branch losses of ``model`` as it is (untrained), without changing it.
+
+    The model runs in training mode, as in the first epoch (batch norm on batch statistics, so the
+    losses are on the scale that training reports); its buffers (running statistics) are restored
+    afterwards and no optimizer step is taken, so the run continues exactly as if this never happened.
+    """
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.train()
+    branches = tuple(model.branches)
+    sums: dict[str, float] = defaultdict(float)
+    n = 0
+    for batch in batches:
+        batch = _move(batch, device, device.type == "cuda")
+        with _autocast(device, amp_dtype):
+            outputs = model(batch["image"])
+        losses = branch_losses({k: v.float() for k, v in outputs.items()}, batch, branches, loss_config)
+        b = batch["image"].shape[0]
+        n += b
+        for name, value in losses.items():
+            sums[name] += value.item() * b
+    for name, buffer in model.named_buffers():
+        buffer.copy_(buffers[name])
+    if n == 0:
+        raise AvnError("the reference set of training slices is empty")
+    return {name: total / n for name, total in sums.items()}
+
+
 @torch.inference_mode()
 def predict_slices(
     model: torch.nn.Module,

@@ -139,6 +139,8 @@ class Schedule(ABC):
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ("seg",)
+    #: branches whose loss on the untrained network the schedule needs (see :meth:`set_reference`)
+    needs_reference: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, branches: Sequence[str]) -> None:
         if isinstance(branches, str) or not isinstance(branches, Sequence):
@@ -170,6 +172,24 @@ class Schedule(ABC):
     def parameters(self) -> list[torch.nn.Parameter]:
         """Learned weights that the optimizer must update (none for most schedules)."""
         return []
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether :meth:`set_reference` has what the schedule needs (always, if it needs nothing)."""
+        return True
+
+    def set_reference(self, losses: Mapping[str, float]) -> None:
+        """Give the mean unweighted losses of the *untrained* network (before the first optimizer step).
+
+        Only schedules with :attr:`needs_reference` use it; the training run measures it once, on a
+        fixed set of training slices, and the value is part of :meth:`state_dict`.
+
+        Raises:
+            ValueError: a branch in :attr:`needs_reference` is missing from ``losses``.
+        """
+        missing = [b for b in self.needs_reference if b not in losses]
+        if missing:
+            raise ValueError(f"schedule '{self.name}' needs the reference losses of {missing}, got {sorted(losses)}")
 
     def combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
         """The training objective ``sum_b w_b * L_b`` over the active branches (scalar tensor)."""
@@ -329,17 +349,21 @@ class ReconDependentSchedule(Schedule):
         w_recon  = clip(r ** gamma, m_rec, 1 - m_seg)
         w_seg    = w_loc = 1 - w_recon
 
-    ``L_ref = L_rec(0)``, the mean reconstruction loss of the first epoch (of the nearly untrained
-    network), fixed the first time it is needed and kept in :meth:`state_dict`. ``L_rec(t - 1)`` is the
-    previous epoch's mean unweighted reconstruction loss (``r = 0`` if ``L_ref <= 0``).
+    ``L_ref`` is the mean reconstruction loss of the *untrained* network, measured before the first
+    optimizer step on a fixed set of training slices (:meth:`set_reference`; ``TrainingRun`` does it)
+    and kept in :meth:`state_dict`. ``L_rec(t - 1)`` is the previous epoch's mean unweighted
+    reconstruction loss (``r = 0`` if ``L_ref <= 0``).
 
-    Why this reference: taking ``L_ref`` at the end of pre-training would give ``r = 1`` there, hence
-    ``w_seg = 0``, and segmentation would start only if reconstruction kept improving without being
-    trained more than before. Relative to the first epoch, ``r`` measures how far reconstruction has
-    converged, so a well pre-trained encoder hands most of the weight to segmentation at once, and
-    ``w_seg`` keeps rising while ``L_rec`` falls (``w_seg`` is non-increasing in ``r``). If the
-    reconstruction degrades once segmentation trains the shared encoder, ``r`` rises and the weight
-    moves back to reconstruction. ``gamma > 1`` shifts faster (``r ** gamma`` is smaller); the floors
+    Why the untrained network: taking ``L_ref`` at the end of pre-training would give ``r = 1`` there,
+    hence ``w_seg = 0``, and segmentation would start only if reconstruction kept improving without
+    being trained more than before. Relative to the untrained loss, ``r`` measures how far
+    reconstruction has converged, so a well pre-trained encoder hands most of the weight to
+    segmentation at once, and ``w_seg`` keeps rising while ``L_rec`` falls (``w_seg`` is non-increasing
+    in ``r``). If the reconstruction degrades once segmentation trains the shared encoder, ``r`` rises
+    and the weight moves back to reconstruction. The mean training loss of epoch 0 would be a moving
+    target: the network learns during that epoch, so the reference, and every weight after it, would
+    depend on the learning rate, the epoch length and the cohort size. The paper's abstract does not
+    say which reference it used. ``gamma > 1`` shifts faster (``r ** gamma`` is smaller); the floors
     ``m_rec`` / ``m_seg`` keep either task from dropping to exactly 0 after pre-training (so also
     ``w_seg >= m_seg`` when reconstruction never improves). ``w_loc = w_seg`` because the localisation
     branch serves segmentation.
@@ -353,6 +377,7 @@ class ReconDependentSchedule(Schedule):
     """
 
     requires = ("seg", "recon")
+    needs_reference = ("recon",)
 
     def __init__(
         self,
@@ -374,11 +399,22 @@ class ReconDependentSchedule(Schedule):
             )
         self.reference_loss: float | None = None
 
+    @property
+    def has_reference(self) -> bool:
+        return self.reference_loss is not None
+
+    def set_reference(self, losses: Mapping[str, float]) -> None:
+        super().set_reference(losses)
+        self.reference_loss = _float_param("reference loss of 'recon'", losses["recon"], 0.0)
+
     def weights(self, epoch: int, history: History) -> dict[str, float]:
         if _check_epoch(epoch) < self.pretrain_epochs:
             return {b: 1.0 if b == "recon" else 0.0 for b in self.branches}
         if self.reference_loss is None:
-            self.reference_loss = _history_loss(history, 0, "recon", epoch)
+            raise ValueError(
+                "schedule 'recon_dependent' needs the untrained network's reconstruction loss: call "
+                "set_reference({'recon': L}) before the first epoch (TrainingRun does)"
+            )
         last = _history_loss(history, epoch - 1, "recon", epoch)
         r = last / self.reference_loss if self.reference_loss > 0 else 0.0
         w_recon = min(max(r**self.exponent, self.min_recon_weight), 1.0 - self.min_seg_weight)

@@ -18,6 +18,8 @@ from avn_study.engine import (
     build_model,
     cosine_lr,
     evaluate,
+    reference_indices,
+    reference_losses,
     resolve_device,
     train_one_epoch,
 )
@@ -56,9 +58,8 @@ class TrainingRun:
         self.loss_config = LossConfig(seg_dice_weight=config.optim.seg_dice_weight, recon_kind=config.optim.recon_kind)
         d = config.data
         self.slice_config = SliceConfig(d.slice_size, d.loc_margin_mm, d.empty_slice_fraction, d.necrosis_oversample)
-        self.loader = make_loader(
-            SliceDataset(data.train, self.slice_config), batch_size=config.optim.batch_size, seed=rt.seed
-        )
+        self.dataset = SliceDataset(data.train, self.slice_config)
+        self.loader = make_loader(self.dataset, batch_size=config.optim.batch_size, seed=rt.seed)
         self.augment = AugmentConfig() if d.augment else None
         self.history: list[dict[str, Any]] = []
         self.last_per_case: list[dict[str, Any]] = []
@@ -78,10 +79,15 @@ class TrainingRun:
         lr = cosine_lr(cfg.optim.lr, epoch, cfg.optim.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+        if not self.schedule.has_reference:  # a fresh run (a resumed one restores it with the schedule)
+            reference = self.measure_reference()
+            self.schedule.set_reference(reference)
+            record.update({f"ref_loss_{k}": v for k, v in reference.items()})
         weights = self.schedule.weights(epoch, self.history)
         self.loader.batch_sampler.sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(cfg.runtime.seed * 1_000_003 + epoch)
-        record: dict[str, Any] = {"epoch": epoch, "lr": lr, **{f"w_{k}": float(v) for k, v in weights.items()}}
+        record.update({f"w_{k}": float(v) for k, v in weights.items()})
         record.update(
             train_one_epoch(
                 self.model,
@@ -107,6 +113,13 @@ class TrainingRun:
             record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.history.append(record)
         return record
+
+    def measure_reference(self) -> dict[str, float]:
+        """Losses of the untrained network on a fixed set of training slices (see ``engine.reference_losses``)."""
+        indices = reference_indices(self.dataset.has_head)
+        size = self.config.optim.batch_size
+        batches = (self.dataset.__getitems__(indices[i : i + size].tolist()) for i in range(0, indices.size, size))
+        return reference_losses(self.model, batches, self.loss_config, self.device, self.amp_dtype)
 
     def provenance(self) -> dict[str, Any]:
         return {

@@ -264,3 +264,27 @@ def test_device_names_are_checked() -> None:
     else:
         with pytest.raises(AvnError, match="CUDA is not available"):
             engine.resolve_device("cuda:0")
+
+
+def test_recon_dependent_reference_is_the_untrained_loss_whatever_the_learning_rate(tiny_data) -> None:
+    """L_ref is measured before the first step, so it cannot depend on lr (epoch 0's mean loss did)."""
+    flat = {**TINY, "arm": "seg+recon", "schedule": "recon_dependent", "schedule_params": {"pretrain_epochs": 1}}
+    references, first_epoch = [], []
+    for lr in (1e-4, 3e-3):
+        run = TrainingRun(TrainConfig.from_flat({**flat, "lr": lr}), tiny_data)
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        measured = run.measure_reference()
+        after = run.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics untouched
+        record = run.run_epoch()
+        assert record["ref_loss_recon"] == measured["recon"] == run.schedule.state_dict()["reference_loss"]
+        references.append(record["ref_loss_recon"])
+        first_epoch.append(record["loss_recon"])
+        assert "ref_loss_recon" not in run.run_epoch()  # measured once, kept in the schedule's state
+    assert references[0] == references[1]  # same seed, same untrained network, same slices
+    assert abs(first_epoch[0] - first_epoch[1]) > 1e-3  # while the first epoch's mean loss moved with lr
+
+
+def test_schedules_without_a_reference_train_as_before(tiny_data) -> None:
+    run = TrainingRun(TrainConfig.from_flat({**TINY, "arm": "seg+recon", "schedule": "linear"}), tiny_data)
+    assert run.schedule.has_reference and not any(k.startswith("ref_loss_") for k in run.run_epoch())

@@ -33,6 +33,8 @@ def needs_recon(name: str) -> bool:
 
 
 def run(schedule: Schedule, history: list[dict[str, float]], epochs: range) -> list[dict[str, float]]:
+    if not schedule.has_reference:  # what TrainingRun measures on the untrained network
+        schedule.set_reference({b: history[0][f"loss_{b}"] for b in schedule.needs_reference})
     return [schedule.weights(e, history[:e]) for e in epochs]
 
 
@@ -90,6 +92,7 @@ def test_state_dict_round_trip_continues_identically(name, branches, tmp_path):
 @pytest.mark.parametrize("name", list_schedules())
 def test_combine_is_a_differentiable_scalar(name):
     schedule = create_schedule(name, ("seg", "recon", "loc"))
+    run(schedule, synthetic_history(), range(0))  # gives the reference that some schedules need
     preds = {b: torch.tensor(0.5, requires_grad=True) for b in schedule.branches}
     total = schedule.combine(preds, schedule.weights(8, synthetic_history()))
     assert total.shape == () and torch.isfinite(total)
@@ -165,24 +168,32 @@ def _recon_history(losses: list[float]) -> list[dict[str, float]]:
 
 
 def test_recon_dependent_hand_computed():
-    history = _recon_history([1.0, 0.6, 0.4, 0.2, 0.01])
+    history = _recon_history([0.9, 0.6, 0.4, 0.2, 0.01])
     schedule = create_schedule("recon_dependent", ("seg", "recon", "loc"), pretrain_epochs=2)
+    schedule.set_reference({"recon": 1.0})  # the untrained network's loss, not epoch 0's mean
     weights = run(schedule, history, range(6))
     assert weights[0] == weights[1] == {"seg": 0.0, "recon": 1.0, "loc": 0.0}  # pre-training
-    # w_recon = L_rec(t-1) / L_rec(0), w_seg = w_loc = 1 - w_recon; floors 0.1
+    # w_recon = L_rec(t-1) / L_ref, w_seg = w_loc = 1 - w_recon; floors 0.1
     for epoch, recon in [(2, 0.6), (3, 0.4), (4, 0.2), (5, 0.1)]:
         assert weights[epoch] == pytest.approx({"seg": 1 - recon, "recon": recon, "loc": 1 - recon}), epoch
     assert schedule.state_dict()["reference_loss"] == 1.0
 
 
+def _with_reference(schedule: Schedule, reference: float = 1.0) -> Schedule:
+    schedule.set_reference({"recon": reference})
+    return schedule
+
+
 def test_recon_dependent_exponent_and_floors():
-    sharp = create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=2, exponent=2.0)
+    sharp = _with_reference(create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=2, exponent=2.0))
     assert sharp.weights(2, _recon_history([1.0, 0.6]))["recon"] == pytest.approx(0.36)
-    worse = create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1, min_seg_weight=0.25)
-    assert worse.weights(1, _recon_history([1.0]))["seg"] == pytest.approx(0.25)  # r = 1: seg still trains
-    no_floor = create_schedule(
-        "recon_dependent", ("seg", "recon"), pretrain_epochs=1, min_recon_weight=0.0, min_seg_weight=0.0
+    worse = _with_reference(
+        create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1, min_seg_weight=0.25)
     )
+    assert worse.weights(1, _recon_history([1.0]))["seg"] == pytest.approx(0.25)  # r = 1: seg still trains
+    no_floor = _with_reference(create_schedule(
+        "recon_dependent", ("seg", "recon"), pretrain_epochs=1, min_recon_weight=0.0, min_seg_weight=0.0
+    ))  # fmt: skip
     assert no_floor.weights(2, _recon_history([1.0, 1.5]))["seg"] == 0.0
 
 
@@ -190,7 +201,7 @@ def test_recon_dependent_is_monotone_in_convergence():
     last_losses = [1.2, 1.0, 0.8, 0.5, 0.3, 0.1, 0.05, 0.0]  # ever better reconstruction
     seg = []
     for last in last_losses:
-        schedule = create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1)
+        schedule = _with_reference(create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1))
         seg.append(schedule.weights(2, _recon_history([1.0, last]))["seg"])
     assert seg == sorted(seg) and seg[-1] > seg[0]
     # on a decreasing history, weight moves toward segmentation epoch by epoch
@@ -201,19 +212,26 @@ def test_recon_dependent_is_monotone_in_convergence():
 
 def test_recon_dependent_reference_comes_from_the_state():
     history = _recon_history([1.0, 0.5, 0.4])
-    schedule = create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1)
-    schedule.weights(1, history[:1])
+    schedule = _with_reference(create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1))
     restored = create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=1)
+    assert not restored.has_reference
     restored.load_state_dict(schedule.state_dict())
-    changed = [{"loss_seg": 0.5, "loss_recon": 2.0}, *history[1:]]  # a different first epoch is ignored
+    assert restored.has_reference
+    changed = [{"loss_seg": 0.5, "loss_recon": 2.0}, *history[1:]]  # the first epoch's loss plays no part
     assert restored.weights(3, changed) == pytest.approx({"seg": 0.6, "recon": 0.4})
 
 
-def test_recon_dependent_reports_missing_history():
+def test_recon_dependent_reports_a_missing_reference_or_history():
     schedule = create_schedule("recon_dependent", ("seg", "recon"), pretrain_epochs=2)
-    with pytest.raises(ValueError, match=r"^weights\(epoch=3\) needs the losses of epoch 0, but history has"):
+    assert schedule.weights(0, []) == {"seg": 0.0, "recon": 1.0}  # pre-training needs no reference
+    with pytest.raises(ValueError, match=r"needs the untrained network's reconstruction loss: call set_reference"):
+        schedule.weights(2, _recon_history([1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"reference loss of 'recon' must be a finite number >= 0.0, got .*nan"):
+        schedule.set_reference({"recon": float("nan")})
+    schedule.set_reference({"recon": 1.0})
+    with pytest.raises(ValueError, match=r"^weights\(epoch=3\) needs the losses of epoch 2, but history has"):
         schedule.weights(3, [])
-    with pytest.raises(ValueError, match=r"history\[0\] has no 'loss_recon'"):
+    with pytest.raises(ValueError, match=r"history\[1\] has no 'loss_recon'"):
         schedule.weights(2, [{"loss_seg": 1.0}, {"loss_seg": 1.0}])
 
 
