@@ -43,6 +43,19 @@ class DataConfig:
     empty_slice_fraction: float = 0.25  # share of slices without femoral head used per epoch
     necrosis_oversample: int = 2  # slices with necrosis appear this many times per epoch
     augment: bool = True  # flip / rotate / zoom / intensity jitter on training batches
+    inner_fold: int = -1  # nested CV: validate on this inner fold of `fold`'s training patients (-1: off)
+    n_inner_folds: int = 3  # nested CV: inner folds the outer fold's training patients are split into
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fold < self.n_folds:
+            raise ValueError(f"fold must be in [0, n_folds - 1] = [0, {self.n_folds - 1}], got fold={self.fold}")
+        if self.n_inner_folds < 2:
+            raise ValueError(f"n_inner_folds must be >= 2, got n_inner_folds={self.n_inner_folds}")
+        if not -1 <= self.inner_fold < self.n_inner_folds:
+            raise ValueError(
+                f"inner_fold must be -1 (off) or in [0, n_inner_folds - 1] = [0, {self.n_inner_folds - 1}], "
+                f"got inner_fold={self.inner_fold}"
+            )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from avn_study.data.slices import (
     augment_batch,
     validation_volumes,
 )
-from avn_study.data.splits import SPLITS_FILE, load_or_create_splits
+from avn_study.data.splits import SPLITS_FILE, Splits, check_inner, inner_splits, load_or_create_splits
 from avn_study.errors import AvnError
 from avn_study.losses import LossConfig, branch_losses
 from avn_study.metrics import case_metrics, summarize
@@ -52,15 +52,21 @@ class RunData:
     val: list[CachedCase]
     split_hash: str
     data_fingerprint: str
+    test: list[CachedCase] = field(default_factory=list)  # the split's held-out test set (in no fold)
+    inner_split_hash: str = ""  # nested CV: the hash of the inner folds ``val`` comes from
+
+    @property
+    def val_patients(self) -> list[str]:
+        return sorted({c.patient_id for c in self.val})
 
 
-def prepare_data(
+def cohort_split(
     data_root: str | Path,
     config: TrainConfig,
     cache_dir: str | Path | None = None,
     splits_path: str | Path | None = None,
-) -> RunData:
-    """Verify and cache the cohort, freeze (or read) the patient-level split, pick the fold."""
+) -> tuple[list[CachedCase], Splits]:
+    """Verify and cache the cohort, freeze (or read) the patient-level split."""
     cohort = open_cohort(data_root)
     cases = build_cache(cohort, PreprocessConfig(inplane_spacing_mm=config.data.inplane_spacing_mm), cache_dir)
     splits = load_or_create_splits(
@@ -70,9 +76,44 @@ def prepare_data(
         k=config.data.n_folds,
         seed=config.data.split_seed,
     )
-    fold = splits.fold(config.data.fold)
+    return cases, splits
+
+
+def prepare_data(
+    data_root: str | Path,
+    config: TrainConfig,
+    cache_dir: str | Path | None = None,
+    splits_path: str | Path | None = None,
+    inner: dict[str, Any] | None = None,
+) -> RunData:
+    """Cache the cohort, freeze (or read) the split, pick the fold (see :func:`cohort_split`).
+
+    With ``config.data.inner_fold >= 0`` (nested cross-validation) the run trains and validates
+    inside the outer fold's training patients: on the frozen inner splits ``inner`` (a study passes
+    its ``nested_splits.json`` entry for the outer fold), else on
+    :func:`~avn_study.data.splits.inner_splits` made now, which gives the same folds.
+    """
+    cases, splits = cohort_split(data_root, config, cache_dir, splits_path)
+    fold, inner_hash = splits.fold(config.data.fold), ""
+    if config.data.inner_fold >= 0:
+        if inner is not None:
+            folds = check_inner(inner, splits, config.data.fold, "the study's nested_splits.json")
+        else:
+            patients = {c.case_id: c.patient_id for c in cases}
+            necrosis = {c.case_id: c.has_necrosis for c in cases}
+            folds = inner_splits(splits, config.data.fold, patients, necrosis, k=config.data.n_inner_folds)
+        if folds.k != config.data.n_inner_folds:
+            raise AvnError(f"the frozen inner split has {folds.k} folds, but n_inner_folds={config.data.n_inner_folds}")
+        fold, inner_hash = folds.fold(config.data.inner_fold), folds.hash
     by_id = {c.case_id: c for c in cases}
-    return RunData([by_id[c] for c in fold.train], [by_id[c] for c in fold.val], splits.hash, cohort_fingerprint(cases))
+    return RunData(
+        [by_id[c] for c in fold.train],
+        [by_id[c] for c in fold.val],
+        splits.hash,
+        cohort_fingerprint(cases),
+        [by_id[c] for c in splits.test],
+        inner_hash,
+    )
 
 
 def resolve_device(name: str) -> torch.device:

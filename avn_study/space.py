@@ -8,7 +8,7 @@ key and what is allowed; names of arms, schedules and config keys get a did-you-
 Example (all keys; see README "Search-space files")::
 
     name: demo
-    protocol: fair_ablation      # sweep | fair_ablation
+    protocol: nested_ablation    # sweep | fair_ablation | nested_ablation
     metric: val_dice             # tuning metric, reported by every trial
     mode: max
     fixed: {epochs: 8, slice_size: 64, base_channels: 8}
@@ -20,9 +20,11 @@ Example (all keys; see README "Search-space files")::
       loc_margin_mm: {uniform: [5, 20]}
       schedule_params.pretrain_epochs: {int: [1, 3]}
       gating: {categorical: [multiply, residual]}
-    trials: 4                    # per arm (fair_ablation stage 1) or in total (sweep)
-    tuning_fold: 0               # the fold searched on
-    folds: [0, 1, 2]             # stage 2 of fair_ablation (and the grid of a sweep)
+    trials: 4                    # per row (and per outer fold for nested_ablation)
+    tuning_fold: 0               # the fold searched on (nested_ablation: the inner fold, in every outer fold)
+    folds: [0, 1, 2]             # the folds reported: fair_ablation stage 2 (never the tuning fold);
+                                 # nested_ablation: the outer folds
+    inner_folds: 3               # nested_ablation: inner folds of each outer fold's training patients
     seeds: [0, 1]
     repeats: 1
     scheduler: {type: asha, grace_period: 2, reduction_factor: 2}   # or {type: none}
@@ -46,10 +48,11 @@ from avn_study.config import ARMS, TrainConfig
 from avn_study.errors import UsageError, look_up
 
 TOP_KEYS = {
-    "name", "protocol", "metric", "mode", "fixed", "arms", "search", "trials", "tuning_fold", "folds", "seeds",
-    "repeats", "scheduler", "resources", "max_concurrent", "checkpoint", "max_failures", "sampler_seed",
+    "name", "protocol", "metric", "mode", "fixed", "arms", "search", "trials", "tuning_fold", "folds", "inner_folds",
+    "seeds", "repeats", "scheduler", "resources", "max_concurrent", "checkpoint", "max_failures", "sampler_seed",
 }  # fmt: skip
-PROTOCOLS = ("sweep", "fair_ablation")
+PROTOCOLS = ("sweep", "fair_ablation", "nested_ablation")
+ABLATIONS = ("fair_ablation", "nested_ablation")  # protocols with a stage 2 whose results are reported
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 METRICS = ("val_dice", "val_dice_all", "loc_dice", "hd95_mm", "abs_volume_error_ml", "lesion_fp")
 SCHEDULERS = ("asha", "none")
@@ -87,6 +90,7 @@ class SearchSpace:
     trials: int
     tuning_fold: int
     folds: tuple[int, ...]
+    inner_folds: int
     seeds: tuple[int, ...]
     repeats: int
     scheduler: Scheduler
@@ -183,11 +187,7 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
     arms = _parse_arms(r, raw, fixed)
     search = tuple(_parse_param(r, key, spec) for key, spec in r.mapping(raw, "search").items())
     n_folds = TrainConfig.from_flat({**fixed}).data.n_folds
-    folds = r.int_list(raw, "folds", list(range(n_folds)))
-    tuning_fold = r.number(raw, "tuning_fold", folds[0], low=0)
-    for key, values in (("folds", folds), ("tuning_fold", (tuning_fold,))):
-        if max(values) >= n_folds:
-            raise r.fail(key, f"fold indices must be < n_folds={n_folds}, got {list(values)}")
+    folds, tuning_fold, inner_folds = _parse_folds(r, raw, protocol, n_folds)
     sched = r.mapping(raw, "scheduler", {"type", "grace_period", "reduction_factor"})
     scheduler = Scheduler(
         type=r.known(sched.get("type", "asha"), SCHEDULERS, "scheduler.type"),
@@ -201,7 +201,7 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
     ckpt = r.mapping(raw, "checkpoint", {"frequency", "num_to_keep"})
     space = SearchSpace(
         path=path, name=name, protocol=protocol, metric=metric, mode=mode, fixed=fixed, arms=arms, search=search,
-        trials=r.number(raw, "trials", 1, low=1), tuning_fold=tuning_fold, folds=folds,
+        trials=r.number(raw, "trials", 1, low=1), tuning_fold=tuning_fold, folds=folds, inner_folds=inner_folds,
         seeds=r.int_list(raw, "seeds", [0]), repeats=r.number(raw, "repeats", 1, low=1), scheduler=scheduler,
         cpu=r.number(resources, "resources.cpu", 1.0, kind=float, low=0.01),
         gpu=r.number(resources, "resources.gpu", 0.0, kind=float, low=0.0),
@@ -217,6 +217,38 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
         )
     _check_every_row(r, space)
     return space
+
+
+def _parse_folds(r: _Reader, raw: dict[str, Any], protocol: str, n_folds: int) -> tuple[tuple[int, ...], int, int]:
+    """(folds, tuning_fold, inner_folds), checked so that no reported patient chose its row's configuration.
+
+    ``fair_ablation`` tunes on ``tuning_fold`` and reports ``folds``, which therefore must not contain
+    it (default: every other fold). ``nested_ablation`` reports the outer ``folds`` (default: all) and
+    tunes inside each on inner fold ``tuning_fold`` of ``inner_folds``.
+    """
+    inner_folds = r.number(raw, "inner_folds", 3, low=2)
+    if protocol != "nested_ablation" and "inner_folds" in raw:
+        raise r.fail("inner_folds", f"only nested_ablation has inner folds (protocol is {protocol})")
+    if protocol == "nested_ablation":
+        tuning_fold = r.number(raw, "tuning_fold", 0, low=0)
+        if tuning_fold >= inner_folds:
+            raise r.fail("tuning_fold", f"nested_ablation: the inner fold searched on must be < inner_folds="
+                                        f"{inner_folds}, got {tuning_fold}")  # fmt: skip
+        folds = r.int_list(raw, "folds", list(range(n_folds)))
+    else:
+        tuning_fold = r.number(raw, "tuning_fold", 0, low=0)
+        default = [f for f in range(n_folds) if f != tuning_fold] if protocol == "fair_ablation" else [tuning_fold]
+        folds = r.int_list(raw, "folds", default)
+        if tuning_fold >= n_folds:
+            raise r.fail("tuning_fold", f"fold indices must be < n_folds={n_folds}, got [{tuning_fold}]")
+    if max(folds) >= n_folds:
+        raise r.fail("folds", f"fold indices must be < n_folds={n_folds}, got {list(folds)}")
+    if protocol == "fair_ablation" and tuning_fold in folds:
+        raise r.fail("folds", f"fair_ablation reports folds {list(folds)}, but tuning_fold {tuning_fold} chose every "
+                              "row's configuration: its patients cannot also be reported. Drop it from folds (the "
+                              "default is every other fold) or use protocol: nested_ablation, which reports every "
+                              "patient")  # fmt: skip
+    return folds, tuning_fold, inner_folds
 
 
 def _check_flat(r: _Reader, flat: dict[str, Any], key: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from avn_study.errors import AvnError, UsageError
 
-STUDY_FILES = ("study.json", "space.yaml", "optuna.journal", "stage2_plan.json")
+STUDY_FILES = ("study.json", "space.yaml", "optuna.journal", "stage2_plan.json", "nested_splits.json")
 MIRROR_MARKER = "mirror_of.txt"  # in the mirror: the URI it mirrors (export refuses a mirror: no checkpoints)
 
 

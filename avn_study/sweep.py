@@ -5,15 +5,21 @@ A study lives in ``STORAGE/NAME/``::
     study.json            manifest: protocol, data, split hash, stages and their Ray experiments
     space.yaml            the search-space file as run
     optuna.journal        Optuna's journal storage: one study per row (optuna.load_study / optuna-dashboard)
+    nested_splits.json    nested_ablation: the inner folds of each outer fold, frozen with their hashes
     stage1-<row>/         Ray Tune experiment: the Optuna search of one row on the tuning fold (ASHA)
-    stage2/               Ray Tune experiment: each row's best configuration on every fold x seed
+    stage1-<row>-outer<k>/  nested_ablation: the search of one row inside outer fold k
+    stage2/               Ray Tune experiment: each row's best configuration on every reported fold x seed
 
 ``protocol: sweep`` runs stage 1 only. ``protocol: fair_ablation`` gives every row the same Optuna
 budget on the tuning fold (stage 1, early stopping allowed), then re-trains each row's best
-configuration on all folds and seeds to the end (stage 2), so rows are compared at their best and
-paired case by case. Each stage folder is Ray Tune's own format (``ExperimentAnalysis``,
-``Tuner.restore``). ``--resume`` restores unfinished stages with ``Tuner.restore``, which unpickles
-Ray's state files: resume only experiments whose storage you trust.
+configuration on the other folds and every seed to the end (stage 2), so rows are compared at their
+best and paired case by case, on patients that took no part in choosing. ``protocol:
+nested_ablation`` does stage 1 inside every outer fold, on an inner fold of its training patients,
+and stage 2 trains each outer fold's choice on all of its training patients: every patient is
+reported, always by models tuned without them. Every stage-2 trial records the patients its
+configuration was selected on (``_selected_on`` in its parameters). Each stage folder is Ray Tune's
+own format (``ExperimentAnalysis``, ``Tuner.restore``). ``--resume`` restores unfinished stages with
+``Tuner.restore``, which unpickles Ray's state files: resume only experiments whose storage you trust.
 """
 
 from __future__ import annotations
@@ -28,15 +34,51 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import AvnError, UsageError
-from avn_study.space import SearchSpace
+from avn_study.space import ABLATIONS, SearchSpace
 from avn_study.trainable import merge_grid
 
 MANIFEST = "study.json"
+NESTED_SPLITS = "nested_splits.json"
 
 
 def slug(row: str) -> str:
     """A folder-safe form of a row name (``seg+recon/linear`` -> ``seg-recon_linear``)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", row.replace("/", "_"))
+
+
+@dataclass(frozen=True)
+class Stage1:
+    """One Optuna search of stage 1: a row, on the tuning fold or inside an outer fold (nested)."""
+
+    row: str
+    outer: int | None = None  # nested_ablation: the outer fold searched inside
+
+    @property
+    def experiment(self) -> str:
+        return f"stage1-{slug(self.row)}" + ("" if self.outer is None else f"-outer{self.outer}")
+
+    def optuna_study(self, study: str) -> str:
+        return f"{study}-{self.experiment.removeprefix('stage1-')}"
+
+    @property
+    def label(self) -> str:
+        return f"stage 1 {self.row}" + ("" if self.outer is None else f" (outer fold {self.outer})")
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A row's stage-1 choice and what it rests on."""
+
+    config: dict[str, Any]  # the winning trial's flat config (without private keys)
+    trial_id: str
+    experiment: str
+    patients: list[str]  # every patient the search validated on: none may be reported for this choice
+
+
+def validated_patients(trial_dir: Path) -> set[str]:
+    """Patients in a trial's per-case validation files (any epoch: a trial validates on one fixed set)."""
+    files = sorted((trial_dir / "per_case").glob("epoch_*.json"))
+    return {str(case["patient"]) for case in json.loads(files[-1].read_text())} if files else set()
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -136,12 +178,13 @@ class Study:
         self.fault = fault or {}  # test hook, see avn_study.trainable._maybe_inject_fault
         self.callbacks = list(callbacks or [])  # extra ray.tune.Callback objects for every stage
         self.split_hash = ""
+        self.inner: dict[int, dict[str, Any]] = {}  # nested_ablation: outer fold -> frozen inner splits
 
     # ---------------------------------------------------------------- preparation (driver side)
     def prepare(self, resume: bool) -> None:
         """Check the cohort, build the head node's cache and freeze the split before any trial starts."""
         from avn_study.config import TrainConfig
-        from avn_study.engine import prepare_data
+        from avn_study.engine import cohort_split
 
         manifest = self.root / MANIFEST
         if self.remote:
@@ -157,8 +200,8 @@ class Study:
                 f"{self.location} already holds a study; use --resume to continue it or --name to start another"
             )
         config = TrainConfig.from_flat(self.space.trial_config(next(iter(self.space.arms))))
-        run_data = prepare_data(self.data, config)
-        self.split_hash = run_data.split_hash
+        cases, splits = cohort_split(self.data, config)
+        self.split_hash = splits.hash
         if resume:
             stored = json.loads(manifest.read_text())
             if stored["space"] != self.space.raw:
@@ -167,18 +210,74 @@ class Study:
             if stored["split_hash"] != self.split_hash:
                 raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
                                  f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
+            self._freeze_inner(splits, cases, resume=True)
             return
+        self._check_tuning_sets(splits, cases)
         if self.remote:
             self.remote.start_fresh()
         else:
             self.root.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.space.path, self.root / "space.yaml") if self.space.path.is_file() else None
+        self._freeze_inner(splits, cases, resume=False)
         manifest.write_text(json.dumps({
             "name": self.name, "protocol": self.space.protocol, "metric": self.space.metric, "mode": self.space.mode,
-            "data": str(self.data), "split_hash": self.split_hash, "rows": list(self.space.arms),
+            "data": str(self.data), "split_hash": self.split_hash, "test_cases": len(splits.test),
+            "rows": list(self.space.arms),
+            "stage1": [{"row": s.row, "outer": s.outer, "experiment": s.experiment,
+                        "optuna_study": s.optuna_study(self.name)} for s in self.stage1_runs()],
             "space": self.space.raw,
         }, indent=1, default=str))  # fmt: skip
-        self._push(MANIFEST, "space.yaml")
+        self._push(MANIFEST, "space.yaml", NESTED_SPLITS)
+
+    def stage1_runs(self) -> list[Stage1]:
+        """The stage-1 searches in the order they run: per row, and per outer fold for nested_ablation."""
+        if self.space.protocol == "nested_ablation":
+            return [Stage1(row, outer) for outer in self.space.folds for row in self.space.arms]
+        return [Stage1(row) for row in self.space.arms]
+
+    def _freeze_inner(self, splits: Any, cases: list[Any], resume: bool) -> None:
+        """nested_ablation: make (or, resuming, read back) the inner folds of every outer fold."""
+        from avn_study.data.splits import inner_splits, read_nested, write_nested
+
+        if self.space.protocol != "nested_ablation":
+            return
+        path = self.root / NESTED_SPLITS
+        if resume:
+            inner = {k: read_nested(path, splits, k) for k in self.space.folds}
+        else:
+            patients = {c.case_id: c.patient_id for c in cases}
+            necrosis = {c.case_id: c.has_necrosis for c in cases}
+            try:
+                inner = {
+                    k: inner_splits(splits, k, patients, necrosis, self.space.inner_folds) for k in self.space.folds
+                }
+            except ValueError as err:
+                raise UsageError(f"{self.space.path}: inner_folds: {err}") from None
+            write_nested(splits, inner, path)
+        self.inner = {k: v.to_dict() for k, v in inner.items()}
+
+    def _check_tuning_sets(self, splits: Any, cases: list[Any]) -> None:
+        """Refuse, before Ray starts, a tuning validation set on which the tuning metric is undefined."""
+        from avn_study.data.splits import inner_splits
+
+        if self.space.metric not in ("val_dice", "lesion_sensitivity"):
+            return  # defined on every validation set
+        necrotic = {c.case_id for c in cases if c.has_necrosis}
+        if self.space.protocol == "nested_ablation":
+            patients = {c.case_id: c.patient_id for c in cases}
+            flags = {c.case_id: c.has_necrosis for c in cases}
+            sets = {f"inner fold {self.space.tuning_fold} of outer fold {k}":
+                    inner_splits(splits, k, patients, flags, self.space.inner_folds).fold(self.space.tuning_fold).val
+                    for k in self.space.folds}  # fmt: skip
+        else:
+            sets = {f"tuning fold {self.space.tuning_fold}": splits.fold(self.space.tuning_fold).val}
+        for name, val in sets.items():
+            if not necrotic & set(val):
+                raise UsageError(
+                    f"{self.space.path}: {name} has no case with necrosis, so {self.space.metric} (the tuning "
+                    f"metric) is undefined on it: the cohort has {len(necrotic)} case(s) with necrosis; use fewer "
+                    "folds, another split seed, or a metric defined on every case (val_dice_all)"
+                )
 
     @property
     def location(self) -> str:
@@ -189,9 +288,13 @@ class Study:
         if self.remote:
             self.remote.push(*names)
 
-    def _meta(self) -> dict[str, Any]:
-        return {"data": str(self.data), "splits": str(self.data / "splits.json"),
-                "checkpoint_frequency": self.space.checkpoint_frequency, "fault": self.fault}  # fmt: skip
+    def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
+        """What every trial of a stage needs to find its data (the same for all its trials)."""
+        meta = {"data": str(self.data), "splits": str(self.data / "splits.json"),
+                "checkpoint_frequency": self.space.checkpoint_frequency, "fault": self.fault, "test": test}  # fmt: skip
+        if outer is not None:
+            meta["inner"] = self.inner[outer]  # in the trial's parameters: readable on any node and storage
+        return meta
 
     # ---------------------------------------------------------------- Ray pieces
     def _trainable(self):
@@ -259,7 +362,7 @@ class Study:
         if not experiment.startswith("stage1-") or not (self.root / "optuna.journal").is_file():
             return
         storage = self._optuna_storage()
-        name = f"{self.name}-{experiment.removeprefix('stage1-')}"
+        name = f"{self.name}-{experiment.removeprefix('stage1-')}"  # Stage1.optuna_study
         if name in optuna.get_all_study_names(storage):
             optuna.delete_study(study_name=name, storage=storage)
             self._push("optuna.journal")
@@ -270,15 +373,22 @@ class Study:
 
         return JournalStorage(JournalFileBackend(str(self.root / "optuna.journal")))
 
-    def _optuna(self, row: str):
+    def _optuna(self, run: Stage1):
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
+
+        from avn_study.search import FinalValueOptunaSearch
 
         distributions = {p.name: _distribution(p) for p in self.space.search}
         storage = self._optuna_storage()
         sampler = optuna.samplers.TPESampler(seed=self.space.sampler_seed)
-        return OptunaSearch(distributions, metric=self.space.metric, mode=self.space.mode, sampler=sampler,
-                            study_name=f"{self.name}-{slug(row)}", storage=storage)  # fmt: skip
+        return FinalValueOptunaSearch(distributions, metric=self.space.metric, mode=self.space.mode, sampler=sampler,
+                                      study_name=run.optuna_study(self.name), storage=storage,
+                                      epochs=self._epochs())  # fmt: skip
+
+    def _epochs(self) -> int:
+        from avn_study.config import TrainConfig
+
+        return TrainConfig.from_flat(self.space.fixed).optim.epochs
 
     def _scheduler(self, stage: int):
         from ray.tune.schedulers import ASHAScheduler
@@ -286,58 +396,71 @@ class Study:
         s = self.space.scheduler
         if stage != 1 or s.type == "none":
             return None  # stage 2 runs every trial to the end
-        epochs = int(self.space.fixed.get("epochs", 30))
-        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=s.grace_period,
+        return ASHAScheduler(time_attr="training_iteration", max_t=self._epochs(), grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)  # fmt: skip
 
     # ---------------------------------------------------------------- stages
-    def run_stage1(self, row: str, resume: bool) -> None:
+    def run_stage1(self, run: Stage1, resume: bool) -> None:
         from ray import tune
 
-        experiment = f"stage1-{slug(row)}"
-        param_space = {**self.space.trial_config(row, fold=self.space.tuning_fold, seed=self.space.sampler_seed),
-                       "_row": row, "_stage": 1, "_avn": self._meta()}  # fmt: skip
+        if run.outer is None:
+            flat = self.space.trial_config(run.row, fold=self.space.tuning_fold, seed=self.space.sampler_seed)
+        else:  # nested: validate on an inner fold of the outer fold's training patients
+            inner = {"inner_fold": self.space.tuning_fold, "n_inner_folds": self.space.inner_folds}
+            flat = self.space.trial_config(run.row, fold=run.outer, seed=self.space.sampler_seed, **inner)
+        param_space = {**flat, "_row": run.row, "_stage": 1, "_avn": self._meta(run.outer)}
         concurrency = self.max_concurrent or None
 
         # reuse_actors: a trial's worker imports torch (and torch._dynamo, which optimizers pull in) once,
         # ~5 s per process on a laptop core; safe because trial files go through Ray's storage context
         def make_tuner():  # the Optuna study is created (or loaded) only when a fresh run starts
-            search = self._optuna(row) if self.space.search else None
+            search = self._optuna(run) if self.space.search else None
             return tune.Tuner(
                 self._trainable(), param_space=param_space,
                 tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode, search_alg=search,
                                             scheduler=self._scheduler(1), num_samples=self.space.trials,
                                             max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname,
                                             reuse_actors=True),
-                run_config=self._run_config(experiment, f"stage 1 {row}", self.space.trials),
+                run_config=self._run_config(run.experiment, run.label, self.space.trials),
             )  # fmt: skip
 
-        self._fit(experiment, make_tuner, param_space, resume)
+        self._fit(run.experiment, make_tuner, param_space, resume)
 
-    def best_config(self, row: str) -> dict[str, Any]:
-        """The stage-1 configuration of ``row`` with the best final metric among trials that ran to the
-        last epoch (ASHA-stopped trials are compared only if none did)."""
-        trials = read_trials(self.root / f"stage1-{slug(row)}", self.space.metric)
+    def select(self, run: Stage1) -> Selected:
+        """The stage-1 configuration of ``run`` with the best final metric among trials that ran to the
+        last epoch (ASHA-stopped trials are compared only if none did), and the patients it rests on."""
+        folder = self.root / run.experiment
+        trials = read_trials(folder, self.space.metric)
         outcomes = [o for o in trials if o.status == "TERMINATED"]
         scored = [o for o in outcomes if o.metric is not None and not math.isnan(o.metric)]
         if not scored:
-            raise AvnError(f"stage 1 of row '{row}' has no finished trial with a {self.space.metric}; "
-                           f"see {self.root / ('stage1-' + slug(row))}")  # fmt: skip
+            raise AvnError(f"stage 1 of row '{run.row}' has no finished trial with a {self.space.metric}; "
+                           f"see {folder}")  # fmt: skip
         longest = max(o.epochs for o in scored)
         pool = [o for o in scored if o.epochs == longest]
         best = (max if self.space.mode == "max" else min)(pool, key=lambda o: o.metric)
-        return {k: v for k, v in best.config.items() if not k.startswith("_")}
+        patients = set().union(*(validated_patients(Path(o.path)) for o in trials))
+        config = {k: v for k, v in best.config.items() if not k.startswith("_")}
+        return Selected(config, best.trial_id, run.experiment, sorted(patients))
+
+    def best_config(self, row: str) -> dict[str, Any]:
+        """The chosen configuration of ``row`` on the tuning fold (fair_ablation, sweep)."""
+        return self.select(Stage1(row)).config
 
     def stage2_grid(self) -> list[dict[str, Any]]:
+        nested = self.space.protocol == "nested_ablation"
         grid = []
         for row in self.space.arms:
-            best = self.best_config(row)
+            chosen = None if nested else self.select(Stage1(row))
             for fold in self.space.folds:
+                sel = self.select(Stage1(row, fold)) if nested else chosen
+                assert sel is not None
                 for seed in self.space.seeds:
                     for repeat in range(self.space.repeats):
                         run_seed = seed + 10_007 * repeat  # repeats add seeds beyond the listed ones
-                        grid.append({**best, "fold": fold, "seed": run_seed, "_row": row, "_stage": 2,
-                                     "_repeat": repeat})  # fmt: skip
+                        grid.append({**sel.config, "fold": fold, "inner_fold": -1, "seed": run_seed, "_row": row,
+                                     "_stage": 2, "_repeat": repeat, "_selected_on": sel.patients,
+                                     "_selected_trial": sel.trial_id, "_selected_in": sel.experiment})  # fmt: skip
         return grid
 
     def run_stage2(self, resume: bool) -> None:
@@ -347,7 +470,7 @@ class Study:
         (self.root / "stage2_plan.json").write_text(json.dumps(grid, indent=1))
         self._push("stage2_plan.json")
 
-        param_space = {"grid": tune.grid_search(grid), "_avn": self._meta()}
+        param_space = {"grid": tune.grid_search(grid), "_avn": self._meta(test=True)}
 
         def make_tuner():
             return tune.Tuner(
@@ -361,9 +484,9 @@ class Study:
         self._fit("stage2", make_tuner, param_space, resume)
 
     def run(self, resume: bool = False) -> StudyResult:
-        for row in self.space.arms:
-            self.run_stage1(row, resume)
-        if self.space.protocol == "fair_ablation":
+        for run in self.stage1_runs():
+            self.run_stage1(run, resume)
+        if self.space.protocol in ABLATIONS:
             self.run_stage2(resume)
         return self.result()
 

@@ -6,7 +6,8 @@ time, writes the epoch's per-case metrics into the trial folder, and calls ``tun
 epoch record (losses, loss weights, validation metrics) plus the trial's identity (row, arm, stage,
 fold, seed, split hash, node). Checkpoints are safetensors + JSON inside a ``tune.Checkpoint``.
 
-Files of the trial (``resolved_config.json``, ``per_case/epoch_NNN.json``) are written straight into
+Files of the trial (``resolved_config.json``, ``per_case/epoch_NNN.json`` and, in stage 2 when the
+split holds a test set, ``per_case/test_epoch_NNN.json`` of the last epoch) are written straight into
 the trial's folder *in the experiment storage*, through the filesystem Ray itself uses for
 checkpoints (``tune.get_context().get_storage()``). ``get_trial_dir()`` would name a node-local
 staging folder that Ray does not sync from worker nodes, so files written there would be missing
@@ -23,8 +24,6 @@ import os
 import socket
 import tempfile
 from typing import Any
-
-RESERVED = ("_row", "_stage", "_repeat", "_avn", "grid")
 
 
 def merge_grid(config: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +108,7 @@ def train_trial(config: dict[str, Any]) -> None:
     flat["threads"] = _threads_for_trial()
     train_config = TrainConfig.from_flat(flat, source="trial config")
     torch.set_num_threads(train_config.runtime.threads)
-    data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"))
+    data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"), meta.get("inner"))
     run = TrainingRun(train_config, data)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -125,6 +124,10 @@ def train_trial(config: dict[str, Any]) -> None:
         if "val_dice" in record:
             rows = [{**identity, "epoch": epoch, **case} for case in run.last_per_case]
             files.write(f"per_case/epoch_{epoch:03d}.json", json.dumps(rows))
+        if run.done and meta.get("test") and run.data.test:  # stage 2: the held-out test set, once, at the end
+            _, test_cases = run.evaluate_test()
+            rows = [{**identity, "epoch": epoch, **case} for case in test_cases]
+            files.write(f"per_case/test_epoch_{epoch:03d}.json", json.dumps(rows))
         metrics = {**identity, **record}
         if run.done or (epoch + 1) % every == 0:
             with tempfile.TemporaryDirectory() as tmp:

@@ -114,6 +114,18 @@ class TrainingRun:
         self.history.append(record)
         return record
 
+    def evaluate_test(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The current model on the split's held-out test set (``({}, [])`` when the split has none).
+
+        Never part of an epoch record: a test score must not reach Tune, Optuna or any selection.
+        """
+        if not self.data.test:
+            return {}, []
+        cfg = self.config
+        return evaluate(
+            self.model, self.data.test, self.slice_config, self.device, self.amp_dtype, cfg.runtime.threshold
+        )
+
     def measure_reference(self) -> dict[str, float]:
         """Losses of the untrained network on a fixed set of training slices (see ``engine.reference_losses``)."""
         indices = reference_indices(self.dataset.has_head)
@@ -124,9 +136,11 @@ class TrainingRun:
     def provenance(self) -> dict[str, Any]:
         return {
             "split_hash": self.data.split_hash,
+            "inner_split_hash": self.data.inner_split_hash,
             "data_fingerprint": self.data.data_fingerprint,
             "train_cases": [c.case_id for c in self.data.train],
             "val_cases": [c.case_id for c in self.data.val],
+            "test_cases": [c.case_id for c in self.data.test],
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -155,12 +169,16 @@ def write_run_outputs(run: TrainingRun, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     final = next((r for r in reversed(run.history) if "val_dice" in r), {})
+    test_summary, test_cases = run.evaluate_test()
     payload = {"config": run.config.to_flat(), "provenance": run.provenance(), "final": final, "history": run.history}
+    if test_cases:
+        payload["test"] = test_summary
     (out / "metrics.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    if run.last_per_case:
-        with (out / "per_case.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(run.last_per_case[0]))
-            writer.writeheader()
-            writer.writerows(run.last_per_case)
+    for name, rows in (("per_case.csv", run.last_per_case), ("test_per_case.csv", test_cases)):
+        if rows:
+            with (out / name).open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
     save_weights(run.model, out / "checkpoint", run.config.to_flat())
     return out

@@ -34,9 +34,11 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, confidence: float = 0
 
     Resamples ``values`` with replacement, studentizes each resampled mean with its own standard
     error, and inverts the quantiles of that statistic around the sample mean (Efron and Tibshirani
-    1993, ch. 12.5). A resample with SD 0 has an infinite statistic of the sign of its mean's
-    deviation (0 when it equals the mean). All-equal values give the degenerate interval
-    ``(mean, mean)``; fewer than 2 values give ``(nan, nan)``.
+    1993, ch. 12.5). A resample of one repeated value (SD 0; common for discrete per-patient values
+    such as lesion sensitivity) has an infinite statistic of the sign of its mean's deviation, which
+    widens the interval, possibly to infinity (callers cut it to the metric's range): studentizing it
+    with the sample's SD instead undercovers discrete data badly (82 % at 8 patients). All-equal values
+    give the degenerate interval ``(mean, mean)``; fewer than 2 values give ``(nan, nan)``.
     """
     values = np.asarray(values, dtype=float)
     n = values.size
@@ -49,12 +51,31 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, confidence: float = 0
     resampled = values[rng.integers(0, n, size=(n_boot, n))]
     means, sds = resampled.mean(axis=1), resampled.std(axis=1, ddof=1)
     deviation = means - mean
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # sd 0: an infinite statistic, a wide (honest) interval
         t = np.where(sds > 0, deviation / (sds / math.sqrt(n)), np.sign(deviation) * np.inf)
     tail = (1 - confidence) / 2
     q_low, q_high = np.quantile(t, [tail, 1 - tail], method="inverted_cdf")  # order statistics, as Efron
     se = sd / math.sqrt(n)
     return mean - float(q_high) * se, mean - float(q_low) * se
+
+
+def binary_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson's exact interval for the mean of 0/1 values (covers at least ``confidence``).
+
+    Where every sampled value is the same (every patient's lesions found), any bootstrap interval
+    collapses to a point; this one does not. Wilson's interval is shorter but covers only ~91 % at some
+    sizes (11 patients, p = 0.85).
+    """
+    from scipy.stats import beta
+
+    values = np.asarray(values, dtype=float)
+    n = values.size
+    if n == 0:
+        return math.nan, math.nan
+    k, alpha = float(values.sum()), 1 - confidence
+    low = float(beta.ppf(alpha / 2, k, n - k + 1)) if k > 0 else 0.0
+    high = float(beta.ppf(1 - alpha / 2, k + 1, n - k)) if k < n else 1.0
+    return low, high
 
 
 def holm(pvalues: list[float]) -> list[float]:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from avn_study.analysis import plots
+from avn_study.analysis import plots, stats
 from avn_study.analysis.importance import parameter_importance
 from avn_study.analysis.stats import (
     METRICS,
     N_BOOT,
     ablation_table,
+    capped_psnr_cases,
     compare_rows,
     metric_spec,
     seed_spread,
@@ -37,6 +38,13 @@ class Analysis:
     importance: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    test_ablation: pd.DataFrame = field(default_factory=pd.DataFrame)  # the held-out test set, when there is one
+    test_comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def tuning_only(self) -> bool:
+        """The table shows tuning results (a sweep, or stage 2 not run): no verdicts."""
+        return self.experiment.reported_stage == 1
 
     @property
     def summary(self) -> Path | None:
@@ -45,6 +53,9 @@ class Analysis:
 
 def default_reference(rows: list[str]) -> str:
     return "unet" if "unet" in rows else rows[0]
+
+
+NO_VERDICT = "no verdict: tuning results (chosen on these patients)"
 
 
 def analyze(path: str | Path, reference: str | None = None, metric: str = "dice", alpha: float = 0.05,
@@ -61,16 +72,42 @@ def analyze(path: str | Path, reference: str | None = None, metric: str = "dice"
     comparison = compare_rows(cases, rows, reference, metric, alpha, n_boot)
     spread = seed_spread(cases, rows, metric)
     warnings = list(experiment.notes) + spread_warnings(comparison, spread)
-    if experiment.protocol == "sweep" or not (experiment.trials["stage"] == 2).any():
-        warnings.append("rows are compared on the tuning fold with the configuration chosen on it: optimistic; "
-                        "a fair ablation (stage 2) re-trains on every fold")  # fmt: skip
+    test_ablation, test_comparison = pd.DataFrame(), pd.DataFrame()
+    if experiment.reported_stage == 1:
+        comparison["verdict"] = NO_VERDICT
+        warnings.append("rows are compared on the patients their configuration was chosen on: optimistic, and no "
+                        "verdict is given; an ablation protocol (nested_ablation, fair_ablation) reports patients "
+                        "that took no part in the choice")  # fmt: skip
+    else:
+        test = experiment.evaluation_test_cases()
+        test_rows = [r for r in rows if len(test) and r in set(test["row"])]
+        if reference in test_rows:
+            test_ablation = ablation_table(test, test_rows, n_boot=n_boot)
+            test_comparison = compare_rows(test, test_rows, reference, metric, alpha, n_boot)
+    warnings += _design_warnings(comparison, alpha)
+    psnr_capped = capped_psnr_cases(cases)
+    if psnr_capped:
+        warnings.append(f"{psnr_capped} case(s) had a perfect reconstruction (PSNR +inf); they count as "
+                        f"{stats.PSNR_CAP_DB:.1f} dB (a one-ulp float32 error)")  # fmt: skip
+    importance = parameter_importance(experiment.root, experiment.manifest, experiment.rows)
+    return Analysis(experiment, reference, metric, ablation, comparison, spread, importance, warnings,
+                    test_ablation=test_ablation, test_comparison=test_comparison)  # fmt: skip
+
+
+def _design_warnings(comparison: pd.DataFrame, alpha: float) -> list[str]:
+    """What the design cannot show, whatever the data: too few patients or too few runs."""
+    warnings = []
     small = comparison[comparison["n_pairs"] < 6]
     if len(small):
         warnings.append(f"fewer than 6 paired patients for {', '.join(small['row'])}: the Wilcoxon test cannot "
                         "reach p < 0.05 (two-sided), whatever the effect")  # fmt: skip
-    name = str(experiment.manifest.get("name", Path(path).name))
-    importance = parameter_importance(experiment.root, experiment.rows, name)
-    return Analysis(experiment, reference, metric, ablation, comparison, spread, importance, warnings)
+    coarse = comparison[comparison["p_runs_min"] >= alpha]
+    if len(coarse):
+        smallest = coarse["p_runs_min"].min()
+        warnings.append(f"too few runs per fold for {', '.join(coarse['row'])}: the run-level test (trained models "
+                        f"as the random unit) cannot go below p = {smallest:.3g}, so no verdict can be significant; "
+                        "add seeds (2 seeds x 3 folds already allow p < 0.01)")  # fmt: skip
+    return warnings
 
 
 def write_analysis(analysis: Analysis, out: Path) -> Analysis:
@@ -78,10 +115,16 @@ def write_analysis(analysis: Analysis, out: Path) -> Analysis:
     out = Path(out)
     exp = analysis.experiment
     files = write_tables(exp, out)
-    for name in ("ablation", "comparison", "spread", "importance"):
+    for name in ("ablation", "comparison", "spread", "importance", "test_ablation", "test_comparison"):
         table: pd.DataFrame = getattr(analysis, name)
+        if name.startswith("test_") and table.empty:
+            continue
         table.to_csv(out / f"{name}.csv", index=False)
         files.append(out / f"{name}.csv")
+    excluded = exp.excluded()
+    if len(excluded):
+        excluded.to_csv(out / "excluded.csv", index=False)
+        files.append(out / "excluded.csv")
     cases = exp.evaluation_cases()
     rows = list(analysis.ablation["row"])
     figures = out / "figures"
@@ -109,15 +152,18 @@ def _cell(row: pd.Series, metric: str, decimals: int) -> str:
     return text
 
 
-def ablation_markdown(analysis: Analysis) -> str:
-    """The paper-style table: per row its metrics and the paired comparison with the reference."""
-    shown = [m for m in SHOWN if f"{m}_mean" in analysis.ablation]
+def ablation_markdown(analysis: Analysis, test: bool = False) -> str:
+    """The paper-style table: per row its metrics and the paired comparison with the reference
+    (``test``: the same for the held-out test set)."""
+    ablation = analysis.test_ablation if test else analysis.ablation
+    comparison_table = analysis.test_comparison if test else analysis.comparison
+    shown = [m for m in SHOWN if f"{m}_mean" in ablation]
     header = ["row", "arm", "schedule", "patients (with necrosis)", "seeds", "folds",
               *(METRICS[m].label for m in shown), f"Δ {analysis.metric} vs {analysis.reference} [95% CI]",
               "p (Holm)", "r", "verdict"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    comparison = analysis.comparison.set_index("row")
-    for _, row in analysis.ablation.iterrows():
+    comparison = comparison_table.set_index("row")
+    for _, row in ablation.iterrows():
         necrotic = f" ({row['dice_n']})" if "dice_n" in row else ""
         cells = [f"**{row['row']}**", str(row["arm"]), str(row["schedule"]), f"{row['n_patients']}{necrotic}",
                  str(row["n_seeds"]), str(row["n_folds"]), *(_cell(row, m, SHOWN[m]) for m in shown)]  # fmt: skip
@@ -146,6 +192,68 @@ def _table(frame: pd.DataFrame, decimals: int = 3) -> str:
     return "\n".join(lines)
 
 
+def protocol_lines(analysis: Analysis) -> list[str]:
+    """What the numbers are: the protocol, which patients each table is over, who was left out and why."""
+    exp = analysis.experiment
+    space = exp.manifest.get("space") or {}
+    cases = exp.evaluation_cases()
+    n_patients = int(cases["patient"].nunique()) if len(cases) else 0
+    folds = sorted({int(f) for f in cases["fold"].dropna()}) if len(cases) else []
+    seeds = sorted({int(s) for s in cases["seed"].dropna()}) if len(cases) else []
+    trials, tuning = space.get("trials", "?"), space.get("tuning_fold", 0)
+    if analysis.tuning_only:
+        lines = [
+            f"**Tuning results** ({exp.protocol}): each row's best stage-1 trial, scored on the {n_patients} "
+            "validation patients it was chosen on. Optimistic by construction: the table shows no verdicts."
+        ]
+    elif exp.protocol == "nested_ablation":
+        lines = [
+            f"**Protocol: nested cross-validation** (`nested_ablation`). In each of the outer folds {folds}, "
+            f"every row was tuned with the same budget ({trials} Optuna trials, ASHA) on inner fold {tuning} "
+            f"of {space.get('inner_folds', 3)} drawn from that fold's training patients only; the choice was "
+            f"then trained on all of the outer fold's training patients with seeds {seeds} and evaluated on "
+            f"the outer fold. The table is over the {n_patients} patients of the outer folds' validation sets, "
+            "each evaluated by models configured without them."
+        ]
+    else:
+        lines = [
+            f"**Protocol: fair ablation** (`{exp.protocol}`). Every row was tuned with the same budget "
+            f"({trials} Optuna trials, ASHA) on fold {tuning}; its choice was re-trained on folds {folds} with "
+            f"seeds {seeds}. The table is over the {n_patients} validation patients of those folds; the "
+            f"patients of fold {tuning} chose the configurations and are not reported."
+        ]
+    excluded = exp.excluded()
+    if len(excluded):
+        listed = "; ".join(f"{t.row}: {t.n_patients} ({t.patients})" for t in excluded.itertuples())
+        lines.append(f"**Excluded:** patients whose validation results chose the row's configuration (they were "
+                     f"in its stage-1 validation set, as in studies run before avn-study refused it): {listed}. "
+                     "See `excluded.csv`.")  # fmt: skip
+    test = exp.evaluation_test_cases()
+    if len(test):
+        lines.append(f"**Held-out test set:** {test['patient'].nunique()} patients frozen in the split before any "
+                     "tuning, in no fold; each row's value per test patient is the mean over all its stage-2 "
+                     "models (every fold x seed). Reported separately below.")  # fmt: skip
+    return lines
+
+
+STATISTICS_NOTE = (
+    "The unit is the patient: a patient's value is the mean over its cases in one run, then over the row's "
+    "runs (seeds). Dice is over cases with necrosis; `dice_all` uses the empty-mask rule on every case. Per "
+    "row: mean ± SD over patients [95 % studentized-bootstrap CI, 10,000 resamples]. Paired with the "
+    "reference on the patients both have: the mean difference [95 % studentized-bootstrap CI]; two tests, "
+    "both of which must reject: the Wilcoxon signed-rank test on the per-patient differences (patients as "
+    "the random unit; exact, differences rounded to 1e-12 so that ties are ties) and a permutation test of "
+    "the mean difference over the rows' runs on each fold (trained models as the random unit: a lucky seed "
+    "lifts every patient of its fold together, which the patient-level test cannot see). p is the larger "
+    "of the two, Holm-corrected across rows. *better*/*worse* is said only when that p < 0.05 and the "
+    "signed-rank statistic, the mean difference and its CI agree in sign; otherwise *not distinguishable* "
+    "or *inconclusive* with the reason. Limits: the CIs take the trained models as fixed; the run test "
+    "needs several runs per fold (with one seed and F folds, p >= 2/2^F); simulated coverage of the 95 % "
+    "CI is 94-96 % from 8 to 30 patients for skewed Dice and ~92 % for extremely heavy-tailed differences; "
+    "under 6 paired patients no two-sided Wilcoxon test reaches 0.05."
+)
+
+
 def summary_markdown(analysis: Analysis, figures: Path) -> str:
     exp = analysis.experiment
     trials = exp.trials
@@ -156,20 +264,23 @@ def summary_markdown(analysis: Analysis, figures: Path) -> str:
         f"# Ablation report: {exp.manifest.get('name', exp.root.name)}",
         f"Experiment `{exp.root}` ({exp.protocol}); split {split}; statistics on {len(evaluated)} finished "
         f"trial(s) of stage {', '.join(map(str, sorted(set(evaluated['stage']))))}.",
-        "## Ablation table",
-        f"Per row: mean ± SD over patients [95% bootstrap CI]. Comparison with **{analysis.reference}** on "
-        f"per-patient {analysis.metric}: mean difference [95% paired bootstrap CI], Wilcoxon signed-rank p "
-        "(Holm-corrected across rows), rank-biserial r. Rows are listed in the order of the search-space file; "
-        "a row is called better or worse only when its corrected p < 0.05.",
+        "\n\n".join(protocol_lines(analysis)),
+        "## Ablation table (cross-validation)" if not analysis.tuning_only else "## Tuning results",
+        f"Per row: mean ± SD over patients [95% CI]. Comparison with **{analysis.reference}** on per-patient "
+        f"{analysis.metric}: mean difference [95% CI], p (patients and runs, Holm-corrected across rows), "
+        "rank-biserial r. Rows are listed in the order of the search-space file, not ranked.",
         ablation_markdown(analysis),
     ]
+    if not analysis.test_ablation.empty:
+        parts += ["## Held-out test set",
+                  "The same statistics on the test patients, which no tuning or cross-validation step saw.",
+                  ablation_markdown(analysis, test=True)]  # fmt: skip
     if analysis.warnings:
         parts += ["## Warnings", "\n".join(f"- {w}" for w in analysis.warnings)]
-    spread = analysis.spread.copy()
     parts += [
         "## Seed spread",
         f"SD across seeds of each row's mean per-patient {analysis.metric}.",
-        _table(spread),
+        _table(analysis.spread.copy()),
         "## Figures",
         f"![per-patient {analysis.metric}]({figures}/per_case.png)",
         f"![learning curves]({figures}/learning_curves.png)",
@@ -177,14 +288,16 @@ def summary_markdown(analysis: Analysis, figures: Path) -> str:
     ]
     if (analysis.importance["importance"].notna()).any():
         parts.append(f"![parameter importance]({figures}/importance.png)")
-    parts += ["## Parameter importance (Optuna, PED-ANOVA, stage 1)", _table(analysis.importance)]
     parts += [
+        "## Parameter importance (Optuna, PED-ANOVA, stage 1)",
+        "Over each search's fully trained trials only (trials stopped early by ASHA are PRUNED in Optuna and "
+        "left out; studies run before this rule counted them as complete), as the importance of reaching the "
+        "top `target_quantile` of them, raised so that at least 5 trials are in it; not computed below 10.",
+        _table(analysis.importance),
         "## Trials",
         _table(counts),
         "## How these numbers are computed",
-        "The unit is the patient: a patient's value is the mean over its validation cases in one run, then over "
-        "the row's seeds. Dice is over cases with necrosis; `dice_all` uses the empty-mask rule on every case. "
-        "CIs: percentile bootstrap over patients (10,000 resamples, seed 0). Errored and unfinished trials are "
-        "listed above and left out. Everything comes from the per-case metrics stored in the trial folders.",
+        STATISTICS_NOTE + " Errored and unfinished trials are listed above and left out. Everything comes "
+        "from the per-case metrics stored in the trial folders.",
     ]
     return "\n\n".join(parts) + "\n"

@@ -10,7 +10,8 @@ Rules (the report repeats them; ``inference`` holds the tests and intervals):
   cases where it is defined. ``loc_dice``, ``recon_psnr``: rows whose model has that branch; a perfect
   reconstruction (PSNR +inf) counts as :data:`PSNR_CAP_DB`, the PSNR of a one-ulp float32 error.
 - **Per row.** Mean and SD over patients and a 95 % studentized-bootstrap CI of the mean (patients
-  resampled, the trained models taken as fixed).
+  resampled, the trained models taken as fixed; Clopper-Pearson's when every value is 0 or 1), cut
+  to the metric's range.
 - **Paired comparison** with a reference row on the patients both have: mean difference with its
   studentized-bootstrap CI; two tests: patients as the random unit (Wilcoxon signed-rank, exact, on
   differences rounded so ties are ties) and trained models as the random unit (the row labels of runs
@@ -32,12 +33,15 @@ import pandas as pd
 from avn_study.analysis.inference import (
     N_BOOT,
     N_PERM,
+    binary_ci,
     bootstrap_ci,
     holm,
     run_permutation_test,
     signed_rank_test,
     tie_rounded,
 )
+
+PSNR_CAP_DB = 20 * math.log10(1 / float(np.finfo(np.float32).eps))  # 138.5 dB: a one-ulp error of a unit range
 
 
 @dataclass(frozen=True)
@@ -46,20 +50,28 @@ class MetricSpec:
     subset: str  # necrotic | all | defined
     higher_is_better: bool
     label: str
+    low: float = 0.0  # the metric's range: a CI is cut to it (the mean cannot leave it, so coverage holds)
+    high: float = math.inf
+
+    def clip(self, low: float, high: float, difference: bool = False) -> tuple[float, float]:
+        """A CI of a mean (or of a difference of two means) intersected with what the metric allows."""
+        lo, hi = (self.low - self.high, self.high - self.low) if difference else (self.low, self.high)
+        if math.isnan(low) or math.isnan(high):
+            return low, high
+        return min(max(low, lo), hi), max(min(high, hi), lo)
 
 
 METRICS: dict[str, MetricSpec] = {
-    "dice": MetricSpec("dice", "necrotic", True, "Dice (cases with necrosis)"),
-    "dice_all": MetricSpec("dice", "all", True, "Dice, all cases (empty rule)"),
+    "dice": MetricSpec("dice", "necrotic", True, "Dice (cases with necrosis)", 0.0, 1.0),
+    "dice_all": MetricSpec("dice", "all", True, "Dice, all cases (empty rule)", 0.0, 1.0),
     "hd95_mm": MetricSpec("hd95_mm", "defined", False, "HD95 (mm)"),
     "abs_volume_error_ml": MetricSpec("abs_volume_error_ml", "all", False, "abs. volume error (ml)"),
-    "lesion_sensitivity": MetricSpec("lesion_sensitivity", "necrotic", True, "lesion sensitivity"),
+    "lesion_sensitivity": MetricSpec("lesion_sensitivity", "necrotic", True, "lesion sensitivity", 0.0, 1.0),
     "lesion_fp": MetricSpec("lesion_fp", "all", False, "false-positive lesions / case"),
-    "loc_dice": MetricSpec("loc_dice", "defined", True, "localisation Dice"),
-    "recon_psnr": MetricSpec("recon_psnr", "defined", True, "reconstruction PSNR (dB)"),
+    "loc_dice": MetricSpec("loc_dice", "defined", True, "localisation Dice", 0.0, 1.0),
+    "recon_psnr": MetricSpec("recon_psnr", "defined", True, "reconstruction PSNR (dB)", -math.inf, PSNR_CAP_DB),
 }
 RUN_KEYS = ("seed", "repeat")
-PSNR_CAP_DB = 20 * math.log10(1 / float(np.finfo(np.float32).eps))  # 138.5 dB: a one-ulp error of a unit range
 
 
 def metric_spec(name: str) -> MetricSpec:
@@ -103,10 +115,22 @@ def patient_values(cases: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame({"value": grouped.mean(), "n_runs": grouped.size()}).reset_index()
 
 
-def _paired(d: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    """Patient-level statistics of rounded paired differences ``d``."""
+def mean_ci(values: np.ndarray, spec: MetricSpec, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
+    """95 % CI of a row's mean over patients: Clopper-Pearson's when every value is 0 or 1 in a [0, 1]
+    metric (a bootstrap interval collapses when, say, every patient's lesions were all found), else the
+    studentized bootstrap, cut to the metric's range."""
+    values = np.asarray(values, dtype=float)
+    if spec.low == 0.0 and spec.high == 1.0 and values.size and np.isin(values, (0.0, 1.0)).all():
+        return binary_ci(values)
+    return spec.clip(*bootstrap_ci(values, n_boot=n_boot, seed=seed))
+
+
+def _paired(d: np.ndarray, n_boot: int, seed: int, spec: MetricSpec | None = None) -> dict[str, float]:
+    """Patient-level statistics of rounded paired differences ``d`` (of the metric ``spec``, if known)."""
     test = signed_rank_test(d)
     low, high = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+    if spec is not None:
+        low, high = spec.clip(low, high, difference=True)
     sd = float(np.std(d, ddof=1)) if d.size > 1 else math.nan
     return {
         "mean_diff": float(d.mean()) if d.size else math.nan, "diff_ci_low": low, "diff_ci_high": high,
@@ -208,7 +232,7 @@ def ablation_table(cases: pd.DataFrame, rows: list[str], metrics: list[str] | No
         }
         for metric in metrics:
             values = patient_values(mine, metric)["value"].to_numpy(dtype=float)
-            low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+            low, high = mean_ci(values, metric_spec(metric), n_boot=n_boot, seed=seed)
             entry.update({
                 f"{metric}_mean": float(values.mean()) if values.size else math.nan,
                 f"{metric}_sd": float(values.std(ddof=1)) if values.size > 1 else math.nan,
@@ -247,6 +271,7 @@ def compare_rows(cases: pd.DataFrame, rows: list[str], reference: str, metric: s
         :data:`COMPARISON_COLUMNS`; ``p_patients`` (Wilcoxon), ``p_runs`` (run permutation, with
         ``p_runs_min`` the smallest p the design allows) and ``p`` = the larger of the two.
     """
+    spec = metric_spec(metric)
     per_run = run_values(cases, metric)
     per_patient = per_run.groupby(["row", "patient"], sort=False)["value"].mean().unstack("row")
     if reference not in per_patient:
@@ -257,7 +282,7 @@ def compare_rows(cases: pd.DataFrame, rows: list[str], reference: str, metric: s
         scale = _scale(pair)
         d = tie_rounded((pair[row] - pair[reference]).to_numpy(), scale)
         entry = {"row": row, "reference": reference, "n_pairs": int(d.size), **_means(pair, row, reference),
-                 **_paired(d, n_boot, seed)}  # fmt: skip
+                 **_paired(d, n_boot, seed, spec)}  # fmt: skip
         runs = per_run[per_run["row"].isin([row, reference]) & per_run["patient"].isin(pair.index)]
         matrix = runs.pivot_table(index=["row", "fold", *RUN_KEYS], columns="patient", values="value")
         labels = matrix.index.get_level_values("row") == row
@@ -269,7 +294,7 @@ def compare_rows(cases: pd.DataFrame, rows: list[str], reference: str, metric: s
         # both tests must reject (intersection-union): the larger p is a valid p-value for either null
         entry["p"] = max(entry["p_patients"], entry["p_runs"]) if "p_runs" in entry else entry["p_patients"]
         out.append(entry)
-    return _finish(out, reference, metric_spec(metric).higher_is_better, alpha)
+    return _finish(out, reference, spec.higher_is_better, alpha)
 
 
 def seed_spread(cases: pd.DataFrame, rows: list[str], metric: str = "dice") -> pd.DataFrame:

@@ -16,6 +16,11 @@ Tables (see :class:`Experiment`):
   and data fingerprint, and the resolved training config (``schedule_params.*`` flattened).
 - ``cases``: one row per trial x validation case, the per-case metrics of the trial's last evaluated
   epoch (the epoch its final ``val_dice`` came from).
+- ``test_cases``: one row per stage-2 trial x held-out test case (when the split has a test set),
+  scored once, after the last epoch.
+- ``selection``: per stage-2 trial, the patients its configuration was selected on (recorded by the
+  sweep as ``_selected_on``; for studies from before that record, the validation patients of the row's
+  stage-1 trials). :meth:`Experiment.evaluation_cases` never reports a trial on those patients.
 - ``history``: one row per trial x epoch: learning rate, loss weights ``w_*``, losses ``loss_*`` and
   the validation metrics of evaluated epochs.
 """
@@ -55,6 +60,8 @@ class Experiment:
     cases: pd.DataFrame
     history: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    test_cases: pd.DataFrame = field(default_factory=pd.DataFrame)
+    selection: dict[str, frozenset[str]] = field(default_factory=dict)  # stage-2 trial id -> patients
 
     @property
     def metric(self) -> str:
@@ -75,16 +82,22 @@ class Experiment:
         seen = [str(r) for r in self.trials["row"].drop_duplicates()] if len(self.trials) else []
         return declared + [r for r in seen if r not in declared]
 
+    @property
+    def reported_stage(self) -> int:
+        """2 when stage 2 has finished trials (the ablation's evaluation), else 1 (tuning results)."""
+        finished = self.trials[self.trials["status"] == FINISHED]
+        return 2 if (finished["stage"] == 2).any() else 1
+
     def evaluation_trials(self) -> pd.DataFrame:
         """The finished trials the statistics use.
 
-        ``fair_ablation``: stage 2 (every row's best configuration on every fold x seed). ``sweep``
-        (stage 1 only): per row, the finished, full-length trial with the best final metric; all rows
-        then share the tuning fold, and the selection is optimistic (chosen on the data it is
-        reported on), which the report says.
+        An ablation (``fair_ablation``, ``nested_ablation``): stage 2 (every row's chosen configuration
+        on every reported fold x seed). Otherwise (a ``sweep``, or stage 2 not run yet): per row, the
+        finished, full-length trial with the best final metric, on the very patients it was chosen on:
+        tuning results, which the report marks and gives no verdicts for.
         """
         finished = self.trials[self.trials["status"] == FINISHED]
-        if (finished["stage"] == 2).any():
+        if self.reported_stage == 2:
             return finished[finished["stage"] == 2]
         full = finished[~finished["stopped_early"]]
         full = full[full[self.metric].notna()] if self.metric in full else full.iloc[0:0]
@@ -95,9 +108,33 @@ class Experiment:
         return ranked.groupby("row", sort=False).head(1)
 
     def evaluation_cases(self) -> pd.DataFrame:
-        """Per-case rows of :meth:`evaluation_trials`."""
+        """Per-case rows of :meth:`evaluation_trials`, without any patient its trial's configuration
+        was selected on (see :attr:`selection`; :meth:`excluded` lists what was left out)."""
+        return self._reported(self.cases)[0]
+
+    def evaluation_test_cases(self) -> pd.DataFrame:
+        """Held-out test-set rows of :meth:`evaluation_trials` (empty without a test set)."""
+        return self._reported(self.test_cases)[0]
+
+    def excluded(self) -> pd.DataFrame:
+        """Per row: patients left out of the statistics because they chose the row's configuration."""
+        dropped = self._reported(self.cases)[1]
+        if dropped.empty:
+            return pd.DataFrame(columns=["row", "n_patients", "patients"])
+        grouped = dropped.groupby("row", sort=False)["patient"]
+        names = grouped.agg(lambda p: ", ".join(sorted(set(map(str, p)))))
+        return pd.DataFrame({"n_patients": grouped.nunique(), "patients": names}).reset_index()
+
+    def _reported(self, cases: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        if cases.empty:
+            return cases, cases
         ids = set(self.evaluation_trials()["trial_id"])
-        return self.cases[self.cases["trial_id"].isin(ids)].reset_index(drop=True)
+        mine = cases[cases["trial_id"].isin(ids)]
+        chosen_on = [
+            str(p) in self.selection.get(str(t), ()) for t, p in zip(mine["trial_id"], mine["patient"], strict=True)
+        ]
+        chosen_on = pd.Series(chosen_on, index=mine.index, dtype=bool)
+        return mine[~chosen_on].reset_index(drop=True), mine[chosen_on].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -173,8 +210,10 @@ def trial_config(trial_dir: Path, merged: dict[str, Any] | None = None) -> dict[
     return {k: v for k, v in merged.items() if not k.startswith("_")}
 
 
-def _read_trial(trial_dir: Path, experiment: str, status: str | None) -> tuple[dict, list[dict], list[dict]]:
-    """(trial row, case rows, history rows) of one trial folder."""
+def _read_trial(
+    trial_dir: Path, experiment: str, status: str | None
+) -> tuple[dict, list[dict], list[dict], list[dict]]:
+    """(trial row, case rows, history rows, test-case rows) of one trial folder."""
     merged = merge_grid(_json(trial_dir / "params.json", "trial parameters"))
     results = _json_lines(trial_dir / "result.json") if (trial_dir / "result.json").is_file() else []
     config = trial_config(trial_dir, merged)
@@ -210,6 +249,10 @@ def _read_trial(trial_dir: Path, experiment: str, status: str | None) -> tuple[d
         "node_id": last.get("node_id", ""),
         "split_hash": last.get("split_hash", ""),
         "data_fingerprint": last.get("data_fingerprint", ""),
+        "selected_in": merged.get("_selected_in", ""),
+        "selected_trial": merged.get("_selected_trial", ""),
+        "selected_on": json.dumps(merged["_selected_on"]) if "_selected_on" in merged else "",
+        **{k: v for k, v in (results[0] if results else {}).items() if k.startswith("ref_loss_")},
         "path": str(trial_dir),
     }
     row.pop("epoch", None)
@@ -218,16 +261,23 @@ def _read_trial(trial_dir: Path, experiment: str, status: str | None) -> tuple[d
     identity = {k: row[k] for k in IDENTITY}
     cases: list[dict] = []
     if final:
-        per_case = trial_dir / "per_case" / f"epoch_{int(final['epoch']):03d}.json"
-        if per_case.is_file():
-            for case in _json(per_case, "per-case metrics"):
-                cases.append({**identity, **{k: v for k, v in case.items() if k not in IDENTITY and k not in (
-                    "split_hash", "data_fingerprint", "node_id", "hostname")}})  # fmt: skip
+        cases = _case_rows(trial_dir / "per_case" / f"epoch_{int(final['epoch']):03d}.json", identity)
+    tests = sorted((trial_dir / "per_case").glob("test_epoch_*.json"))
+    test_cases = _case_rows(tests[-1], identity) if tests else []
     history = [
         {**identity, **{k: v for k, v in r.items() if k not in _RAY_KEYS}, "epoch_seconds": r.get("time_this_iter_s")}
         for r in results
     ]
-    return row, cases, history
+    return row, cases, history, test_cases
+
+
+def _case_rows(path: Path, identity: dict[str, Any]) -> list[dict]:
+    if not path.is_file():
+        return []
+    drop = {*IDENTITY, "split_hash", "data_fingerprint", "node_id", "hostname"}
+    return [
+        {**identity, **{k: v for k, v in case.items() if k not in drop}} for case in _json(path, "per-case metrics")
+    ]
 
 
 def _finite(value: Any) -> bool:
@@ -247,21 +297,45 @@ def load_experiment(path: str | Path) -> Experiment:
     """
     root = Path(path)
     manifest, experiments = experiment_folders(root)
-    trial_rows, case_rows, history_rows = [], [], []
+    trial_rows, case_rows, history_rows, test_rows = [], [], [], []
     for experiment in experiments:
         statuses = _statuses(experiment)
         for params in sorted(experiment.glob("*/params.json")):
             trial_dir = params.parent
-            row, cases, history = _read_trial(trial_dir, experiment.name, statuses.get(trial_dir.name))
+            row, cases, history, tests = _read_trial(trial_dir, experiment.name, statuses.get(trial_dir.name))
             trial_rows.append(row)
             case_rows += cases
             history_rows += history
+            test_rows += tests
     trials = pd.DataFrame(trial_rows)
     if trials.empty:
         raise UsageError(f"{root}: no trial folders (*/params.json) found; has the sweep started?")
-    experiment = Experiment(root, manifest, trials, pd.DataFrame(case_rows), pd.DataFrame(history_rows))
+    cases = pd.DataFrame(case_rows)
+    experiment = Experiment(
+        root, manifest, trials, cases, pd.DataFrame(history_rows), test_cases=pd.DataFrame(test_rows)
+    )
+    experiment.selection = _selection(trials, cases)
     experiment.notes += _notes(experiment)
     return experiment
+
+
+def _selection(trials: pd.DataFrame, cases: pd.DataFrame) -> dict[str, frozenset[str]]:
+    """Stage-2 trial id -> the patients its configuration was selected on.
+
+    Recorded by the sweep (``_selected_on``); for a trial without the record (studies from before it
+    existed), every patient that the row's stage-1 trials validated on.
+    """
+    stage1 = cases[cases["stage"] == 1] if len(cases) else cases
+    derived = (
+        {row: frozenset(map(str, group["patient"])) for row, group in stage1.groupby("row")} if len(stage1) else {}
+    )
+    out = {}
+    for t in trials[trials["stage"] == 2].itertuples():
+        recorded = json.loads(t.selected_on) if t.selected_on else None
+        out[str(t.trial_id)] = (
+            frozenset(map(str, recorded)) if recorded is not None else derived.get(t.row, frozenset())
+        )
+    return out
 
 
 def _notes(experiment: Experiment) -> list[str]:
@@ -277,8 +351,14 @@ def _notes(experiment: Experiment) -> list[str]:
             f"{len(unfinished)} trial(s) did not finish (status {', '.join(sorted(set(unfinished['status'])))}); "
             "they are excluded from the statistics. `avn-study sweep ... --resume` finishes them."
         )
-    if experiment.protocol == "fair_ablation" and not (trials["stage"] == 2).any():
-        notes.append("stage 2 has not run: statistics use each row's best stage-1 trial on the tuning fold")
+    if experiment.protocol in ("fair_ablation", "nested_ablation") and not (trials["stage"] == 2).any():
+        notes.append("stage 2 has not run: the table shows each row's best stage-1 trial on the patients it was "
+                     "chosen on (tuning results, no verdicts)")  # fmt: skip
+    excluded = experiment.excluded()
+    if len(excluded):
+        listed = "; ".join(f"{t.row}: {t.n_patients}" for t in excluded.itertuples())
+        notes.append(f"patients excluded from the statistics because their validation results chose the row's "
+                     f"configuration (stage 1): {listed}")  # fmt: skip
     hashes = set(trials["split_hash"]) - {""}
     if len(hashes) > 1:
         notes.append(f"trials used {len(hashes)} different splits ({', '.join(h[:12] for h in hashes)})")
@@ -289,7 +369,9 @@ def write_tables(experiment: Experiment, out: Path) -> list[Path]:
     """``trials``, ``cases`` and ``history`` as Parquet and CSV in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in ("trials", "cases", "history"):
+    for name in ("trials", "cases", "history", "test_cases"):
+        if name == "test_cases" and experiment.test_cases.empty:
+            continue
         table: pd.DataFrame = _arrow_safe(getattr(experiment, name))
         table.to_parquet(out / f"{name}.parquet", index=False)
         table.to_csv(out / f"{name}.csv", index=False)
