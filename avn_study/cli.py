@@ -23,6 +23,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _progress(done: int, total: int, name: str) -> None:
     end = "\n" if done == total else "\r"
     print(f"  [{done}/{total}] {name}", end=end, file=sys.stderr, flush=True)
@@ -53,10 +60,17 @@ def cmd_split(args: argparse.Namespace) -> int:
     patients = {c.case_id: c.patient_id for c in cases}
     necrosis = None if args.no_stratify else {c.case_id: c.has_necrosis for c in cases}
     try:
-        splits = make_splits(patients, k=args.folds, seed=args.seed, has_necrosis=necrosis)
+        splits = make_splits(patients, args.folds, args.seed, necrosis, test_fraction=args.test_fraction)
     except ValueError as err:
-        raise UsageError(f"--folds: {err}") from None
+        flag = "--test-fraction" if "test_fraction" in str(err) else "--folds"
+        raise UsageError(f"{flag}: {err}") from None
     out = write_splits(splits, args.out or Path(args.data) / SPLITS_FILE)
+    if splits.test:
+        test_patients = {patients[c] for c in splits.test}
+        positive = sum(any(necrosis.get(c, False) for c in splits.test if patients[c] == p) for p in test_patients) \
+            if necrosis else "?"  # fmt: skip
+        print(f"test set: {len(splits.test)} cases of {len(test_patients)} patients ({positive} with necrosis), "
+              "held out of every fold")  # fmt: skip
     for i, fold in enumerate(splits.folds):
         print(f"fold {i}: {len(fold.train)} train / {len(fold.val)} val cases")
     print(f"wrote {out} (hash {splits.hash[:12]})")
@@ -181,6 +195,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from avn_study.sweep import Study, init_ray
 
     space = load_space(args.space)
+    if args.plan:
+        print(_plan_text(space))
+        return 0
     study = Study(
         space,
         args.data,
@@ -214,6 +231,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         space.metric,
         f"results in {study.location}{mirror}\nstatistics and report: avn-study analyze {study.root}",
     )
+
+
+def _plan_text(space) -> str:
+    """``sweep --plan``: the trials and epochs a space will run, before anything starts."""
+    plan = space.plan()
+    where = (f"{plan['searches']} searches ({plan['rows']} rows x {len(space.folds)} outer folds)"
+             if space.protocol == "nested_ablation" else f"{plan['searches']} searches (one per row)")  # fmt: skip
+    lines = [
+        f"{space.path}: {space.protocol}, {plan['rows']} rows",
+        f"stage 1: {where} x {space.trials} trials = {plan['stage1_trials']} trials, "
+        f"~{plan['stage1_epochs']:,.0f} epochs with {space.scheduler.type} (at most {plan['stage1_epochs_max']:,})",
+    ]
+    if plan["stage2_trials"]:
+        lines.append(f"stage 2: {plan['rows']} rows x {len(space.folds)} folds x {len(space.seeds) * space.repeats} "
+                     f"seeds = {plan['stage2_trials']} trials, {plan['stage2_epochs']:,} epochs")  # fmt: skip
+    lines.append(f"each trial: {space.cpu:g} CPU, {space.gpu:g} GPU")
+    return "\n".join(lines)
 
 
 def _repo_space(name: str) -> Path:
@@ -334,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--no-stratify", action="store_true", help="do not stratify by necrosis presence")
+    p.add_argument("--test-fraction", type=_fraction, default=0.0, dest="test_fraction",
+                   help="share of patients held out as a test set, in no fold (stratified, default 0)")  # fmt: skip
     p.add_argument("--out", type=Path, help="where to write (default DATA/splits.json)")
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.set_defaults(func=cmd_split)
@@ -367,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="run a search-space file (sweep or fair ablation) on Ray Tune")
+    p = sub.add_parser("sweep", help="run a search-space file (a sweep, a nested or a fair ablation) on Ray Tune")
     p.add_argument("space", type=Path, help="search-space YAML file (see search_spaces/)")
     p.add_argument("--data", type=Path, required=True, help="dataset folder, readable on every node")
     p.add_argument("--storage", required=True, help="experiment storage: a local/shared path or a pyarrow URI")
@@ -378,9 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, dest="max_concurrent", help="trials at once (default: the file's)")
     p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="GPU share per trial, e.g. 0.25")
     p.add_argument("--quiet", action="store_true", help="no live progress lines")
+    p.add_argument("--plan", action="store_true", help="print the trials and epochs the space will run, and exit")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("demo", help="phantom cohort + the demo fair ablation + its report (the README's command)")
+    p = sub.add_parser("demo", help="phantom cohort + the demo nested ablation + its report (the README's command)")
     p.add_argument("--out", type=Path, default=Path("avn-demo"), help="output folder (default ./avn-demo)")
     p.add_argument("--cases", type=_positive_int, default=16, help="phantom patients (default 16)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")

@@ -2,18 +2,20 @@
 
 Selection rule (also in ``avn-study export --help`` and in each bundle's ``metrics.json``):
 
-    Candidates are the finished trials of stage 2 for a fair ablation, or, for a sweep (stage 1 only),
-    the finished stage-1 trials that ran all their epochs (trials stopped early by ASHA are not
-    candidates); --arm keeps the trials of one row. Trials of the same row whose resolved
-    configurations are equal apart from fold, seed and run-time settings form one configuration. A
-    configuration's score is the mean of the metric (the study's metric, default val_dice, each trial's
-    final value) over its trials across folds and seeds, so a lucky fold does not win. The
+    Candidates are the finished trials of stage 2 for an ablation (fair_ablation, nested_ablation),
+    or, for a sweep (stage 1 only), the finished stage-1 trials that ran all their epochs (trials
+    stopped early by ASHA are not candidates); --arm keeps the trials of one row. Trials of the same
+    row whose resolved configurations are equal apart from fold, seed and run-time settings form one
+    configuration (nested_ablation: all of a row's trials, since every outer fold chose its own). A
+    configuration's score is the mean of the metric (the study's metric, default val_dice, each
+    trial's final value) over its trials across folds and seeds, so a lucky fold does not win. The
     configuration with the best score is chosen (ties: the row listed first in study.json, then the
-    lower trial id). Among its trials the one with the best value is exported, from the checkpoint of
-    the epoch that gave that value; if Ray did not keep that checkpoint (checkpoint.num_to_keep), from
-    the kept checkpoint with the best value, and metrics.json says so.
+    lower trial id). Among its trials the one with the best value is exported, from the checkpoint
+    of the epoch that gave that value; if Ray did not keep that checkpoint (checkpoint.num_to_keep),
+    from the kept checkpoint with the best value, and metrics.json says so. That trial's own value
+    is optimistic (the best of several); the configuration's mean is the estimate.
 
-A fair ablation whose stage 2 has no finished trial falls back to the sweep rule on stage 1 (noted in
+An ablation whose stage 2 has no finished trial falls back to the sweep rule on stage 1 (noted in
 ``metrics.json``). The bundle records the configuration's mean, SD and number of trials, every trial's
 value, the chosen trial's value and per-case metrics, and the rule in words.
 
@@ -39,19 +41,21 @@ from typing import Any
 from avn_study.errors import AvnError, UsageError, look_up
 
 SELECTION_RULE = (
-    "Candidates are the finished trials of stage 2 for a fair ablation, or, for a sweep (stage 1 only), "
-    "the finished stage-1 trials that ran all their epochs (trials stopped early by ASHA are not "
-    "candidates); --arm keeps the trials of one row. Trials of the same row whose resolved configurations "
-    "are equal apart from fold, seed and run-time settings form one configuration. A configuration's "
-    "score is the mean of the metric (the study's metric, default val_dice, each trial's final value) "
-    "over its trials across folds and seeds, so a lucky fold does not win. The configuration with the "
-    "best score is chosen (ties: the row listed first in study.json, then the lower trial id). Among its "
-    "trials the one with the best value is exported, from the checkpoint of the epoch that gave that "
-    "value; if Ray did not keep that checkpoint (checkpoint.num_to_keep), from the kept checkpoint with "
-    "the best value, and metrics.json says so."
+    "Candidates are the finished trials of stage 2 for an ablation (fair_ablation, nested_ablation), or, for a "
+    "sweep (stage 1 only), the finished stage-1 trials that ran all their epochs (trials stopped early by ASHA "
+    "are not candidates); --arm keeps the trials of one row. Trials of the same row whose resolved "
+    "configurations are equal apart from fold, seed and run-time settings form one configuration "
+    "(nested_ablation: all of a row's trials, since every outer fold chose its own). A configuration's score "
+    "is the mean of the metric (the study's metric, default val_dice, each trial's final value) over its "
+    "trials across folds and seeds, so a lucky fold does not win. The configuration with the best score is "
+    "chosen (ties: the row listed first in study.json, then the lower trial id). Among its trials the one "
+    "with the best value is exported, from the checkpoint of the epoch that gave that value; if Ray did not "
+    "keep that checkpoint (checkpoint.num_to_keep), from the kept checkpoint with the best value, and "
+    "metrics.json says so. That trial's own value is optimistic (the best of several); the configuration's "
+    "mean is the estimate."
 )
 # Config keys that vary between the trials of one configuration (identity and run-time settings).
-RUN_KEYS = ("fold", "seed", "threads", "device")
+RUN_KEYS = ("fold", "inner_fold", "seed", "threads", "device")
 # Metrics a trial reports (final value) and whether higher is better; the study's own metric uses its mode.
 METRIC_MODES = {
     "val_dice": "max",
@@ -135,8 +139,9 @@ def candidate_trials(experiment: Any, row: str | None) -> tuple[Any, int, list[s
     notes = []
     if (finished["stage"] == 2).any():
         return finished[(finished["stage"] == 2) & ~finished["stopped_early"]], 2, notes
-    if experiment.protocol == "fair_ablation":
-        notes.append("stage 2 has no finished trial: selected among the full-length stage-1 trials (tuning fold)")
+    if experiment.protocol in ("fair_ablation", "nested_ablation"):
+        notes.append("stage 2 has no finished trial: selected among the full-length stage-1 trials, on their own "
+                     "validation patients (optimistic)")  # fmt: skip
     return finished[(finished["stage"] == 1) & ~finished["stopped_early"]], 1, notes
 
 
@@ -151,14 +156,20 @@ def select(experiment: Any, row: str | None = None, metric: str | None = None) -
 
     metric, mode = resolve_metric(experiment, metric)
     trials, stage, notes = candidate_trials(experiment, row)
+    by_row = stage == 2 and experiment.protocol == "nested_ablation"
+    if by_row:
+        notes.append("nested_ablation: every outer fold chose its own configuration, so a row is scored by its mean "
+                     "over all outer folds and seeds (its nested cross-validation estimate); the exported trial's "
+                     "own configuration is in config.json")  # fmt: skip
     groups: dict[tuple[str, str], Configuration] = {}
     for t in trials.to_dict("records"):
         if not _finite(t.get(metric)):
             continue
         config = trial_config(Path(t["path"]))
         shared = {k: v for k, v in config.items() if k not in RUN_KEYS}
-        key = (str(t["row"]), json.dumps(shared, sort_keys=True, default=str))
+        key = (str(t["row"]), "" if by_row else json.dumps(shared, sort_keys=True, default=str))
         conf = groups.setdefault(key, Configuration(str(t["row"]), shared))
+        conf.config = {k: v for k, v in conf.config.items() if shared.get(k) == v}  # what all its trials share
         conf.trials.append({**t, "value": float(t[metric])})
     if not groups:
         where = f"row '{row}'" if row else str(experiment.root)
@@ -170,7 +181,12 @@ def select(experiment: Any, row: str | None = None, metric: str | None = None) -
     ranked = sorted(
         groups.values(), key=lambda c: (sign * c.mean, order.get(c.row, len(order)), str(c.trials[0]["trial_id"]))
     )
-    return Selection(metric, mode, stage, ranked, ranked[0].trials[0], notes)
+    best = ranked[0]
+    if len(best.trials) > 1:
+        notes.append(f"the exported trial's {metric} ({best.trials[0]['value']:.4f}) is the best of the "
+                     f"configuration's {len(best.trials)} trials on their own validation patients, so it is "
+                     f"optimistic; the configuration's mean ({best.mean:.4f}) is the estimate to quote")  # fmt: skip
+    return Selection(metric, mode, stage, ranked, best.trials[0], notes)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint

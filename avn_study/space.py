@@ -107,6 +107,31 @@ class SearchSpace:
         """The flat config of one trial of ``row``: fixed, then the row's overrides, then ``flat``."""
         return {**self.fixed, **self.arms[row], **flat}
 
+    def plan(self) -> dict[str, Any]:
+        """What the study will run: trials and epochs per stage (``avn-study sweep --plan``).
+
+        Stage-1 epochs with ASHA are the synchronous successive-halving expectation (every trial to the
+        grace period, 1/rf of them to each next rung, the survivors to the end); Ray's asynchronous ASHA
+        promotes a little more while a rung is still filling, so take it as a lower estimate.
+        """
+        epochs = TrainConfig.from_flat(self.fixed).optim.epochs
+        searches = len(self.arms) * (len(self.folds) if self.protocol == "nested_ablation" else 1)
+        stage1 = searches * self.trials
+        stage2 = len(self.arms) * len(self.folds) * len(self.seeds) * self.repeats if self.protocol in ABLATIONS else 0
+        per_trial = float(epochs)
+        if self.scheduler.type == "asha":
+            rungs, rung = [], self.scheduler.grace_period
+            while rung < epochs:
+                rungs.append(rung)
+                rung = math.ceil(rung * self.scheduler.reduction_factor)
+            per_trial, previous = 0.0, 0
+            for k, end in enumerate([*rungs, epochs]):
+                per_trial += (end - previous) / self.scheduler.reduction_factor**k
+                previous = end
+        return {"protocol": self.protocol, "rows": len(self.arms), "searches": searches,
+                "stage1_trials": stage1, "stage1_epochs": stage1 * per_trial, "stage1_epochs_max": stage1 * epochs,
+                "stage2_trials": stage2, "stage2_epochs": stage2 * epochs}  # fmt: skip
+
 
 class _Reader:
     """Typed access to a YAML mapping that reports errors as ``FILE: key: problem``."""

@@ -54,6 +54,18 @@ def test_split_command_freezes_folds(cohort: Path, tmp_path: Path, capsys: pytes
     assert "k must be between 2 and the number of patients (8)" in capsys.readouterr().err
 
 
+def test_split_holds_out_a_test_set(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "splits.json"
+    argv = ["split", str(cohort), "--folds", "3", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert main([*argv, "--test-fraction", "0.25"]) == 0
+    assert "held out of every fold" in capsys.readouterr().out
+    splits = json.loads(out.read_text())
+    assert splits["test"] and not set(splits["test"]) & {c for f in splits["folds"] for c in f["val"]}
+    with pytest.raises(SystemExit):
+        main([*argv, "--test-fraction", "1"])
+    assert "--test-fraction: must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [

@@ -33,6 +33,9 @@ def test_int_is_accepted_for_float() -> None:
         ({"epochs": True}, "space.yaml: epochs must be int, got True"),
         ({"epochs": 0}, "space.yaml: epochs must be >= 1, got 0"),
         ({"lr": -1.0}, "lr must be > 0"),
+        ({"fold": 5}, "fold must be in [0, n_folds - 1] = [0, 4], got fold=5"),
+        ({"n_inner_folds": 1}, "n_inner_folds must be >= 2, got n_inner_folds=1"),
+        ({"inner_fold": 3}, "inner_fold must be -1 (off) or in [0, n_inner_folds - 1] = [0, 2], got inner_fold=3"),
     ],
 )
 def test_bad_flat_config(flat: dict, fragment: str) -> None:

@@ -193,7 +193,7 @@ def test_train_cli_reports_nan_as_runtime_failure(
         (["--arm", "seg+rcon"], "Unknown arm 'seg+rcon'; did you mean 'seg+recon'?"),
         (["--schedule", "linaer"], "Unknown schedule 'linaer'; did you mean 'linear'?"),
         (["--slice-size", "62"], "slice_size=62 must be divisible by 2**depth=4"),
-        (["--set", "fold=7"], "fold must be in [0, 2]"),
+        (["--set", "fold=7"], "fold must be in [0, n_folds - 1] = [0, 2], got fold=7"),
         (["--set", "lr"], "--set expects KEY=VALUE"),
     ],
 )
@@ -288,3 +288,34 @@ def test_recon_dependent_reference_is_the_untrained_loss_whatever_the_learning_r
 def test_schedules_without_a_reference_train_as_before(tiny_data) -> None:
     run = TrainingRun(TrainConfig.from_flat({**TINY, "arm": "seg+recon", "schedule": "linear"}), tiny_data)
     assert run.schedule.has_reference and not any(k.startswith("ref_loss_") for k in run.run_epoch())
+
+
+def test_inner_fold_trains_and_validates_inside_the_outer_training_patients(
+    tiny_phantom: Path, shared_cache: Path, tmp_path: Path
+) -> None:
+    splits = tmp_path / "splits.json"
+    outer = prepare_data(tiny_phantom, TrainConfig.from_flat(TINY), shared_cache, splits)
+    for inner_fold in (0, 1):
+        config = TrainConfig.from_flat({**TINY, "inner_fold": inner_fold, "n_inner_folds": 2})
+        inner = prepare_data(tiny_phantom, config, shared_cache, splits)
+        train, val = {c.case_id for c in inner.train}, {c.case_id for c in inner.val}
+        assert train | val == {c.case_id for c in outer.train} and not train & val and val
+        assert inner.split_hash == outer.split_hash and inner.inner_split_hash
+
+
+def test_train_scores_the_held_out_test_set_apart(tiny_phantom: Path, shared_cache: Path, tmp_path: Path) -> None:
+    from avn_study.data.splits import make_splits, write_splits
+
+    cases = [p.name.removesuffix("_0000.nii.gz") for p in sorted((tiny_phantom / "imagesTr").glob("*.nii.gz"))]
+    splits = write_splits(make_splits({c: c for c in cases}, k=2, seed=0, test_fraction=0.34), tmp_path / "s.json")
+    test_cases = json.loads(splits.read_text())["test"]
+    argv = ["train", "--data", str(tiny_phantom), "--out", str(tmp_path / "run"), "--arm", "unet", "--schedule",
+            "constant", "--epochs", "1", "--splits", str(splits), "--cache-dir", str(shared_cache), "--set",
+            "n_folds=2", *TRAIN_ARGS[:-5], "--set", "inplane_spacing_mm=4.0", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["provenance"]["test_cases"] == test_cases and "val_dice" in metrics["test"]
+    scored = (tmp_path / "run" / "test_per_case.csv").read_text().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in scored) == sorted(test_cases)
+    assert not set(metrics["provenance"]["val_cases"]) & set(test_cases)
+    assert all("test" not in key for record in metrics["history"] for key in record)  # never in an epoch record

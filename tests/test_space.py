@@ -29,7 +29,22 @@ def test_shipped_spaces_are_valid() -> None:
 def test_ablation_covers_the_paper_rows() -> None:
     space = load_space(next(p for p in SPACES if p.stem == "ablation"))
     assert {v["arm"] for v in space.arms.values()} == {"unet", "seg", "seg+recon", "seg+loc", "seg+recon+loc"}
-    assert space.protocol == "fair_ablation" and len(space.seeds) == 3 and space.folds == (0, 1, 2, 3, 4)
+    assert space.protocol == "nested_ablation" and len(space.seeds) == 3 and space.folds == (0, 1, 2, 3, 4)
+    assert space.inner_folds == 4 and space.tuning_fold == 0
+
+
+def test_no_shipped_ablation_reports_a_tuning_patient() -> None:
+    for path in SPACES:
+        space = load_space(path)
+        if space.protocol == "fair_ablation":
+            assert space.tuning_fold not in space.folds, path
+
+
+def test_fold_defaults_per_protocol(tmp_path: Path) -> None:
+    fair = load_space(_write(tmp_path, protocol="fair_ablation", tuning_fold=2))
+    assert fair.folds == (0, 1, 3, 4)  # every fold but the tuning fold
+    nested = load_space(_write(tmp_path, protocol="nested_ablation"))
+    assert nested.folds == (0, 1, 2, 3, 4) and nested.inner_folds == 3 and nested.tuning_fold == 0
 
 
 def _write(tmp_path: Path, **changes: object) -> Path:
@@ -67,6 +82,17 @@ def _write(tmp_path: Path, **changes: object) -> Path:
         ({"resources": {"gpu": 1.5}}, "resources.gpu: fractions are for sharing one GPU"),
         ({"scheduler": {"type": "asha", "grace_period": 9}}, "scheduler.grace_period: must be <= epochs (4)"),
         ({"name": "a b"}, "name: expected a folder-safe experiment name"),
+        (
+            {"protocol": "fair_ablation", "folds": [0, 1, 2]},
+            "folds: fair_ablation reports folds [0, 1, 2], but tuning_fold 0 chose every row's configuration",
+        ),
+        ({"protocol": "fair_ablation", "tuning_fold": 5}, "tuning_fold: fold indices must be < n_folds=5, got [5]"),
+        ({"protocol": "fair_ablation", "inner_folds": 3}, "inner_folds: only nested_ablation has inner folds"),
+        ({"protocol": "nested_ablation", "inner_folds": 1}, "inner_folds: expected an integer >= 2, got 1"),
+        (
+            {"protocol": "nested_ablation", "inner_folds": 3, "tuning_fold": 3},
+            "tuning_fold: nested_ablation: the inner fold searched on must be < inner_folds=3, got 3",
+        ),
     ],
 )
 def test_bad_space_files(tmp_path: Path, changes: dict, fragment: str) -> None:

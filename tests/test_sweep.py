@@ -30,7 +30,11 @@ def test_smoke_fair_ablation_runs_both_stages(smoke_study: tuple[int, Path]) -> 
     assert {row: len(t) for row, t in stage1.items()} == {"unet": 2, "seg+recon+loc": 2}  # equal budgets
     stage2 = read_trials(root / "stage2")
     assert sorted((o.row, o.config["fold"]) for o in stage2) == [
-        ("seg+recon+loc", 0), ("seg+recon+loc", 1), ("unet", 0), ("unet", 1)]  # fmt: skip
+        ("seg+recon+loc", 1),
+        ("seg+recon+loc", 2),
+        ("unet", 1),
+        ("unet", 2),
+    ]  # fmt: skip  (never the tuning fold 0)
     assert all(o.status == "TERMINATED" and o.epochs == 2 for o in stage2)  # stage 2 runs to the end
 
 

@@ -6,7 +6,7 @@ two rows are the same arm with different seeds).
 
 - :func:`bootstrap_ci`: a studentized (bootstrap-t) interval of a mean. Percentile intervals
   undercover at the cohort sizes of AVN studies (about 91 % for a nominal 95 % at 11 patients);
-  the studentized interval corrects for the skew of per-patient Dice and covers 94-96 % there.
+  the studentized interval corrects for the skew of per-patient Dice and covers 94-97 % there.
 - :func:`signed_rank_test`: the Wilcoxon signed-rank test, exact under random signs given the
   ranks (ties and all), on differences rounded so that floating-point noise cannot break a tie.
 - :func:`run_permutation_test`: the mean paired difference with the *trained models* as the random
@@ -26,19 +26,23 @@ import numpy as np
 N_BOOT = 10_000  # bootstrap resamples
 N_PERM = 10_000  # run permutations: all of them when there are at most this many, else a random sample
 TIE_TOLERANCE = 1e-12  # paired differences are rounded to this fraction of the data's scale
+SD_FLOOR = 0.25  # bootstrap-t: a resample's SD counts as at least this share of the sample's
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, confidence: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:  # fmt: skip
-    """Studentized (bootstrap-t) confidence interval of the mean.
+    """Studentized (bootstrap-t) confidence interval of the mean, with a floor on resampled SDs.
 
     Resamples ``values`` with replacement, studentizes each resampled mean with its own standard
-    error, and inverts the quantiles of that statistic around the sample mean (Efron and Tibshirani
-    1993, ch. 12.5). A resample of one repeated value (SD 0; common for discrete per-patient values
-    such as lesion sensitivity) has an infinite statistic of the sign of its mean's deviation, which
-    widens the interval, possibly to infinity (callers cut it to the metric's range): studentizing it
-    with the sample's SD instead undercovers discrete data badly (82 % at 8 patients). All-equal values
-    give the degenerate interval ``(mean, mean)``; fewer than 2 values give ``(nan, nan)``.
+    error, and inverts the quantiles (order statistics) of that statistic around the sample mean
+    (Efron and Tibshirani 1993, ch. 12.5). Each resample's SD is floored at :data:`SD_FLOOR` times
+    the sample's: a resample of nearly one repeated value (common when most patients score ~0, or for
+    discrete values such as lesion sensitivity) would otherwise get a huge statistic, and the interval
+    would reach far beyond anything the data suggest (an upper bound of 1.0 for a mean Dice of 0.05).
+    Simulated coverage of the 95 % interval, 8-30 patients: 94-97 % for skewed, zero-inflated and
+    discrete per-patient values, 92-94 % for symmetric heavy tails (t with 3 df); see
+    ``tests/analysis/test_inference.py``. All-equal values give the degenerate interval ``(mean, mean)``;
+    fewer than 2 values give ``(nan, nan)``.
     """
     values = np.asarray(values, dtype=float)
     n = values.size
@@ -49,12 +53,11 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, confidence: float = 0
         return mean, mean
     rng = np.random.default_rng(seed)
     resampled = values[rng.integers(0, n, size=(n_boot, n))]
-    means, sds = resampled.mean(axis=1), resampled.std(axis=1, ddof=1)
-    deviation = means - mean
-    with np.errstate(divide="ignore", invalid="ignore"):  # sd 0: an infinite statistic, a wide (honest) interval
-        t = np.where(sds > 0, deviation / (sds / math.sqrt(n)), np.sign(deviation) * np.inf)
+    means = resampled.mean(axis=1)
+    sds = np.maximum(resampled.std(axis=1, ddof=1), SD_FLOOR * sd)
+    t = (means - mean) / (sds / math.sqrt(n))
     tail = (1 - confidence) / 2
-    q_low, q_high = np.quantile(t, [tail, 1 - tail], method="inverted_cdf")  # order statistics, as Efron
+    q_low, q_high = np.quantile(t, [tail, 1 - tail], method="inverted_cdf")
     se = sd / math.sqrt(n)
     return mean - float(q_high) * se, mean - float(q_low) * se
 

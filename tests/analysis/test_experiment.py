@@ -21,7 +21,7 @@ def test_tables_have_one_row_per_trial_case_and_epoch(smoke_experiment: Path) ->
     assert set(trials["status"]) == {"TERMINATED"}
     stage2 = trials[trials["stage"] == 2]
     assert sorted(stage2.groupby("row").size().tolist()) == [4, 4]
-    assert set(zip(stage2["fold"], stage2["seed"], strict=True)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert set(zip(stage2["fold"], stage2["seed"], strict=True)) == {(1, 0), (1, 1), (2, 0), (2, 1)}
     for column in ("trial_id", "arm", "schedule", "val_dice", "best_val_dice", "train_seconds", "node",
                    "split_hash", "lr", "epochs", "stopped_early"):  # fmt: skip
         assert column in trials, column
@@ -96,6 +96,10 @@ def test_a_partial_stage_one_only_study_is_analysed_with_a_warning(smoke_experim
     analysis = analyze(copy, n_boot=100)
     assert any("stage 2 has not run" in w for w in analysis.warnings)
     assert set(analysis.ablation["n_folds"]) == {1}  # each row's best stage-1 trial, on the tuning fold
+    # chosen on the patients it is scored on: shown, but never given a verdict
+    from avn_study.analysis.report import NO_VERDICT
+
+    assert set(analysis.comparison["verdict"]) == {NO_VERDICT} and analysis.tuning_only
 
 
 def test_damaged_results_name_the_file(smoke_experiment: Path, tmp_path: Path) -> None:

@@ -80,3 +80,71 @@ def test_write_splits_is_atomic(tmp_path: Path) -> None:
     patients, _ = _cohort()
     write_splits(make_splits(patients, 3), tmp_path / "splits.json")
     assert [p.name for p in tmp_path.iterdir()] == ["splits.json"]
+
+
+def test_test_set_is_held_out_by_patient_and_stratified() -> None:
+    patients, necrosis = _cohort(20)  # 5 positive patients
+    plain = make_splits(patients, k=3, seed=4, has_necrosis=necrosis)
+    held = make_splits(patients, k=3, seed=4, has_necrosis=necrosis, test_fraction=0.2)
+    test_patients = {patients[c] for c in held.test}
+    assert len(test_patients) == 4  # round(0.2 * 5) positive + round(0.2 * 15) negative
+    assert sum(any(necrosis[c] for c in held.test if patients[c] == p) for p in test_patients) == 1
+    assert set(held.test) == {c for c, p in patients.items() if p in test_patients}  # whole patients
+    in_folds = {c for f in held.folds for c in f.val}
+    assert not in_folds & set(held.test) and in_folds | set(held.test) == set(patients)
+    for fold in held.folds:
+        assert not set(fold.train) & set(held.test)
+    assert plain.test == () and held.hash != plain.hash
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\), got fraction=1.0"):
+        make_splits(patients, k=3, test_fraction=1.0)
+
+
+def test_a_split_without_test_set_keeps_its_old_hash(tmp_path: Path) -> None:
+    patients, necrosis = _cohort()
+    splits = make_splits(patients, 3, 0, necrosis)
+    legacy = json.dumps([[list(f.train), list(f.val)] for f in splits.folds])  # the hash before test sets existed
+    import hashlib
+
+    assert splits.hash == hashlib.sha256(legacy.encode()).hexdigest()
+    raw = splits.to_dict()
+    raw.pop("test")  # a file written before test sets existed
+    (tmp_path / "splits.json").write_text(json.dumps(raw))
+    assert read_splits(tmp_path / "splits.json", set(patients)) == splits
+
+
+def test_frozen_test_set_must_not_overlap_the_folds(tmp_path: Path) -> None:
+    patients, necrosis = _cohort()
+    splits = make_splits(patients, 3, 0, necrosis, test_fraction=0.25)
+    path = write_splits(splits, tmp_path / "splits.json")
+    assert read_splits(path, set(patients)).test == splits.test
+    raw = json.loads(path.read_text())
+    raw["test"].append(raw["folds"][0]["val"][0])
+    raw["hash"] = type(splits)(splits.k, splits.seed, splits.stratified, splits.folds, tuple(raw["test"])).hash
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="are also in a fold"):
+        read_splits(path)
+
+
+def test_inner_splits_divide_only_the_outer_training_patients(tmp_path: Path) -> None:
+    from avn_study.data.splits import inner_splits, read_nested, write_nested
+
+    patients, necrosis = _cohort(15)
+    outer = make_splits(patients, 3, 2, necrosis, test_fraction=0.2)
+    inner = {k: inner_splits(outer, k, patients, necrosis, k=2) for k in range(3)}
+    for k, folds in inner.items():
+        assert {c for f in folds.folds for c in f.val} == set(outer.fold(k).train)
+        for fold in folds.folds:  # patient-level inside too
+            assert not {patients[c] for c in fold.train} & {patients[c] for c in fold.val}
+    assert inner_splits(outer, 1, patients, necrosis, k=2) == inner[1]  # reproducible from the outer split
+    path = write_nested(outer, inner, tmp_path / "nested_splits.json")
+    assert read_nested(path, outer, 2) == inner[2]
+    raw = json.loads(path.read_text())
+    raw["inner"]["0"]["folds"][0]["val"].append(raw["inner"]["0"]["folds"][1]["val"].pop())
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="inner folds of outer fold 0 were edited"):
+        read_nested(path, outer, 0)
+    other = make_splits(patients, 3, 9, necrosis)
+    with pytest.raises(DataError, match="made from another outer split"):
+        read_nested(path, other, 1)
+    with pytest.raises(ValueError, match="inner folds of outer fold 0: k must be between 2"):
+        inner_splits(outer, 0, patients, necrosis, k=50)

@@ -1,0 +1,143 @@
+"""What a reported number rests on: the disjointness audit on real smoke studies of both ablation protocols.
+
+DESIGN.md: a patient whose metrics enter an ablation table must not have been in any validation set
+used to choose that row's configuration. Each stage-2 trial records the patients its configuration was
+selected on (``_selected_on``); these tests check the record against the study's own files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from avn_study.analysis import analyze, load_experiment
+from avn_study.cli import main
+from avn_study.data.splits import read_nested, read_splits
+
+
+def _patients(path: Path) -> set[str]:
+    return {str(case["patient"]) for case in json.loads(path.read_text())}
+
+
+def _stage2(root: Path) -> list[tuple[Path, dict]]:
+    return [(p.parent, json.loads(p.read_text())["grid"]) for p in sorted(root.glob("stage2/*/params.json"))]
+
+
+def audit(root: Path) -> int:
+    """Every stage-2 trial: the patients its configuration was selected on (recorded) are exactly the
+    validation patients of the stage-1 search it came from, and none of them is among those it reports.
+    Returns the number of trials audited."""
+    trials = _stage2(root)
+    assert trials
+    for trial_dir, grid in trials:
+        selected = set(grid["_selected_on"])
+        searched = root / grid["_selected_in"]
+        validated = set().union(*(_patients(f) for f in searched.glob("*/per_case/epoch_*.json")))
+        assert selected == validated and selected, trial_dir  # the record is what the search looked at
+        assert grid["_selected_trial"] in {json.loads(p.read_text().splitlines()[-1])["trial_id"]
+                                           for p in searched.glob("*/result.json")}  # fmt: skip
+        reported = set().union(*(_patients(f) for f in (trial_dir / "per_case").glob("*epoch_*.json")))
+        assert reported and not reported & selected, (trial_dir, reported & selected)
+    # and the analysis reports exactly those trials' cases, none of a selection patient
+    experiment = load_experiment(root)
+    for frame in (experiment.evaluation_cases(), experiment.evaluation_test_cases()):
+        for t, p in zip(frame.get("trial_id", []), frame.get("patient", []), strict=True):
+            assert str(p) not in experiment.selection[str(t)]
+    assert experiment.excluded().empty
+    return len(trials)
+
+
+def test_fair_ablation_reports_no_patient_of_the_tuning_fold(smoke_experiment: Path) -> None:
+    assert audit(smoke_experiment) == 8
+    manifest = json.loads((smoke_experiment / "study.json").read_text())
+    splits = read_splits(Path(manifest["data"]) / "splits.json")
+    tuning = {c.split("_")[0] for c in splits.fold(0).val}
+    cases = load_experiment(smoke_experiment).evaluation_cases()
+    assert set(cases["fold"]) == {1, 2} and not {str(c) for c in cases["case"]} & set(splits.fold(0).val)
+    assert tuning  # fold 0 exists and is simply never reported
+
+
+def test_nested_ablation_reports_every_patient_by_models_tuned_without_them(nested_experiment: Path) -> None:
+    root = nested_experiment
+    assert audit(root) == 2 * 3 * 2  # rows x outer folds x seeds
+    manifest = json.loads((root / "study.json").read_text())
+    splits = read_splits(Path(manifest["data"]) / "splits.json")
+    assert splits.test and manifest["test_cases"] == len(splits.test)
+    for outer in range(3):
+        inner = read_nested(root / "nested_splits.json", splits, outer)  # frozen, hashed, checked
+        outer_val = set(splits.fold(outer).val)
+        for row in ("unet", "seg-recon-loc"):
+            for per_case in (root / f"stage1-{row}-outer{outer}").glob("*/per_case/epoch_*.json"):
+                cases = {str(c["case"]) for c in json.loads(per_case.read_text())}
+                assert cases <= set(inner.fold(0).val) and not cases & outer_val  # tuned inside the outer fold
+                assert not cases & set(splits.test)
+    cases = load_experiment(root).evaluation_cases()
+    in_folds = {c for f in splits.folds for c in f.val}
+    for row in ("unet", "seg+recon+loc"):  # every non-test case, once per seed, for every row
+        mine = cases[cases["row"] == row]
+        assert set(mine["case"]) == in_folds and mine.groupby("case").size().eq(2).all()
+    # the held-out test set: scored once by every stage-2 model, never validated on
+    tests = load_experiment(root).evaluation_test_cases()
+    assert set(tests["case"]) == set(splits.test) and tests["trial_id"].nunique() == 12
+
+
+def test_asha_stopped_trials_are_pruned_in_optuna(nested_experiment: Path) -> None:
+    root = nested_experiment
+    storage = JournalStorage(JournalFileBackend(str(root / "optuna.journal")))
+    manifest = json.loads((root / "study.json").read_text())
+    stopped = complete = 0
+    for search in manifest["stage1"]:
+        study = optuna.load_study(study_name=search["optuna_study"], storage=storage)
+        epochs = [len((p).read_text().splitlines()) for p in (root / search["experiment"]).glob("*/result.json")]
+        states = [t.state for t in study.trials]
+        assert states.count(optuna.trial.TrialState.COMPLETE) == epochs.count(2)  # ran every epoch
+        assert states.count(optuna.trial.TrialState.PRUNED) == epochs.count(1)  # stopped by ASHA after 1
+        pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+        assert all(t.intermediate_values[1] == t.value for t in pruned)  # its value at the stopping epoch
+        stopped, complete = stopped + epochs.count(1), complete + epochs.count(2)
+    assert complete > 0
+
+
+def test_nested_report_says_what_it_is_and_scores_the_test_set(nested_experiment: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    assert main(["analyze", str(nested_experiment), "--out", str(tmp_path / "a")]) == 0
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "**Protocol: nested cross-validation**" in summary and "inner fold 0 of 2" in summary
+    assert "## Held-out test set" in summary and "**Held-out test set:** 2 patients" in summary
+    assert "both of which must reject" in summary  # the method and its limits
+    assert (tmp_path / "a" / "test_cases.csv").is_file() and (tmp_path / "a" / "test_comparison.csv").is_file()
+    analysis = analyze(nested_experiment, n_boot=200)
+    assert analysis.comparison["n_runs_row"].iloc[0] == 6 and analysis.comparison["p_runs"].notna().all()
+    # export: a row is scored over all its outer folds; the bundle says why
+    assert main(["export", str(nested_experiment), "--out", str(tmp_path / "bundle")]) == 0
+    metrics = json.loads((tmp_path / "bundle" / "metrics.json").read_text())
+    assert metrics["configuration"]["n"] == 6 and any("nested_ablation" in n for n in metrics["notes"])
+
+
+def test_a_study_from_before_the_rule_has_its_tuning_patients_excluded(smoke_experiment: Path,
+                                                                        tmp_path: Path) -> None:  # fmt: skip
+    """An older fair ablation re-trained on the tuning fold too and recorded no selection: analysis
+    derives the selection from stage 1 and leaves those patients out, saying so."""
+    root = Path(shutil.copytree(smoke_experiment, tmp_path / "old"))
+    tuning_patients = set().union(*(_patients(f) for f in root.glob("stage1-unet/*/per_case/epoch_*.json")))
+    for trial_dir, _ in _stage2(root):
+        params = json.loads((trial_dir / "params.json").read_text())
+        for key in ("_selected_on", "_selected_in", "_selected_trial"):
+            params["grid"].pop(key)
+        (trial_dir / "params.json").write_text(json.dumps(params))
+    # as if the trial had also evaluated a tuning-fold patient
+    trial_dir = next(t for t, g in _stage2(root) if g["_row"] == "unet")
+    final = sorted((trial_dir / "per_case").glob("epoch_*.json"))[-1]
+    leaked = json.loads(next(root.glob("stage1-unet/*/per_case/epoch_*.json")).read_text())[0]
+    final.write_text(json.dumps([*json.loads(final.read_text()), leaked]))
+    analysis = analyze(root, n_boot=100)
+    excluded = analysis.experiment.excluded().set_index("row")
+    assert excluded.loc["unet", "n_patients"] == 1 and leaked["patient"] in tuning_patients
+    assert leaked["patient"] not in set(analysis.experiment.evaluation_cases()["patient"])
+    assert any("patients excluded from the statistics" in w for w in analysis.warnings)
