@@ -141,3 +141,54 @@ def test_a_study_from_before_the_rule_has_its_tuning_patients_excluded(smoke_exp
     assert excluded.loc["unet", "n_patients"] == 1 and leaked["patient"] in tuning_patients
     assert leaked["patient"] not in set(analysis.experiment.evaluation_cases()["patient"])
     assert any("patients excluded from the statistics" in w for w in analysis.warnings)
+
+
+def test_a_nested_study_freezes_its_inner_folds_and_resume_checks_them(sweep_cohort: Path, tmp_path: Path) -> None:
+    from conftest import small_space
+
+    from avn_study.errors import AvnError
+    from avn_study.space import load_space
+    from avn_study.sweep import Study
+
+    space = load_space(small_space(tmp_path, protocol="nested_ablation", folds=[0, 2], inner_folds=2))
+    study = Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False)
+    study.prepare(resume=False)
+    frozen = json.loads((study.root / "nested_splits.json").read_text())
+    assert sorted(frozen["inner"]) == ["0", "2"] and frozen["outer_hash"] == study.split_hash
+    manifest = json.loads((study.root / "study.json").read_text())
+    assert [(s["row"], s["outer"]) for s in manifest["stage1"]] == [
+        ("unet", 0), ("seg+recon+loc", 0), ("unet", 2), ("seg+recon+loc", 2)]  # fmt: skip
+    names = {s["optuna_study"] for s in manifest["stage1"]}
+    assert names == {f"smoke-{r}-outer{k}" for r in ("unet", "seg-recon-loc") for k in (0, 2)}
+    again = Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False)
+    again.prepare(resume=True)
+    assert again.inner == study.inner  # read back, not re-made
+    frozen["inner"]["2"]["folds"][0]["val"].pop()
+    (study.root / "nested_splits.json").write_text(json.dumps(frozen))
+    with pytest.raises(AvnError, match="inner folds of outer fold 2 were edited"):
+        Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False).prepare(resume=True)
+
+
+def test_a_tuning_set_without_necrosis_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    from conftest import small_space, write_toy_case
+
+    from avn_study.data.layout import write_dataset_json
+    from avn_study.errors import UsageError
+    from avn_study.space import load_space
+    from avn_study.sweep import Study
+
+    cohort = tmp_path / "toy"
+    for i in range(6):  # one patient with necrosis: some tuning set must lack it
+        write_toy_case(cohort, f"toy_{i:03d}", i, necrosis=i == 0)
+    write_dataset_json(cohort, {f"toy_{i:03d}": f"P{i}" for i in range(6)})
+    cases = {  # the seeded split puts toy_000 in fold 0: outer fold 0 trains on no necrosis at all
+        "nested_ablation": ({"inner_folds": 2, "folds": [0, 1, 2]}, "inner fold 0 of outer fold 0"),
+        "fair_ablation": ({"tuning_fold": 1, "folds": [0, 2]}, "tuning fold 1"),
+    }
+    for protocol, (extra, where) in cases.items():
+        space = load_space(small_space(tmp_path, protocol=protocol, **extra))
+        study = Study(space, cohort, str(tmp_path / protocol), progress=False)
+        with pytest.raises(UsageError, match=f"{where} has no case with necrosis, so val_dice"):
+            study.prepare(resume=False)
+        assert not (tmp_path / protocol).exists()  # nothing written
+    assert "toy_000" in read_splits(cohort / "splits.json").fold(0).val
