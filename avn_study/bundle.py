@@ -38,11 +38,20 @@ MODEL_FILE, CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, ONNX_FILE = (
     "model.onnx",
 )
 REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, METRICS_FILE, PROVENANCE_FILE)
+CONFIG_KEYS = ("format", "format_version", "model", "preprocessing", "labels", "label_map", "threshold",
+               "loc_threshold", "amp", "train_config", "versions", "onnx")  # fmt: skip
 SLICE_AXIS = 1  # coronal slices: planes of constant A/P, RAS array axis 1
 LOC_THRESHOLD = 0.5  # localisation probability threshold (as in validation)
 
 
 # ------------------------------------------------------------------------------------------ bundle
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a folder holding an avn-study bundle's ``config.json`` (what ``--overwrite`` may replace)."""
+    from avn_study.outputs import json_marker
+
+    return Path(path).is_dir() and json_marker(Path(path) / CONFIG_FILE, "format", BUNDLE_FORMAT)
+
+
 def bundle_config(flat: dict[str, Any], model: torch.nn.Module, versions: dict[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of a bundle whose model was trained with the flat TrainConfig ``flat``."""
     from avn_study.config import ModelConfig, TrainConfig
@@ -132,6 +141,10 @@ def _key(config: dict[str, Any], dotted: str, path: Path) -> Any:
 
 
 def _check_format(config: dict[str, Any], path: Path) -> None:
+    extra = sorted(set(config) - set(CONFIG_KEYS))
+    if config.get("format") == BUNDLE_FORMAT and extra:
+        raise DataError(f"{path}: unknown top-level key(s) {extra}; a config.json written by avn-study export has "
+                        f"only {', '.join(CONFIG_KEYS)}")  # fmt: skip
     if config.get("format") != BUNDLE_FORMAT:
         raise DataError(
             f"{path}: 'format' is {config.get('format')!r}, expected {BUNDLE_FORMAT!r}; not an avn-study bundle"
@@ -217,6 +230,16 @@ def _check_weights(state: dict[str, torch.Tensor], model: torch.nn.Module, path:
     )
 
 
+def _check_self_contained(path: Path) -> None:
+    """Every file of a bundle lives in its folder: a link out of it could read any file on the machine."""
+    folder = path.resolve()
+    for name in (*REQUIRED_FILES, ONNX_FILE):
+        file = path / name
+        if file.is_symlink() and folder not in file.resolve().parents:
+            raise DataError(f"{file}: a link to {file.resolve()}, outside the bundle; a bundle's files must be in "
+                            "its folder (copy the file in if it is yours)")  # fmt: skip
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Read and check a bundle folder; never unpickles anything.
 
@@ -233,6 +256,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise DataError(
             f"{path}: incomplete bundle, missing {', '.join(missing)} (a bundle holds {', '.join(REQUIRED_FILES)})"
         )
+    _check_self_contained(path)
     config = _read_json(path / CONFIG_FILE)
     _check_format(config, path / CONFIG_FILE)
     model = build_bundle_model(config, path / CONFIG_FILE)

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (a message, n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -36,11 +37,14 @@ def _progress(done: int, total: int, name: str) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from avn_study.data.phantom import PhantomConfig, write_cohort
+    from avn_study.data.phantom import PhantomConfig, is_phantom_cohort, write_cohort
+    from avn_study.outputs import check_target, staged_folder
 
+    check_target(args.out, flag="OUT", kind="a phantom cohort", is_own=is_phantom_cohort, overwrite=args.overwrite)
     config = PhantomConfig.tiny() if args.tiny else PhantomConfig()
-    out = write_cohort(args.out, cases=args.cases, seed=args.seed, config=config)
-    print(f"wrote a phantom cohort of {args.cases} patient(s) (seed {args.seed}) to {out}")
+    with staged_folder(args.out) as staged:  # a new cohort replaces the old one whole, never file by file
+        write_cohort(staged, cases=args.cases, seed=args.seed, config=config)
+    print(f"wrote a phantom cohort of {args.cases} patient(s) (seed {args.seed}) to {args.out}")
     return 0
 
 
@@ -54,8 +58,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from avn_study.data.cache import build_cache
-    from avn_study.data.splits import SPLITS_FILE, make_splits, write_splits
+    from avn_study.data.splits import SPLITS_FILE, is_splits_file, make_splits, write_splits
+    from avn_study.outputs import check_target
 
+    target = args.out or Path(args.data) / SPLITS_FILE
+    if target.is_file() and not args.overwrite:
+        from avn_study.outputs import json_marker
+
+        held = json.loads(target.read_text()).get("hash", "?")[:12] if json_marker(target, "hash") else "?"
+        raise UsageError(f"{target}: a frozen split (hash {held}) already exists; runs and studies recorded its "
+                         "hash. Pass --overwrite to replace it (their results will then name a split that is gone), "
+                         "or --out to write another file")  # fmt: skip
+    check_target(target, flag="--out", kind="a splits file", is_own=is_splits_file, overwrite=args.overwrite,
+                 folder=False)  # fmt: skip
     cases = build_cache(args.data, cache_dir=args.cache_dir, progress=_progress)
     patients = {c.case_id: c.patient_id for c in cases}
     necrosis = None if args.no_stratify else {c.case_id: c.has_necrosis for c in cases}
@@ -64,7 +79,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     except ValueError as err:
         flag = "--test-fraction" if "test_fraction" in str(err) else "--folds"
         raise UsageError(f"{flag}: {err}") from None
-    out = write_splits(splits, args.out or Path(args.data) / SPLITS_FILE)
+    out = write_splits(splits, target)
     if splits.test:
         test_patients = {patients[c] for c in splits.test}
         positive = sum(any(necrosis.get(c, False) for c in splits.test if patients[c] == p) for p in test_patients) \
@@ -79,17 +94,14 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def _parse_set(items: list[str]) -> dict[str, object]:
     """``--set key=value`` pairs; values are parsed as YAML scalars/maps (``lr=3e-4``, ``schedule_params={a: 1}``)."""
-    import yaml
+    from avn_study.space import safe_yaml
 
     out: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise UsageError(f"--set {key}: cannot parse {value!r} ({err})") from None
+        out[key.strip()] = safe_yaml(value, f"--set {key.strip()}")
     return out
 
 
@@ -130,9 +142,13 @@ def _epoch_line(record: dict, epochs: int) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from avn_study.engine import prepare_data
-    from avn_study.training import TrainingRun, write_run_outputs
+    from avn_study.outputs import check_target
+    from avn_study.training import TrainingRun, is_run_folder, write_run_outputs
 
     config = train_config_from_args(args)
+    # before any training: a run lost to a bad --out is the worst kind of error
+    check_target(args.out, flag="--out", kind="a run folder", is_own=is_run_folder, overwrite=args.overwrite,
+                 inputs=[args.data])  # fmt: skip
     data = prepare_data(args.data, config, cache_dir=args.cache_dir, splits_path=args.splits)
     print(
         f"fold {config.data.fold}: {len(data.train)} training / {len(data.val)} validation cases, "
@@ -158,10 +174,12 @@ def _summary_table(result, metric: str) -> str:
     import math
     import statistics
 
+    from avn_study.study_folder import TERMINATED
+
     lines = [f"{'stage':<6} {'row':<28} {'trials':>6} {metric + ' mean':>14} {'SD':>7}"]
     groups: dict[tuple[int, str], list[float]] = {}
     for o in result.outcomes:
-        if o.status == "TERMINATED" and o.metric is not None and not math.isnan(o.metric):
+        if o.status == TERMINATED and o.metric is not None and not math.isnan(o.metric):
             groups.setdefault((o.stage, o.row), []).append(o.metric)
     ranked = sorted(groups.items(), key=lambda kv: (kv[0][0], -statistics.fmean(kv[1])))
     for (stage, row), values in ranked:
@@ -206,17 +224,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.max_concurrent,
         args.gpus_per_trial,
         progress=not args.quiet,
+        force_unlock=args.force_unlock,
     )
-    study.prepare(resume=args.resume)  # bad --resume/--name and broken cohorts fail before Ray starts
-    init_ray(args.address, args.num_cpus)
-    # after ray.init, which installs its own SIGTERM handler: SIGTERM (e.g. a scheduler preempting the
-    # driver) takes Ray Tune's graceful Ctrl-C path instead of aborting
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    print(
-        f"study {study.location} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",
-        file=sys.stderr,
-    )
+    study.prepare(resume=args.resume)  # bad --resume/--name, a live driver, broken cohorts: before Ray starts
     try:
+        init_ray(args.address, args.num_cpus)
+        # after ray.init, which installs its own SIGTERM handler: SIGTERM (e.g. a scheduler preempting the
+        # driver) takes Ray Tune's graceful Ctrl-C path instead of aborting
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        print(
+            f"study {study.location} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",
+            file=sys.stderr,
+        )
         result = study.run(resume=args.resume)
     except KeyboardInterrupt:
         print(
@@ -225,6 +244,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        study.close()
     mirror = f" (JSON mirror: {study.root})" if study.remote else ""
     return _report(
         result,
@@ -275,14 +296,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     space = load_space(args.space or _repo_space("demo"))
     study = Study(space, cohort, str(out / "experiments"), progress=not args.quiet)
     resume = (study.root / "study.json").is_file()
-    init_ray(None, args.num_cpus)
     study.prepare(resume=resume)
-    print(
-        f"{'resuming' if resume else 'running'} the {space.name} study ({space.protocol}, rows: "
-        f"{', '.join(space.arms)}) in {study.root}",
-        file=sys.stderr,
-    )
-    result = study.run(resume=resume)
+    try:
+        init_ray(None, args.num_cpus)
+        print(
+            f"{'resuming' if resume else 'running'} the {space.name} study ({space.protocol}, rows: "
+            f"{', '.join(space.arms)}) in {study.root}",
+            file=sys.stderr,
+        )
+        result = study.run(resume=resume)
+    finally:
+        study.close()
     print(f"cohort: {cohort}\nexperiment: {study.root}")
     if result.errored:
         print(_errored_summary(result), file=sys.stderr)
@@ -332,9 +356,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from avn_study.predict import predict
 
     progress = _progress if args.input.is_dir() else None
-    records = predict(args.bundle, args.input, args.output, args.device, args.batch_size, progress)
+    records = predict(args.bundle, args.input, args.output, args.device, args.batch_size, progress, args.overwrite)
     for r in records:
         print(f"{r['output']}: necrosis {r['necrosis']['volume_ml']:.2f} ml ({r['necrosis']['voxels']} voxels)")
+        for warning in r.get("warnings", []):
+            print(f"warning: {r['input']}: {warning}", file=sys.stderr)
     return 0
 
 
@@ -357,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=_positive_int, default=20, help="number of patients (default 20)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--tiny", action="store_true", help="small, coarse volumes for smoke tests")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing phantom cohort (only one)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("verify", help="check a cohort's integrity; exit 2 listing every problem")
@@ -371,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=_fraction, default=0.0, dest="test_fraction",
                    help="share of patients held out as a test set, in no fold (stratified, default 0)")  # fmt: skip
     p.add_argument("--out", type=Path, help="where to write (default DATA/splits.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing splits file")
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.set_defaults(func=cmd_split)
 
@@ -401,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.add_argument("--splits", type=Path, help="frozen splits file (default DATA/splits.json)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (only a run folder)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="run a search-space file (a sweep, a nested or a fair ablation) on Ray Tune")
@@ -415,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="GPU share per trial, e.g. 0.25")
     p.add_argument("--quiet", action="store_true", help="no live progress lines")
     p.add_argument("--plan", action="store_true", help="print the trials and epochs the space will run, and exit")
+    p.add_argument("--force-unlock", action="store_true", dest="force_unlock",
+                   help="take over the study's lock even if its driver looks alive (its host is gone)")  # fmt: skip
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="phantom cohort + the demo nested ablation + its report (the README's command)")
@@ -463,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=Path, help="output .nii/.nii.gz file (or folder) for a file; a folder for a folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=_positive_int, default=32, dest="batch_size", help="slices per batch")
+    p.add_argument("--overwrite", action="store_true", help="replace label maps that an earlier predict wrote here")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="throughput figures")

@@ -15,6 +15,12 @@ from typing import Any
 from avn_study.errors import UsageError, look_up
 
 ARMS = ("unet", "seg", "seg+recon", "seg+loc", "seg+recon+loc")
+# Sane maxima, checked before a model is built (a config or bundle asking for more would allocate for minutes
+# or fail deep in torch): 512 x 2**3 = 4096 channels at the bottom is ~10x the paper's network.
+MAX_DEPTH = 8
+MAX_BASE_CHANNELS = 512
+MAX_DEEPEST_CHANNELS = 4096
+MAX_SLICE_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         look_up(self.arm, ARMS, what="arm")
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"depth must be in [1, {MAX_DEPTH}], got depth={self.depth}")
+        if not 1 <= self.base_channels <= MAX_BASE_CHANNELS:
+            raise ValueError(
+                f"base_channels must be in [1, {MAX_BASE_CHANNELS}], got base_channels={self.base_channels}"
+            )
+        deepest = self.base_channels * 2**self.depth
+        if deepest > MAX_DEEPEST_CHANNELS:
+            raise ValueError(
+                f"base_channels * 2**depth = {deepest} channels at the deepest level; at most {MAX_DEEPEST_CHANNELS} "
+                f"(got base_channels={self.base_channels}, depth={self.depth})"
+            )
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,8 @@ class DataConfig:
     n_inner_folds: int = 3  # nested CV: inner folds the outer fold's training patients are split into
 
     def __post_init__(self) -> None:
+        if not 8 <= self.slice_size <= MAX_SLICE_SIZE:
+            raise ValueError(f"slice_size must be in [8, {MAX_SLICE_SIZE}], got slice_size={self.slice_size}")
         if not 0 <= self.fold < self.n_folds:
             raise ValueError(f"fold must be in [0, n_folds - 1] = [0, {self.n_folds - 1}], got fold={self.fold}")
         if self.n_inner_folds < 2:

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import statistics
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from avn_study.errors import AvnError, UsageError, look_up
+from avn_study.outputs import staged_folder
+from avn_study.study_folder import TERMINATED, per_case_file
 
 SELECTION_RULE = (
     "Candidates are the finished trials of stage 2 for an ablation (fair_ablation, nested_ablation), or, for a "
@@ -135,7 +135,7 @@ def candidate_trials(experiment: Any, row: str | None) -> tuple[Any, int, list[s
     if row is not None:
         look_up(row, experiment.rows, what="row (--arm)")
         trials = trials[trials["row"] == row]
-    finished = trials[trials["status"] == "TERMINATED"]
+    finished = trials[trials["status"] == TERMINATED]
     notes = []
     if (finished["stage"] == 2).any():
         return finished[(finished["stage"] == 2) & ~finished["stopped_early"]], 2, notes
@@ -222,7 +222,7 @@ def choose_checkpoint(trial: dict[str, Any], metric: str, mode: str) -> tuple[Pa
 
 
 def _per_case(trial_dir: Path, epoch: int) -> list[dict[str, Any]]:
-    path = trial_dir / "per_case" / f"epoch_{epoch:03d}.json"
+    path = trial_dir / per_case_file(epoch)
     if not path.is_file():
         return []
     return [{k: v for k, v in case.items() if k not in _CASE_DROP} for case in json.loads(path.read_text())]
@@ -406,9 +406,12 @@ def _json_default(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not (overwrite or (out.is_dir() and not any(out.iterdir()))):
-        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
+def check_bundle_out(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """``--out`` of a bundle: new, or (with ``overwrite``) an existing bundle that is not an input."""
+    from avn_study.bundle import is_bundle
+    from avn_study.outputs import check_target
+
+    check_target(Path(out), flag="--out", kind="a bundle", is_own=is_bundle, overwrite=overwrite, inputs=inputs)
 
 
 def write_bundle(
@@ -434,10 +437,8 @@ def write_bundle(
     from avn_study.bundle import CONFIG_FILE, METRICS_FILE, MODEL_FILE, ONNX_FILE, PROVENANCE_FILE, bundle_config
 
     out = Path(out)
-    _check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    check_bundle_out(out, overwrite)
+    with staged_folder(out) as tmp:  # an interrupted export leaves the old bundle (or none), never half
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt", "avn_study_bundle": "1"})
         config = bundle_config(flat, model, provenance.get("versions") or package_versions())
@@ -446,11 +447,6 @@ def write_bundle(
             config["onnx"] = onnx_info
         for name, payload in ((CONFIG_FILE, config), (METRICS_FILE, metrics), (PROVENANCE_FILE, provenance)):
             (tmp / name).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out, onnx_info
 
 
@@ -475,7 +471,7 @@ def export_bundle(
     from avn_study.engine import build_model
     from avn_study.storage import MIRROR_MARKER
 
-    _check_out(Path(out), overwrite)
+    check_bundle_out(Path(out), overwrite, inputs=(Path(experiment_dir),))
     mirror_of = Path(experiment_dir) / MIRROR_MARKER
     if mirror_of.is_file():
         raise UsageError(

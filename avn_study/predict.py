@@ -57,6 +57,10 @@ from avn_study.data.slices import crop_box
 from avn_study.errors import AvnError, DataError, UsageError
 
 _CHANNEL = re.compile(r"_(\d{4})$")  # nnU-Net channel suffix of an image file name
+WRITTEN_BY = "avn-study predict"  # the mark of predict's own JSON files (what it may replace)
+MAX_GRID_VOXELS = 2**28  # 268 M voxels (~1 GiB per float32 copy): no hip MRI comes near it
+OBLIQUE_WARNING_DEG = 5.0  # beyond this, coronal slices of the RAS grid cut the anatomy at an angle
+PLAUSIBLE_SPACING_MM = (0.2, 10.0)  # outside this a voxel size is a header error, not hip MRI
 
 
 # ------------------------------------------------------------------------------------------ prediction
@@ -155,13 +159,51 @@ def label_volumes(labels: np.ndarray, geometry: Geometry, branches: tuple[str, .
     return out
 
 
-def predict_file(bundle: Bundle, source: Path, target: Path, device: torch.device, batch_size: int = 32) -> dict:
-    """Predict one NIfTI file and write its label map; returns its volumes record.
+def check_geometry(source: Path, geometry: Geometry, bundle: Bundle) -> list[str]:
+    """Refuse a grid too large to resample; warn about oblique scans and implausible voxel sizes.
+
+    Returns:
+        Warnings (also written to the output's JSON record).
 
     Raises:
-        DataError: the input is unreadable, not 3D, or holds non-finite voxels (names the file).
+        DataError: the in-plane resampling to the bundle's spacing would need more than
+            :data:`MAX_GRID_VOXELS` voxels (a wrong spacing in the header, as a rule).
+    """
+    spacing = geometry.ras_spacing
+    shape = inplane_shape(geometry.ras_shape, spacing, bundle.preprocess.inplane_spacing_mm)
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > MAX_GRID_VOXELS:
+        raise DataError(
+            f"{source}: resampling to {bundle.preprocess.inplane_spacing_mm:g} mm in-plane would give a "
+            f"{' x '.join(map(str, shape))} grid ({voxels:,} voxels, {voxels * 4 / 2**30:.0f} GiB per copy) from "
+            f"a {' x '.join(map(str, geometry.ras_shape))} scan with voxel size "
+            f"{' x '.join(f'{v:g}' for v in spacing)} mm (R, A, S); check the header's spacing"
+        )
+    warnings = []
+    if geometry.obliquity_deg > OBLIQUE_WARNING_DEG:
+        warnings.append(
+            f"oblique acquisition: a voxel axis is {geometry.obliquity_deg:.1f} degrees off the world axis it is "
+            "read as; the model sees slices of the nearest RAS grid, so results may be worse than on plain "
+            "coronal scans"
+        )
+    low, high = PLAUSIBLE_SPACING_MM
+    if min(spacing) < low or max(spacing) > high:
+        warnings.append(
+            f"voxel size {' x '.join(f'{v:g}' for v in spacing)} mm (R, A, S) is outside {low:g}-{high:g} mm, far "
+            "from hip MRI the model was trained on; check the header"
+        )
+    return warnings
+
+
+def predict_file(bundle: Bundle, source: Path, target: Path, device: torch.device, batch_size: int = 32) -> dict:
+    """Predict one NIfTI file and write its label map; returns its volumes record (with ``warnings``).
+
+    Raises:
+        DataError: the input is unreadable, not 3D, has an unusable affine, a grid too large to
+            resample, or holds non-finite voxels (names the file).
     """
     image, geometry = load_ras(source)
+    warnings = check_geometry(source, geometry, bundle)
     if not np.isfinite(image).all():
         raise DataError(f"{source}: {int((~np.isfinite(image)).sum())} NaN/Inf voxels; all voxels must be finite")
     prediction = predict_volume(bundle, image, geometry, device, batch_size)
@@ -173,6 +215,7 @@ def predict_file(bundle: Bundle, source: Path, target: Path, device: torch.devic
         "shape": list(geometry.shape),
         "axcodes": "".join(geometry.axcodes),
         **label_volumes(prediction.labels, geometry, bundle.branches, margin),
+        "warnings": warnings,
     }
 
 
@@ -193,12 +236,46 @@ def json_path(output: Path) -> Path:
     return output.with_name(output.name[: -len(ending)] + ".json")
 
 
-def plan(source: Path, target: Path) -> tuple[list[tuple[Path, Path]], bool]:
+def written_by_predict(path: Path) -> bool:
+    """Whether ``path`` is a JSON record that predict wrote (the only JSON it replaces)."""
+    from avn_study.outputs import json_marker
+
+    return json_marker(path, "written_by", WRITTEN_BY)
+
+
+def _predicted(record: Path) -> set[str]:
+    """Output names a predict record lists (the label maps that predict may replace)."""
+    if not written_by_predict(record):
+        return set()
+    data = json.loads(record.read_text())
+    cases = data.get("cases", [data])
+    return {Path(str(c.get("output", ""))).name for c in cases if isinstance(c, dict)}
+
+
+def _check_outputs(pairs: list[tuple[Path, Path]], record: Path, overwrite: bool) -> None:
+    """Predict never replaces what it did not write: its JSON record only over its own record, a label
+    map only with ``--overwrite`` and only one that record lists."""
+    if record.exists() and not written_by_predict(record):
+        raise UsageError(f"{record}: exists and was not written by avn-study predict; it is never replaced: "
+                         "choose another OUTPUT")  # fmt: skip
+    ours = _predicted(record)
+    for _, out in pairs:
+        if not out.exists():
+            continue
+        if not overwrite:
+            raise UsageError(f"{out}: already exists; pass --overwrite to replace earlier predictions")
+        if out.name not in ours:
+            raise UsageError(f"{out}: exists and {record.name} does not list it as a prediction; it is not "
+                             "replaced: choose another OUTPUT")  # fmt: skip
+
+
+def plan(source: Path, target: Path, overwrite: bool = False) -> tuple[list[tuple[Path, Path]], bool]:
     """(input, output) pairs and whether this is folder mode; checks names before any work.
 
     Raises:
         UsageError: a missing input, a non-NIfTI file, an empty folder, outputs that collide with each
-            other or overwrite an input, a folder input with a file output.
+            other or overwrite an input, a folder input with a file output, an existing output that
+            predict did not write (or any existing output without ``overwrite``).
     """
     if not source.exists():
         raise UsageError(f"{source}: no such file or folder")
@@ -211,7 +288,11 @@ def plan(source: Path, target: Path) -> tuple[list[tuple[Path, Path]], bool]:
             raise UsageError(f"{target}: the output of a single file must be a .nii or .nii.gz file name (or a folder)")
         if target.resolve() == source.resolve():
             raise UsageError(f"{target}: the output would overwrite the input")
-        return [(source, target)], False
+        if json_path(target).resolve() == source.resolve():
+            raise UsageError(f"{json_path(target)}: the output's JSON record would overwrite the input")
+        pairs = [(source, target)]
+        _check_outputs(pairs, json_path(target), overwrite)
+        return pairs, False
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target}: INPUT is a folder, so OUTPUT must be a folder too")
     files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".") and _nifti_ending(p.name))
@@ -233,6 +314,7 @@ def plan(source: Path, target: Path) -> tuple[list[tuple[Path, Path]], bool]:
             raise UsageError(f"{out}: the output would overwrite an input; choose another OUTPUT folder")
         seen[out.name] = path
         pairs.append((path, out))
+    _check_outputs(pairs, target / "volumes.json", overwrite)
     return pairs, True
 
 
@@ -253,6 +335,7 @@ def predict(
     device: str = "auto",
     batch_size: int = 32,
     progress: Any = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """``avn-study predict``: a file to a file, or every NIfTI of a folder to a folder.
 
@@ -263,7 +346,7 @@ def predict(
         UsageError: bad paths or names (see :func:`plan`), a bad bundle.
         DataError: a bad bundle or unreadable inputs (each named).
     """
-    pairs, folder = plan(Path(source), Path(target))
+    pairs, folder = plan(Path(source), Path(target), overwrite)
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     torch_device = _device(device)
     records, problems = [], []
@@ -276,7 +359,8 @@ def predict(
             problems.append(str(err))
         if progress:
             progress(i + 1, len(pairs), src.name)
-    header = {"bundle": str(loaded.path), "trial_id": loaded.provenance.get("trial_id"), "labels": dict(LABELS)}
+    header = {"written_by": WRITTEN_BY, "bundle": str(loaded.path), "trial_id": loaded.provenance.get("trial_id"),
+              "labels": dict(LABELS)}  # fmt: skip
     if folder:
         Path(target).mkdir(parents=True, exist_ok=True)
         summary = {**header, "cases": records, "failed": problems}

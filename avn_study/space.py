@@ -46,6 +46,7 @@ import yaml
 
 from avn_study.config import ARMS, TrainConfig
 from avn_study.errors import UsageError, look_up
+from avn_study.study_folder import check_name, check_rows
 
 TOP_KEYS = {
     "name", "protocol", "metric", "mode", "fixed", "arms", "search", "trials", "tuning_fold", "folds", "inner_folds",
@@ -57,6 +58,8 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 METRICS = ("val_dice", "val_dice_all", "loc_dice", "hd95_mm", "abs_volume_error_ml", "lesion_fp")
 SCHEDULERS = ("asha", "none")
 SCHEDULE_PARAM_PREFIX = "schedule_params."
+MAX_SPACE_BYTES = 1_000_000  # a search-space file is a page of YAML; anything this large is a mistake
+MAX_MESSAGE = 600  # characters of an error message that quotes a value from the file
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ class _Reader:
         self.path = path
 
     def fail(self, key: str, message: str) -> UsageError:
+        if len(message) > MAX_MESSAGE:  # a value quoted back can be long: the file has it all
+            message = message[: MAX_MESSAGE - 20] + f"... ({len(message):,} characters)"
         return UsageError(f"{self.path}: {key}: {message}")
 
     def number(self, data: dict, key: str, default: Any, *, kind: type = int, low: float | None = None) -> Any:
@@ -178,20 +183,58 @@ class _Reader:
         return tuple(value)
 
 
+class _AliasFound(Exception):
+    def __init__(self, line: int, anchor: str) -> None:
+        self.line, self.anchor = line, anchor
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that stops at the first alias (``*name``) instead of expanding it."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(event.start_mark.line + 1, str(event.anchor))
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` without aliases: one alias can expand a 1 kB file into gigabytes (a "billion
+    laughs"), in memory and in any error message that quotes the value.
+
+    Raises:
+        UsageError: an alias, naming ``source`` and the line; or invalid YAML.
+    """
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except _AliasFound as alias:
+        raise UsageError(
+            f"{source}: line {alias.line}: YAML aliases (*{alias.anchor}) are not allowed in avn-study files; "
+            "write the value out"
+        ) from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"{source}: not valid YAML ({err})") from None
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space file.
 
     Raises:
-        UsageError: a missing or unparsable file, an unknown key, a bad value or range, an unknown
-            arm, schedule or config key; the message names the file and the key.
+        UsageError: a missing, unreadable, oversized, non-UTF-8 or unparsable file, YAML aliases, an
+            unknown key, a bad value or range, an unknown arm, schedule or config key, row names that
+            are unsafe or map to one folder; the message names the file and the key.
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_SPACE_BYTES:
+            raise UsageError(f"{path}: {size:,} bytes; a search-space file is at most {MAX_SPACE_BYTES:,}")
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise UsageError(f"{path}: cannot be read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path}: not valid YAML ({err})") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    raw = safe_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: expected a mapping of settings at the top level")
     return parse_space(raw, path)
@@ -202,8 +245,7 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
     for key in raw:
         r.known(key, TOP_KEYS, str(key))
     name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
-        raise r.fail("name", f"expected a folder-safe experiment name, got {name!r}")
+    check_name(name, f"{path}: name: the study")
     protocol = r.known(raw.get("protocol", "sweep"), PROTOCOLS, "protocol")
     metric = r.known(raw.get("metric", "val_dice"), METRICS, "metric")
     mode = r.known(raw.get("mode", "max"), ("max", "min"), "mode")
@@ -304,6 +346,7 @@ def _parse_arms(r: _Reader, raw: dict[str, Any], fixed: dict[str, Any]) -> dict[
             overrides["arm"] = row
         _check_flat(r, {**fixed, **overrides}, f"arms.{row}")
         arms[str(row)] = overrides
+    check_rows(list(arms), str(r.path))
     return arms
 
 

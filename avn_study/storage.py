@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 
 from avn_study.errors import AvnError, UsageError
+from avn_study.study_folder import LOCK_FILE, STUDY_FILES
 
-STUDY_FILES = ("study.json", "space.yaml", "optuna.journal", "stage2_plan.json", "nested_splits.json")
 MIRROR_MARKER = "mirror_of.txt"  # in the mirror: the URI it mirrors (export refuses a mirror: no checkpoints)
 
 
@@ -131,3 +131,51 @@ class RemoteStudy:
 
     def abandoned_count(self) -> int:
         return sum(".abandoned-" in info.base_name for info in self._listing("", recursive=False))
+
+    # ---------------------------------------------------------------------------------- lock and probe
+    def lock_file(self) -> RemoteLockFile:
+        """The study's lock (:class:`avn_study.study_folder.StudyLock`) in the store, beside ``study.json``."""
+        return RemoteLockFile(self.fs, f"{self.base}/{LOCK_FILE}")
+
+    def check_writable(self) -> None:
+        """Raise (exit 1, naming the store) if the store no longer takes writes."""
+        probe = f"{self.base}/.write-probe"
+        try:
+            with self.fs.open_output_stream(probe) as stream:
+                stream.write(b"ok")
+            self.fs.delete_file(probe)
+        except OSError as err:
+            raise AvnError(f"cannot write to {self.uri}: {err}") from None
+
+
+class RemoteLockFile:
+    """A lock file in an object store. Stores have no create-if-absent, so ``create`` checks, writes and
+    reads back: two drivers starting within the same second could both succeed (documented limit)."""
+
+    def __init__(self, fs, path: str) -> None:
+        self.fs, self.path = fs, path
+
+    def read(self) -> bytes | None:
+        from pyarrow import fs
+
+        if self.fs.get_file_info(self.path).type == fs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(self.path) as stream:
+            return stream.read()
+
+    def create(self, payload: bytes) -> bool:
+        if self.read() is not None:
+            return False
+        self.replace(payload)
+        return self.read() == payload
+
+    def replace(self, payload: bytes) -> None:
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(self.path) as stream:
+            stream.write(payload)
+
+    def delete(self) -> None:
+        from pyarrow import fs
+
+        if self.fs.get_file_info(self.path).type != fs.FileType.NotFound:
+            self.fs.delete_file(self.path)

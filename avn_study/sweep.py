@@ -24,10 +24,10 @@ own format (``ExperimentAnalysis``, ``Tuner.restore``). ``--resume`` restores un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,34 +35,28 @@ from typing import Any
 
 from avn_study.errors import AvnError, UsageError
 from avn_study.space import ABLATIONS, SearchSpace
-from avn_study.trainable import merge_grid
-
-MANIFEST = "study.json"
-NESTED_SPLITS = "nested_splits.json"
-
-
-def slug(row: str) -> str:
-    """A folder-safe form of a row name (``seg+recon/linear`` -> ``seg-recon_linear``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", row.replace("/", "_"))
-
-
-@dataclass(frozen=True)
-class Stage1:
-    """One Optuna search of stage 1: a row, on the tuning fold or inside an outer fold (nested)."""
-
-    row: str
-    outer: int | None = None  # nested_ablation: the outer fold searched inside
-
-    @property
-    def experiment(self) -> str:
-        return f"stage1-{slug(self.row)}" + ("" if self.outer is None else f"-outer{self.outer}")
-
-    def optuna_study(self, study: str) -> str:
-        return f"{study}-{self.experiment.removeprefix('stage1-')}"
-
-    @property
-    def label(self) -> str:
-        return f"stage 1 {self.row}" + ("" if self.outer is None else f" (outer fold {self.outer})")
+from avn_study.study_folder import (
+    DRIVER_LOG,
+    ERROR,
+    JOURNAL,
+    LOCK_FILE,
+    MANIFEST,
+    NESTED_SPLITS,
+    SPACE_COPY,
+    STAGE2,
+    STAGE2_PLAN,
+    TERMINATED,
+    LockFile,
+    Stage1,
+    StudyLock,
+    check_name,
+    merge_grid,
+    per_case_file,
+    stage_folders,
+    storage_error,
+    trial_status,
+    trial_statuses,
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +71,7 @@ class Selected:
 
 def validated_patients(trial_dir: Path) -> set[str]:
     """Patients in a trial's per-case validation files (any epoch: a trial validates on one fixed set)."""
-    files = sorted((trial_dir / "per_case").glob("epoch_*.json"))
+    files = sorted((trial_dir / per_case_file(0)).parent.glob("epoch_*.json"))
     return {str(case["patient"]) for case in json.loads(files[-1].read_text())} if files else set()
 
 
@@ -105,27 +99,11 @@ class StudyResult:
 
     @property
     def errored(self) -> list[TrialOutcome]:
-        return [o for o in self.outcomes if o.status == "ERROR"]
+        return [o for o in self.outcomes if o.status == ERROR]
 
     @property
     def unfinished(self) -> list[TrialOutcome]:
-        return [o for o in self.outcomes if o.status not in ("ERROR", "TERMINATED")]
-
-
-def trial_statuses(experiment: Path) -> dict[str, str]:
-    """Trial folder name -> Ray's status, from the newest ``experiment_state-*.json``.
-
-    Only the JSON structure is read; Ray's pickled fields inside it are never decoded.
-    """
-    # one file per driver session, named by its start time: the last name is the latest session
-    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: (p.name, p.stat().st_mtime))
-    if not states:
-        return {}
-    statuses = {}
-    for trial_json, _ in json.loads(states[-1].read_text())["trial_data"]:
-        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-        statuses[str(trial.get("relative_logdir"))] = str(trial.get("status"))
-    return statuses
+        return [o for o in self.outcomes if o.status not in (ERROR, TERMINATED)]
 
 
 def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome]:
@@ -144,10 +122,11 @@ def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome
         last = results[-1] if results else {}
         error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else ""
         merged = merge_grid(config)
+        planned = int(merged.get("epochs", len(results)))
         outcomes.append(TrialOutcome(
             trial_id=str(last.get("trial_id", trial_dir.name)), row=str(merged.get("_row", "?")),
             stage=int(merged.get("_stage", 1)), path=str(trial_dir),
-            status=statuses.get(trial_dir.name, "ERROR" if error else "TERMINATED"),
+            status=trial_status(statuses.get(trial_dir.name), len(results), planned, bool(error)),
             metric=last.get(metric), epochs=len(results), config=merged, error=error,
         ))  # fmt: skip
     return outcomes
@@ -159,10 +138,10 @@ class Study:
     def __init__(self, space: SearchSpace, data: Path, storage: str, name: str | None = None,
                  max_concurrent: int | None = None, gpus_per_trial: float | None = None,
                  progress: bool = True, fault: dict[str, Any] | None = None,
-                 callbacks: list[Any] | None = None) -> None:  # fmt: skip
+                 callbacks: list[Any] | None = None, force_unlock: bool = False) -> None:  # fmt: skip
         self.space = space
         self.data = Path(data).resolve()
-        self.name = name or space.name
+        self.name = check_name(name, "--name") if name is not None else check_name(space.name, f"{space.path}: name")
         self.remote = None
         if "://" in storage:  # an object store: Ray writes there, the study's own files go through a mirror
             from avn_study.storage import RemoteStudy
@@ -170,8 +149,13 @@ class Study:
             self.remote = RemoteStudy(storage, self.name)
             self.storage, self.root = storage.rstrip("/"), self.remote.mirror
         else:
-            self.storage = str(Path(storage).expanduser().resolve())
+            local = Path(storage).expanduser()
+            if local.exists() and not local.is_dir():
+                raise UsageError(f"--storage {storage}: is a file; expected a folder (it is created if missing)")
+            self.storage = str(local.resolve())
             self.root = Path(self.storage) / self.name
+        self.force_unlock = force_unlock
+        self.lock: StudyLock | None = None
         self.max_concurrent = space.max_concurrent if max_concurrent is None else max_concurrent
         self.gpu = space.gpu if gpus_per_trial is None else gpus_per_trial
         self.progress = progress
@@ -182,52 +166,104 @@ class Study:
 
     # ---------------------------------------------------------------- preparation (driver side)
     def prepare(self, resume: bool) -> None:
-        """Check the cohort, build the head node's cache and freeze the split before any trial starts."""
+        """Check the cohort, build the head node's cache and freeze the split, take the study's lock, and
+        write the study's files (or, resuming, check them) before any trial starts."""
         from avn_study.config import TrainConfig
         from avn_study.engine import cohort_split
 
-        manifest = self.root / MANIFEST
-        if self.remote:
+        self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
+        config = TrainConfig.from_flat(self.space.trial_config(next(iter(self.space.arms))))
+        cases, splits = cohort_split(self.data, config)
+        self.split_hash = splits.hash
+        if not resume:
+            self._check_tuning_sets(splits, cases)
+        created = self._take_lock(resume)
+        try:
+            self._check_exists(resume)  # again, now that no other driver can change it
             if resume:
-                self.remote.pull_study()
-            exists = self.remote.exists(MANIFEST)
-        else:
-            exists = manifest.is_file()
+                self._check_resume(splits, cases)
+            else:
+                self._write_study(splits, cases)
+        except BaseException:
+            self.close()
+            if created and self.root.is_dir() and not any(self.root.iterdir()):
+                self.root.rmdir()  # a fresh start that failed leaves nothing behind
+            raise
+
+    def _check_exists(self, resume: bool) -> None:
+        exists = self.remote.exists(MANIFEST) if self.remote else (self.root / MANIFEST).is_file()
         if resume and not exists:
             raise UsageError(f"--resume: {self.location}/{MANIFEST} does not exist; run without --resume to start it")
         if not resume and exists:
             raise UsageError(
                 f"{self.location} already holds a study; use --resume to continue it or --name to start another"
             )
-        config = TrainConfig.from_flat(self.space.trial_config(next(iter(self.space.arms))))
-        cases, splits = cohort_split(self.data, config)
-        self.split_hash = splits.hash
-        if resume:
-            stored = json.loads(manifest.read_text())
-            if stored["space"] != self.space.raw:
-                raise UsageError(f"--resume: {self.space.path} differs from the space this study was started with "
-                                 f"({self.root / 'space.yaml'}); resume with that file")  # fmt: skip
-            if stored["split_hash"] != self.split_hash:
-                raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
-                                 f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
-            self._freeze_inner(splits, cases, resume=True)
-            return
-        self._check_tuning_sets(splits, cases)
+
+    def _take_lock(self, resume: bool) -> bool:
+        """Take the study's lock (see :class:`~avn_study.study_folder.StudyLock`); True if the folder is new."""
+        if self.remote:
+            where, created = self.remote.lock_file(), False
+        else:
+            created = not self.root.exists()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise storage_error(self.storage, err) from None
+            others = [p.name for p in self.root.iterdir() if p.name != LOCK_FILE]
+            if not resume and others:
+                held = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+                raise UsageError(f"{self.root} exists and is not an avn-study study (it holds {held}); choose "
+                                 "another --name or --storage")  # fmt: skip
+            where = LockFile(self.root / LOCK_FILE)
+        self.lock = StudyLock(where, self.location)
+        try:
+            self.lock.acquire(takeover_stale=resume, force=self.force_unlock)
+        except OSError as err:
+            self.lock = None
+            raise storage_error(self.location, err) from None
+        except BaseException:
+            self.lock = None
+            if created and self.root.is_dir() and not any(self.root.iterdir()):
+                self.root.rmdir()
+            raise
+        return created
+
+    def close(self) -> None:
+        """Release the study's lock (a finished, failed or interrupted driver)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _check_resume(self, splits: Any, cases: list[Any]) -> None:
+        if self.remote:
+            self.remote.pull_study()
+        stored = json.loads((self.root / MANIFEST).read_text())
+        if stored["space"] != self.space.raw:
+            raise UsageError(f"--resume: {self.space.path} differs from the space this study was started with "
+                             f"({self.root / SPACE_COPY}); resume with that file")  # fmt: skip
+        if stored["split_hash"] != self.split_hash:
+            raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
+                             f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
+        self._freeze_inner(splits, cases, resume=True)
+
+    def _write_study(self, splits: Any, cases: list[Any]) -> None:
         if self.remote:
             self.remote.start_fresh()
-        else:
-            self.root.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.space.path, self.root / "space.yaml") if self.space.path.is_file() else None
-        self._freeze_inner(splits, cases, resume=False)
-        manifest.write_text(json.dumps({
-            "name": self.name, "protocol": self.space.protocol, "metric": self.space.metric, "mode": self.space.mode,
-            "data": str(self.data), "split_hash": self.split_hash, "test_cases": len(splits.test),
-            "rows": list(self.space.arms),
-            "stage1": [{"row": s.row, "outer": s.outer, "experiment": s.experiment,
-                        "optuna_study": s.optuna_study(self.name)} for s in self.stage1_runs()],
-            "space": self.space.raw,
-        }, indent=1, default=str))  # fmt: skip
-        self._push(MANIFEST, "space.yaml", NESTED_SPLITS)
+        try:
+            if self.space.path.is_file():
+                shutil.copyfile(self.space.path, self.root / SPACE_COPY)
+            self._freeze_inner(splits, cases, resume=False)
+            (self.root / MANIFEST).write_text(json.dumps({
+                "name": self.name, "protocol": self.space.protocol, "metric": self.space.metric,
+                "mode": self.space.mode, "data": str(self.data), "split_hash": self.split_hash,
+                "test_cases": len(splits.test), "rows": list(self.space.arms),
+                "stage1": [{"row": s.row, "outer": s.outer, "experiment": s.experiment,
+                            "optuna_study": s.optuna_study(self.name)} for s in self.stage1_runs()],
+                "space": self.space.raw,
+            }, indent=1, default=str))  # fmt: skip
+        except OSError as err:
+            raise storage_error(self.location, err) from None
+        self._push(MANIFEST, SPACE_COPY, NESTED_SPLITS)
 
     def stage1_runs(self) -> list[Stage1]:
         """The stage-1 searches in the order they run: per row, and per outer fold for nested_ablation."""
@@ -345,33 +381,52 @@ class Study:
                 self._forget_optuna_study(experiment)
             tuner = make_tuner()
         try:
-            tuner.fit()
+            with _tune_log(self.root):
+                tuner.fit()
+        except Exception:
+            self._check_writable()  # a storage that refuses writes is the cause worth naming
+            raise
         finally:  # also when the driver is interrupted: the store keeps the journal, the mirror the results
             if self.remote:
                 self.remote.pull(experiment)
-                self._push("optuna.journal")
-        statuses = trial_statuses(self.root / experiment).values()
-        unfinished = [s for s in statuses if s not in ("TERMINATED", "ERROR")]
+                self._push(JOURNAL)
+        statuses = list(trial_statuses(self.root / experiment).values())
+        unfinished = [s for s in statuses if s not in (TERMINATED, ERROR)]
+        if unfinished or ERROR in statuses:
+            self._check_writable()  # trials that could not write are a storage failure, not an interrupt or a bug
         if unfinished:  # Tune stops gracefully on Ctrl-C/SIGTERM and returns; the study must stop too
             raise StudyInterrupted(f"{experiment}: {len(unfinished)} trial(s) did not finish")
+
+    def _check_writable(self) -> None:
+        """Raise the storage error (exit 1) if the study folder no longer takes writes."""
+        if self.remote:
+            self.remote.check_writable()
+            return
+        probe = self.root / f".write-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok" * 2048)
+        except OSError as err:
+            raise storage_error(self.storage, err) from None
+        finally:
+            probe.unlink(missing_ok=True)
 
     def _forget_optuna_study(self, experiment: str) -> None:
         """Drop the Optuna study of an abandoned stage-1 run so the restarted search starts clean."""
         import optuna
 
-        if not experiment.startswith("stage1-") or not (self.root / "optuna.journal").is_file():
+        if not experiment.startswith("stage1-") or not (self.root / JOURNAL).is_file():
             return
         storage = self._optuna_storage()
         name = f"{self.name}-{experiment.removeprefix('stage1-')}"  # Stage1.optuna_study
         if name in optuna.get_all_study_names(storage):
             optuna.delete_study(study_name=name, storage=storage)
-            self._push("optuna.journal")
+            self._push(JOURNAL)
 
     def _optuna_storage(self):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(str(self.root / "optuna.journal")))
+        return JournalStorage(JournalFileBackend(str(self.root / JOURNAL)))
 
     def _optuna(self, run: Stage1):
         import optuna
@@ -431,7 +486,7 @@ class Study:
         last epoch (ASHA-stopped trials are compared only if none did), and the patients it rests on."""
         folder = self.root / run.experiment
         trials = read_trials(folder, self.space.metric)
-        outcomes = [o for o in trials if o.status == "TERMINATED"]
+        outcomes = [o for o in trials if o.status == TERMINATED]
         scored = [o for o in outcomes if o.metric is not None and not math.isnan(o.metric)]
         if not scored:
             raise AvnError(f"stage 1 of row '{run.row}' has no finished trial with a {self.space.metric}; "
@@ -467,8 +522,8 @@ class Study:
         from ray import tune
 
         grid = self.stage2_grid()
-        (self.root / "stage2_plan.json").write_text(json.dumps(grid, indent=1))
-        self._push("stage2_plan.json")
+        (self.root / STAGE2_PLAN).write_text(json.dumps(grid, indent=1))
+        self._push(STAGE2_PLAN)
 
         param_space = {"grid": tune.grid_search(grid), "_avn": self._meta(test=True)}
 
@@ -478,24 +533,54 @@ class Study:
                 tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode,
                                             max_concurrent_trials=self.max_concurrent or None,
                                             trial_dirname_creator=_trial_dirname, reuse_actors=True),
-                run_config=self._run_config("stage2", "stage 2", len(grid)),
+                run_config=self._run_config(STAGE2, "stage 2", len(grid)),
             )  # fmt: skip
 
-        self._fit("stage2", make_tuner, param_space, resume)
+        self._fit(STAGE2, make_tuner, param_space, resume)
 
     def run(self, resume: bool = False) -> StudyResult:
-        for run in self.stage1_runs():
-            self.run_stage1(run, resume)
-        if self.space.protocol in ABLATIONS:
-            self.run_stage2(resume)
-        return self.result()
+        """Every stage (after :meth:`prepare`); the lock is released at the end, however it ends."""
+        try:
+            for run in self.stage1_runs():
+                self.run_stage1(run, resume)
+            if self.space.protocol in ABLATIONS:
+                self.run_stage2(resume)
+            return self.result()
+        finally:
+            self.close()
 
     def result(self) -> StudyResult:
         result = StudyResult(self.root)
-        stages = (p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("stage") and "." not in p.name)
-        for experiment in sorted(stages):
+        for experiment in stage_folders(self.root):
             result.outcomes += read_trials(experiment, self.space.metric)
         return result
+
+
+@contextlib.contextmanager
+def _tune_log(root: Path):
+    """Ray Tune's own log records (errored trials' tracebacks, retries) go to ``ROOT/driver.log``, not
+    the terminal: the live view and the errored-trial summary say what happened and where to look."""
+    import logging
+
+    class _QuietFileHandler(logging.FileHandler):
+        def handleError(self, record: logging.LogRecord) -> None:
+            pass  # a full or read-only storage: the sweep names that itself, the log must not shout it
+
+    loggers = [logging.getLogger(name) for name in ("ray.tune", "ray.train", "ray.air")]
+    try:
+        handler: logging.Handler = _QuietFileHandler(root / DRIVER_LOG, delay=True)
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = [(lg.propagate, list(lg.handlers)) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        yield
+    finally:
+        for lg, (propagate, handlers) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
 
 
 def _trial_dirname(trial: Any) -> str:

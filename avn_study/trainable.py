@@ -26,14 +26,10 @@ import tempfile
 from typing import Any
 
 
-def merge_grid(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's Ray config with stage 2's ``grid`` entry (one row x fold x seed) merged into the top level."""
-    return {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
-
-
 def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A trial's Ray config -> (flat TrainConfig dict, identity and run-time meta)."""
     from avn_study.space import resolve_sampled
+    from avn_study.study_folder import merge_grid
 
     merged = merge_grid(config)
     flat = {k: v for k, v in merged.items() if not k.startswith("_")}
@@ -102,6 +98,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
     from avn_study.config import TrainConfig
     from avn_study.engine import prepare_data
+    from avn_study.study_folder import per_case_file
     from avn_study.training import TrainingRun
 
     flat, meta = split_trial_config(config)
@@ -123,11 +120,11 @@ def train_trial(config: dict[str, Any]) -> None:
         epoch = record["epoch"]
         if "val_dice" in record:
             rows = [{**identity, "epoch": epoch, **case} for case in run.last_per_case]
-            files.write(f"per_case/epoch_{epoch:03d}.json", json.dumps(rows))
+            files.write(per_case_file(epoch), json.dumps(rows))
         if run.done and meta.get("test") and run.data.test:  # stage 2: the held-out test set, once, at the end
             _, test_cases = run.evaluate_test()
             rows = [{**identity, "epoch": epoch, **case} for case in test_cases]
-            files.write(f"per_case/test_epoch_{epoch:03d}.json", json.dumps(rows))
+            files.write(per_case_file(epoch, test=True), json.dumps(rows))
         metrics = {**identity, **record}
         if run.done or (epoch + 1) % every == 0:
             with tempfile.TemporaryDirectory() as tmp:

@@ -164,10 +164,24 @@ class TrainingRun:
         self.last_per_case = list(state["per_case"])
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds a run written by :func:`write_run_outputs` (what ``train --overwrite`` replaces)."""
+    from avn_study.outputs import json_marker
+
+    return json_marker(Path(path) / "metrics.json", "history") and (Path(path) / "checkpoint").is_dir()
+
+
 def write_run_outputs(run: TrainingRun, out: str | Path) -> Path:
-    """``metrics.json`` (config, provenance, history), ``per_case.csv`` and ``checkpoint/``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """``metrics.json`` (config, provenance, history), ``per_case.csv`` and ``checkpoint/``, written into a
+    staged folder that replaces ``out`` at the end (check ``out`` first: see ``avn_study.outputs``)."""
+    from avn_study.outputs import staged_folder
+
+    with staged_folder(Path(out)) as staged:
+        _write_run(run, staged)
+    return Path(out)
+
+
+def _write_run(run: TrainingRun, out: Path) -> None:
     final = next((r for r in reversed(run.history) if "val_dice" in r), {})
     test_summary, test_cases = run.evaluate_test()
     payload = {"config": run.config.to_flat(), "provenance": run.provenance(), "final": final, "history": run.history}
@@ -181,4 +195,3 @@ def write_run_outputs(run: TrainingRun, out: str | Path) -> Path:
                 writer.writeheader()
                 writer.writerows(rows)
     save_weights(run.model, out / "checkpoint", run.config.to_flat())
-    return out

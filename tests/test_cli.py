@@ -50,8 +50,11 @@ def test_split_command_freezes_folds(cohort: Path, tmp_path: Path, capsys: pytes
     assert splits["k"] == 4 and sorted(c for f in splits["folds"] for c in f["val"]) == sorted(
         json.loads((cohort / "dataset.json").read_text())["patients"]
     )
-    assert main(["split", str(cohort), "--folds", "9", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
+    capsys.readouterr()
+    argv = ["split", str(cohort), "--folds", "9", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--overwrite"]
+    assert main(argv) == 2
     assert "k must be between 2 and the number of patients (8)" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == splits  # a refused split leaves the frozen one alone
 
 
 def test_split_holds_out_a_test_set(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -81,7 +81,7 @@ def _write(tmp_path: Path, **changes: object) -> Path:
         ({"resources": {"cpu": 1, "gpus": 1}}, "resources.gpus: Unknown key 'gpus'; did you mean 'gpu'?"),
         ({"resources": {"gpu": 1.5}}, "resources.gpu: fractions are for sharing one GPU"),
         ({"scheduler": {"type": "asha", "grace_period": 9}}, "scheduler.grace_period: must be <= epochs (4)"),
-        ({"name": "a b"}, "name: expected a folder-safe experiment name"),
+        ({"name": "a b"}, "name: the study 'a b' is not a safe folder name"),
         (
             {"protocol": "fair_ablation", "folds": [0, 1, 2]},
             "folds: fair_ablation reports folds [0, 1, 2], but tuning_fold 0 chose every row's configuration",

@@ -29,10 +29,10 @@ def searches(manifest: dict[str, Any], rows: list[str]) -> list[dict[str, Any]]:
     """The stage-1 Optuna studies of a study: ``row``, ``outer`` fold (nested) and ``optuna_study`` name."""
     if manifest.get("stage1"):
         return list(manifest["stage1"])
-    from avn_study.sweep import slug  # studies from before the manifest listed its searches
+    from avn_study.study_folder import Stage1  # studies from before the manifest listed its searches
 
     prefix = str(manifest.get("name", ""))
-    return [{"row": row, "outer": None, "optuna_study": f"{prefix}-{slug(row)}"} for row in rows]
+    return [{"row": row, "outer": None, "optuna_study": Stage1(row).optuna_study(prefix)} for row in rows]
 
 
 def parameter_importance(root: Path, manifest: dict[str, Any], rows: list[str]) -> pd.DataFrame:
@@ -47,7 +47,9 @@ def parameter_importance(root: Path, manifest: dict[str, Any], rows: list[str]) 
     from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
 
-    journal = root / "optuna.journal"
+    from avn_study.study_folder import JOURNAL
+
+    journal = root / JOURNAL
     if not journal.is_file():
         return pd.DataFrame(columns=COLUMNS)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

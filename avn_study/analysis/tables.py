@@ -36,10 +36,20 @@ from typing import Any
 import pandas as pd
 
 from avn_study.errors import UsageError
-from avn_study.trainable import merge_grid
+from avn_study.study_folder import (
+    ERROR,
+    MANIFEST,
+    TERMINATED,
+    is_study,
+    merge_grid,
+    per_case_file,
+    stage_folders,
+    trial_status,
+    trial_statuses,
+)
 
 IDENTITY = ("trial_id", "experiment", "stage", "row", "arm", "schedule", "fold", "seed", "repeat")
-FINISHED = "TERMINATED"
+FINISHED = TERMINATED
 # metric columns of a validation record that describe the whole trial (the per-case means and counts)
 VAL_KEYS = ("val_dice", "val_dice_all", "n_cases", "n_cases_necrosis", "n_hd95_undefined")
 _RAY_KEYS = {
@@ -161,8 +171,6 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _statuses(experiment: Path) -> dict[str, str]:
-    from avn_study.sweep import trial_statuses
-
     try:
         return trial_statuses(experiment)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -174,10 +182,8 @@ def experiment_folders(path: Path) -> tuple[dict[str, Any], list[Path]]:
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"{path}: no such folder; expected a study folder (STORAGE/NAME) or a Ray experiment")
-    if (path / "study.json").is_file():
-        manifest = _json(path / "study.json", "study manifest")
-        stages = [p for p in sorted(path.iterdir()) if p.is_dir() and p.name.startswith("stage") and "." not in p.name]
-        return manifest, stages
+    if is_study(path):
+        return _json(path / MANIFEST, "study manifest"), stage_folders(path)
     if any(path.glob("experiment_state-*.json")) or any(path.glob("*/params.json")):
         return {"name": path.name, "protocol": "sweep", "metric": "val_dice", "mode": "max"}, [path]
     raise UsageError(
@@ -222,8 +228,7 @@ def _read_trial(
     evaluated = [r for r in results if "val_dice" in r]
     final = evaluated[-1] if evaluated else {}
     planned = int(config.get("epochs", len(results)))
-    if status is None:  # Ray saved no experiment state yet (driver killed early): judge by the files
-        status = FINISHED if len(results) >= planned else "ERROR" if error else "INCOMPLETE"
+    status = trial_status(status, len(results), planned, bool(error))
     row = {
         "trial_id": str(last.get("trial_id", trial_dir.name.removeprefix("trial_"))),
         "experiment": experiment,
@@ -235,8 +240,8 @@ def _read_trial(
         "seed": config.get("seed", last.get("seed")),
         "repeat": int(merged.get("_repeat", last.get("repeat", 0))),
         "status": status,
-        "error": _last_line(error) if status == "ERROR" else "",
-        "recovered_failures": error.count("Traceback") if status != "ERROR" else 0,
+        "error": _last_line(error) if status == ERROR else "",
+        "recovered_failures": error.count("Traceback") if status != ERROR else 0,
         "epochs": len(results),
         "epochs_planned": planned,
         "stopped_early": status == FINISHED and len(results) < planned,
@@ -261,8 +266,8 @@ def _read_trial(
     identity = {k: row[k] for k in IDENTITY}
     cases: list[dict] = []
     if final:
-        cases = _case_rows(trial_dir / "per_case" / f"epoch_{int(final['epoch']):03d}.json", identity)
-    tests = sorted((trial_dir / "per_case").glob("test_epoch_*.json"))
+        cases = _case_rows(trial_dir / per_case_file(int(final["epoch"])), identity)
+    tests = sorted((trial_dir / per_case_file(0, test=True)).parent.glob("test_epoch_*.json"))
     test_cases = _case_rows(tests[-1], identity) if tests else []
     history = [
         {**identity, **{k: v for k, v in r.items() if k not in _RAY_KEYS}, "epoch_seconds": r.get("time_this_iter_s")}
@@ -341,11 +346,11 @@ def _selection(trials: pd.DataFrame, cases: pd.DataFrame) -> dict[str, frozenset
 def _notes(experiment: Experiment) -> list[str]:
     notes = []
     trials = experiment.trials
-    errored = trials[trials["status"] == "ERROR"]
+    errored = trials[trials["status"] == ERROR]
     if len(errored):
         listed = "; ".join(f"{t.trial_id} ({t.row}, stage {t.stage}): {t.error[:120]}" for t in errored.itertuples())
         notes.append(f"{len(errored)} errored trial(s) are excluded from the statistics: {listed}")
-    unfinished = trials[~trials["status"].isin([FINISHED, "ERROR"])]
+    unfinished = trials[~trials["status"].isin([FINISHED, ERROR])]
     if len(unfinished):
         notes.append(
             f"{len(unfinished)} trial(s) did not finish (status {', '.join(sorted(set(unfinished['status'])))}); "

@@ -127,8 +127,30 @@ class Geometry:
 
     @classmethod
     def of(cls, shape: tuple[int, ...], affine: np.ndarray) -> Geometry:
+        """The geometry of a stored array.
+
+        Raises:
+            DataError: an affine that maps no volume (non-finite values, a zero column, singular): the
+                header is broken, and no orientation or spacing can be derived from it.
+        """
+        affine = np.asarray(affine, dtype=np.float64)
+        columns = np.linalg.norm(affine[:3, :3], axis=0) if affine.shape == (4, 4) else np.zeros(3)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all() or (columns == 0).any():
+            zero = [int(i) for i in np.flatnonzero(columns == 0)]
+            raise DataError(f"the voxel-to-world affine is unusable (zero column(s) {zero} or non-finite values): "
+                            f"{np.round(affine[:3], 4).tolist()}")  # fmt: skip
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12 * float(np.prod(columns)):
+            raise DataError(f"the voxel-to-world affine is singular (its axes are not independent): "
+                            f"{np.round(affine[:3], 4).tolist()}")  # fmt: skip
         ornt = nio.io_orientation(affine)
-        return cls(tuple(int(s) for s in shape[:3]), np.asarray(affine, dtype=np.float64), ornt)
+        return cls(tuple(int(s) for s in shape[:3]), affine, ornt)
+
+    @property
+    def obliquity_deg(self) -> float:
+        """The largest angle between a voxel axis and the world axis it is read as (0 for a plain scan)."""
+        directions = self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
+        cosines = np.abs(directions).max(axis=0).clip(-1.0, 1.0)
+        return float(np.degrees(np.arccos(cosines)).max())
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
@@ -179,9 +201,9 @@ def load_ras(path: str | Path) -> tuple[np.ndarray, Geometry]:
     raw = read_nifti(path)
     try:
         array = volume_array(raw.image)
+        geometry = Geometry.of(array.shape, raw.image.affine)
     except DataError as err:
         raise NiftiReadError(f"{raw.path}: {err}") from None
-    geometry = Geometry.of(array.shape, raw.image.affine)
     return geometry.to_ras(array), geometry
 
 

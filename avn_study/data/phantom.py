@@ -739,6 +739,13 @@ def _cohort(cases: int, seed: int, config: PhantomConfig) -> Iterator[PhantomCas
             yield synth_case(index, seed, config, followup=True)
 
 
+def is_phantom_cohort(path: Path) -> bool:
+    """Whether ``path`` holds a cohort written by :func:`write_cohort` (what ``synth --overwrite`` replaces)."""
+    from avn_study.outputs import json_marker
+
+    return json_marker(Path(path) / "dataset.json", "phantom")
+
+
 def write_cohort(out: str | Path, cases: int, seed: int, config: PhantomConfig = _DEFAULT) -> Path:
     """Write a cohort in the nnU-Net v2 raw layout; ``dataset.json`` is written last.
 

@@ -208,6 +208,15 @@ def read_splits(path: str | Path, cases: set[str] | None = None) -> Splits:
     return splits
 
 
+def is_splits_file(path: Path) -> bool:
+    """Whether ``path`` is a splits file (what ``split --overwrite`` may replace)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(raw, dict) and {"k", "folds", "hash"} <= set(raw)
+
+
 def splits_from_dict(raw: dict) -> Splits:
     """The inverse of :meth:`Splits.to_dict` (no checks beyond the structure; see :func:`read_splits`)."""
     folds = tuple(Fold(tuple(f["train"]), tuple(f["val"])) for f in raw["folds"])

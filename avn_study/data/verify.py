@@ -61,10 +61,42 @@ class VerifyReport:
         return format_problems(self.root, self.problems)
 
 
+# Header fields nibabel may "repair" on load (it then only logs a warning): a difference between the stored
+# and the loaded value means the file's own value is invalid, and every later comparison would use a value
+# the file does not hold. Geometry fields are errors; qfac (pixdim[0]) 0 is read as 1 by the NIfTI standard.
+# (vox_offset is not one: nibabel zeroes it in memory for every image; read_nifti checks the data's extent.)
+_REPAIRABLE = ("sizeof_hdr", "dim", "datatype", "bitpix", "pixdim", "qform_code", "sform_code", "magic")
+
+
+def header_repairs(raw: RawNifti) -> list[Problem]:
+    """Fields whose stored value nibabel replaced when loading, each with the raw and the repaired value."""
+    stored, loaded = raw.stored_header, raw.image.header
+    if type(stored) is not type(loaded):
+        return []
+    problems = []
+    for field in _REPAIRABLE:
+        before, after = np.asarray(stored[field]), np.asarray(loaded[field])
+        if before.shape == after.shape and np.array_equal(before, after, equal_nan=before.dtype.kind == "f"):
+            continue
+        if field == "pixdim" and np.array_equal(before[1:], after[1:]) and float(before[0]) == 0.0:
+            problems.append(Problem(raw.path, "header qfac (pixdim[0]) is 0; read as 1 as the NIfTI standard says",
+                                    "warning"))  # fmt: skip
+            continue
+        problems.append(Problem(
+            raw.path, f"header field '{field}' holds an invalid value {_show(before)}, which nibabel would silently "
+            f"replace by {_show(after)}; fix the header (geometry is not compared until then)",
+        ))  # fmt: skip
+    return problems
+
+
+def _show(value: np.ndarray) -> str:
+    return repr(value.item()) if value.size == 1 else str(np.round(value.astype(float), 6).tolist())
+
+
 def header_problems(raw: RawNifti) -> list[Problem]:
     """Header sanity: dimensionality, spacing, qform/sform agreement, pixdim vs affine, nibabel's diagnosis."""
     path, header = raw.path, raw.stored_header
-    problems = []
+    problems = header_repairs(raw)
     shape = header.get_data_shape()
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         problems.append(Problem(path, f"expected a 3D volume (or 4D with a singleton last axis), got shape {shape}"))
@@ -199,8 +231,9 @@ def check_case(case: CaseFiles) -> tuple[CaseVolumes | None, list[Problem]]:
         problems.append(Problem(case.image, f"image is constant ({float(image.flat[0])}): nothing to normalise"))
     if label is not None and not label_problems:
         problems += _label_problems(case.label, label)
-    if img is not None and lab is not None and image is not None and label is not None:
-        problems += _pair_problems(case, img, lab, image, label)
+    repaired = any("nibabel would silently replace" in p.message for p in problems)
+    if img is not None and lab is not None and image is not None and label is not None and not repaired:
+        problems += _pair_problems(case, img, lab, image, label)  # only on values the files really hold
     if any(p.severity == "error" for p in problems):
         return None, problems
     label_u8 = label.astype(np.uint8)
