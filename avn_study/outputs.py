@@ -41,12 +41,12 @@ def check_target(out: Path, *, flag: str, kind: str, is_own: Callable[[Path], bo
     Raises:
         UsageError: naming ``out``, what is wrong and what to do.
     """
-    resolved = out.expanduser().resolve()
+    resolved = out.resolve()  # a literal "~" is a folder name here: the shell expands the user's own
     cwd = Path.cwd().resolve()
     if _holds(resolved, cwd):
         raise UsageError(f"{flag} {out}: is the current directory or holds it; name a new {kind} folder instead")
     for given in inputs:
-        if _holds(resolved, Path(given).expanduser().resolve()):
+        if _holds(resolved, Path(given).resolve()):
             raise UsageError(f"{flag} {out}: is the input {given} or a folder holding it; choose another place")
     if not (out.exists() or out.is_symlink()):
         return

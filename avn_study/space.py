@@ -60,6 +60,7 @@ SCHEDULERS = ("asha", "none")
 SCHEDULE_PARAM_PREFIX = "schedule_params."
 MAX_SPACE_BYTES = 1_000_000  # a search-space file is a page of YAML; anything this large is a mistake
 MAX_MESSAGE = 600  # characters of an error message that quotes a value from the file
+MAX_YAML_VALUES = 100_000  # values YAML aliases may expand to in one file
 
 
 @dataclass(frozen=True)
@@ -183,34 +184,57 @@ class _Reader:
         return tuple(value)
 
 
-class _AliasFound(Exception):
-    def __init__(self, line: int, anchor: str) -> None:
-        self.line, self.anchor = line, anchor
+class _TooLarge(Exception):
+    def __init__(self, line: int, anchor: str, size: int) -> None:
+        self.line, self.anchor, self.size = line, anchor, size
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that stops at the first alias (``*name``) instead of expanding it."""
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that counts what aliases (``*name``) expand to and stops past a budget.
+
+    Aliases themselves are fine (PyYAML writes them for shared objects, and a user may reuse a block);
+    nested ones multiply: ten levels of nine turn a 1 kB file into 3.5 billion values ("billion laughs").
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._budget = MAX_YAML_VALUES
+        self._sizes: dict[int, int] = {}
+
+    def _size(self, node: yaml.Node) -> int:
+        if id(node) not in self._sizes:
+            if isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._size(v) for v in node.value)
+            else:
+                size = 1
+            self._sizes[id(node)] = size
+        return self._sizes[id(node)]
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.events.AliasEvent):
             event = self.peek_event()
-            raise _AliasFound(event.start_mark.line + 1, str(event.anchor))
+            if event.anchor in self.anchors:
+                self._budget -= self._size(self.anchors[event.anchor])
+                if self._budget < 0:
+                    raise _TooLarge(event.start_mark.line + 1, str(event.anchor), MAX_YAML_VALUES)
         return super().compose_node(parent, index)
 
 
 def safe_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` without aliases: one alias can expand a 1 kB file into gigabytes (a "billion
-    laughs"), in memory and in any error message that quotes the value.
+    """``yaml.safe_load`` with a budget on what aliases expand to (see :class:`_BoundedLoader`).
 
     Raises:
-        UsageError: an alias, naming ``source`` and the line; or invalid YAML.
+        UsageError: aliases that expand beyond :data:`MAX_YAML_VALUES` values (naming ``source``, the line
+            and the alias), or invalid YAML.
     """
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)
-    except _AliasFound as alias:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except _TooLarge as big:
         raise UsageError(
-            f"{source}: line {alias.line}: YAML aliases (*{alias.anchor}) are not allowed in avn-study files; "
-            "write the value out"
+            f"{source}: line {big.line}: YAML aliases (*{big.anchor}...) expand to more than {big.size:,} values; "
+            "an avn-study file needs a few hundred: write the values out"
         ) from None
     except yaml.YAMLError as err:
         raise UsageError(f"{source}: not valid YAML ({err})") from None

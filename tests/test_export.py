@@ -175,7 +175,7 @@ def test_existing_output_and_missing_study(
     exported: Path, smoke_experiment: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     assert main(["export", str(smoke_experiment), "--out", str(exported)]) == 2
-    assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert "already exists; choose another path or pass --overwrite to replace a bundle" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
     assert "no such folder" in capsys.readouterr().err
     copy = Path(shutil.copytree(exported, tmp_path / "again"))
