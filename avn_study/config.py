@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from avn_study.errors import UsageError, look_up
+from avn_study.vocabulary import ARMS as _ARMS
+from avn_study.vocabulary import GATINGS, NORMS, SKIPS, UPSAMPLES
 
-ARMS = ("unet", "seg", "seg+recon", "seg+loc", "seg+recon+loc")
+ARMS = tuple(_ARMS)  # the ablation arms (avn_study.vocabulary.ARMS says what each row asks)
 # Sane maxima, checked before a model is built (a config or bundle asking for more would allocate for minutes
 # or fail deep in torch): 512 x 2**3 = 4096 channels at the bottom is ~10x the paper's network.
 MAX_DEPTH = 8
@@ -25,17 +27,26 @@ MAX_SLICE_SIZE = 2048
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arm: str = "seg+recon+loc"  # ablation row: unet | seg | seg+recon | seg+loc | seg+recon+loc
+    arm: str = "seg+recon+loc"  # ablation arm: see avn_study.vocabulary.ARMS (unet, seg+loc, cascade, ...)
     depth: int = 4  # number of down-samplings; slice size must be divisible by 2**depth
     base_channels: int = 16  # channels of the first level, doubled per level
     norm: str = "batch"  # batch | instance | group | none
     upsample: str = "transpose"  # transpose | bilinear
-    gating: str = "multiply"  # multiply | residual | none (only arms with loc)
+    gating: str = "multiply"  # multiply | residual | none (multitask arms with loc)
     gating_alpha: float = 0.5  # residual gating: p_seg * (a + (1 - a) * p_loc)
     recon_skips: str = "none"  # none | deepest | all: skips into the reconstruction decoder
+    loc_skips: str = "all"  # all | deepest | none: skips into the localisation decoder
+    aux_channels_factor: float = 0.5  # recon/loc decoder width (cascade: localiser width) vs the seg decoder
 
     def __post_init__(self) -> None:
         look_up(self.arm, ARMS, what="arm")
+        for name, options in (("norm", NORMS), ("upsample", UPSAMPLES), ("gating", GATINGS),
+                              ("recon_skips", SKIPS), ("loc_skips", SKIPS)):  # fmt: skip
+            look_up(getattr(self, name), options, what=name)
+        if not 0.0 <= self.gating_alpha <= 1.0:
+            raise ValueError(f"gating_alpha must be in [0, 1], got {self.gating_alpha=}")
+        if not 0.0 < self.aux_channels_factor <= 4.0:
+            raise ValueError(f"aux_channels_factor must be in (0, 4], got {self.aux_channels_factor=}")
         if not 1 <= self.depth <= MAX_DEPTH:
             raise ValueError(f"depth must be in [1, {MAX_DEPTH}], got depth={self.depth}")
         if not 1 <= self.base_channels <= MAX_BASE_CHANNELS:

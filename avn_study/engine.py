@@ -38,6 +38,7 @@ from avn_study.losses import LossConfig, branch_losses
 from avn_study.metrics import case_metrics, summarize
 from avn_study.models import ARMS, model_for_arm
 from avn_study.schedules import Schedule
+from avn_study.vocabulary import MODEL_OPTIONS
 
 
 class NonFiniteLossError(AvnError):
@@ -148,18 +149,9 @@ def arm_branches(config: TrainConfig) -> tuple[str, ...]:
 
 
 def build_model(config: TrainConfig) -> torch.nn.Module:
-    m = config.model
-    kwargs: dict[str, Any] = {
-        "depth": m.depth,
-        "base_channels": m.base_channels,
-        "norm": m.norm,
-        "upsample": m.upsample,
-    }
-    if m.arm != "unet":
-        kwargs["gating"] = m.gating if "loc" in m.arm else "none"
-        kwargs["gating_alpha"] = m.gating_alpha
-        kwargs["recon_skips"] = m.recon_skips
-    return model_for_arm(m.arm, **kwargs)
+    """The arm's model with every architectural option of the config (those the model lacks are dropped)."""
+    options = {f: getattr(config.model, f) for f in MODEL_OPTIONS}
+    return model_for_arm(config.model.arm, **options)
 
 
 def _move(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:

@@ -100,7 +100,9 @@ def test_train_cli_runs_every_arm_and_schedule(
         return
     assert code == 0, err
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
-    branches = {"unet": ["seg"]}.get(arm, arm.split("+"))
+    from avn_study.vocabulary import ARMS as ARM_SPECS
+
+    branches = ARM_SPECS[arm].branches
     for record in metrics["history"]:
         assert {f"w_{b}" for b in branches} <= set(record)
         assert all(math.isfinite(record[f"loss_{b}"]) for b in branches)

@@ -12,21 +12,16 @@ from typing import Any, TypeVar
 from torch import nn
 
 from avn_study.errors import UsageError, look_up
+from avn_study.vocabulary import ARMS as _ARMS
+from avn_study.vocabulary import MODEL_OPTIONS
 
 M = TypeVar("M", bound=Callable[..., nn.Module])
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
-# Ablation arm -> (model name, branches); branches None: the model has no such argument.
-ARMS: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "unet": ("unet", None),
-    "seg": ("multitask", ("seg",)),
-    "seg+recon": ("multitask", ("seg", "recon")),
-    "seg+loc": ("multitask", ("seg", "loc")),
-    "seg+recon+loc": ("multitask", ("seg", "recon", "loc")),
-}
-# Options that only some arms have; model_for_arm drops them elsewhere, so one config serves all arms.
-_MULTITASK_ONLY = ("aux_channels_factor", "recon_skips", "loc_skips", "gating", "gating_alpha")
+# Ablation arm -> (model name, branches); the arms and what each asks live in avn_study.vocabulary.
+ARMS: dict[str, tuple[str, tuple[str, ...]]] = {name: (arm.model, arm.branches) for name, arm in _ARMS.items()}
+# Options that exist only for some branches: dropped for an arm without the branch.
 _BRANCH_ONLY = {"recon": ("recon_skips",), "loc": ("loc_skips", "gating", "gating_alpha")}
 
 
@@ -57,7 +52,7 @@ def create_model(name: str, **cfg: Any) -> nn.Module:
 
 
 def model_for_arm(arm: str, **cfg: Any) -> nn.Module:
-    """Build the model of an ablation arm (``unet``, ``seg``, ``seg+recon``, ``seg+loc``, ``seg+recon+loc``).
+    """Build the model of an ablation arm (see :data:`avn_study.vocabulary.ARMS`).
 
     Options that the arm's model does not have (e.g. ``gating`` for ``seg``, ``recon_skips`` for
     ``seg+loc``, any multitask option for ``unet``) are dropped, so a sweep passes one config to
@@ -69,26 +64,32 @@ def model_for_arm(arm: str, **cfg: Any) -> nn.Module:
     model, branches = ARMS[look_up(arm, ARMS, what="arm")]
     if "branches" in cfg:
         raise UsageError(f"model_for_arm: the arm {arm!r} fixes the branches; do not pass branches=")
-    drop = set(_MULTITASK_ONLY) if branches is None else set()
-    for branch, options in _BRANCH_ONLY.items():
-        if branches is not None and branch not in branches:
-            drop.update(options)
+    drop = {k for k, models in MODEL_OPTIONS.items() if model not in models}
+    if model == "multitask":
+        for branch, options in _BRANCH_ONLY.items():
+            if branch not in branches:
+                drop.update(options)
     kwargs = {k: v for k, v in cfg.items() if k not in drop}
-    if branches is not None:
-        kwargs["branches"] = branches
-    return create_model(model, **kwargs)
+    return create_model(model, branches=branches, **kwargs)
+
+
+def n_parameters(model: nn.Module) -> int:
+    """The number of trainable values of a model (what the report and ``bench train`` print per row)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 from avn_study.models.multitask import MultitaskNet, gate_logits  # noqa: E402  (registers "multitask")
-from avn_study.models.unet import UNet  # noqa: E402  (registers "unet")
+from avn_study.models.unet import CascadeNet, UNet  # noqa: E402  (registers "unet", "cascade")
 
 __all__ = [
     "ARMS",
+    "CascadeNet",
     "MultitaskNet",
     "UNet",
     "create_model",
     "gate_logits",
     "list_models",
     "model_for_arm",
+    "n_parameters",
     "register_model",
 ]

@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from avn_study.errors import look_up
+from avn_study.vocabulary import NORMS, SKIPS, UPSAMPLES  # noqa: F401  (re-exported for the models)
 
-NORMS = ("batch", "instance", "group", "none")
-UPSAMPLES = ("transpose", "bilinear")
-SKIPS = ("all", "deepest", "none")
 MAX_GROUPS = 8  # GroupNorm: the largest power of two <= 8 that divides the width
 
 

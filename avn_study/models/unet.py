@@ -1,4 +1,12 @@
-"""The baseline: a standard 2D U-Net (Ronneberger et al., MICCAI 2015) with a necrosis head."""
+"""The baseline: a standard 2D U-Net (Ronneberger et al., MICCAI 2015), and the two controls built from it.
+
+- :class:`UNet` with ``branches=("seg",)``: the baseline, a necrosis head only.
+- :class:`UNet` with ``branches=("seg", "loc")`` (arm ``unet+head``): a second output channel on the same
+  decoder, supervised by the femoral-head region, with no gating: the U-Net knows where the head is
+  as much as the multitask network does, without a second decoder or a gate.
+- :class:`CascadeNet` (arm ``cascade``): two U-Nets sharing nothing, a head localiser and a necrosis
+  segmenter, each trained on its own loss; at inference the localiser's mask restricts the necrosis.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from torch import nn
 from avn_study.errors import look_up
 from avn_study.models import register_model
 from avn_study.models.blocks import NORMS, UPSAMPLES, Decoder, Encoder, check_input, check_int
+from avn_study.models.multitask import LOGIT_LIMIT
 
 
 @register_model("unet")
@@ -24,13 +33,12 @@ class UNet(nn.Module):
         depth: number of down-samplings; inputs need H and W divisible by ``2**depth``.
         norm: "batch" | "instance" | "group" | "none".
         upsample: "transpose" (2x2 transposed conv) | "bilinear" (1x1 conv + bilinear).
+        branches: ``("seg",)``, or ``("seg", "loc")`` for a second output channel (``loc_head``).
 
     Raises:
-        ValueError: an integer argument out of range.
+        ValueError: an integer argument out of range, other branches.
         UsageError: an unknown ``norm`` or ``upsample`` name (with a suggestion).
     """
-
-    branches: tuple[str, ...] = ("seg",)
 
     def __init__(
         self,
@@ -39,8 +47,12 @@ class UNet(nn.Module):
         depth: int = 4,
         norm: str = "batch",
         upsample: str = "transpose",
+        branches: tuple[str, ...] = ("seg",),
     ) -> None:
         super().__init__()
+        self.branches = tuple(branches)
+        if self.branches not in (("seg",), ("seg", "loc")):
+            raise ValueError(f"a U-Net has branches ('seg',) or ('seg', 'loc'), got {branches=}")
         check_int("in_channels", in_channels, 1)
         check_int("base_channels", base_channels, 1)
         self.depth = check_int("depth", depth, 1)
@@ -50,16 +62,72 @@ class UNet(nn.Module):
         self.encoder = Encoder(in_channels, base_channels, depth, norm)
         self.seg_decoder = Decoder(self.encoder.widths, self.encoder.widths[:-1], "all", norm, upsample)
         self.seg_head = nn.Conv2d(self.seg_decoder.out_channels, 1, 1)
+        if "loc" in self.branches:  # with seg_head: one 1x1 conv to two channels, written as two
+            self.loc_head = nn.Conv2d(self.seg_decoder.out_channels, 1, 1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Args: x: ``(B, C, H, W)`` normalised slices. Returns: ``{"seg": (B, 1, H, W) logits}``."""
+        """Args: x: ``(B, C, H, W)`` normalised slices. Returns: ``{"seg": (B, 1, H, W) logits}`` and,
+        with the head channel, ``"loc"`` logits of the same shape (never used to gate ``seg``)."""
         check_input(x, self.size_multiple)
-        feats = self.encoder(x)
-        return {"seg": self.seg_head(self.seg_decoder(feats))}  # (B, 1, H, W)
+        features = self.seg_decoder(self.encoder(x))  # (B, C0, H, W)
+        out = {"seg": self.seg_head(features)}  # (B, 1, H, W)
+        if "loc" in self.branches:
+            out["loc"] = self.loc_head(features)  # (B, 1, H, W)
+        return out
 
     def parameters_by_branch(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters grouped as ``{"encoder": [...], "seg": [...]}``."""
-        return {
+        """Parameters grouped as ``{"encoder": [...], "seg": [...]}`` (``"loc"``: the head channel)."""
+        groups = {
             "encoder": list(self.encoder.parameters()),
             "seg": [*self.seg_decoder.parameters(), *self.seg_head.parameters()],
         }
+        if "loc" in self.branches:
+            groups["loc"] = list(self.loc_head.parameters())
+        return groups
+
+
+@register_model("cascade")
+class CascadeNet(nn.Module):
+    """Two U-Nets that share nothing: a femoral-head localiser and a necrosis segmenter.
+
+    Each trains on its own loss (the localiser on the localisation target, the segmenter on necrosis,
+    unmasked), which is what training them separately does. In evaluation mode the necrosis logits
+    outside the localiser's mask (``p_loc < 0.5``) are set to ``-LOGIT_LIMIT``: the second stage only
+    keeps necrosis inside the region the first stage found, the usual clinical pipeline.
+
+    Args:
+        in_channels, base_channels, depth, norm, upsample: as :class:`UNet` (the segmenter's width).
+        aux_channels_factor: the localiser's width relative to the segmenter's.
+        branches: must be ``("seg", "loc")``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 16,
+        depth: int = 4,
+        norm: str = "batch",
+        upsample: str = "transpose",
+        aux_channels_factor: float = 0.5,
+        branches: tuple[str, ...] = ("seg", "loc"),
+    ) -> None:
+        super().__init__()
+        if tuple(branches) != ("seg", "loc"):
+            raise ValueError(f"a cascade has branches ('seg', 'loc'), got {branches=}")
+        if not aux_channels_factor > 0:
+            raise ValueError(f"aux_channels_factor must be > 0, got {aux_channels_factor=}")
+        self.branches = ("seg", "loc")
+        self.size_multiple = 2**depth
+        width = max(1, round(base_channels * aux_channels_factor))
+        self.loc_net = UNet(in_channels, width, depth, norm, upsample)
+        self.seg_net = UNet(in_channels, base_channels, depth, norm, upsample)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``seg``: necrosis logits (masked in eval mode), ``seg_raw``: unmasked, ``loc``: head logits."""
+        loc = self.loc_net(x)["seg"]  # (B, 1, H, W)
+        seg = self.seg_net(x)["seg"]  # (B, 1, H, W)
+        masked = seg if self.training else torch.where(loc >= 0, seg, torch.full_like(seg, -LOGIT_LIMIT))
+        return {"seg": masked, "seg_raw": seg, "loc": loc}
+
+    def parameters_by_branch(self) -> dict[str, list[nn.Parameter]]:
+        return {"loc": list(self.loc_net.parameters()), "seg": list(self.seg_net.parameters())}

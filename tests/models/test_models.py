@@ -28,10 +28,13 @@ def _input(batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
+GATED = [a for a, (model, branches) in ARMS.items() if model == "multitask" and "loc" in branches]
+
+
 def _expected_keys(arm: str) -> set[str]:
-    _, branches = ARMS[arm]
-    keys = set(branches or ("seg",))
-    return keys | {"seg_raw"} if "loc" in keys else keys
+    model, branches = ARMS[arm]
+    keys = set(branches)
+    return keys | {"seg_raw"} if arm in GATED or model == "cascade" else keys
 
 
 @pytest.mark.parametrize("arm", list(ARMS))
@@ -41,7 +44,7 @@ def test_arm_outputs_and_gradients_reach_every_parameter(arm: str) -> None:
     assert set(out) == _expected_keys(arm)
     for name, value in out.items():
         assert value.shape == (2, 1, SIZE, SIZE), name
-    assert model.branches == (ARMS[arm][1] or ("seg",))
+    assert model.branches == ARMS[arm][1]
     targets = torch.Generator().manual_seed(1)
     loss = sum((v - torch.randn(v.shape, generator=targets)).pow(2).mean() for v in out.values())
     loss.backward()
@@ -52,7 +55,7 @@ def test_arm_outputs_and_gradients_reach_every_parameter(arm: str) -> None:
     assert sum(len(ps) for ps in by_branch.values()) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("arm", [a for a in ARMS if "loc" in a])
+@pytest.mark.parametrize("arm", GATED)
 def test_gated_seg_loss_trains_the_loc_branch(arm: str) -> None:
     model = model_for_arm(arm, **TINY)
     out = model(_input())
@@ -190,6 +193,36 @@ def test_registry_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     assert create_model("toy", width=3).width == 3
     with pytest.raises(ValueError, match="'toy' is already registered"):
         register_model("toy")(Toy)
+
+
+def test_unet_head_channel_is_supervision_only() -> None:
+    """unet+head: the head channel shares the decoder but never touches the necrosis output."""
+    model = model_for_arm("unet+head", **TINY)
+    plain = model_for_arm("unet", **TINY)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("loc_head")})
+    x = _input()
+    torch.testing.assert_close(model(x)["seg"], plain(x)["seg"])  # the same U-Net plus one 1x1 conv
+    with torch.no_grad():
+        model.loc_head.weight.mul_(-3.0)
+    torch.testing.assert_close(model(x)["seg"], plain(x)["seg"])  # no gate
+
+
+def test_cascade_trains_separately_and_masks_at_inference() -> None:
+    torch.manual_seed(0)
+    model = model_for_arm("cascade", **TINY)
+    x = _input()
+    out = model(x)
+    torch.testing.assert_close(out["seg"], out["seg_raw"])  # training: each stage on its own loss
+    out["seg"].mean().backward()
+    assert all(p.grad is None for p in model.loc_net.parameters())  # the necrosis loss never reaches it
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    outside = out["loc"] < 0
+    assert outside.any() and (out["seg"][outside] == -30.0).all()
+    torch.testing.assert_close(out["seg"][~outside], out["seg_raw"][~outside])
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert names == {"loc_net", "seg_net"}  # nothing shared
 
 
 def test_model_for_arm_drops_options_the_arm_lacks() -> None:

@@ -1,0 +1,60 @@
+"""The names every layer shares: branches, the ablation arms and the question each answers, model options.
+
+One owner per fact (DESIGN.md): config, models, losses, schedules, space and the bundle import these
+instead of spelling them again. Standard library only, so ``avn-study --help`` and space validation stay
+fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BRANCHES = ("seg", "recon", "loc")  # canonical order of the decoders / loss terms
+NORMS = ("batch", "instance", "group", "none")
+UPSAMPLES = ("transpose", "bilinear")
+SKIPS = ("all", "deepest", "none")
+GATINGS = ("multiply", "residual", "none")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """An ablation arm: the registered model that builds it, its branches, and what its row asks."""
+
+    model: str  # the model registry name (avn_study.models.create_model)
+    branches: tuple[str, ...]  # the outputs the model has and the loss terms it trains
+    question: str  # what a row of this arm answers in an ablation (README "Models")
+
+
+ARMS: dict[str, Arm] = {
+    "unet": Arm("unet", ("seg",), "the baseline: a standard U-Net on necrosis alone"),
+    "seg": Arm("multitask", ("seg",), "the multitask network with its segmentation decoder only (= the U-Net)"),
+    "seg+recon": Arm("multitask", ("seg", "recon"), "does reconstruction (pre-training) of the encoder help?"),
+    "seg+loc": Arm("multitask", ("seg", "loc"), "does a femoral-head localisation decoder (and its gate) help?"),
+    "seg+recon+loc": Arm("multitask", ("seg", "recon", "loc"), "the paper's full model: both auxiliary tasks"),
+    "unet+head": Arm(
+        "unet",
+        ("seg", "loc"),
+        "a U-Net with a second output channel supervised by the femoral-head region, no gating: does the "
+        "head label alone explain the gain?",
+    ),
+    "cascade": Arm(
+        "cascade",
+        ("seg", "loc"),
+        "a separately trained head localiser whose mask restricts a U-Net's output (the usual clinical "
+        "pipeline): does a hard two-stage pipeline do as well as the multitask gate?",
+    ),
+}
+
+# Model options of the architecture (ModelConfig fields besides ``arm``) and the models that accept each;
+# a config carries all of them, and a model is built with only the ones it takes.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "depth": ("unet", "multitask", "cascade"),
+    "base_channels": ("unet", "multitask", "cascade"),
+    "norm": ("unet", "multitask", "cascade"),
+    "upsample": ("unet", "multitask", "cascade"),
+    "aux_channels_factor": ("multitask", "cascade"),
+    "recon_skips": ("multitask",),
+    "loc_skips": ("multitask",),
+    "gating": ("multitask",),
+    "gating_alpha": ("multitask",),
+}
