@@ -150,12 +150,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_target(args.out, flag="--out", kind="a run folder", is_own=is_run_folder, overwrite=args.overwrite,
                  inputs=[args.data])  # fmt: skip
     data = prepare_data(args.data, config, cache_dir=args.cache_dir, splits_path=args.splits)
+    from avn_study.models import n_parameters
+
+    run = TrainingRun(config, data)
     print(
         f"fold {config.data.fold}: {len(data.train)} training / {len(data.val)} validation cases, "
-        f"arm {config.model.arm}, schedule {config.optim.schedule}",
+        f"arm {config.model.arm} ({n_parameters(run.model):,} parameters), schedule {config.optim.schedule}",
         file=sys.stderr,
     )
-    run = TrainingRun(config, data)
     while not run.done:
         record = run.run_epoch()
         if not args.quiet:

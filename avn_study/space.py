@@ -49,8 +49,9 @@ from avn_study.errors import UsageError, look_up
 from avn_study.study_folder import check_name, check_rows
 
 TOP_KEYS = {
-    "name", "protocol", "metric", "mode", "fixed", "arms", "search", "trials", "tuning_fold", "folds", "inner_folds",
-    "seeds", "repeats", "scheduler", "resources", "max_concurrent", "checkpoint", "max_failures", "sampler_seed",
+    "name", "protocol", "metric", "mode", "fixed", "arms", "groups", "search", "trials", "tuning_fold", "folds",
+    "inner_folds", "seeds", "repeats", "scheduler", "resources", "max_concurrent", "checkpoint", "max_failures",
+    "sampler_seed",
 }  # fmt: skip
 PROTOCOLS = ("sweep", "fair_ablation", "nested_ablation")
 ABLATIONS = ("fair_ablation", "nested_ablation")  # protocols with a stage 2 whose results are reported
@@ -276,6 +277,7 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
     fixed = r.mapping(raw, "fixed")
     _check_flat(r, fixed, "fixed")
     arms = _parse_arms(r, raw, fixed)
+    _check_groups(r, raw, arms)
     search = tuple(_parse_param(r, key, spec) for key, spec in r.mapping(raw, "search").items())
     n_folds = TrainConfig.from_flat({**fixed}).data.n_folds
     folds, tuning_fold, inner_folds = _parse_folds(r, raw, protocol, n_folds)
@@ -340,6 +342,16 @@ def _parse_folds(r: _Reader, raw: dict[str, Any], protocol: str, n_folds: int) -
                               "default is every other fold) or use protocol: nested_ablation, which reports every "
                               "patient")  # fmt: skip
     return folds, tuning_fold, inner_folds
+
+
+def _check_groups(r: _Reader, raw: dict[str, Any], arms: dict[str, dict[str, Any]]) -> None:
+    """``groups``: report headings (the question a set of rows answers) -> the rows under each."""
+    groups = r.mapping(raw, "groups")
+    for title, rows in groups.items():
+        if not isinstance(rows, list) or not rows:
+            raise r.fail(f"groups.{title}", f"expected a non-empty list of row names, got {rows!r}")
+        for row in rows:
+            r.known(str(row), tuple(arms), f"groups.{title}")
 
 
 def _check_flat(r: _Reader, flat: dict[str, Any], key: str) -> None:

@@ -53,12 +53,15 @@ def _threads_for_trial() -> int:
 def _identity(run: Any, meta: dict[str, Any]) -> dict[str, Any]:
     import ray
 
+    from avn_study.models import n_parameters
+
     cfg = run.config
     return {
         "row": meta["row"], "arm": cfg.model.arm, "schedule": cfg.optim.schedule, "stage": meta["stage"],
         "fold": cfg.data.fold, "seed": cfg.runtime.seed, "repeat": meta["repeat"],
         "split_hash": run.data.split_hash, "data_fingerprint": run.data.data_fingerprint,
         "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+        "n_parameters": n_parameters(run.model),
     }  # fmt: skip
 
 

@@ -134,7 +134,10 @@ class TrainingRun:
         return reference_losses(self.model, batches, self.loss_config, self.device, self.amp_dtype)
 
     def provenance(self) -> dict[str, Any]:
+        from avn_study.models import n_parameters
+
         return {
+            "n_parameters": n_parameters(self.model),
             "split_hash": self.data.split_hash,
             "inner_split_hash": self.data.inner_split_hash,
             "data_fingerprint": self.data.data_fingerprint,

@@ -153,28 +153,67 @@ def _cell(row: pd.Series, metric: str, decimals: int) -> str:
 
 
 def ablation_markdown(analysis: Analysis, test: bool = False) -> str:
-    """The paper-style table: per row its metrics and the paired comparison with the reference
-    (``test``: the same for the held-out test set)."""
+    """The paper-style table: per row its size, metrics and the paired comparison with the reference
+    (``test``: the same for the held-out test set), grouped as the space file's ``groups`` say."""
     ablation = analysis.test_ablation if test else analysis.ablation
     comparison_table = analysis.test_comparison if test else analysis.comparison
     shown = [m for m in SHOWN if f"{m}_mean" in ablation]
-    header = ["row", "arm", "schedule", "patients (with necrosis)", "seeds", "folds",
+    header = ["row", "arm", "schedule", "parameters", "patients (with necrosis)", "seeds", "folds",
               *(METRICS[m].label for m in shown), f"Δ {analysis.metric} vs {analysis.reference} [95% CI]",
               "p (Holm)", "r", "verdict"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     comparison = comparison_table.set_index("row")
-    for _, row in ablation.iterrows():
-        necrotic = f" ({row['dice_n']})" if "dice_n" in row else ""
-        cells = [f"**{row['row']}**", str(row["arm"]), str(row["schedule"]), f"{row['n_patients']}{necrotic}",
-                 str(row["n_seeds"]), str(row["n_folds"]), *(_cell(row, m, SHOWN[m]) for m in shown)]  # fmt: skip
-        if row["row"] in comparison.index:
-            c = comparison.loc[row["row"]]
-            ci = f" [{c.diff_ci_low:+.3f}, {c.diff_ci_high:+.3f}]" if math.isfinite(c.diff_ci_low) else ""
-            cells += [f"{c.mean_diff:+.3f}{ci}", _p(c.p_holm), f"{c.rank_biserial:+.2f}", str(c.verdict)]
-        else:
-            cells += ["reference", "", "", ""]
-        lines.append("| " + " | ".join(cells) + " |")
+    sizes = row_parameters(analysis.experiment)
+    by_row = {str(r["row"]): r for _, r in ablation.iterrows()}
+    for title, rows in row_groups(analysis.experiment, list(by_row)):
+        if title:
+            lines.append("| " + " | ".join([f"*{title}*", *[""] * (len(header) - 1)]) + " |")
+        for name in rows:
+            row = by_row[name]
+            necrotic = f" ({row['dice_n']})" if "dice_n" in row else ""
+            cells = [f"**{name}**", str(row["arm"]), str(row["schedule"]), sizes.get(name, "-"),
+                     f"{row['n_patients']}{necrotic}", str(row["n_seeds"]), str(row["n_folds"]),
+                     *(_cell(row, m, SHOWN[m]) for m in shown)]  # fmt: skip
+            if name in comparison.index:
+                c = comparison.loc[name]
+                ci = f" [{c.diff_ci_low:+.3f}, {c.diff_ci_high:+.3f}]" if math.isfinite(c.diff_ci_low) else ""
+                cells += [f"{c.mean_diff:+.3f}{ci}", _p(c.p_holm), f"{c.rank_biserial:+.2f}", str(c.verdict)]
+            else:
+                cells += ["reference", "", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def row_groups(experiment: Experiment, rows: list[str]) -> list[tuple[str, list[str]]]:
+    """(title, rows) in the space file's ``groups`` order; rows in no group follow as "other rows"."""
+    groups = (experiment.manifest.get("space") or {}).get("groups") or {}
+    out, placed = [], set()
+    for title, members in groups.items():
+        mine = [r for r in members if r in rows and r not in placed]
+        placed.update(mine)
+        if mine:
+            out.append((str(title), mine))
+    rest = [r for r in rows if r not in placed]
+    if rest:
+        out.append(("other rows" if out else "", rest))
+    return out
+
+
+def row_parameters(experiment: Experiment) -> dict[str, str]:
+    """Row -> its models' parameter count as text (a range when a searched width made it vary)."""
+    trials = experiment.evaluation_trials()
+    if "n_parameters" not in trials:
+        return {}
+    out = {}
+    for row, values in trials.groupby("row")["n_parameters"]:
+        counts = sorted({int(v) for v in values.dropna()})
+        if counts:
+            out[str(row)] = _millions(counts[0]) + (f"-{_millions(counts[-1])}" if len(counts) > 1 else "")
+    return out
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
 def _p(p: float) -> str:

@@ -56,7 +56,7 @@ _RAY_KEYS = {
     "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "time_this_iter_s",
     "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore", "iterations_since_restore",
     "should_checkpoint", "node_id", "data_fingerprint", "split_hash", "row", "arm", "schedule", "stage", "fold",
-    "seed", "repeat",
+    "seed", "repeat", "n_parameters",
 }  # fmt: skip
 
 
@@ -254,6 +254,7 @@ def _read_trial(
         "node_id": last.get("node_id", ""),
         "split_hash": last.get("split_hash", ""),
         "data_fingerprint": last.get("data_fingerprint", ""),
+        "n_parameters": last.get("n_parameters"),  # absent in studies from before it was recorded
         "selected_in": merged.get("_selected_in", ""),
         "selected_trial": merged.get("_selected_trial", ""),
         "selected_on": json.dumps(merged["_selected_on"]) if "_selected_on" in merged else "",
@@ -279,7 +280,7 @@ def _read_trial(
 def _case_rows(path: Path, identity: dict[str, Any]) -> list[dict]:
     if not path.is_file():
         return []
-    drop = {*IDENTITY, "split_hash", "data_fingerprint", "node_id", "hostname"}
+    drop = {*IDENTITY, "split_hash", "data_fingerprint", "node_id", "hostname", "n_parameters"}
     return [
         {**identity, **{k: v for k, v in case.items() if k not in drop}} for case in _json(path, "per-case metrics")
     ]

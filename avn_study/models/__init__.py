@@ -6,6 +6,7 @@ is the final necrosis prediction as ``(B, 1, H, W)`` logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -78,6 +79,24 @@ def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def matched_width(arm: str, target: int, **cfg: Any) -> int:
+    """The ``base_channels`` that brings ``arm``'s parameter count closest to ``target`` (other options
+    as in ``cfg``): for a control row "the U-Net at the full model's size".
+
+    Example: ``matched_width("unet", n_parameters(model_for_arm("seg+recon+loc", base_channels=32)))``.
+    """
+    from avn_study.config import MAX_BASE_CHANNELS
+
+    best, best_gap = 1, math.inf
+    for width in range(1, MAX_BASE_CHANNELS + 1):
+        count = n_parameters(model_for_arm(arm, **{**cfg, "base_channels": width}))
+        if abs(count - target) < best_gap:
+            best, best_gap = width, abs(count - target)
+        if count > target:  # counts grow with the width: nothing further is closer
+            break
+    return best
+
+
 from avn_study.models.multitask import MultitaskNet, gate_logits  # noqa: E402  (registers "multitask")
 from avn_study.models.unet import CascadeNet, UNet  # noqa: E402  (registers "unet", "cascade")
 
@@ -89,6 +108,7 @@ __all__ = [
     "create_model",
     "gate_logits",
     "list_models",
+    "matched_width",
     "model_for_arm",
     "n_parameters",
     "register_model",
