@@ -28,8 +28,15 @@ def test_shipped_spaces_are_valid() -> None:
 
 def test_ablation_covers_the_paper_rows() -> None:
     space = load_space(next(p for p in SPACES if p.stem == "ablation"))
-    assert {v["arm"] for v in space.arms.values()} == {"unet", "seg", "seg+recon", "seg+loc", "seg+recon+loc",
-                                                       "unet+head", "cascade"}  # the paper's rows and controls
+    assert {v["arm"] for v in space.arms.values()} == {
+        "unet",
+        "seg",
+        "seg+recon",
+        "seg+loc",
+        "seg+recon+loc",
+        "unet+head",
+        "cascade",
+    }  # the paper's rows and controls
     assert space.protocol == "nested_ablation" and len(space.seeds) == 3 and space.folds == (0, 1, 2, 3, 4)
     assert space.inner_folds == 4 and space.tuning_fold == 0
 

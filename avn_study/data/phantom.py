@@ -8,27 +8,46 @@ Generator. Each patient is a set of signed-distance primitives in a patient fram
 y anterior, z superior; origin midway between the femoral head centres). A primitive is evaluated only
 inside its bounding box and painted with an anti-aliased edge, back to front.
 
-* Anatomy: subcutaneous fat around muscle, pelvic fat with bowel loops, bladder, the crotch below;
-  pelvis (ilium, ischium, pubis, acetabular cups); two femoral heads (radius per hip), cartilage and
-  joint space, necks at a per-hip neck-shaft angle and anteversion, greater and lesser trochanters,
-  metaphysis and shaft. Bone has a dark cortex around fatty marrow; a faint physeal scar crosses the head.
-  T1 contrast (fatty marrow ~0.95): fat 1.0, pelvic marrow 0.72, muscle 0.36, cartilage 0.28, urine 0.12,
-  cortex 0.05, air 0.
+* Anatomy: subcutaneous fat around muscle (the body envelope scaled per patient by ``body_scale``),
+  pelvic fat with bowel loops, bladder, the crotch below; pelvis (ilium, ischium, pubis, acetabular
+  cups); two femoral heads, ellipsoids (longest semi-axis from ``head_radius_mm``, the others
+  ``head_ellipticity`` of it, slightly rotated), cartilage and joint space, necks at a per-hip
+  neck-shaft angle and anteversion, greater and lesser trochanters, metaphysis and shaft. Bone has a
+  dark cortex around fatty marrow; a faint physeal scar crosses the head. T1 contrast (fatty marrow
+  ~0.95): fat 1.0, pelvic marrow 0.72, muscle 0.36, cartilage 0.28, urine 0.12, cortex 0.05, air 0.
 * Necrosis: per patient bilateral, unilateral or none. A lesion is the level set ``g < tau`` of an
   ellipsoidal distance from an antero-superior (weight-bearing) centre plus a smooth random field
   (a sum of random plane waves); ``tau`` is the quantile that makes the lesion the drawn fraction of the
   head volume, so the fraction is exact on a 1 mm grid. It is clipped to the head and has a dark rim
-  (about ``rim_thickness_mm`` thick, never brighter than the interior) around a low-signal interior.
+  (about ``rim_thickness_mm`` thick, never brighter than the interior) around a low-signal interior;
+  ``p_no_rim`` of the lesions have no rim (the band-like demarcation is missing in early or subtle
+  lesions). Advanced disease: a lesion of at least ``collapse_fraction`` of the head flattens the
+  weight-bearing dome (two tilted planes cut ``collapse_depth_mm`` into it, a faceted outline with a
+  dark subchondral plate), as in ARCO stage III collapse.
+* In-head mimics (not necrosis; label 1 in the head, 0 in the neck), modelled on the T1 differential
+  diagnosis of AVN: bone-marrow oedema (diffuse, soft-edged low signal over head and neck, no rim;
+  extra likely beside a lesion, ``oedema_with_lesion``), subchondral cysts (small, round, sharp,
+  darker than a lesion, no rim, under the weight-bearing surface), bone islands (enostoses: dense bone,
+  as dark as cortex, round or oval) and the fovea capitis (the pit of the ligamentum teres, a dark notch
+  at the medial head surface, visible in ``fovea_visible`` of the hips). ``mimic_mean`` per hip
+  (Poisson). They are drawn from their own random stream, so the rest of a case does not move when
+  the mimic knobs change.
 * Distractors (Poisson count): dark blobs in trochanter, neck, metaphysis, supra-acetabular, ischial
   and pubic marrow (lesion-like with probability ``distractor_likeness``: same contrast and rim), dark
   tubes (vessels, flow void) and fluid collections (bursae); all kept outside the femoral heads.
 * Acquisition: a coronal slab of thick slices (the A/P axis), per-case in-plane and slice spacing, pose
-  (rotation about each axis, translation), and scanner table position (affine origin). Partial volume:
-  ``sub_slices`` sub-slices per slice are averaged (labels at the slice centre), then an in-plane
-  Gaussian blur. Then mild multiplicative texture (marrow heterogeneity), a smooth bias field, Rician
-  noise (magnitude of signal plus complex Gaussian noise) at a per-case SNR, a per-scan intensity
-  scale, int16 storage, and a scanner-like orientation for a fraction of cases (axis-aligned, never
-  oblique; reading back with ``io_orientation``/``apply_orientation`` gives exactly the RAS array).
+  (rotation about each axis; position drawn with ``position_sd_mm`` = 15 mm SD left-right and
+  up-down, clipped at ``translation_mm``; ``off_centre_fraction`` of the cases a further 15-25 mm to one
+  side, where a centre crop may cut a head), and scanner table position (affine origin). Partial
+  volume: ``sub_slices`` sub-slices per slice are averaged (labels at the slice centre), then an
+  in-plane Gaussian blur. Then mild multiplicative texture (marrow heterogeneity), a smooth bias
+  field, Rician noise (magnitude of signal plus complex Gaussian noise) at a per-case SNR, a per-scan
+  intensity scale, int16 storage, and a scanner-like orientation for a fraction of cases
+  (axis-aligned, never oblique; reading back with ``io_orientation``/``apply_orientation`` gives
+  exactly the RAS array).
+* Label noise (``label_noise``, off by default): each necrosis component of the annotation grows or
+  shrinks by one voxel, and a small one (< 100 voxels) is missed with probability 0.3; the image does
+  not change.
 * Follow-ups: with ``followup_fraction`` a patient gets a second scan with the same anatomy, lesions and
   distractors but a new pose, spacing, noise, bias and orientation.
 
@@ -44,12 +63,13 @@ subtle), ``rim_darkness`` and ``rim_thickness_mm`` (rim visibility), ``lesion_fr
 ``distractor_likeness``, ``sub_slices`` and ``blur_mm`` (partial volume), ``slice_spacing_mm``;
 ``p_bilateral``/``p_unilateral`` (healthy hips are the rest), ``non_ras_fraction``, pose ranges.
 
-What the phantom does not model: real anatomical variability (shapes are spheres, capsules and
-ellipsoids), bone marrow edema, joint effusion and synovitis, subchondral fracture, collapse or
-flattening of the head, osteoarthritis, red-marrow patterns, STIR/T2/fat-saturated or other sequences,
-patient motion, wrap-around, chemical shift, vendor-specific artifacts and reconstruction filters, k-space
-truncation (Gibbs), partial volume between in-plane voxels beyond anti-aliased edges and a Gaussian blur,
-oblique slices, and the clinical staging of lesions.
+What the phantom does not model: real anatomical variability beyond ellipsoids, capsules and
+level sets (no osteophytes, no dysplastic or post-surgical hips), joint effusion and synovitis,
+subchondral fracture lines (the crescent sign), osteoarthritis, red-marrow reconversion patterns,
+STIR/T2/fat-saturated or other sequences, patient motion, wrap-around, chemical shift, vendor-specific
+artifacts and reconstruction filters, k-space truncation (Gibbs), partial volume between in-plane
+voxels beyond anti-aliased edges and a Gaussian blur, oblique slices, and the clinical staging of
+lesions beyond the collapse flag.
 """
 
 from __future__ import annotations
@@ -101,8 +121,14 @@ class PhantomConfig:
     intensity_scale: tuple[float, float] = (600.0, 2400.0)  # stored value of fatty marrow, per scan
     non_ras_fraction: float = 1 / 3  # scans stored in a non-RAS orientation (LPS, LSP or RIA)
     rotation_deg: float = 3.0  # max |rotation| about each axis
-    translation_mm: tuple[float, float, float] = (10.0, 5.0, 10.0)  # max |shift| R/L, A/P, S/I
-    head_radius_mm: tuple[float, float] = (20.0, 26.0)  # femoral head radius, per hip
+    position_sd_mm: tuple[float, float, float] = (15.0, 4.0, 15.0)  # SD of the patient's position in the FOV
+    translation_mm: tuple[float, float, float] = (40.0, 10.0, 40.0)  # max |shift| R/L, A/P, S/I (clips the above)
+    off_centre_fraction: float = 0.1  # cases with the hips a further 15-25 mm to one side (some crop the head)
+    body_scale: tuple[float, float] = (0.85, 1.2)  # body size (soft tissue envelope), per patient
+    head_radius_mm: tuple[float, float] = (20.0, 26.0)  # femoral head radius (the longest semi-axis), per hip
+    head_ellipticity: tuple[float, float] = (0.88, 1.0)  # the other semi-axes / the longest, per hip
+    collapse_fraction: float = 0.2  # a lesion of at least this fraction of the head flattens its dome
+    collapse_depth_mm: tuple[float, float] = (1.5, 4.0)  # how far the collapsed dome sinks
     neck_shaft_angle_deg: tuple[float, float] = (125.0, 135.0)  # per hip
     p_bilateral: float = 0.35  # patients with necrosis in both hips
     p_unilateral: float = 0.45  # patients with necrosis in one hip (the rest are healthy)
@@ -111,6 +137,11 @@ class PhantomConfig:
     lesion_irregularity: float = 0.35  # random-field amplitude relative to the lesion radius
     rim_darkness: tuple[float, float] = (0.15, 0.5)  # rim / marrow intensity (lower = more visible)
     rim_thickness_mm: tuple[float, float] = (1.0, 2.5)  # thickness of the dark demarcating rim
+    p_no_rim: float = 0.25  # lesions without a demarcating rim (the rim as dark as the interior)
+    mimic_mean: float = 1.5  # mean (Poisson) number of in-head mimics per hip: oedema, cysts, bone islands
+    fovea_visible: float = 0.7  # hips whose fovea capitis shows as a dark notch on the medial head
+    oedema_with_lesion: float = 0.5  # extra chance of marrow oedema in a hip with necrosis
+    label_noise: bool = False  # 1-voxel jitter of necrosis boundaries, some small lesions unlabelled
     distractor_mean: float = 4.0  # mean of the Poisson number of distractors per patient
     distractor_likeness: float = 0.6  # probability that a marrow distractor copies the lesion look
     distractor_radius_mm: tuple[float, float] = (3.0, 10.0)  # distractor size
@@ -135,6 +166,9 @@ class PhantomConfig:
         fov, shift, sub = self.fov_mm, self.translation_mm, self.sub_slices
         _require(_numbers(fov, 2) and min(fov) > 0, "fov_mm", fov, "two sizes > 0 (R/L, S/I)")
         _require(_numbers(shift, 3) and min(shift) >= 0, "translation_mm", shift, "three shifts >= 0")
+        sd = self.position_sd_mm
+        _require(_numbers(sd, 3) and min(sd) >= 0, "position_sd_mm", sd, "three SDs >= 0")
+        _require(isinstance(self.label_noise, bool), "label_noise", self.label_noise, "True or False")
         _require(
             isinstance(sub, int) and not isinstance(sub, bool) and 1 <= sub <= 16,
             "sub_slices",
@@ -163,6 +197,9 @@ _RANGE_LIMITS = {
     "rim_darkness": 1,
     "rim_thickness_mm": 10,
     "distractor_radius_mm": 30,
+    "body_scale": 2,
+    "head_ellipticity": 1,
+    "collapse_depth_mm": 10,
 }
 _SCALAR_LIMITS = {
     "p_bilateral": 1,
@@ -176,6 +213,12 @@ _SCALAR_LIMITS = {
     "lesion_irregularity": 2,
     "distractor_mean": 100,
     "rotation_deg": 30,
+    "off_centre_fraction": 1,
+    "collapse_fraction": 1,
+    "p_no_rim": 1,
+    "mimic_mean": 20,
+    "fovea_visible": 1,
+    "oedema_with_lesion": 1,
 }
 
 
@@ -420,10 +463,14 @@ def _hip(rng: np.random.Generator, cfg: PhantomConfig, s: int, d: float) -> dict
     tilt = math.radians(rng.uniform(5, 10))  # the shaft runs medially downwards
     opening = _unit(np.array([s, 0.3, -0.9]) + rng.normal(0, 0.1, 3))  # acetabular opening direction
     g = rng.uniform(0.9, 1.1)  # trochanter size
+    axes = np.array([1.0, *rng.uniform(*cfg.head_ellipticity, 2)]) * r  # longest semi-axis r
+    head = _Ellipsoid(c, axes[rng.permutation(3)], _euler(rng.uniform(-15, 15, 3)))
     return {
         "r": r,
         "c": c,
-        "head": _Sphere(c, r),
+        "v": v,
+        "head": head,
+        "collapse": (),  # clip terms of a flattened (collapsed) dome, set by _collapse
         "neck": _Capsule(c, j, 0.62 * r),
         "gt": _Ellipsoid(j + g * np.array([s * 10, -8, 18]), g * np.array([13, 16, 22])),
         "lt": _Ellipsoid(j + _v(-s * 12, -10, -38), [7, 8, 10]),
@@ -436,6 +483,22 @@ def _hip(rng: np.random.Generator, cfg: PhantomConfig, s: int, d: float) -> dict
         "pubis": _Capsule(c + _v(-s * 20, 12, -10), [s * 8, 30, -40], 10),
         "physis": _HalfSpace(v, c - v * 0.35 * r, thickness=0.6),
     }
+
+
+def _head(hip: dict, offset: float = 0.0) -> tuple:
+    """The femoral head as region terms, shrunk by ``offset`` mm: the ellipsoid, cut where it collapsed."""
+    return ((hip["head"], offset, False), *((plane, offset, False) for plane in hip["collapse"]))
+
+
+def _collapse(rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int) -> dict:
+    """Flatten the weight-bearing dome (advanced necrosis): two tilted planes cut it, a faceted outline."""
+    depth = rng.uniform(*cfg.collapse_depth_mm)
+    planes = []
+    for tilt in (rng.uniform(0.1, 0.4), -rng.uniform(0.1, 0.4)):
+        n = _unit([s * tilt, rng.uniform(0.0, 0.3), 1.0])
+        planes.append(_HalfSpace(n, hip["c"] + n * (hip["r"] - depth * rng.uniform(0.7, 1.3))))
+    hip["collapse"] = tuple(planes)
+    return {"depth_mm": float(depth)}
 
 
 # host shape -> (cortex thickness mm, marrow T1 value); painted in this order (the head last)
@@ -466,14 +529,20 @@ def _bones(hips: list[dict]) -> list[_Layer]:
     pelvis += [_layer(h[n], (t, v), clip=clip(h, n, t)) for h in hips for n, (t, v) in _PELVIS.items()]
     joints = [_layer(_Sphere(h["c"], h["r"] + 4.5), (0, _CORTEX), clip=clip(h, "cup", 0)) for h in hips]
     joints += [_layer(_Sphere(h["c"], h["r"] + 2.2), (0, _CARTILAGE)) for h in hips]
-    femur = [_layer(h[n], (0, _CORTEX)) for h in hips for n in _FEMUR]
-    femur += [_layer(h[n], (t, v)) for h in hips for n, (t, v) in _FEMUR.items()]
-    scars = [_layer(h["physis"], (0, 0.55), clip=((h["head"], 1.2, False),)) for h in hips]
-    return pelvis + joints + femur + scars
+
+    def cut(hip: dict, name: str, off: float) -> tuple:  # a collapsed head is flat where it sank
+        return tuple((plane, off, False) for plane in hip["collapse"]) if name == "head" else ()
+
+    femur = [_layer(h[n], (0, _CORTEX), clip=cut(h, n, 0)) for h in hips for n in _FEMUR]
+    femur += [_layer(h[n], (t, v), clip=cut(h, n, t)) for h in hips for n, (t, v) in _FEMUR.items()]
+    plates = [_Layer(((_HalfSpace(p.n, p.n * p.d, thickness=1.2), 0.0, False), *_head(h)), ((0, _CORTEX),))
+              for h in hips for p in h["collapse"]]  # fmt: skip
+    scars = [_layer(h["physis"], (0, 0.55), clip=_head(h, 1.2)) for h in hips]
+    return pelvis + joints + femur + plates + scars
 
 
-def _soft_tissue(rng: np.random.Generator, d: float) -> list[_Layer]:
-    body = _Ellipsoid([0, -10, 0], [rng.uniform(165, 190), rng.uniform(115, 135), 1e4])
+def _soft_tissue(rng: np.random.Generator, d: float, scale: float) -> list[_Layer]:
+    body = _Ellipsoid([0, -10, 0], [scale * rng.uniform(165, 190), scale * rng.uniform(115, 135), 1e4])
     pelvic_fat = _Ellipsoid([0, -5, 75], [d - 25, 55, 55])
     bowel = [
         _Ellipsoid(
@@ -486,7 +555,7 @@ def _soft_tissue(rng: np.random.Generator, d: float) -> list[_Layer]:
     bladder = _Ellipsoid([0, 35, 0], rng.uniform(0.6, 1.1) * np.array([40, 35, 30]))
     crotch = _Ellipsoid([0, 0, -rng.uniform(95, 115) - 150], [30, 1e4, 150])
     return [
-        _layer(body, (0, _FAT), (rng.uniform(8, 30), _MUSCLE)),
+        _layer(body, (0, _FAT), (scale * rng.uniform(8, 30), _MUSCLE)),
         _layer(pelvic_fat, (0, 0.8 * _FAT)),
         *[_layer(b, (0, rng.uniform(0.3, 0.55))) for b in bowel],
         _layer(bladder, (0, 0.12)),
@@ -494,23 +563,89 @@ def _soft_tissue(rng: np.random.Generator, d: float) -> list[_Layer]:
     ]
 
 
-def _lesion(rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int) -> tuple[_Layer, tuple, dict]:
-    """An antero-superior lesion whose volume is exactly the drawn fraction of the head (1 mm grid)."""
-    r, c, frac = hip["r"], hip["c"], rng.uniform(*cfg.lesion_fraction)
+def _lesion(rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int, frac: float) -> tuple[_Layer, tuple, dict]:
+    """An antero-superior lesion whose volume is exactly ``frac`` of the head (on a 1 mm grid)."""
+    r, c = hip["r"], hip["c"]
     centre = c + _unit([s * rng.uniform(0, 0.5), rng.uniform(0.3, 0.9), 1.0]) * r * rng.uniform(0.45, 0.8)
     blob = _Blob(rng, centre, rng.uniform(0.6, 0.9), cfg.lesion_irregularity * r * frac ** (1 / 3))
     o = np.arange(-math.ceil(r), math.ceil(r) + 1, dtype=_F)
-    grid = np.stack(np.meshgrid(o, o, o, indexing="ij")).reshape(3, -1)
-    grid = grid[:, (grid**2).sum(axis=0) < r**2]  # 1 mm grid points inside the head
-    g = blob.sd(tuple(grid[i] + _F(c[i]) for i in range(3)))
+    grid = np.stack(np.meshgrid(o, o, o, indexing="ij")).reshape(3, -1) + _F(c)[:, None]
+    points = tuple(grid[i] for i in range(3))
+    inside = np.maximum.reduce([shape.sd(points) + _F(off) for shape, off, _ in _head(hip)]) < 0
+    g = blob.sd(tuple(p[inside] for p in points))  # 1 mm grid points inside the (possibly collapsed) head
     blob.with_level(float(np.quantile(g, frac)), bound=hip["head"].bound)
     contrast = rng.uniform(*cfg.lesion_contrast)
-    rim = min(rng.uniform(*cfg.rim_darkness), contrast)  # a rim never brighter than the interior
+    no_rim = bool(rng.random() < cfg.p_no_rim)
+    rim = contrast if no_rim else min(rng.uniform(*cfg.rim_darkness), contrast)  # never brighter than inside
     rim_mm, base = rng.uniform(*cfg.rim_thickness_mm), _MARROW["head"]
     bands = ((0, rim * base), (rim_mm, contrast * base))
-    layer = _Layer(((blob, 0.0, False), (hip["head"], 1.2, False)), bands)
-    info = {"fraction": float(frac), "contrast": float(contrast), "rim": float(rim), "rim_mm": float(rim_mm)}
-    return layer, ((blob, 0.0, False), (hip["head"], 0.0, False)), info
+    layer = _Layer(((blob, 0.0, False), *_head(hip, 1.2)), bands)
+    info = {"fraction": float(frac), "contrast": float(contrast), "rim": float(rim), "rim_mm": float(rim_mm),
+            "no_rim": no_rim}  # fmt: skip
+    return layer, ((blob, 0.0, False), *_head(hip)), info
+
+
+def _mimic(rng: np.random.Generator, hip: dict, s: int, kind: str) -> tuple[list[_Layer], dict]:
+    """Something in the femoral head (or neck) that looks like necrosis on T1 but is not: no label 2.
+
+    * ``oedema``: bone-marrow oedema, diffuse low signal over head and neck, soft-edged, no rim (it
+      accompanies necrosis or transient osteoporosis; on T1 it is darker marrow, not a demarcated zone);
+    * ``cyst``: a subchondral cyst, small, round, darker than a lesion, sharp, no rim, under the joint;
+    * ``bone_island``: an enostosis, dense bone as dark as cortex, round or oval, sharp, anywhere;
+    * ``fovea``: the fovea capitis, the ligament's pit, a dark notch at the medial head surface.
+    """
+    r, c, v, base = hip["r"], hip["c"], hip["v"], _MARROW["head"]
+    if kind == "oedema":  # from the head towards the neck: the head's marrow and the neck's
+        centre = c - v * r * rng.uniform(0.3, 0.9)
+        blob = _Blob(rng, centre, rng.uniform(0.6, 0.9), 0.15 * r).with_level(r * rng.uniform(0.6, 1.0))
+        value = rng.uniform(0.6, 0.85)
+        bands = tuple((k * 2.5, base * (1 - (1 - value) * (k + 1) / 3)) for k in range(3))  # soft edge
+        neck_bands = tuple((o, b * _MARROW["neck"] / base) for o, b in bands)
+        in_neck = ((blob, 0.0, False), (hip["neck"], 1.8, False), (hip["head"], 0.0, True))
+        layers = [_Layer(((blob, 0.0, False), *_head(hip, 1.2)), bands), _Layer(in_neck, neck_bands)]
+        return layers, {"centre": centre, "value": float(value), "region": "head+neck"}
+    if kind == "cyst":
+        rho = rng.uniform(1.5, 4.0)
+        direction = _unit([s * rng.uniform(-0.3, 0.6), rng.uniform(-0.3, 0.6), 1.0])
+        centre = c + direction * max(0.0, r * 0.85 - rho - 1.5)  # just under the weight-bearing surface
+        value = rng.uniform(0.12, 0.3)
+        return [_Layer(((_Sphere(centre, rho), 0.0, False), *_head(hip, 1.2)), ((0, value * base),))], {
+            "centre": centre, "value": float(value), "radius_mm": float(rho), "region": "head"}  # fmt: skip
+    if kind == "bone_island":
+        rho = rng.uniform(2.0, 6.0)
+        centre = c + _unit(rng.normal(size=3)) * r * rng.uniform(0.0, 0.6)
+        shape = _Ellipsoid(centre, rho * np.array([1.0, *rng.uniform(0.6, 1.0, 2)]), _random_rotation(rng))
+        value = rng.uniform(0.04, 0.15)
+        return [_Layer(((shape, 0.0, False), *_head(hip, 1.2)), ((0, value * base),))], {
+            "centre": centre, "value": float(value), "radius_mm": float(rho), "region": "head"}  # fmt: skip
+    # fovea capitis: medial and a little inferior, on the surface; the notch is the part inside the head
+    direction = _unit([-s, rng.uniform(-0.2, 0.2), -rng.uniform(0.2, 0.5)])
+    surface = c + direction * r * 0.95
+    pit = _Ellipsoid(surface, rng.uniform(3.0, 5.0) * np.array([1.0, 1.5, 1.5]), np.eye(3))
+    value = rng.uniform(0.15, 0.4)
+    centre = c + direction * r * 0.85  # inside the head, in the notch
+    return [_Layer(((pit, 0.0, False), *_head(hip, 0.0)), ((0, value * base),))], {
+        "centre": centre, "value": float(value), "region": "head"}  # fmt: skip
+
+
+_MIMICS = {"oedema": 0.3, "cyst": 0.4, "bone_island": 0.3}  # drawn per hip; the fovea is drawn apart
+
+
+def _mimics(rng: np.random.Generator, cfg: PhantomConfig, hips: dict, sides: dict, necrotic: set) -> tuple:
+    """Layers and records of every hip's mimics (their own random stream: the rest of a case stays put)."""
+    layers, records = [], []
+    names, weights = list(_MIMICS), np.array(list(_MIMICS.values()))
+    for side, s in sides.items():
+        kinds = [names[rng.choice(len(names), p=weights / weights.sum())] for _ in range(rng.poisson(cfg.mimic_mean))]
+        if side in necrotic and rng.random() < cfg.oedema_with_lesion:
+            kinds.append("oedema")
+        if rng.random() < cfg.fovea_visible:
+            kinds.append("fovea")
+        for kind in kinds:
+            mine, record = _mimic(rng, hips[side], s, kind)
+            layers += mine
+            records.append({"type": kind, "side": side, **record})
+    return layers, records
 
 
 def _inside_point(rng: np.random.Generator, host: object, t_range: tuple[float, float]) -> np.ndarray:
@@ -559,9 +694,10 @@ def _distractor(rng: np.random.Generator, cfg: PhantomConfig, hip: dict, s: int,
     return _Layer(((blob, 0, False), (hip[name], cortex, False), away), bands), like
 
 
-def _anatomy(rng: np.random.Generator, cfg: PhantomConfig) -> _Anatomy:
+def _anatomy(rng: np.random.Generator, cfg: PhantomConfig, mimic_rng: np.random.Generator) -> _Anatomy:
     has_followup = bool(rng.random() < cfg.followup_fraction)  # first draw: see _has_followup
-    d = rng.uniform(76, 86)  # half the distance between the head centres
+    scale = rng.uniform(*cfg.body_scale)
+    d = rng.uniform(76, 86) * scale**0.3  # half the distance between the head centres grows a little with size
     sides = {"right": 1, "left": -1}
     hips = {side: _hip(rng, cfg, s, d) for side, s in sides.items()}
     u = rng.random()
@@ -572,13 +708,18 @@ def _anatomy(rng: np.random.Generator, cfg: PhantomConfig) -> _Anatomy:
         if u < cfg.p_bilateral + cfg.p_unilateral
         else set()
     )
-    background, layers = _soft_tissue(rng, d), _bones(list(hips.values()))
-    labels: list[tuple[tuple, int]] = [(((h["head"], 0.0, False),), 1) for h in hips.values()]
+    fractions = {side: rng.uniform(*cfg.lesion_fraction) for side in sides if side in necrotic}
+    collapse = {side: _collapse(rng, cfg, hips[side], sides[side]) for side, f in fractions.items()
+                if f >= cfg.collapse_fraction}  # fmt: skip
+    background, layers = _soft_tissue(rng, d, scale), _bones(list(hips.values()))
+    mimic_layers, mimics = _mimics(mimic_rng, cfg, hips, sides, necrotic)
+    layers += mimic_layers  # before the lesions: a lesion paints over the oedema it lies in
+    labels: list[tuple[tuple, int]] = [(_head(h), 1) for h in hips.values()]
     lesions: dict[str, dict | None] = {}
     for side, s in sides.items():
         lesions[side] = None
         if side in necrotic:
-            layer, region, lesions[side] = _lesion(rng, cfg, hips[side], s)
+            layer, region, lesions[side] = _lesion(rng, cfg, hips[side], s, fractions[side])
             layers.append(layer)
             labels.append((region, 2))
     names, weights = list(_SITES), np.array(list(_SITES.values()))
@@ -593,9 +734,14 @@ def _anatomy(rng: np.random.Generator, cfg: PhantomConfig) -> _Anatomy:
         "necrosis": {k: k in necrotic for k in sides},
         "lesion_fraction": {k: (v["fraction"] if v else 0.0) for k, v in lesions.items()},
         "lesions": lesions,
+        "collapse": {k: collapse.get(k) for k in sides},
         "head_radius_mm": [float(hips[k]["r"]) for k in sides],
+        "head_semi_axes_mm": [[float(a) for a in hips[k]["head"].radii] for k in sides],
+        "head_centre_mm": {k: [float(v) for v in hips[k]["c"]] for k in sides},
+        "body_scale": float(scale),
         "n_distractors": len(distractors),
         "distractors": distractors,
+        "mimics": mimics,  # centres in the patient frame; _acquire adds their RAS voxel index
         "has_followup": has_followup,
     }
     return _Anatomy(background, layers, labels, info)
@@ -642,7 +788,11 @@ def _acquire(anat: _Anatomy, rng: np.random.Generator, cfg: PhantomConfig) -> tu
     extent = np.array([cfg.fov_mm[0], rng.uniform(*cfg.ap_coverage_mm), cfg.fov_mm[1]])
     nx, ny, nz = shape = tuple(int(v) for v in np.maximum(np.round(extent / sp), 1))
     origin = -(np.array(shape) - 1) / 2 * sp + _v(0, 0, _FOV_Z_OFFSET)
-    angles, shift = rng.uniform(-1, 1, 3) * cfg.rotation_deg, rng.uniform(-1, 1, 3) * cfg.translation_mm
+    angles = rng.uniform(-1, 1, 3) * cfg.rotation_deg
+    shift = np.clip(rng.normal(0, 1, 3) * cfg.position_sd_mm, -np.array(cfg.translation_mm), cfg.translation_mm)
+    off_centre = bool(rng.random() < cfg.off_centre_fraction)
+    if off_centre:  # the hips well to one side of the FOV (a centre crop may cut one head)
+        shift[0] += rng.choice([-1, 1]) * rng.uniform(15, 25)
     pose, k = _Pose(_euler(angles), shift), cfg.sub_slices
     centre = _Grid(origin, sp, shape)
     canvas = np.zeros(shape, _F)  # (X, Y, Z) RAS
@@ -659,6 +809,8 @@ def _acquire(anat: _Anatomy, rng: np.random.Generator, cfg: PhantomConfig) -> tu
     affine = np.diag([*sp, 1.0])
     affine[:3, 3] = origin + rng.uniform(-1, 1, 3) * [40, 60, 150]  # scanner table position
     non_ras, pick = rng.random() < cfg.non_ras_fraction, int(rng.integers(len(_NON_RAS)))
+    noise_rng = np.random.default_rng(rng.integers(2**63))  # drawn always, last: the flag changes nothing else
+    noise = _label_noise(label, noise_rng) if cfg.label_noise else {}
     codes = _NON_RAS[pick] if non_ras else "RAS"
     transform = nio.ornt_transform(_RAS, nio.axcodes2ornt(tuple(codes)))
     stored_affine = affine @ nio.inv_ornt_aff(transform, shape)
@@ -669,9 +821,38 @@ def _acquire(anat: _Anatomy, rng: np.random.Generator, cfg: PhantomConfig) -> tu
         "axcodes": codes,
         "rotation_deg": [float(v) for v in angles],
         "translation_mm": [float(v) for v in shift],
+        "off_centre": off_centre,
         "intensity_scale": float(scale),
+        "label_noise": noise,
+        "mimic_voxels_ras": [_voxel(m["centre"], centre, pose) for m in anat.info["mimics"]],
     }
     return (nio.apply_orientation(image, transform), nio.apply_orientation(label, transform), stored_affine, info)
+
+
+def _voxel(point: np.ndarray, grid: _Grid, pose: _Pose) -> list[int]:
+    """The RAS voxel index of a patient-frame point in the rendered grid."""
+    fov = pose.rot @ np.asarray(point, dtype=np.float64) + pose.shift
+    return [int(v) for v in np.round((fov - grid.origin) / grid.spacing)]
+
+
+def _label_noise(label: np.ndarray, rng: np.random.Generator) -> dict:
+    """Annotator noise on the necrosis label, in place: each lesion component grows or shrinks by one
+    voxel (within the head), and a small one (< 100 voxels) is missed entirely with probability 0.3."""
+    necrosis = label == 2
+    components, n = ndimage.label(necrosis, structure=np.ones((3, 3, 3), bool))
+    grown = shrunk = missed = 0
+    for index in range(1, n + 1):
+        mine = components == index
+        if mine.sum() < 100 and rng.random() < 0.3:
+            label[mine] = 1
+            missed += 1
+        elif rng.random() < 0.5:
+            label[ndimage.binary_dilation(mine) & (label == 1)] = 2
+            grown += 1
+        else:
+            label[mine & ~ndimage.binary_erosion(mine)] = 1
+            shrunk += 1
+    return {"grown": grown, "shrunk": shrunk, "missed": missed}
 
 
 # ---------------------------------------------------------------- public API
@@ -679,13 +860,14 @@ def _acquire(anat: _Anatomy, rng: np.random.Generator, cfg: PhantomConfig) -> tu
 _DEFAULT = PhantomConfig()
 
 
-def _streams(index: int, seed: int, followup: bool) -> tuple[np.random.Generator, np.random.Generator]:
-    """Anatomy and scan generators: three streams spawned from ``SeedSequence([seed, index])``."""
+def _streams(index: int, seed: int, followup: bool) -> tuple[np.random.Generator, ...]:
+    """Anatomy, scan and mimic generators: streams spawned from ``SeedSequence([seed, index])``."""
     for name, value in (("index", index), ("seed", seed)):
         if not isinstance(value, int | np.integer) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
-    anatomy, baseline, second = np.random.SeedSequence([seed, index]).spawn(3)
-    return np.random.default_rng(anatomy), np.random.default_rng(second if followup else baseline)
+    anatomy, baseline, second, mimics = np.random.SeedSequence([seed, index]).spawn(4)
+    scan = second if followup else baseline
+    return np.random.default_rng(anatomy), np.random.default_rng(scan), np.random.default_rng(mimics)
 
 
 def synth_case(index: int, seed: int, config: PhantomConfig = _DEFAULT, *, followup: bool = False) -> PhantomCase:
@@ -708,10 +890,12 @@ def synth_case(index: int, seed: int, config: PhantomConfig = _DEFAULT, *, follo
     """
     if not isinstance(config, PhantomConfig):
         raise TypeError(f"config must be a PhantomConfig, got {type(config).__name__}")
-    anatomy_rng, scan_rng = _streams(index, seed, followup)
-    anatomy = _anatomy(anatomy_rng, config)
+    anatomy_rng, scan_rng, mimic_rng = _streams(index, seed, followup)
+    anatomy = _anatomy(anatomy_rng, config, mimic_rng)
     image, label, affine, scan = _acquire(anatomy, scan_rng, config)
     info = {**anatomy.info, **scan, "followup": followup}
+    info["mimics"] = [{**m, "centre": [float(v) for v in m["centre"]], "voxel_ras": vox}
+                      for m, vox in zip(info["mimics"], info.pop("mimic_voxels_ras"), strict=True)]  # fmt: skip
     case_id = f"AVN_{index:03d}" + ("_fu" if followup else "")
     return PhantomCase(case_id, f"P{index:03d}", image, label, affine, info)
 

@@ -236,3 +236,121 @@ def test_config_accepts_lists_from_json() -> None:
 def test_bad_arguments(call, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+# ---------------------------------------------------------------- the harder phantom (issue 12)
+def _hips_and_mimics(index: int, seed: int, config: PhantomConfig = TINY):
+    """The hips and mimic layers of one patient, rebuilt from the generator's own streams."""
+    from avn_study.data import phantom
+
+    anatomy_rng, _, mimic_rng = phantom._streams(index, seed, False)
+    anatomy_rng.random()  # the follow-up draw
+    scale = anatomy_rng.uniform(*config.body_scale)
+    d = anatomy_rng.uniform(76, 86) * scale**0.3
+    sides = {"right": 1, "left": -1}
+    hips = {side: phantom._hip(anatomy_rng, config, s, d) for side, s in sides.items()}
+    layers, drawn = phantom._mimics(mimic_rng, config, hips, sides, necrotic=set())  # healthy hips: mimics only
+    return phantom, hips, layers, drawn
+
+
+def _mask(phantom, terms: tuple, hip: dict) -> np.ndarray:
+    """A region on a 1 mm patient-frame grid around a hip (pose identity)."""
+    grid = phantom._Grid(np.asarray(hip["c"]) - 60.0, np.ones(3), (120, 120, 120))
+    pose = phantom._Pose(np.eye(3), np.zeros(3))
+    return phantom._labels(grid, pose, [(terms, 1)]).astype(bool)
+
+
+def test_every_mimic_type_appears_and_lies_in_the_head_or_neck() -> None:
+    config = PhantomConfig.tiny(oedema_with_lesion=0.0, mimic_mean=2.0)
+    seen = set()
+    for index in range(4):
+        phantom, hips, layers, drawn = _hips_and_mimics(index, 5, config)
+        assert len(layers) >= len(drawn)
+        layer_of = iter(layers)
+        for record in drawn:
+            hip = hips[record["side"]]
+            head = _mask(phantom, phantom._head(hip), hip)
+            neck = _mask(phantom, ((hip["neck"], 0.0, False),), hip)
+            mine = [next(layer_of) for _ in range(2 if record["type"] == "oedema" else 1)]
+            region = np.logical_or.reduce([_mask(phantom, layer.terms, hip) for layer in mine])
+            assert region.any(), record["type"]  # it is drawn
+            allowed = head | neck if record["type"] == "oedema" else head
+            assert not (region & ~allowed).any(), record["type"]  # never outside the head (or neck)
+            seen.add(record["type"])
+    assert seen == {"oedema", "cyst", "bone_island", "fovea"}
+
+
+def test_mimics_are_darker_than_marrow_and_never_labelled_necrosis(cohort_default: list) -> None:
+    darker, checked = 0, 0
+    for case in cohort_default:
+        label, image = to_ras(case.label, case.affine), to_ras(case.image, case.affine)
+        marrow = np.median(image[label == 1])
+        for mimic in case.info["mimics"]:
+            if case.info["necrosis"][mimic["side"]]:
+                continue  # a mimic may share a hip with a lesion; healthy hips make the point cleanly
+            x, y, z = mimic["voxel_ras"]
+            if not all(0 <= v < n for v, n in zip((x, y, z), label.shape, strict=True)):
+                continue  # an off-centre case can move a hip out of the field of view
+            checked += 1
+            assert label[x, y, z] in ((1,) if mimic["region"] == "head" else (0, 1)), mimic
+            darker += image[x, y, z] < marrow
+        assert not (label == 2).any() or any(case.info["necrosis"].values())
+    assert checked >= 10 and darker / checked > 0.8
+
+
+@pytest.fixture(scope="module")
+def cohort_default() -> list:
+    """12 patients at the default resolution (about 4 s)."""
+    return list(iter_cohort(12, seed=2))
+
+
+def test_heads_are_ellipsoids_and_advanced_lesions_collapse_the_dome(cohort: list) -> None:
+    axes = np.array([a for case in cohort for a in case.info["head_semi_axes_mm"]])
+    ratios = axes.min(axis=1) / axes.max(axis=1)
+    assert ratios.min() < 0.93 and ratios.max() <= 1.0  # not spheres
+    collapsed = [(c, side) for c in cohort for side, v in c.info["collapse"].items() if v]
+    assert collapsed and all(c.info["lesion_fraction"][side] >= TINY.collapse_fraction for c, side in collapsed)
+    big = [(c, s) for c in cohort for s, f in c.info["lesion_fraction"].items() if f >= TINY.collapse_fraction]
+    assert len(collapsed) == len(big)
+
+
+def test_patient_position_varies_by_15_mm_and_some_cases_are_off_centre() -> None:
+    cases = list(iter_cohort(60, seed=4, config=TINY))
+    shifts = np.array([c.info["translation_mm"] for c in cases])
+    assert shifts[:, 0].std() >= 15 and shifts[:, 2].std() >= 12
+    assert 0 < sum(c.info["off_centre"] for c in cases) < 20
+    assert np.ptp([c.info["body_scale"] for c in cases]) > 0.2
+
+
+def test_some_lesions_have_no_rim(cohort: list) -> None:
+    lesions = [v for c in cohort for v in c.info["lesions"].values() if v]
+    no_rim = [v for v in lesions if v["no_rim"]]
+    assert no_rim and all(v["rim"] == v["contrast"] for v in no_rim) and len(no_rim) < len(lesions)
+
+
+def test_label_noise_is_off_by_default_and_bounded_when_on() -> None:
+    clean = synth_case(3, 9, TINY)
+    assert clean.info["label_noise"] == {}
+    noisy = synth_case(3, 9, PhantomConfig.tiny(label_noise=True))
+    assert np.array_equal(noisy.image, clean.image)  # the scan is the same; only its annotation changes
+    necrosis_clean, necrosis_noisy = clean.label == 2, noisy.label == 2
+    changed = necrosis_clean ^ necrosis_noisy
+    assert changed.any() and sum(noisy.info["label_noise"].values()) >= 1
+    near = ndimage.binary_dilation(necrosis_clean, structure=CUBE)
+    missed = noisy.info["label_noise"]["missed"]
+    assert missed or not (changed & ~near).any()  # jitter stays within one voxel of the clean boundary
+    assert (noisy.label[clean.label == 0] == 0).all()  # never outside the head
+
+
+def test_a_cohort_written_before_the_harder_phantom_still_verifies_and_trains(tmp_path) -> None:
+    from pathlib import Path
+
+    from avn_study.cli import main
+    from avn_study.config import TrainConfig
+    from avn_study.engine import prepare_data
+
+    legacy = Path(__file__).parent / "legacy_phantom"
+    assert main(["verify", str(legacy)]) == 0
+    config = TrainConfig.from_flat({"n_folds": 2, "slice_size": 64, "inplane_spacing_mm": 4.0, "depth": 2})
+    data = prepare_data(legacy, config, tmp_path / "cache", tmp_path / "splits.json")
+    assert len(data.train) == 1 and len(data.val) == 1
