@@ -473,7 +473,14 @@ def run(what: str, args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         if what == "data":
-            print_table(f"avn-study bench data (cohorts in {work})", bench_data(work, args.cases))
+            print_table(f"avn-study bench data (cohorts in {work})", bench_data(work, args.cases or 200))
+        elif what == "calibrate":
+            from avn_study.calibrate import calibrate, table_rows
+
+            summary = calibrate(work, cases=args.cases or 24, seed=args.seed, epochs=args.epochs, tiny=args.tiny)
+            title = (f"avn-study bench calibrate ({args.cases or 24} phantom patients, seed {args.seed}, "
+                     f"{args.epochs} epochs, 3 folds, every row alike; Dice over patients with necrosis)")  # fmt: skip
+            print_table(title, table_rows(summary))
         elif what == "sweep":
             print_table("avn-study bench sweep (local Ray, 2 CPUs, tiny phantom)", bench_sweep(work))
         elif what == "gpu":

@@ -500,9 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="throughput figures")
-    p.add_argument("what", choices=["data", "train", "sweep", "gpu"], help="what to measure (gpu: needs CUDA)")
+    p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate"],
+                   help="what to measure (gpu: needs CUDA; calibrate: every ablation row on the phantom)")  # fmt: skip
     p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu", help="gpu bench: trials per GPU")
-    p.add_argument("--cases", type=_positive_int, default=200, help="cohort size for the RSS figure")
+    p.add_argument("--cases", type=_positive_int, help="cohort size (data: 200 for the RSS figure; calibrate: 24)")
+    p.add_argument("--seed", type=int, default=0, help="calibrate: phantom seed (default 0)")
+    p.add_argument("--epochs", type=_positive_int, default=8, help="calibrate: epochs of every row (default 8)")
+    p.add_argument("--tiny", action="store_true", help="calibrate: the coarse test phantom (smoke runs)")
     p.add_argument("--work-dir", type=Path, help="where to put the bench cohorts (default: a temp folder)")
     p.add_argument("--slice-size", type=int, default=128, dest="slice_size", help="train bench: slice size")
     p.add_argument("--threads", type=int, default=0, help="train bench: torch threads (default: torch's)")

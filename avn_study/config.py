@@ -36,7 +36,7 @@ class ModelConfig:
     gating_alpha: float = 0.5  # residual gating: p_seg * (a + (1 - a) * p_loc)
     recon_skips: str = "none"  # none | deepest | all: skips into the reconstruction decoder
     loc_skips: str = "all"  # all | deepest | none: skips into the localisation decoder
-    aux_channels_factor: float = 0.5  # recon/loc decoder width (cascade: localiser width) vs the seg decoder
+    aux_channels_factor: float = 0.5  # width of the recon/loc decoders relative to the seg decoder
 
     def __post_init__(self) -> None:
         look_up(self.arm, ARMS, what="arm")

@@ -52,7 +52,7 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "base_channels": ("unet", "multitask", "cascade"),
     "norm": ("unet", "multitask", "cascade"),
     "upsample": ("unet", "multitask", "cascade"),
-    "aux_channels_factor": ("multitask", "cascade"),
+    "aux_channels_factor": ("multitask",),
     "recon_skips": ("multitask",),
     "loc_skips": ("multitask",),
     "gating": ("multitask",),

@@ -35,3 +35,18 @@ def test_bench_gpu_without_cuda_is_a_usage_error(tmp_path: Path, capsys) -> None
         pytest.skip("this machine has CUDA: the refusal path does not apply")
     assert main(["bench", "gpu", "--per-gpu", "4", "--work-dir", str(tmp_path)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_calibrate_smoke(tmp_path: Path) -> None:
+    """Every row alike on one cohort, plus the shortcut that knows where the head is."""
+    from avn_study.calibrate import ROWS, calibrate, table_rows
+
+    rows = {row: ROWS[row] for row in ("unet", "unet/wide", "cascade")}
+    summary = {s["row"]: s for s in calibrate(tmp_path, cases=6, epochs=1, rows=rows, tiny=True)}
+    assert set(summary) == {"threshold in the true head", *rows}
+    shortcut = summary["threshold in the true head"]
+    assert shortcut["parameters"] == 0 and 0.0 < shortcut["dice_mean"] <= 1.0 and shortcut["n_patients"] > 0
+    assert summary["unet/wide"]["parameters"] > summary["unet"]["parameters"]
+    assert summary["cascade"]["parameters"] == 2 * summary["unet"]["parameters"]  # two full U-Nets
+    assert all(0.0 <= s["dice_mean"] <= 1.0 for s in summary.values())
+    assert len(table_rows(list(summary.values()))) == 4

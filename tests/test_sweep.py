@@ -149,3 +149,22 @@ def test_uri_storage_writes_to_the_store_and_mirrors_json(ray_2cpus, sweep_cohor
     assert main([*cmd, "--resume"]) == 0
     assert (mirror / "study.json").is_file() and sorted(mirror.glob("stage1-unet/trial_*/result.json"))
     assert main(cmd) == 2  # an existing study in the store is not overwritten
+
+
+def test_control_rows_run_through_a_sweep_and_report_their_size(ray_2cpus, sweep_cohort: Path,
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    from avn_study.analysis import analyze
+    from avn_study.analysis.report import ablation_markdown
+
+    constant = {"schedule": "constant", "schedule_params": {}}
+    arms = {"unet+head": constant, "cascade": constant, "seg+loc/no-gate": {**constant, "arm": "seg+loc",
+            "gating": "none"}, "unet/wide": {**constant, "arm": "unet", "base_channels": 6}}  # fmt: skip
+    groups = {"Is it the head label?": ["unet+head"], "Controls": ["cascade", "seg+loc/no-gate", "unet/wide"]}
+    path = small_space(tmp_path, protocol="sweep", arms=arms, groups=groups, search={}, trials=1,
+                       scheduler={"type": "none"})  # fmt: skip
+    assert main(["sweep", str(path), "--data", str(sweep_cohort), "--storage", str(tmp_path / "s"), "--quiet"]) == 0
+    analysis = analyze(tmp_path / "s" / "smoke", reference="unet+head", n_boot=100)
+    sizes = analysis.experiment.trials.set_index("row")["n_parameters"]
+    assert sizes["unet/wide"] > sizes["unet+head"] and sizes.notna().all()
+    table = ablation_markdown(analysis)
+    assert "| *Is it the head label?* |" in table and "| *Controls* |" in table and " k |" in table

@@ -95,9 +95,12 @@ class CascadeNet(nn.Module):
     outside the localiser's mask (``p_loc < 0.5``) are set to ``-LOGIT_LIMIT``: the second stage only
     keeps necrosis inside the region the first stage found, the usual clinical pipeline.
 
+    Both stages are full U-Nets of the same width (twice a U-Net's parameters): a narrower localiser
+    learns the head too slowly to be a fair stand-in for the clinical pipeline (at the calibration's
+    budget a half-width one reached a localisation Dice of 0.28 where the full-width one reached 0.85).
+
     Args:
-        in_channels, base_channels, depth, norm, upsample: as :class:`UNet` (the segmenter's width).
-        aux_channels_factor: the localiser's width relative to the segmenter's.
+        in_channels, base_channels, depth, norm, upsample: as :class:`UNet`, for both stages.
         branches: must be ``("seg", "loc")``.
     """
 
@@ -108,18 +111,14 @@ class CascadeNet(nn.Module):
         depth: int = 4,
         norm: str = "batch",
         upsample: str = "transpose",
-        aux_channels_factor: float = 0.5,
         branches: tuple[str, ...] = ("seg", "loc"),
     ) -> None:
         super().__init__()
         if tuple(branches) != ("seg", "loc"):
             raise ValueError(f"a cascade has branches ('seg', 'loc'), got {branches=}")
-        if not aux_channels_factor > 0:
-            raise ValueError(f"aux_channels_factor must be > 0, got {aux_channels_factor=}")
         self.branches = ("seg", "loc")
         self.size_multiple = 2**depth
-        width = max(1, round(base_channels * aux_channels_factor))
-        self.loc_net = UNet(in_channels, width, depth, norm, upsample)
+        self.loc_net = UNet(in_channels, base_channels, depth, norm, upsample)
         self.seg_net = UNet(in_channels, base_channels, depth, norm, upsample)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
