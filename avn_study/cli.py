@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -208,8 +209,21 @@ def _report(result, metric: str, where: str) -> int:
     return 0
 
 
+def _stop_on_sigterm(study) -> None:
+    """Let SIGTERM (a scheduler preempting the driver) stop a sweep the way Ctrl-C does.
+
+    It takes Ray Tune's graceful Ctrl-C path and also marks the study, so a stop that Tune does not see
+    (its trials had just finished, or it was still setting up) still ends the study with exit 130.
+    """
+
+    def handler(*_: object) -> None:
+        study.stop_requested.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import signal
 
     from avn_study.space import load_space
     from avn_study.sweep import Study, init_ray
@@ -231,9 +245,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     study.prepare(resume=args.resume)  # bad --resume/--name, a live driver, broken cohorts: before Ray starts
     try:
         init_ray(args.address, args.num_cpus)
-        # after ray.init, which installs its own SIGTERM handler: SIGTERM (e.g. a scheduler preempting the
-        # driver) takes Ray Tune's graceful Ctrl-C path instead of aborting
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        _stop_on_sigterm(study)  # after ray.init, which installs its own SIGTERM handler
         print(
             f"study {study.location} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",
             file=sys.stderr,
@@ -301,6 +313,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     study.prepare(resume=resume)
     try:
         init_ray(None, args.num_cpus)
+        _stop_on_sigterm(study)
         print(
             f"{'resuming' if resume else 'running'} the {space.name} study ({space.protocol}, rows: "
             f"{', '.join(space.arms)}) in {study.root}",

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,9 @@ class Study:
         self.progress = progress
         self.fault = fault or {}  # test hook, see avn_study.trainable._maybe_inject_fault
         self.callbacks = list(callbacks or [])  # extra ray.tune.Callback objects for every stage
+        # set by the driver's SIGTERM handler: a stop Ray Tune may not see (all trials of a run had just
+        # finished, or it was still setting up) must still end the study instead of starting the next run
+        self.stop_requested = threading.Event()
         self.split_hash = ""
         self.inner: dict[int, dict[str, Any]] = {}  # nested_ablation: outer fold -> frozen inner splits
 
@@ -361,6 +365,8 @@ class Study:
         """Run (or restore and finish) one Ray experiment; raise :class:`StudyInterrupted` if it stopped early."""
         from ray import tune
 
+        if self.stop_requested.is_set():
+            raise StudyInterrupted(f"{experiment}: not started, the driver was asked to stop")
         path = f"{self.storage}/{self.name}/{experiment}"
         local = self.root / experiment
         # Ray snapshots its state after trials start
@@ -396,6 +402,8 @@ class Study:
             self._check_writable()  # trials that could not write are a storage failure, not an interrupt or a bug
         if unfinished:  # Tune stops gracefully on Ctrl-C/SIGTERM and returns; the study must stop too
             raise StudyInterrupted(f"{experiment}: {len(unfinished)} trial(s) did not finish")
+        if self.stop_requested.is_set():
+            raise StudyInterrupted(f"{experiment}: finished, but the driver was asked to stop")
 
     def _check_writable(self) -> None:
         """Raise the storage error (exit 1) if the study folder no longer takes writes."""

@@ -30,9 +30,10 @@ def test_corrupting_any_file_is_named(cohort: Path, tmp_path: Path, capsys: pyte
     broken = tmp_path / "broken"
     shutil.copytree(cohort, broken)
     files = sorted(broken.glob("*Tr/*.nii.gz"))
-    for path in files:  # flip one byte in the middle of each compressed stream
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
+    for path in files:  # flip one byte in the middle of each compressed stream and one of its CRC-32
+        data = bytearray(path.read_bytes())  # (a mid-stream flip alone can decode to the same bytes: in a
+        data[len(data) // 2] ^= 0xFF  # label map of zeros, a back-reference moved to other zeros is harmless)
+        data[-8] ^= 0xFF
         path.write_bytes(bytes(data))
     assert main(["verify", str(broken)]) == 2
     err = capsys.readouterr().err

@@ -100,7 +100,8 @@ def test_pickle_in_place_of_the_weights_is_refused_unopened(
     ("change", "error", "fragments"),
     [
         (lambda c: c["model"].update(name="multitaks"), UsageError,
-         ["key 'model.name'", "Unknown model 'multitaks'; did you mean 'multitask'?", "Available: multitask, unet"]),
+         ["key 'model.name'", "Unknown model 'multitaks'; did you mean 'multitask'?",
+          "Available: cascade, multitask, unet"]),
         (lambda c: c["model"].update(arm="seg+lco"), UsageError, ["key 'model.arm'", "did you mean 'seg+loc'?"]),
         (lambda c: c["model"].update(name="unet"), UsageError, ["'model.arm' 'seg+loc' is built by model 'multitask'"]),
         (lambda c: c["model"]["config"].update(base_chanels=8), UsageError, ["did you mean 'base_channels'?"]),

@@ -63,3 +63,16 @@ def test_a_storage_uri_pyarrow_cannot_open_is_a_usage_error(sweep_cohort: Path, 
     assert main(["sweep", str(space), "--data", str(sweep_cohort), "--storage", "nosuch://bucket/studies"]) == 2
     err = capsys.readouterr().err
     assert "nosuch://bucket/studies" in err and "pyarrow" in err
+
+
+def test_a_stop_request_ends_the_study_before_the_next_run(sweep_cohort: Path, tmp_path: Path) -> None:
+    """SIGTERM marks the study; a run that Ray Tune finished anyway must not be followed by another."""
+    from avn_study.space import load_space
+    from avn_study.sweep import Study, StudyInterrupted
+
+    study = Study(load_space(small_space(tmp_path)), sweep_cohort, str(tmp_path / "storage"), progress=False)
+    study.stop_requested.set()
+    started = []
+    with pytest.raises(StudyInterrupted, match="asked to stop"):
+        study._fit("stage1-unet", lambda: started.append(1), {}, resume=False)
+    assert not started and not (study.root / "stage1-unet").exists()
