@@ -8,7 +8,8 @@ patients). If that baseline reached the networks, or the gate beat its no-gate c
 distractors sit outside the head, the phantom would decide the ablation by construction.
 
 Per row: parameters, the per-patient Dice over the patients with necrosis (mean and SD over
-patients) and false-positive lesions per case (the dark spots outside a lesion a row calls necrosis).
+patients, and the mean per fold: a run that failed shows as one fold near 0) and false-positive
+lesions per case (the dark spots outside a lesion a row calls necrosis).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def calibrate(work: Path, cases: int = 24, seed: int = 0, epochs: int = 8, folds
     sizes: dict[str, int] = {"threshold in the true head": 0}
     for fold in range(folds):
         data = prepare_data(cohort, TrainConfig.from_flat({**base, "fold": fold}), work / "cache", work / "splits.json")
-        per_case["threshold in the true head"] += shortcut_dice(data.train, data.val)
+        per_case["threshold in the true head"] += [{**c, "fold": fold} for c in shortcut_dice(data.train, data.val)]
         for row, overrides in rows.items():
             # seed = fold: one initialisation per fold, not one for all; at this budget an unlucky
             # initialisation keeps a U-Net on the all-background solution, and with one seed for every
@@ -98,20 +99,22 @@ def calibrate(work: Path, cases: int = 24, seed: int = 0, epochs: int = 8, folds
             while not run.done:
                 run.run_epoch()
             sizes[row] = n_parameters(run.model)
-            per_case.setdefault(row, []).extend(run.last_per_case)
+            per_case.setdefault(row, []).extend({**c, "fold": fold} for c in run.last_per_case)
     return [_summary(row, sizes[row], cases_of_row) for row, cases_of_row in per_case.items()]
 
 
 def _summary(row: str, n_params: int, per_case: list[dict[str, Any]]) -> dict[str, Any]:
     necrotic: dict[str, list[float]] = {}
+    by_fold: dict[int, list[float]] = {}
     for case in per_case:
         if case.get("has_necrosis"):
             necrotic.setdefault(str(case["patient"]), []).append(float(case["dice"]))
+            by_fold.setdefault(int(case["fold"]), []).append(float(case["dice"]))
     dice = np.array([np.mean(v) for v in necrotic.values()])
     fp = np.mean([float(c["lesion_fp"]) for c in per_case]) if per_case else math.nan
     return {"row": row, "parameters": n_params, "dice_mean": float(dice.mean()) if dice.size else math.nan,
             "dice_sd": float(dice.std(ddof=1)) if dice.size > 1 else math.nan, "n_patients": int(dice.size),
-            "lesion_fp": float(fp)}  # fmt: skip
+            "lesion_fp": float(fp), "fold_dice": [float(np.mean(by_fold[f])) for f in sorted(by_fold)]}  # fmt: skip
 
 
 def table_rows(summary: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -119,6 +122,7 @@ def table_rows(summary: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     out = []
     for s in summary:
         size = f"{s['parameters'] / 1e3:.0f} k params, " if s["parameters"] else "no parameters, "
-        detail = f"{size}{s['n_patients']} patients with necrosis, {s['lesion_fp']:.1f} FP lesions/case"
+        folds = "/".join(f"{d:.2f}" for d in s["fold_dice"])
+        detail = f"{size}{s['n_patients']} patients with necrosis, {s['lesion_fp']:.1f} FP lesions/case, folds {folds}"
         out.append((s["row"], f"{s['dice_mean']:.3f} +- {s['dice_sd']:.3f}", detail))
     return out

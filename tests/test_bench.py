@@ -49,4 +49,6 @@ def test_bench_calibrate_smoke(tmp_path: Path) -> None:
     assert summary["unet/wide"]["parameters"] > summary["unet"]["parameters"]
     assert summary["cascade"]["parameters"] == 2 * summary["unet"]["parameters"]  # two full U-Nets
     assert all(0.0 <= s["dice_mean"] <= 1.0 for s in summary.values())
+    assert all(len(s["fold_dice"]) == 3 and min(s["fold_dice"]) <= s["dice_mean"] <= max(s["fold_dice"])
+               for s in summary.values())  # fmt: skip
     assert len(table_rows(list(summary.values()))) == 4
