@@ -494,6 +494,13 @@ def run(what: str, args: argparse.Namespace) -> int:
                 f"avn-study bench train (slice {args.slice_size}, batch 16, {torch.get_num_threads()} threads)",
                 bench_train(size=args.slice_size),
             )
+            from avn_study.loop_profile import profile_loop, profile_rows
+
+            cases = args.cases or 16
+            profile = profile_loop(work, cases=cases, size=args.slice_size)
+            title = (f"real training loop outside the model ({cases}-patient phantom, fold 0, 2 epochs, evaluation "
+                     f"every epoch, a checkpoint every 5, {torch.get_num_threads()} threads)")  # fmt: skip
+            print_table(title, profile_rows(profile))
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -516,7 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate"],
                    help="what to measure (gpu: needs CUDA; calibrate: every ablation row on the phantom)")  # fmt: skip
     p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu", help="gpu bench: trials per GPU")
-    p.add_argument("--cases", type=_positive_int, help="cohort size (data: 200 for the RSS figure; calibrate: 24)")
+    p.add_argument(
+        "--cases",
+        type=_positive_int,
+        help="cohort size (data: 200 for the RSS figure; calibrate: 24; train: 16 for the loop profile)",
+    )
     p.add_argument("--seed", type=int, default=0, help="calibrate: phantom seed (default 0)")
     p.add_argument("--epochs", type=_positive_int, default=8, help="calibrate: epochs of every row (default 8)")
     p.add_argument("--tiny", action="store_true", help="calibrate: the coarse test phantom (smoke runs)")

@@ -11,6 +11,7 @@ resuming at an epoch boundary continues exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections import defaultdict
@@ -38,6 +39,7 @@ from avn_study.losses import LossConfig, branch_losses
 from avn_study.metrics import case_metrics, summarize
 from avn_study.models import ARMS, model_for_arm
 from avn_study.schedules import Schedule
+from avn_study.stage_timer import NO_TIMER, Timer
 from avn_study.vocabulary import MODEL_OPTIONS
 
 
@@ -176,43 +178,72 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     augment: AugmentConfig | None = None,
     generator: torch.Generator | None = None,
+    timer: Timer = NO_TIMER,
 ) -> dict[str, float]:
     """One pass over ``batches``; returns mean unweighted branch losses, the weighted total, counts.
+
+    Losses are summed on the device and read once at the end of the epoch (no host sync per step).
+    A non-finite loss is still found exactly: the first step with one, and its values, are kept on
+    the device as the epoch runs, and the error names that step and term. (The steps after it train
+    on NaN, which costs the rest of one epoch of a run that fails anyway.)
 
     Raises:
         NonFiniteLossError: a loss term is NaN or Inf (names the epoch, step and term).
     """
     model.train()
     branches = tuple(model.branches)
-    sums: dict[str, float] = defaultdict(float)
+    names: list[str] = []  # "total", then the branch losses in the order the loss returns them
+    sums = bad_values = torch.zeros(0)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
     n_slices, start = 0, time.perf_counter()
     channels_last = device.type == "cuda"
-    for step, batch in enumerate(batches):
-        batch = _move(batch, device, channels_last)
+    batches = iter(batches)
+    for step in itertools.count():
+        with timer("fetch"):
+            batch = next(batches, None)
+        if batch is None:
+            break
+        with timer("transfer"):
+            batch = _move(batch, device, channels_last)
         if augment is not None:
-            batch = augment_batch(batch, augment, generator)
-        with _autocast(device, amp_dtype):
-            outputs = model(batch["image"])
-        losses = branch_losses({k: v.float() for k, v in outputs.items()}, batch, branches, loss_config)
-        total = schedule.combine(losses, weights)
-        if not torch.isfinite(total):  # one sync per step; the term is looked up only on failure
-            bad = next((k for k, v in losses.items() if not torch.isfinite(v)), "total")
-            value = losses.get(bad, total).item()
-            raise NonFiniteLossError(
-                f"epoch {epoch}, step {step}: loss term '{bad}' is {value} "
-                "(lower the learning rate, or check the data with `avn-study verify`)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        b = batch["image"].shape[0]
-        n_slices += b
-        sums["loss_total"] += total.item() * b
-        for name, value in losses.items():
-            sums[f"loss_{name}"] += value.item() * b
+            with timer("augment"):
+                batch = augment_batch(batch, augment, generator)
+        with timer("forward"):
+            with _autocast(device, amp_dtype):
+                outputs = model(batch["image"])
+            losses = branch_losses({k: v.float() for k, v in outputs.items()}, batch, branches, loss_config)
+            total = schedule.combine(losses, weights)
+        with timer("bookkeeping"):
+            if not names:
+                names = ["total", *losses]
+                exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+                sums = torch.zeros(len(names), dtype=exact, device=device)
+                bad_values = torch.zeros(len(names), device=device)
+            values = torch.stack([total.detach(), *(losses[k].detach() for k in names[1:])]).float()
+            newly_bad = (bad_step < 0) & ~torch.isfinite(values).all()
+            bad_step = torch.where(newly_bad, step, bad_step)
+            bad_values = torch.where(newly_bad, values, bad_values)
+            b = batch["image"].shape[0]
+            n_slices += b
+            sums += values.to(sums.dtype) * b  # float64, in step order: the same numbers as summing .item()s
+        with timer("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        with timer("optimizer"):
+            optimizer.step()
     if n_slices == 0:
         raise AvnError(f"epoch {epoch}: the training set yielded no slices")
-    record = {k: v / n_slices for k, v in sums.items()}
+    with timer("bookkeeping"):
+        first_bad = int(bad_step)  # the epoch's one host sync, with the sums below
+        totals = sums.tolist()
+    if first_bad >= 0:
+        found = dict(zip(names, bad_values.tolist(), strict=True))
+        bad = next((k for k in names[1:] if not math.isfinite(found[k])), "total")
+        raise NonFiniteLossError(
+            f"epoch {epoch}, step {first_bad}: loss term '{bad}' is {found[bad]} "
+            "(lower the learning rate, or check the data with `avn-study verify`)"
+        )
+    record = {f"loss_{k}": v / n_slices for k, v in zip(names, totals, strict=True)}
     record.update(train_slices=float(n_slices), train_seconds=time.perf_counter() - start)
     return record
 
@@ -297,6 +328,7 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     threshold: float = 0.5,
+    timer: Timer = NO_TIMER,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Predict every coronal slice of each case, stack back to 3D, compute per-case metrics.
 
@@ -307,18 +339,21 @@ def evaluate(
     per_case, ids = [], []
     for volume in validation_volumes(list(cases), slice_config):
         case = volume.case
-        out = predict_slices(model, volume.image, device, amp_dtype)
+        with timer("val_predict"):
+            out = predict_slices(model, volume.image, device, amp_dtype)
         spacing = (case.spacing[1], case.spacing[0], case.spacing[2])  # cached arrays are (A, R, S)
         kwargs: dict[str, Any] = {}
-        if "loc" in out:
-            kwargs.update(
-                pred_loc=volume.paste(out["loc"]) >= 0.5,
-                ref_loc=np.asarray(case.head_dist) <= slice_config.loc_margin_mm,
-            )
-        if "recon" in out:
-            kwargs.update(recon=out["recon"], recon_ref=volume.image[:, 0].numpy())
-        pred = volume.paste(out["seg"]) >= threshold
-        metrics = case_metrics(pred, np.asarray(case.label) == LABELS["necrosis"], spacing, **kwargs)
+        with timer("val_paste"):
+            if "loc" in out:
+                kwargs.update(
+                    pred_loc=volume.paste(out["loc"]) >= 0.5,
+                    ref_loc=np.asarray(case.head_dist) <= slice_config.loc_margin_mm,
+                )
+            if "recon" in out:
+                kwargs.update(recon=out["recon"], recon_ref=volume.image[:, 0].numpy())
+            pred = volume.paste(out["seg"]) >= threshold
+        with timer("val_metrics"):
+            metrics = case_metrics(pred, np.asarray(case.label) == LABELS["necrosis"], spacing, **kwargs)
         per_case.append(metrics)
         ids.append({"case": case.case_id, "patient": case.patient_id})
     return summarize(per_case), [{**i, **m} for i, m in zip(ids, per_case, strict=True)]

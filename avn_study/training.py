@@ -25,6 +25,7 @@ from avn_study.engine import (
 )
 from avn_study.losses import LossConfig
 from avn_study.schedules import create_schedule
+from avn_study.stage_timer import NO_TIMER, Timer
 
 
 class TrainingRun:
@@ -63,6 +64,7 @@ class TrainingRun:
         self.augment = AugmentConfig() if d.augment else None
         self.history: list[dict[str, Any]] = []
         self.last_per_case: list[dict[str, Any]] = []
+        self.timer: Timer = NO_TIMER  # a StageTimer times the loop's stages (bench train)
 
     @property
     def epoch(self) -> int:
@@ -101,13 +103,15 @@ class TrainingRun:
                 amp_dtype=self.amp_dtype,
                 augment=self.augment,
                 generator=generator,
+                timer=self.timer,
             )
         )
         last = epoch + 1 == cfg.optim.epochs
         if last or (epoch + 1) % cfg.runtime.eval_every == 0:
             summary, self.last_per_case = evaluate(
-                self.model, self.data.val, self.slice_config, self.device, self.amp_dtype, cfg.runtime.threshold
-            )
+                self.model, self.data.val, self.slice_config, self.device, self.amp_dtype, cfg.runtime.threshold,
+                timer=self.timer,
+            )  # fmt: skip
             record.update(summary)
         if self.device.type == "cuda":  # what a trial needs of a GPU: sizes fractional `gpu` shares
             record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20

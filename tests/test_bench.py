@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from avn_study.bench import bench_data, bench_train
 from avn_study.config import ARMS
 
@@ -52,3 +54,15 @@ def test_bench_calibrate_smoke(tmp_path: Path) -> None:
     assert all(len(s["fold_dice"]) == 3 and min(s["fold_dice"]) <= s["dice_mean"] <= max(s["fold_dice"])
                for s in summary.values())  # fmt: skip
     assert len(table_rows(list(summary.values()))) == 4
+
+
+def test_loop_profile_times_every_stage_outside_the_model(tmp_path: Path) -> None:
+    from avn_study.loop_profile import STAGES, profile_loop, profile_rows
+
+    p = profile_loop(tmp_path, cases=4, size=64, epochs=1, base_channels=4, depth=2, tiny=True, n_folds=2)
+    assert set(p["ms_per_slice"]) == set(STAGES) and all(ms > 0 for ms in p["ms_per_slice"].values())
+    assert p["overhead_ms_per_slice"] == pytest.approx(sum(p["ms_per_slice"].values()), rel=1e-9)
+    assert p["model_ms_per_slice"] > 0 and p["val_predict_ms_per_slice"] > 0 and p["train_slices"] > 0
+    assert p["val_cases"] == 2
+    rows = profile_rows(p)
+    assert rows[-1][0].endswith("everything outside the model") and "target < 1 ms" in rows[-1][2]

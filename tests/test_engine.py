@@ -321,3 +321,80 @@ def test_train_scores_the_held_out_test_set_apart(tiny_phantom: Path, shared_cac
     assert sorted(line.split(",")[0] for line in scored) == sorted(test_cases)
     assert not set(metrics["provenance"]["val_cases"]) & set(test_cases)
     assert all("test" not in key for record in metrics["history"] for key in record)  # never in an epoch record
+
+
+def test_nan_loss_is_found_at_its_step_though_the_epoch_syncs_once(tiny_data, monkeypatch) -> None:
+    """Losses are read once per epoch; a NaN at a later step still names that step, term and value."""
+    real, calls = engine.branch_losses, []
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 3:  # steps 2, 3, ... (the network is NaN after step 2 anyway)
+            losses["seg"] = losses["seg"] + float("inf")
+        return losses
+
+    monkeypatch.setattr(engine, "branch_losses", poisoned)
+    run = TrainingRun(TrainConfig.from_flat({**TINY, "arm": "seg+loc", "schedule": "constant"}), tiny_data)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 2: loss term 'seg' is inf"):
+        run.run_epoch()
+
+
+def _old_epoch_loop(run: TrainingRun, epoch: int) -> dict[str, float]:
+    """The epoch loop before losses were summed on the device: a host sync and ``.item()`` per step."""
+    from collections import defaultdict
+
+    model, weights = run.model, run.schedule.weights(epoch, run.history)
+    model.train()
+    run.loader.batch_sampler.sampler.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(run.config.runtime.seed * 1_000_003 + epoch)
+    sums: dict[str, float] = defaultdict(float)
+    n = 0
+    for batch in run.loader:
+        batch = engine._move(batch, run.device, False)
+        if run.augment is not None:
+            batch = engine.augment_batch(batch, run.augment, generator)
+        outputs = model(batch["image"])
+        losses = engine.branch_losses({k: v.float() for k, v in outputs.items()}, batch, tuple(model.branches),
+                                      run.loss_config)  # fmt: skip
+        total = run.schedule.combine(losses, weights)
+        assert torch.isfinite(total)
+        run.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        run.optimizer.step()
+        b = batch["image"].shape[0]
+        n += b
+        sums["loss_total"] += total.item() * b
+        for name, value in losses.items():
+            sums[f"loss_{name}"] += value.item() * b
+    return {k: v / n for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("arm", ["seg+recon+loc", "unet"])
+def test_epoch_loop_gives_the_numbers_of_the_per_step_loop(tiny_data, arm: str) -> None:
+    """Bit-identical losses and weights on CPU: summing on the device changed no number."""
+    config = TrainConfig.from_flat({**TINY, "arm": arm, "schedule": "constant", "eval_every": 100})
+    new, old = TrainingRun(config, tiny_data), TrainingRun(config, tiny_data)
+    for epoch in range(2):
+        for group in (*new.optimizer.param_groups, *old.optimizer.param_groups):
+            group["lr"] = engine.cosine_lr(config.optim.lr, epoch, config.optim.epochs)
+        record = new.run_epoch()
+        new_losses = {k: v for k, v in record.items() if k.startswith("loss_")}
+        assert new_losses == _old_epoch_loop(old, epoch)  # exact, not approximate
+        old.history.append(record)
+    for a, b in zip(new.model.state_dict().values(), old.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_stage_timer_names_every_stage_of_a_real_epoch(tiny_data) -> None:
+    from avn_study.stage_timer import MODEL_STAGES, StageTimer
+
+    run = TrainingRun(TrainConfig.from_flat({**TINY, "arm": "seg+recon+loc", "epochs": 1}), tiny_data)
+    run.timer = StageTimer(run.device)
+    record = run.run_epoch()
+    stages = set(run.timer.seconds)
+    assert {"fetch", "transfer", "augment", "bookkeeping", *MODEL_STAGES} <= stages
+    assert {"val_predict", "val_paste", "val_metrics"} <= stages
+    assert run.timer.calls["forward"] == run.timer.calls["optimizer"] == len(run.loader)
+    assert 0 < run.timer.overhead() < sum(run.timer.seconds.values())
+    assert "val_dice" in record
