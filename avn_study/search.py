@@ -1,11 +1,23 @@
-"""Ray Tune's Optuna searcher, telling Optuna only final values (imported by the sweep driver only)."""
+"""Ray Tune's searchers and schedulers of stage 1 (imported by the sweep driver only).
+
+:class:`FinalValueOptunaSearch` tells Optuna only final values; :class:`RowSearch` and
+:class:`RowScheduler` run the stage-1 searches of every row in one Ray experiment, each keeping its own
+Optuna study and its own ASHA rungs.
+"""
 
 from __future__ import annotations
 
 import math
+import pickle
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 
@@ -46,3 +58,118 @@ class FinalValueOptunaSearch(OptunaSearch):
             return
         self._reported.pop(trial_id, None)
         super().on_trial_complete(trial_id, result, error)
+
+
+@dataclass
+class RowSearchRun:
+    """One stage-1 search inside :class:`RowSearch`: its constant config, its own searcher and budget."""
+
+    constants: dict[str, Any]
+    searcher: Searcher | None  # None: the space has no ``search`` (every trial is the constants)
+    budget: int
+
+
+class RowSearch(Searcher):
+    """Stage 1 of every row (and outer fold) in one Ray experiment, each search with its own Optuna study.
+
+    Trials are handed out round-robin over the searches that still have budget, so every row starts
+    at once and keeps its share of the cluster. Each trial's config carries ``_run`` (the search it
+    belongs to); its results and completion go to that search's own searcher only, so one row's
+    trials never inform another row's sampler. :class:`RowScheduler` does the same for ASHA.
+    """
+
+    def __init__(self, runs: dict[str, RowSearchRun], metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._runs = runs
+        self._started = dict.fromkeys(runs, 0)
+        self._owner: dict[str, str] = {}  # trial id -> run key
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # metric and mode are set at construction; each run brings its own constants
+
+    def suggest(self, trial_id: str) -> dict | None:
+        open_runs = [key for key, run in self._runs.items() if self._started[key] < run.budget]
+        if not open_runs:
+            return Searcher.FINISHED
+        key = min(open_runs, key=lambda k: self._started[k])  # the first of the least-started, in run order
+        run = self._runs[key]
+        sampled = run.searcher.suggest(trial_id) if run.searcher is not None else {}
+        if sampled is None or sampled == Searcher.FINISHED:
+            return None
+        self._started[key] += 1
+        self._owner[trial_id] = key
+        return {**run.constants, **sampled, "_run": key}
+
+    def _searcher(self, trial_id: str) -> Searcher | None:
+        key = self._owner.get(trial_id)
+        return self._runs[key].searcher if key is not None else None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if (searcher := self._searcher(trial_id)) is not None:
+            searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if (searcher := self._searcher(trial_id)) is not None:
+            searcher.on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        subs = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for key, run in self._runs.items():
+                if run.searcher is not None:
+                    run.searcher.save(f"{tmp}/sub")
+                    subs[key] = Path(f"{tmp}/sub").read_bytes()
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump({"started": self._started, "owner": self._owner, "subs": subs}, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            state = pickle.load(handle)  # written by save() above, inside the study's own folder
+        self._started.update(state["started"])
+        self._owner.update(state["owner"])
+        with tempfile.TemporaryDirectory() as tmp:
+            for key, blob in state["subs"].items():
+                Path(f"{tmp}/sub").write_bytes(blob)
+                self._runs[key].searcher.restore(f"{tmp}/sub")
+
+
+class RowScheduler(FIFOScheduler):
+    """One trial scheduler (ASHA) per stage-1 search, chosen by the trial's ``_run``.
+
+    ASHA's rungs compare trials by their metric at the same epoch; a ``unet`` trial must never stop a
+    ``seg+recon+loc`` trial (or one of another outer fold), so every search gets its own instance.
+    """
+
+    def __init__(self, make: Callable[[], TrialScheduler]) -> None:
+        super().__init__()
+        self._make = make
+        self._subs: dict[str, TrialScheduler] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        self._metric, self._mode = metric, mode
+        return True
+
+    def _sub(self, trial: Any) -> TrialScheduler:
+        key = str(trial.config.get("_run", ""))
+        if key not in self._subs:
+            self._subs[key] = sub = self._make()
+            sub.set_search_properties(self._metric, self._mode)
+        return self._subs[key]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._sub(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self._sub(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._sub(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self._sub(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._sub(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"one scheduler per stage-1 search ({len(self._subs)} so far)"

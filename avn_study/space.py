@@ -51,7 +51,7 @@ from avn_study.study_folder import check_name, check_rows
 TOP_KEYS = {
     "name", "protocol", "metric", "mode", "fixed", "arms", "groups", "search", "trials", "tuning_fold", "folds",
     "inner_folds", "seeds", "repeats", "scheduler", "resources", "max_concurrent", "checkpoint", "max_failures",
-    "sampler_seed",
+    "sampler_seed", "concurrent_rows",
 }  # fmt: skip
 PROTOCOLS = ("sweep", "fair_ablation", "nested_ablation")
 ABLATIONS = ("fair_ablation", "nested_ablation")  # protocols with a stage 2 whose results are reported
@@ -106,6 +106,7 @@ class SearchSpace:
     num_to_keep: int
     max_failures: int
     sampler_seed: int
+    concurrent_rows: bool = False  # stage 1 of every row at once, in one Ray experiment
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def trial_config(self, row: str, **flat: Any) -> dict[str, Any]:
@@ -302,7 +303,7 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
         checkpoint_frequency=r.number(ckpt, "checkpoint.frequency", 1, low=1),
         num_to_keep=r.number(ckpt, "checkpoint.num_to_keep", 2, low=1),
         max_failures=r.number(raw, "max_failures", 1, low=0), sampler_seed=r.number(raw, "sampler_seed", 0, low=0),
-        raw=raw,
+        concurrent_rows=_flag(r, raw, "concurrent_rows"), raw=raw,
     )  # fmt: skip
     if space.gpu > 1 and not space.gpu.is_integer():
         raise r.fail(
@@ -310,6 +311,13 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
         )
     _check_every_row(r, space)
     return space
+
+
+def _flag(r: _Reader, raw: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise r.fail(key, f"must be true or false, got {value!r}")
+    return value
 
 
 def _parse_folds(r: _Reader, raw: dict[str, Any], protocol: str, n_folds: int) -> tuple[tuple[int, ...], int, int]:

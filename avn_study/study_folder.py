@@ -41,6 +41,7 @@ LOCK_FILE = ".lock"
 DRIVER_LOG = "driver.log"  # Ray Tune's own log records of the driver (tracebacks of errored trials)
 STUDY_FILES = (MANIFEST, SPACE_COPY, JOURNAL, STAGE2_PLAN, NESTED_SPLITS)  # the study's own files (not Ray's)
 STAGE1_PREFIX = "stage1-"
+STAGE1_ALL = "stage1"  # concurrent_rows: every stage-1 search in one Ray experiment
 STAGE2 = "stage2"
 
 TERMINATED, ERROR, INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"

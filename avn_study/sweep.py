@@ -25,6 +25,7 @@ own format (``ExperimentAnalysis``, ``Tuner.restore``). ``--resume`` restores un
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from avn_study.study_folder import (
     MANIFEST,
     NESTED_SPLITS,
     SPACE_COPY,
+    STAGE1_ALL,
     STAGE2,
     STAGE2_PLAN,
     TERMINATED,
@@ -419,16 +421,23 @@ class Study:
             probe.unlink(missing_ok=True)
 
     def _forget_optuna_study(self, experiment: str) -> None:
-        """Drop the Optuna study of an abandoned stage-1 run so the restarted search starts clean."""
+        """Drop the Optuna studies of an abandoned stage-1 run so the restarted search starts clean."""
         import optuna
 
-        if not experiment.startswith("stage1-") or not (self.root / JOURNAL).is_file():
+        if not (self.root / JOURNAL).is_file():
+            return
+        if experiment == STAGE1_ALL:
+            names = [run.optuna_study(self.name) for run in self.stage1_runs()]
+        elif experiment.startswith("stage1-"):
+            names = [f"{self.name}-{experiment.removeprefix('stage1-')}"]  # Stage1.optuna_study
+        else:
             return
         storage = self._optuna_storage()
-        name = f"{self.name}-{experiment.removeprefix('stage1-')}"  # Stage1.optuna_study
-        if name in optuna.get_all_study_names(storage):
-            optuna.delete_study(study_name=name, storage=storage)
-            self._push(JOURNAL)
+        existing = set(optuna.get_all_study_names(storage))
+        for name in names:
+            if name in existing:
+                optuna.delete_study(study_name=name, storage=storage)
+        self._push(JOURNAL)
 
     def _optuna_storage(self):
         from optuna.storages import JournalStorage
@@ -454,46 +463,86 @@ class Study:
         return TrainConfig.from_flat(self.space.fixed).optim.epochs
 
     def _scheduler(self, stage: int):
-        from ray.tune.schedulers import ASHAScheduler
+        """ASHA for stage 1 (a new instance per call), or None (stage 2, or no early stopping)."""
+        factory = self._scheduler_factory(stage)
+        return factory() if factory is not None else None
 
+    def _scheduler_factory(self, stage: int) -> functools.partial | None:
         s = self.space.scheduler
         if stage != 1 or s.type == "none":
             return None  # stage 2 runs every trial to the end
-        return ASHAScheduler(time_attr="training_iteration", max_t=self._epochs(), grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor)  # fmt: skip
+        # a partial of a module function: Ray pickles the scheduler, which must not hold the Study
+        return functools.partial(_asha, max_t=self._epochs(), grace_period=s.grace_period,
+                                 reduction_factor=s.reduction_factor)  # fmt: skip
 
     # ---------------------------------------------------------------- stages
-    def run_stage1(self, run: Stage1, resume: bool) -> None:
-        from ray import tune
-
+    def _stage1_constants(self, run: Stage1) -> dict[str, Any]:
+        """What every trial of one stage-1 search shares: the row's config on its validation fold."""
         if run.outer is None:
             flat = self.space.trial_config(run.row, fold=self.space.tuning_fold, seed=self.space.sampler_seed)
         else:  # nested: validate on an inner fold of the outer fold's training patients
             inner = {"inner_fold": self.space.tuning_fold, "n_inner_folds": self.space.inner_folds}
             flat = self.space.trial_config(run.row, fold=run.outer, seed=self.space.sampler_seed, **inner)
-        param_space = {**flat, "_row": run.row, "_stage": 1, "_avn": self._meta(run.outer)}
-        concurrency = self.max_concurrent or None
+        return {**flat, "_row": run.row, "_stage": 1, "_avn": self._meta(run.outer)}
+
+    def _tune_config(self, search: Any, scheduler: Any, num_samples: int):
+        from ray import tune
 
         # reuse_actors: a trial's worker imports torch (and torch._dynamo, which optimizers pull in) once,
         # ~5 s per process on a laptop core; safe because trial files go through Ray's storage context
+        return tune.TuneConfig(metric=self.space.metric, mode=self.space.mode, search_alg=search, scheduler=scheduler,
+                               num_samples=num_samples, max_concurrent_trials=self.max_concurrent or None,
+                               trial_dirname_creator=_trial_dirname, reuse_actors=True)  # fmt: skip
+
+    def run_stage1(self, run: Stage1, resume: bool) -> None:
+        from ray import tune
+
+        param_space = self._stage1_constants(run)
+
         def make_tuner():  # the Optuna study is created (or loaded) only when a fresh run starts
             search = self._optuna(run) if self.space.search else None
-            return tune.Tuner(
-                self._trainable(), param_space=param_space,
-                tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode, search_alg=search,
-                                            scheduler=self._scheduler(1), num_samples=self.space.trials,
-                                            max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname,
-                                            reuse_actors=True),
-                run_config=self._run_config(run.experiment, run.label, self.space.trials),
-            )  # fmt: skip
+            return tune.Tuner(self._trainable(), param_space=param_space,
+                              tune_config=self._tune_config(search, self._scheduler(1), self.space.trials),
+                              run_config=self._run_config(run.experiment, run.label, self.space.trials))  # fmt: skip
 
         self._fit(run.experiment, make_tuner, param_space, resume)
+
+    def run_stage1_concurrent(self, resume: bool) -> None:
+        """Every stage-1 search at once, in one Ray experiment (``concurrent_rows: true``).
+
+        Each search keeps its own Optuna study (:class:`~avn_study.search.RowSearch`) and its own ASHA
+        (:class:`~avn_study.search.RowScheduler`), so the protocol is the sequential one's; only the
+        cluster no longer idles while one row's last trials drain.
+        """
+        from ray import tune
+
+        from avn_study.search import RowScheduler, RowSearch, RowSearchRun
+
+        runs = self.stage1_runs()
+        total = len(runs) * self.space.trials
+
+        def make_tuner():
+            search = RowSearch({run.experiment: RowSearchRun(self._stage1_constants(run),
+                                                             self._optuna(run) if self.space.search else None,
+                                                             self.space.trials) for run in runs},
+                               metric=self.space.metric, mode=self.space.mode)  # fmt: skip
+            factory = self._scheduler_factory(1)
+            scheduler = RowScheduler(factory) if factory is not None else None
+            return tune.Tuner(self._trainable(), param_space={},
+                              tune_config=self._tune_config(search, scheduler, total),
+                              run_config=self._run_config(STAGE1_ALL, "stage 1, all rows", total))  # fmt: skip
+
+        self._fit(STAGE1_ALL, make_tuner, {}, resume)
 
     def select(self, run: Stage1) -> Selected:
         """The stage-1 configuration of ``run`` with the best final metric among trials that ran to the
         last epoch (ASHA-stopped trials are compared only if none did), and the patients it rests on."""
-        folder = self.root / run.experiment
-        trials = read_trials(folder, self.space.metric)
+        if self.space.concurrent_rows:
+            folder = self.root / STAGE1_ALL
+            trials = [o for o in read_trials(folder, self.space.metric) if o.config.get("_run") == run.experiment]
+        else:
+            folder = self.root / run.experiment
+            trials = read_trials(folder, self.space.metric)
         outcomes = [o for o in trials if o.status == TERMINATED]
         scored = [o for o in outcomes if o.metric is not None and not math.isnan(o.metric)]
         if not scored:
@@ -549,8 +598,11 @@ class Study:
     def run(self, resume: bool = False) -> StudyResult:
         """Every stage (after :meth:`prepare`); the lock is released at the end, however it ends."""
         try:
-            for run in self.stage1_runs():
-                self.run_stage1(run, resume)
+            if self.space.concurrent_rows:
+                self.run_stage1_concurrent(resume)
+            else:
+                for run in self.stage1_runs():
+                    self.run_stage1(run, resume)
             if self.space.protocol in ABLATIONS:
                 self.run_stage2(resume)
             return self.result()
@@ -589,6 +641,13 @@ def _tune_log(root: Path):
         for lg, (propagate, handlers) in zip(loggers, saved, strict=True):
             lg.handlers, lg.propagate = handlers, propagate
         handler.close()
+
+
+def _asha(max_t: int, grace_period: int, reduction_factor: float):
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace_period,
+                         reduction_factor=reduction_factor)  # fmt: skip
 
 
 def _trial_dirname(trial: Any) -> str:
