@@ -481,6 +481,13 @@ def run(what: str, args: argparse.Namespace) -> int:
             title = (f"avn-study bench calibrate ({args.cases or 24} phantom patients, seed {args.seed}, "
                      f"{args.epochs} epochs, 3 folds, every row alike; Dice over patients with necrosis)")  # fmt: skip
             print_table(title, table_rows(summary))
+        elif what == "cluster":
+            from avn_study.bench_cluster import bench_cluster, cluster_rows
+
+            results = bench_cluster(work, gpus=args.gpus, per_gpu=args.per_gpu, epoch_s=args.epoch_seconds)
+            title = (f"avn-study bench cluster (ablation.yaml's shape, {args.gpus} logical GPUs x {args.per_gpu} "
+                     f"trials, stand-in trials of {args.epoch_seconds:g} s per unet epoch)")  # fmt: skip
+            print_table(title, cluster_rows(results))
         elif what == "sweep":
             print_table("avn-study bench sweep (local Ray, 2 CPUs, tiny phantom)", bench_sweep(work))
         elif what == "gpu":

@@ -513,8 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="throughput figures")
-    p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate"],
-                   help="what to measure (gpu: needs CUDA; calibrate: every ablation row on the phantom)")  # fmt: skip
+    p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate", "cluster"],
+                   help="what to measure (gpu: needs CUDA; calibrate: every ablation row on the phantom; "
+                        "cluster: slot utilisation of ablation.yaml on logical GPUs)")  # fmt: skip
+    p.add_argument("--gpus", type=_positive_int, default=8, help="cluster bench: logical GPUs (default 8)")
+    p.add_argument("--epoch-seconds", type=float, default=0.1, dest="epoch_seconds",
+                   help="cluster bench: seconds of one unet epoch of the stand-in trials (default 0.1)")  # fmt: skip
     p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu", help="gpu bench: trials per GPU")
     p.add_argument(
         "--cases",

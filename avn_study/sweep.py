@@ -669,8 +669,9 @@ def _distribution(p: Any):
     return d.CategoricalDistribution(list(p.values))
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join a cluster (``auto`` or HOST:PORT) or start Ray on this machine."""
+def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join a cluster (``auto`` or HOST:PORT) or start Ray on this machine (``num_gpus``: logical GPUs,
+    for simulations such as ``bench cluster``; default: the GPUs Ray detects)."""
     # quiet drivers: our ProgressView replaces Ray's tables; snapshot warnings are noise for short epochs
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -684,4 +685,4 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:  # "local": a fresh Ray on this machine, never a cluster that `ray start` left running here
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)

@@ -66,3 +66,31 @@ def test_loop_profile_times_every_stage_outside_the_model(tmp_path: Path) -> Non
     assert p["val_cases"] == 2
     rows = profile_rows(p)
     assert rows[-1][0].endswith("everything outside the model") and "target < 1 ms" in rows[-1][2]
+
+
+def test_bench_cluster_runs_both_schedulings_of_the_real_study(tmp_path: Path) -> None:
+    """A tiny shape in a subprocess (the bench starts its own Ray with logical GPUs)."""
+    import json
+    import subprocess
+    import sys
+
+    shape = {"arms": {"unet": {"schedule": "constant"}, "seg+loc": {"schedule": "constant"}}, "groups": {},
+             "folds": [0], "trials": 2, "seeds": [0], "fixed": {"epochs": 3, "n_folds": 5, "slice_size": 64,
+             "inplane_spacing_mm": 4.0, "schedule_params": {}}, "scheduler": {"type": "asha", "grace_period": 1,
+             "reduction_factor": 3}}  # fmt: skip
+    code = (
+        "import json, sys; from pathlib import Path; from avn_study.bench_cluster import bench_cluster; "
+        f"print(json.dumps(bench_cluster(Path(sys.argv[1]), gpus=2, per_gpu=2, epoch_s=0.02, shape={shape!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["scheduling"] for r in results] == ["one row at a time", "concurrent rows"]
+    for r in results:
+        assert r["slots"] == 4 and all(0 < u <= 1.0 for u in r["utilisation"].values())
+        assert r["busy_s"]["stage 1"] > 0 and r["busy_s"]["stage 2"] > 0
+    assert (tmp_path / "storage" / "cluster-concurrent" / "stage1").is_dir()
+    assert (tmp_path / "storage" / "cluster-sequential" / "stage1-seg-loc-outer0").is_dir()
+    from avn_study.bench_cluster import cluster_rows
+
+    assert cluster_rows(results)[-1][0] == "concurrent rows vs one row at a time"

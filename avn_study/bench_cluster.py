@@ -1,0 +1,167 @@
+"""``avn-study bench cluster``: how full a protocol keeps a cluster, on Ray's logical resources.
+
+Runs the *real* :class:`~avn_study.sweep.Study` (protocol, Optuna, ASHA, stage-2 grid, resume files)
+of ``search_spaces/ablation.yaml``'s shape on a local Ray that pretends to have ``gpus`` GPUs, with a
+stand-in trainable that sleeps through each epoch instead of training. Epoch durations per arm come
+from this machine's measured step rates (``bench train``, relative to ``unet``), +-20 % per epoch
+(seeded by the trial's configuration), scaled so one ``unet`` epoch lasts ``epoch_s`` seconds. The
+metric follows a seeded learning curve of the learning rate, so ASHA and Optuna have something to
+compare.
+
+Utilisation = busy slot-seconds (the trials' sleeps) / (slots x wall), for stage 1, stage 2 and the
+whole study, for both schedulings side by side: one Ray experiment per row and outer fold one after
+another (``concurrent_rows: false``), and every stage-1 search at once (``concurrent_rows: true``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+# train slices/s of each arm relative to unet, measured here by `avn-study bench train` (1 thread, 128 px)
+ARM_COST = {"unet": 1.0, "seg": 1.2, "unet+head": 1.17, "seg+recon": 1.67, "seg+loc": 1.43,
+            "seg+recon+loc": 2.02, "cascade": 2.05}  # fmt: skip
+
+
+def stand_in_trial(config: dict[str, Any]) -> None:
+    """A trial that sleeps through its epochs (see the module docstring); reports like the real one."""
+    import random
+
+    from ray import tune
+
+    from avn_study.trainable import split_trial_config
+
+    flat, meta = split_trial_config(config)
+    key = json.dumps({"row": meta["row"], **{k: flat.get(k) for k in ("fold", "inner_fold", "seed", "lr")}},
+                     sort_keys=True)  # fmt: skip
+    rng = random.Random(zlib.crc32(key.encode()))
+    scale = float(meta["bench_epoch_s"]) * ARM_COST.get(str(flat.get("arm", "unet")), 1.0)
+    optimum = rng.uniform(-3.5, -2.5)  # this row's best log10(lr)
+    ceiling = 0.4 + 0.3 * rng.random() - 0.5 * (math.log10(float(flat.get("lr", 1e-3))) - optimum) ** 2
+    epochs = int(flat["epochs"])
+    for epoch in range(epochs):
+        busy = scale * rng.uniform(0.8, 1.2)
+        time.sleep(busy)
+        value = ceiling * (1 - math.exp(-3 * (epoch + 1) / epochs)) + rng.gauss(0, 0.01)
+        tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch})
+
+
+def _study_class():
+    from ray import tune
+
+    from avn_study.sweep import Study
+
+    class TimedStudy(Study):
+        """The real Study with the stand-in trainable and the wall time of each stage recorded."""
+
+        epoch_s = 0.1
+        walls: dict[str, float]
+
+        def _trainable(self):
+            return tune.with_resources(stand_in_trial, {"cpu": self.space.cpu, "gpu": self.gpu})
+
+        def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
+            return {**super()._meta(outer, test), "bench_epoch_s": self.epoch_s}
+
+        def run(self, resume: bool = False):
+            self.walls = {}
+            real1, real2 = self.run_stage1, self.run_stage1_concurrent
+
+            def timed(name, fn):
+                def wrapper(*args, **kwargs):
+                    start = time.perf_counter()
+                    try:
+                        return fn(*args, **kwargs)
+                    finally:
+                        self.walls[name] = self.walls.get(name, 0.0) + time.perf_counter() - start
+
+                return wrapper
+
+            self.run_stage1, self.run_stage1_concurrent = timed("stage 1", real1), timed("stage 1", real2)
+            self.run_stage2 = timed("stage 2", self.run_stage2)
+            return super().run(resume)
+
+    return TimedStudy
+
+
+def busy_seconds(root: Path) -> dict[int, float]:
+    """Stage -> the trials' summed ``busy_s`` (from their ``result.json`` files)."""
+    from avn_study.study_folder import merge_grid, stage_folders
+
+    busy: dict[int, float] = {1: 0.0, 2: 0.0}
+    for experiment in stage_folders(root):
+        for params in experiment.glob("*/params.json"):
+            stage = int(merge_grid(json.loads(params.read_text())).get("_stage", 1))
+            results = params.parent / "result.json"
+            if results.is_file():
+                busy[stage] += sum(json.loads(line)["busy_s"] for line in results.read_text().splitlines() if line)
+    return busy
+
+
+def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 0.1,
+                  shape: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Both schedulings of one study shape on ``gpus x per_gpu`` logical slots; one dict per scheduling.
+
+    ``shape`` overrides keys of ``ablation.yaml`` (default: its rows, folds and trials, with 20 epochs
+    and ASHA grace 4 standing in for 100 and 20, the same rung ratios at a fifth of the reports).
+    """
+    import ray
+    import yaml
+
+    from avn_study.data.phantom import PhantomConfig, write_cohort
+    from avn_study.space import load_space
+    from avn_study.sweep import init_ray
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((repo / "search_spaces" / "ablation.yaml").read_text())
+    raw["fixed"] = {**raw["fixed"], "epochs": 20}
+    raw["scheduler"] = {**raw["scheduler"], "grace_period": 4}
+    raw.update({"resources": {"cpu": 1, "gpu": 1 / per_gpu}, "max_concurrent": 0, "checkpoint": {"frequency": 1000}})
+    raw.update(shape or {})
+    cohort = work / "cohort"
+    if not (cohort / "dataset.json").is_file():
+        write_cohort(cohort, cases=40, seed=0, config=PhantomConfig.tiny())
+    slots = gpus * per_gpu
+    init_ray(None, num_cpus=slots, num_gpus=gpus)
+    out = []
+    try:
+        for concurrent in (False, True):
+            name = f"cluster-{'concurrent' if concurrent else 'sequential'}"
+            path = work / f"{name}.yaml"
+            path.write_text(yaml.safe_dump({**raw, "name": name, "concurrent_rows": concurrent}, sort_keys=False))
+            study = _study_class()(load_space(path), cohort, str(work / "storage"), progress=False)
+            study.epoch_s = epoch_s
+            study.prepare(resume=False)
+            start = time.perf_counter()
+            study.run()
+            wall = time.perf_counter() - start
+            busy = {f"stage {k}": v for k, v in busy_seconds(study.root).items()}
+            walls = {stage: study.walls.get(stage, 0.0) for stage in ("stage 1", "stage 2")}
+            use = {stage: busy[stage] / (slots * walls[stage]) if walls[stage] else math.nan for stage in walls}
+            out.append({"scheduling": "concurrent rows" if concurrent else "one row at a time", "slots": slots,
+                        "wall_s": wall, "stage_wall_s": walls, "busy_s": busy,
+                        "utilisation": {**use, "all": sum(busy.values()) / (slots * wall)}})  # fmt: skip
+    finally:
+        ray.shutdown()
+    return out
+
+
+def cluster_rows(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Rows for :func:`avn_study.bench.print_table` (``results`` as :func:`bench_cluster` returns them)."""
+    rows = []
+    for r in results:
+        u, w = r["utilisation"], r["stage_wall_s"]
+        rows.append((f"{r['scheduling']}: utilisation stage 1 / stage 2 / all",
+                     f"{u['stage 1']:.2f} / {u['stage 2']:.2f} / {u['all']:.2f}",
+                     f"{r['slots']} slots, wall {r['wall_s']:.0f} s (stage 1 {w['stage 1']:.0f} s, "
+                     f"stage 2 {w['stage 2']:.0f} s)"))  # fmt: skip
+    if len(results) == 2:
+        speed = results[0]["wall_s"] / results[1]["wall_s"]
+        ok = results[1]["utilisation"]["all"] >= 0.9
+        rows.append(("concurrent rows vs one row at a time", f"{speed:.2f}x faster",
+                     f"target >= 0.9 overall: {'met' if ok else 'missed'}"))  # fmt: skip
+    return rows
