@@ -25,6 +25,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0.0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -517,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to measure (gpu: needs CUDA; calibrate: every ablation row on the phantom; "
                         "cluster: slot utilisation of ablation.yaml on logical GPUs)")  # fmt: skip
     p.add_argument("--gpus", type=_positive_int, default=8, help="cluster bench: logical GPUs (default 8)")
-    p.add_argument("--epoch-seconds", type=float, default=0.1, dest="epoch_seconds",
+    p.add_argument("--epoch-seconds", type=_positive_float, default=0.1, dest="epoch_seconds",
                    help="cluster bench: seconds of one unet epoch of the stand-in trials (default 0.1)")  # fmt: skip
     p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu", help="gpu bench: trials per GPU")
     p.add_argument(

@@ -75,6 +75,8 @@ def test_split_holds_out_a_test_set(cohort: Path, tmp_path: Path, capsys: pytest
     [
         (["synth", "x", "--cases", "0"], "must be >= 1"),
         (["verify"], "the following arguments are required"),
+        (["bench", "cluster", "--epoch-seconds", "0"], "must be a positive number of seconds, got 0"),
+        (["bench", "cluster", "--epoch-seconds", "nan"], "must be a positive number of seconds, got nan"),
     ],
 )
 def test_bad_usage_exits_2(argv: list[str], fragment: str, capsys: pytest.CaptureFixture) -> None:
