@@ -7,8 +7,9 @@ Optuna study and its own ASHA rungs.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
-import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,23 +114,23 @@ class RowSearch(Searcher):
             searcher.on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
+        """The round-robin state as JSON; each search's own state as its searcher saves it (base64)."""
         subs = {}
         with tempfile.TemporaryDirectory() as tmp:
             for key, run in self._runs.items():
                 if run.searcher is not None:
                     run.searcher.save(f"{tmp}/sub")
-                    subs[key] = Path(f"{tmp}/sub").read_bytes()
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump({"started": self._started, "owner": self._owner, "subs": subs}, handle)
+                    subs[key] = base64.b64encode(Path(f"{tmp}/sub").read_bytes()).decode()
+        state = {"started": self._started, "owner": self._owner, "subs": subs}
+        Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            state = pickle.load(handle)  # written by save() above, inside the study's own folder
+        state = json.loads(Path(checkpoint_path).read_text())
         self._started.update(state["started"])
         self._owner.update(state["owner"])
         with tempfile.TemporaryDirectory() as tmp:
             for key, blob in state["subs"].items():
-                Path(f"{tmp}/sub").write_bytes(blob)
+                Path(f"{tmp}/sub").write_bytes(base64.b64decode(blob))
                 self._runs[key].searcher.restore(f"{tmp}/sub")
 
 
