@@ -468,9 +468,38 @@ def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
         print(f"  {name:<{width}}  {value:>12}  {note}")
 
 
+BENCH_MARKER = ".avn-bench"  # in a --work-dir that bench made: only such a folder (or an empty one) is used
+
+
+def work_folder(work_dir: str | Path | None) -> Path:
+    """A fresh temp folder, or ``--work-dir`` when it is new, empty or one bench made before.
+
+    Bench writes cohorts, studies and space files into it, so a folder holding anything else is
+    refused rather than written into.
+
+    Raises:
+        UsageError: ``work_dir`` is a file, or a non-empty folder bench did not make.
+    """
+    from avn_study.errors import UsageError
+
+    if not work_dir:
+        work = Path(tempfile.mkdtemp(prefix="avn-bench-"))
+    else:
+        work = Path(work_dir)
+        if work.exists() and not work.is_dir():
+            raise UsageError(f"--work-dir {work}: is a file; give a new or empty folder")
+        if work.is_dir() and any(work.iterdir()) and not (work / BENCH_MARKER).is_file():
+            raise UsageError(
+                f"--work-dir {work}: holds files avn-study bench did not make, and bench writes cohorts and "
+                "studies there; give a new or empty folder"
+            )
+        work.mkdir(parents=True, exist_ok=True)
+    (work / BENCH_MARKER).write_text("made by avn-study bench; its contents may be replaced by the next bench\n")
+    return work
+
+
 def run(what: str, args: argparse.Namespace) -> int:
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="avn-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work_dir)
     try:
         if what == "data":
             print_table(f"avn-study bench data (cohorts in {work})", bench_data(work, args.cases or 200))

@@ -108,6 +108,10 @@ class OptimConfig:
             raise ValueError(f"lr must be > 0, got {self.lr=}")
 
 
+AMP_MODES = ("auto", "bf16", "off")
+RESIDENT_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     seed: int = 0  # fixes initialisation, data order and augmentation
@@ -115,7 +119,25 @@ class RuntimeConfig:
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     eval_every: int = 1  # validate every N epochs (and always after the last)
+    full_metrics_every: int = 1  # of the validations, every Nth (and the last) adds HD95 and lesion metrics
     threshold: float = 0.5  # probability threshold of the necrosis mask
+    resident: str = "auto"  # training slices on the device: auto (on CUDA when they fit) | on | off
+    resident_memory_fraction: float = 0.25  # the share of the device's memory resident slices may take
+
+    def __post_init__(self) -> None:
+        for name in ("eval_every", "full_metrics_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads=}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold=}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.resident not in RESIDENT_MODES:
+            raise ValueError(f"resident must be one of {', '.join(RESIDENT_MODES)}, got {self.resident!r}")
+        if not 0.0 < self.resident_memory_fraction <= 1.0:
+            raise ValueError(f"resident_memory_fraction must be in (0, 1], got {self.resident_memory_fraction=}")
 
 
 @dataclass(frozen=True)

@@ -329,8 +329,10 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     threshold: float = 0.5,
     timer: Timer = NO_TIMER,
+    full: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Predict every coronal slice of each case, stack back to 3D, compute per-case metrics.
+    """Predict every coronal slice of each case, stack back to 3D, compute per-case metrics
+    (all of them, or with ``full=False`` only the cheap ones: see :func:`avn_study.metrics.case_metrics`).
 
     Returns:
         The trial-level summary (``val_dice`` etc., see :func:`avn_study.metrics.summarize`) and one
@@ -353,7 +355,7 @@ def evaluate(
                 kwargs.update(recon=out["recon"], recon_ref=volume.image[:, 0].numpy())
             pred = volume.paste(out["seg"]) >= threshold
         with timer("val_metrics"):
-            metrics = case_metrics(pred, np.asarray(case.label) == LABELS["necrosis"], spacing, **kwargs)
+            metrics = case_metrics(pred, np.asarray(case.label) == LABELS["necrosis"], spacing, full=full, **kwargs)
         per_case.append(metrics)
         ids.append({"case": case.case_id, "patient": case.patient_id})
     return summarize(per_case), [{**i, **m} for i, m in zip(ids, per_case, strict=True)]

@@ -231,6 +231,7 @@ def case_metrics(
     ref_loc: np.ndarray | None = None,
     recon: np.ndarray | None = None,
     recon_ref: np.ndarray | None = None,
+    full: bool = True,
 ) -> dict[str, float]:
     """All per-case metrics of one validation volume, as plain floats.
 
@@ -242,6 +243,8 @@ def case_metrics(
         ref_loc: reference localisation mask.
         recon: reconstructed image; with ``recon_ref`` adds ``recon_psnr``.
         recon_ref: reference (normalised) image.
+        full: with ``False``, only the cheap metrics (overlap and volumes): no ``hd95_mm`` and no
+            lesion metrics, which need distance transforms and connected components.
 
     Returns:
         ``dice, hd95_mm, volume_error_ml, abs_volume_error_ml, ref_volume_ml, pred_volume_ml,
@@ -255,19 +258,19 @@ def case_metrics(
     spacing = _check_spacing(spacing)
     voxel_ml = math.prod(spacing) / 1000.0
     pred_ml, ref_ml = int(pred.sum()) * voxel_ml, int(ref.sum()) * voxel_ml
-    sensitivity, n_fp, n_ref = lesion_detection(pred, ref)
-    out = {
-        "dice": dice(pred, ref),
-        "hd95_mm": hd95_mm(pred, ref, spacing),
-        "volume_error_ml": pred_ml - ref_ml,
-        "abs_volume_error_ml": abs(pred_ml - ref_ml),
-        "ref_volume_ml": ref_ml,
-        "pred_volume_ml": pred_ml,
-        "lesion_sensitivity": sensitivity,
-        "lesion_fp": float(n_fp),
-        "n_ref_lesions": float(n_ref),
-        "has_necrosis": 1.0 if n_ref else 0.0,
-    }
+    out = {"dice": dice(pred, ref)}
+    if full:
+        out["hd95_mm"] = hd95_mm(pred, ref, spacing)
+    out.update(
+        volume_error_ml=pred_ml - ref_ml,
+        abs_volume_error_ml=abs(pred_ml - ref_ml),
+        ref_volume_ml=ref_ml,
+        pred_volume_ml=pred_ml,
+    )
+    if full:
+        sensitivity, n_fp, n_ref = lesion_detection(pred, ref)
+        out.update(lesion_sensitivity=sensitivity, lesion_fp=float(n_fp), n_ref_lesions=float(n_ref))
+    out["has_necrosis"] = 1.0 if ref.any() else 0.0
     if _both_or_neither("pred_loc", pred_loc, "ref_loc", ref_loc):
         out["loc_dice"] = dice(pred_loc, ref_loc)  # type: ignore[arg-type]
     if _both_or_neither("recon", recon, "recon_ref", recon_ref):
@@ -290,17 +293,19 @@ def summarize(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
     Returns:
         ``val_dice`` (mean Dice over cases with necrosis in the reference: the tuning metric;
         NaN if there is none), ``val_dice_all`` (mean Dice over all cases, empty rule included),
-        ``n_cases``, ``n_cases_necrosis``, ``n_hd95_undefined``, and the NaN-ignoring mean of
+        ``n_cases``, ``n_cases_necrosis``, ``n_hd95_undefined`` (when the cases have ``hd95_mm``:
+        a quick validation, ``case_metrics(full=False)``, has none), and the NaN-ignoring mean of
         every other per-case metric under its own name (``hd95_mm`` over defined cases,
         ``lesion_sensitivity`` over cases with lesions, ``lesion_fp`` per case, and ``loc_dice``
         / ``recon_psnr`` over the cases that have them).
 
     Raises:
-        ValueError: ``per_case`` is empty or a case lacks ``dice``, ``hd95_mm`` or ``has_necrosis``.
+        ValueError: ``per_case`` is empty, a case lacks ``dice`` or ``has_necrosis``, or only some
+            cases have ``hd95_mm``.
     """
     if not per_case:
         raise ValueError("summarize needs at least one case, got an empty per_case")
-    required = ("dice", "hd95_mm", "has_necrosis")
+    required = ("dice", "has_necrosis")
     for i, case in enumerate(per_case):
         missing = [key for key in required if key not in case]
         if missing:
@@ -311,8 +316,12 @@ def summarize(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
         "val_dice_all": _mean([case["dice"] for case in per_case]),
         "n_cases": float(len(per_case)),
         "n_cases_necrosis": float(len(necrotic)),
-        "n_hd95_undefined": float(sum(math.isnan(case["hd95_mm"]) for case in per_case)),
     }
+    with_hd95 = sum("hd95_mm" in case for case in per_case)
+    if with_hd95 == len(per_case):
+        out["n_hd95_undefined"] = float(sum(math.isnan(case["hd95_mm"]) for case in per_case))
+    elif with_hd95:
+        raise ValueError(f"{with_hd95} of {len(per_case)} cases have hd95_mm: full and quick metrics mixed")
     keys = dict.fromkeys(key for case in per_case for key in case)  # first-seen order
     for key in keys:
         if key not in ("dice", "has_necrosis"):

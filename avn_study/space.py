@@ -57,6 +57,7 @@ PROTOCOLS = ("sweep", "fair_ablation", "nested_ablation")
 ABLATIONS = ("fair_ablation", "nested_ablation")  # protocols with a stage 2 whose results are reported
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 METRICS = ("val_dice", "val_dice_all", "loc_dice", "hd95_mm", "abs_volume_error_ml", "lesion_fp")
+FULL_ONLY_METRICS = ("hd95_mm", "lesion_fp")  # not in a quick validation (``full_metrics_every``)
 SCHEDULERS = ("asha", "none")
 SCHEDULE_PARAM_PREFIX = "schedule_params."
 MAX_SPACE_BYTES = 1_000_000  # a search-space file is a page of YAML; anything this large is a mistake
@@ -437,6 +438,12 @@ def _check_every_row(r: _Reader, space: SearchSpace) -> None:
             except (UsageError, ValueError) as err:
                 message = str(err)
                 raise UsageError(message if str(r.path) in message else f"{r.path}: arms.{row}: {message}") from None
+            if space.metric in FULL_ONLY_METRICS and config.runtime.full_metrics_every > 1:
+                raise r.fail(
+                    f"arms.{row}",
+                    f"metric {space.metric} is computed only on full validations, but full_metrics_every="
+                    f"{config.runtime.full_metrics_every}: the scheduler would miss it (use 1, or metric val_dice)",
+                )
 
 
 def resolve_sampled(flat: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import torch
 
 from avn_study.checkpoint import load_training_state, load_weights, save_checkpoint, save_weights
 from avn_study.config import TrainConfig
-from avn_study.data.slices import AugmentConfig, SliceConfig, SliceDataset, make_loader
+from avn_study.data.batches import batch_source
+from avn_study.data.slices import AugmentConfig, SliceConfig, SliceDataset
 from avn_study.engine import (
     RunData,
     autocast_dtype,
@@ -34,7 +35,8 @@ class TrainingRun:
     Attributes:
         history: one record per finished epoch: ``epoch, lr, w_<branch>, loss_<branch>, loss_total,
             train_slices, train_seconds`` and, on evaluated epochs, the validation summary
-            (``val_dice``, ``val_dice_all``, ...).
+            (``val_dice``, ``val_dice_all``, ...; HD95 and lesion metrics on every
+            ``full_metrics_every``-th validation and the last).
         last_per_case: per-case metrics of the latest evaluation.
     """
 
@@ -60,7 +62,14 @@ class TrainingRun:
         d = config.data
         self.slice_config = SliceConfig(d.slice_size, d.loc_margin_mm, d.empty_slice_fraction, d.necrosis_oversample)
         self.dataset = SliceDataset(data.train, self.slice_config)
-        self.loader = make_loader(self.dataset, batch_size=config.optim.batch_size, seed=rt.seed)
+        self.batches = batch_source(
+            self.dataset,
+            batch_size=config.optim.batch_size,
+            seed=rt.seed,
+            device=self.device,
+            resident=rt.resident,
+            memory_fraction=rt.resident_memory_fraction,
+        )
         self.augment = AugmentConfig() if d.augment else None
         self.history: list[dict[str, Any]] = []
         self.last_per_case: list[dict[str, Any]] = []
@@ -87,13 +96,13 @@ class TrainingRun:
             self.schedule.set_reference(reference)
             record.update({f"ref_loss_{k}": v for k, v in reference.items()})
         weights = self.schedule.weights(epoch, self.history)
-        self.loader.batch_sampler.sampler.set_epoch(epoch)
+        self.batches.set_epoch(epoch)
         generator = torch.Generator().manual_seed(cfg.runtime.seed * 1_000_003 + epoch)
         record.update({f"w_{k}": float(v) for k, v in weights.items()})
         record.update(
             train_one_epoch(
                 self.model,
-                self.loader,
+                self.batches,
                 self.optimizer,
                 self.schedule,
                 weights,
@@ -106,11 +115,12 @@ class TrainingRun:
                 timer=self.timer,
             )
         )
-        last = epoch + 1 == cfg.optim.epochs
-        if last or (epoch + 1) % cfg.runtime.eval_every == 0:
+        last, rt = epoch + 1 == cfg.optim.epochs, cfg.runtime
+        if last or (epoch + 1) % rt.eval_every == 0:
+            full = last or (epoch + 1) % (rt.eval_every * rt.full_metrics_every) == 0
             summary, self.last_per_case = evaluate(
-                self.model, self.data.val, self.slice_config, self.device, self.amp_dtype, cfg.runtime.threshold,
-                timer=self.timer,
+                self.model, self.data.val, self.slice_config, self.device, self.amp_dtype, rt.threshold,
+                timer=self.timer, full=full,
             )  # fmt: skip
             record.update(summary)
         if self.device.type == "cuda":  # what a trial needs of a GPU: sizes fractional `gpu` shares
@@ -148,6 +158,10 @@ class TrainingRun:
             "train_cases": [c.case_id for c in self.data.train],
             "val_cases": [c.case_id for c in self.data.val],
             "test_cases": [c.case_id for c in self.data.test],
+            "device": str(self.device),
+            "batch_source": self.batches.kind,
+            "autocast": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off",
+            "channels_last": self.device.type == "cuda",
         }
 
     def save(self, directory: str | Path) -> Path:

@@ -85,6 +85,23 @@ def test_bad_usage_exits_2(argv: list[str], fragment: str, capsys: pytest.Captur
     assert info.value.code == 2 and fragment in capsys.readouterr().err
 
 
+def test_bench_refuses_a_work_dir_holding_files_it_did_not_make(tmp_path: Path, capsys) -> None:
+    from avn_study.bench import BENCH_MARKER, work_folder
+
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "storage").write_text("a user's file")
+    assert main(["bench", "data", "--cases", "1", "--work-dir", str(mine)]) == 2
+    assert "holds files avn-study bench did not make" in capsys.readouterr().err
+    assert (mine / "storage").read_text() == "a user's file" and not (mine / BENCH_MARKER).exists()
+    assert main(["bench", "data", "--work-dir", str(mine / "storage")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    fresh = work_folder(tmp_path / "new")
+    (fresh / "cohort").mkdir()
+    assert work_folder(fresh) == fresh  # bench's own folder is reused
+
+
+
 def test_verify_of_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert "dataset folder does not exist" in capsys.readouterr().err

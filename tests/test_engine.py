@@ -346,11 +346,11 @@ def _old_epoch_loop(run: TrainingRun, epoch: int) -> dict[str, float]:
 
     model, weights = run.model, run.schedule.weights(epoch, run.history)
     model.train()
-    run.loader.batch_sampler.sampler.set_epoch(epoch)
+    run.batches.set_epoch(epoch)
     generator = torch.Generator().manual_seed(run.config.runtime.seed * 1_000_003 + epoch)
     sums: dict[str, float] = defaultdict(float)
     n = 0
-    for batch in run.loader:
+    for batch in run.batches:
         batch = engine._move(batch, run.device, False)
         if run.augment is not None:
             batch = engine.augment_batch(batch, run.augment, generator)
@@ -395,6 +395,114 @@ def test_stage_timer_names_every_stage_of_a_real_epoch(tiny_data) -> None:
     stages = set(run.timer.seconds)
     assert {"fetch", "transfer", "augment", "bookkeeping", *MODEL_STAGES} <= stages
     assert {"val_predict", "val_paste", "val_metrics"} <= stages
-    assert run.timer.calls["forward"] == run.timer.calls["optimizer"] == len(run.loader)
+    assert run.timer.calls["forward"] == run.timer.calls["optimizer"] == len(run.batches)
     assert 0 < run.timer.overhead() < sum(run.timer.seconds.values())
     assert "val_dice" in record
+
+
+# ------------------------------------------------------------------------------- batch sources
+
+
+def test_resident_batches_are_the_streamed_batches(tiny_data) -> None:
+    from avn_study.data.batches import ResidentBatches, StreamedBatches
+    from avn_study.data.slices import SliceConfig, SliceDataset
+
+    dataset = SliceDataset(tiny_data.train, SliceConfig(size=64, necrosis_oversample=2))
+    resident = ResidentBatches(dataset, batch_size=8, seed=3, device=torch.device("cpu"))
+    streamed = StreamedBatches(dataset, batch_size=8, seed=3)
+    assert resident.kind == "resident" and streamed.kind == "streamed"
+    for epoch in range(2):
+        resident.set_epoch(epoch)
+        streamed.set_epoch(epoch)
+        pairs = list(zip(resident, streamed, strict=True))
+        assert len(pairs) == len(resident) == len(streamed) > 1
+        for a, b in pairs:
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].dtype == b[key].dtype == torch.float32
+                assert torch.equal(a[key], b[key]), (epoch, key)
+    assert resident.seg.dtype == torch.bool and bool(resident.seg.any())
+
+
+def test_a_run_on_resident_slices_gives_the_same_numbers(tiny_data) -> None:
+    """CPU runs stay bit-identical whichever source feeds them (augmentation included)."""
+    config = TrainConfig.from_flat({**TINY, "arm": "seg+recon+loc", "schedule": "dwa", "augment": True})
+    runs = [TrainingRun(config.replace(resident=mode), tiny_data) for mode in ("on", "off")]
+    assert [r.batches.kind for r in runs] == ["resident", "streamed"]
+    histories = [_comparable(_history(config.replace(resident=mode), tiny_data)) for mode in ("on", "off")]
+    assert histories[0] == histories[1]
+    assert runs[0].provenance()["batch_source"] == "resident"
+    assert runs[1].provenance()["autocast"] == "off"
+
+
+def test_read_ahead_yields_the_loader_batches_and_passes_errors_on(tiny_data) -> None:
+    from avn_study.data import batches as batches_module
+    from avn_study.data.slices import SliceDataset
+
+    loader = batches_module.make_loader(SliceDataset(tiny_data.train), batch_size=8, seed=1)
+    expected = list(loader)
+    got = list(batches_module._read_ahead(loader, depth=2))
+    assert len(got) == len(expected)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, expected, strict=True))
+    partial = batches_module._read_ahead(loader, depth=1)  # abandoned early: the reader thread ends
+    next(partial)
+    partial.close()
+
+    def broken():
+        yield expected[0]
+        raise OSError("cache file vanished")
+
+    with pytest.raises(OSError, match="cache file vanished"):
+        list(batches_module._read_ahead(broken(), depth=2))
+
+
+def test_batch_source_on_cuda_keeps_slices_resident_only_when_they_fit(tiny_data, monkeypatch) -> None:
+    from avn_study.data import batches as batches_module
+    from avn_study.data.slices import SliceDataset
+
+    dataset = SliceDataset(tiny_data.train)
+    need = batches_module.resident_bytes(dataset)
+    monkeypatch.setattr(batches_module.ResidentBatches, "__init__", lambda self, *a: None)
+    free = {"bytes": 100 * need}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 100 * need))
+    cuda = torch.device("cuda")
+
+    def kind(**kwargs) -> str:
+        return batches_module.batch_source(dataset, batch_size=8, seed=0, device=cuda, **kwargs).kind
+
+    assert kind() == "resident"  # 1 % of the device
+    assert kind(memory_fraction=0.005) == "prefetched"  # over the share: streamed, read ahead
+    assert kind(resident="off") == "prefetched"
+    free["bytes"] = need // 2
+    assert kind() == "prefetched"
+    with pytest.raises(engine.AvnError, match=r"resident=on: the fold's \d+ training slices need"):
+        kind(resident="on")
+    assert batches_module.batch_source(dataset, batch_size=8, seed=0, device=torch.device("cpu")).kind == "streamed"
+
+
+def test_full_metrics_every_adds_hd95_on_every_nth_validation_and_the_last(tiny_data) -> None:
+    config = TrainConfig.from_flat({**TINY, "arm": "seg", "schedule": "constant", "epochs": 5, "full_metrics_every": 2})
+    quick, full = _history(config, tiny_data), _history(config.replace(full_metrics_every=1), tiny_data)
+    assert ["hd95_mm" in r for r in quick] == [False, True, False, True, True]
+    assert all("hd95_mm" in r and "lesion_sensitivity" in r for r in full)
+    for q, f in zip(quick, full, strict=True):  # the cheap metrics are the same numbers either way
+        assert {k: f[k] for k in q if k != "train_seconds"} == {k: v for k, v in q.items() if k != "train_seconds"}
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("eval_every", 0, "eval_every must be >= 1"),
+        ("full_metrics_every", 0, "full_metrics_every must be >= 1"),
+        ("threshold", 1.5, r"threshold must be in \(0, 1\)"),
+        ("amp", "fp16", "amp must be one of auto, bf16, off"),
+        ("resident", "yes", "resident must be one of auto, on, off"),
+        ("resident_memory_fraction", 0.0, r"resident_memory_fraction must be in \(0, 1\]"),
+        ("threads", -1, "threads must be >= 0"),
+    ],
+)
+def test_runtime_options_are_checked_when_the_config_is_built(key: str, value, message: str) -> None:
+    from avn_study.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"trial config: {message}"):
+        TrainConfig.from_flat({key: value}, source="trial config")

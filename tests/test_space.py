@@ -98,6 +98,11 @@ def _write(tmp_path: Path, **changes: object) -> Path:
         ({"protocol": "fair_ablation", "inner_folds": 3}, "inner_folds: only nested_ablation has inner folds"),
         ({"protocol": "nested_ablation", "inner_folds": 1}, "inner_folds: expected an integer >= 2, got 1"),
         (
+            {"metric": "hd95_mm", "mode": "min", "fixed": {**BASE["fixed"], "full_metrics_every": 2}},
+            "arms.unet: metric hd95_mm is computed only on full validations, but full_metrics_every=2",
+        ),
+        ({"fixed": {**BASE["fixed"], "eval_every": 0}}, "fixed: eval_every must be >= 1, got 0"),
+        (
             {"protocol": "nested_ablation", "inner_folds": 3, "tuning_fold": 3},
             "tuning_fold: nested_ablation: the inner fold searched on must be < inner_folds=3, got 3",
         ),
