@@ -82,6 +82,22 @@ def cohort_split(
     return cases, splits
 
 
+def require_head_labels(arm: str, cases: Sequence[CachedCase], where: str) -> None:
+    """Refuse an arm with a localisation branch on a cohort without femoral head labels.
+
+    Raises:
+        DataError: names the arm, the missing label role and how to declare it.
+    """
+    from avn_study.errors import DataError
+
+    if "loc" in ARMS[arm][1] and not all(c.has_head_labels for c in cases):
+        raise DataError(
+            f"{where}: arm '{arm}' has a localisation branch, whose target is the femoral head, but the cohort "
+            "labels no femoral head (dataset.json has no 'femoral_head' label and avn_roles.femoral_head is not "
+            "set); run the arms without 'loc' (unet, seg, seg+recon) or add head labels"
+        )
+
+
 def prepare_data(
     data_root: str | Path,
     config: TrainConfig,
@@ -97,6 +113,7 @@ def prepare_data(
     :func:`~avn_study.data.splits.inner_splits` made now, which gives the same folds.
     """
     cases, splits = cohort_split(data_root, config, cache_dir, splits_path)
+    require_head_labels(config.model.arm, cases, str(data_root))
     fold, inner_hash = splits.fold(config.data.fold), ""
     if config.data.inner_fold >= 0:
         if inner is not None:

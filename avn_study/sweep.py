@@ -175,11 +175,14 @@ class Study:
         """Check the cohort, build the head node's cache and freeze the split, take the study's lock, and
         write the study's files (or, resuming, check them) before any trial starts."""
         from avn_study.config import TrainConfig
-        from avn_study.engine import cohort_split
+        from avn_study.engine import cohort_split, require_head_labels
 
         self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
         config = TrainConfig.from_flat(self.space.trial_config(next(iter(self.space.arms))))
         cases, splits = cohort_split(self.data, config)
+        for row in self.space.arms:  # a +loc row on a cohort without head labels: refused before Ray starts
+            require_head_labels(TrainConfig.from_flat(self.space.trial_config(row)).model.arm, cases,
+                                f"{self.space.path}: arms.{row}")  # fmt: skip
         self.split_hash = splits.hash
         if not resume:
             self._check_tuning_sets(splits, cases)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avn_study.data.labels import CANONICAL, LabelMap
 from avn_study.data.layout import LABELS, CaseFiles, Cohort, Problem, format_problems, open_cohort
 from avn_study.data.preprocess import (
     PreprocessConfig,
@@ -73,6 +74,11 @@ class CachedCase:
     def has_necrosis(self) -> bool:
         return any(self.meta["slice_has_necrosis"])
 
+    @property
+    def has_head_labels(self) -> bool:
+        """Whether the cohort labels femoral heads (without them the localisation target is meaningless)."""
+        return bool(self.meta.get("has_head_labels", True))
+
     @cached_property
     def image(self) -> np.ndarray:
         return np.load(self.path / "image.npy", mmap_mode="r")
@@ -98,9 +104,11 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def cache_key(case: CaseFiles, config: PreprocessConfig) -> str:
+def cache_key(case: CaseFiles, config: PreprocessConfig, label_map: LabelMap = CANONICAL) -> str:
     assert case.label is not None
     parts = [f"v{CACHE_VERSION}", config.to_json(), file_digest(case.image), file_digest(case.label)]
+    if not label_map.is_canonical:  # (canonical cohorts keep the keys they had before label maps existed)
+        parts.append(label_map.key())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -114,8 +122,10 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def preprocess_case(volumes: CaseVolumes, config: PreprocessConfig) -> tuple[dict[str, np.ndarray], dict]:
-    """Checked RAS volumes -> cached arrays (slice-major) and their metadata."""
+def preprocess_case(
+    volumes: CaseVolumes, config: PreprocessConfig, has_head_labels: bool = True
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Checked RAS volumes (canonical labels) -> cached arrays (slice-major) and their metadata."""
     spacing = volumes.spacing
     shape = inplane_shape(volumes.image.shape, spacing, config.inplane_spacing_mm)
     image = resample_inplane_to(volumes.image, shape, order=1)
@@ -143,6 +153,7 @@ def preprocess_case(volumes: CaseVolumes, config: PreprocessConfig) -> tuple[dic
         },
         "slice_has_head": arrays["label"].any(axis=(1, 2)).tolist(),
         "slice_has_necrosis": (arrays["label"] == LABELS["necrosis"]).any(axis=(1, 2)).tolist(),
+        "has_head_labels": has_head_labels,
         "preprocess": json.loads(config.to_json()),
         "cache_version": CACHE_VERSION,
     }
@@ -168,21 +179,23 @@ def _load_entry(path: Path) -> CachedCase:
     return CachedCase(path, json.loads((path / "meta.json").read_text()))
 
 
-def cache_case(case: CaseFiles, config: PreprocessConfig, cache_dir: Path) -> tuple[CachedCase | None, list[Problem]]:
+def cache_case(
+    case: CaseFiles, config: PreprocessConfig, cache_dir: Path, label_map: LabelMap = CANONICAL
+) -> tuple[CachedCase | None, list[Problem]]:
     """Return the cached entry of ``case``, building it (after :func:`check_case`) when missing."""
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(case, config)
+    key = cache_key(case, config, label_map)
     final = root / key
     if (final / "meta.json").is_file():
         return _with_ids(_load_entry(final), case), []
     with _locked(root / f"{key}.lock"):
         if (final / "meta.json").is_file():  # another process built it while we waited
             return _with_ids(_load_entry(final), case), []
-        volumes, problems = check_case(case)
+        volumes, problems = check_case(case, label_map)
         if volumes is None:
             return None, problems
-        arrays, meta = preprocess_case(volumes, config)
+        arrays, meta = preprocess_case(volumes, config, label_map.has_head)
         _write_entry(root, final, arrays, meta)
     return _with_ids(_load_entry(final), case), problems
 
@@ -210,8 +223,9 @@ def build_cache(
     config = config or PreprocessConfig()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cached, errors = [], []
+    label_map = cohort.label_map
     for i, case in enumerate(cohort.cases):
-        entry, problems = cache_case(case, config, cache_dir)
+        entry, problems = cache_case(case, config, cache_dir, label_map)
         errors += [p for p in problems if p.severity == "error"]
         if entry is not None:
             cached.append(entry)

@@ -56,6 +56,16 @@ class Cohort:
     def patients(self) -> dict[str, str]:
         return {c.case_id: c.patient_id for c in self.cases}
 
+    @property
+    def label_map(self):  # -> avn_study.data.labels.LabelMap (imported late: labels.py imports this module)
+        """How the cohort's label values map to necrosis and femoral head (see ``avn_study.data.labels``)."""
+        from avn_study.data.labels import parse_label_map
+
+        label_map, problems = parse_label_map(self.spec, self.root / "dataset.json")
+        if label_map is None:
+            raise DataError(format_problems(self.root, problems))
+        return label_map
+
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     seen: dict = {}
@@ -87,9 +97,9 @@ def _check_spec_values(path: Path, spec: dict) -> list[Problem]:
     channels = spec.get("channel_names", {"0": "T1"})
     if not isinstance(channels, dict) or list(channels) != ["0"]:
         problems.append(Problem(path, f"channel_names must name exactly one channel '0' (T1), got {channels!r}"))
-    labels = spec.get("labels", LABELS)
-    if labels != LABELS:
-        problems.append(Problem(path, f"labels must be {json.dumps(LABELS)}, got {json.dumps(labels)}"))
+    from avn_study.data.labels import parse_label_map
+
+    problems += parse_label_map(spec, path)[1]
     ending = spec.get("file_ending", ".nii.gz")
     if ending not in FILE_ENDINGS:
         problems.append(Problem(path, f"file_ending must be one of {FILE_ENDINGS}, got {ending!r}"))

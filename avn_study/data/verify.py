@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from avn_study.data.labels import CANONICAL, LabelMap, parse_label_map
 from avn_study.data.layout import LABELS, CaseFiles, Problem, format_problems, scan_cohort
 from avn_study.data.nifti import Geometry, NiftiReadError, RawNifti, read_nifti
 from avn_study.errors import DataError
@@ -26,7 +27,8 @@ SPACING_RTOL = 1e-4
 
 @dataclass(frozen=True)
 class CaseVolumes:
-    """A checked case in RAS order: float32 image, uint8 labels and the image's original geometry."""
+    """A checked case in RAS order: float32 image, canonical uint8 labels (0/1/2, see
+    :mod:`avn_study.data.labels`) and the image's original geometry."""
 
     case: CaseFiles
     image: np.ndarray  # (R, A, S) float32
@@ -43,6 +45,7 @@ class VerifyReport:
     root: Path
     n_cases: int
     problems: list[Problem]
+    label_map: LabelMap | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -57,6 +60,8 @@ class VerifyReport:
             lines = [f"{self.root}: OK, {self.n_cases} labelled case(s) checked"]
             if self.problems:
                 lines[0] += f" ({len(self.problems)} warning(s))"
+            if self.label_map is not None:
+                lines.insert(1, f"  {self.label_map.describe()}")
             return "\n".join(lines + [f"  - {p}" for p in self.problems])
         return format_problems(self.root, self.problems)
 
@@ -154,25 +159,27 @@ def _read(path: Path) -> tuple[RawNifti | None, np.ndarray | None, list[Problem]
     return raw, data, problems
 
 
-def _label_problems(path: Path, label: np.ndarray) -> list[Problem]:
+def _label_problems(path: Path, label: np.ndarray, label_map: LabelMap) -> list[Problem]:
     finite = label[np.isfinite(label)]
     if not np.array_equal(finite, np.round(finite)):
         bad = np.unique(finite[finite != np.round(finite)])[:3]
         return [Problem(path, f"label values must be integers, found {bad.tolist()}")]
     values = set(np.unique(finite).astype(int).tolist())
-    allowed = set(LABELS.values())
+    allowed = label_map.declared_values
     if values - allowed:
+        declared = ", ".join(f"{'/'.join(map(str, v))}={k}" for k, v in label_map.labels)
         return [
             Problem(
                 path,
-                f"label values {sorted(values - allowed)} are not in the declared labels "
-                f"{sorted(allowed)} ({', '.join(f'{v}={k}' for k, v in LABELS.items())})",
+                f"label values {sorted(values - allowed)} are not in dataset.json's labels ({declared})",
             )
         ]
     problems = []
-    if LABELS["femoral_head"] not in values:
+    head = label_map.role_values("femoral_head")
+    if label_map.has_head and not values & set(head):
+        names = " + ".join(label_map.femoral_head)
         problems.append(
-            Problem(path, "no femoral head labelled (label 1): the localisation target is empty", "warning")
+            Problem(path, f"no femoral head labelled ({names}): the localisation target is empty", "warning")
         )
     return problems
 
@@ -192,7 +199,7 @@ def _necrosis_outside_head(path: Path, label: np.ndarray) -> list[Problem]:
             Problem(
                 path,
                 f"{outside} necrosis component(s) ({voxels} voxels) lie outside the femoral head "
-                f"(necrosis, label 2, must lie inside the femoral head region, label 1)",
+                f"(necrosis must lie inside or touch the femoral head region)",
             )
         ]
     return []
@@ -217,8 +224,11 @@ def _pair_problems(
     return problems
 
 
-def check_case(case: CaseFiles) -> tuple[CaseVolumes | None, list[Problem]]:
+def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVolumes | None, list[Problem]]:
     """Read a case's image and label whole and run every per-case check.
+
+    ``label_map`` (the cohort's, from ``dataset.json``) says which values exist and what they mean;
+    the returned label volume is canonical (0/1/2).
 
     Returns:
         The volumes in RAS order when there is no error (warnings allowed), and all problems found.
@@ -230,14 +240,15 @@ def check_case(case: CaseFiles) -> tuple[CaseVolumes | None, list[Problem]]:
     if image is not None and float(np.nanmax(image) - np.nanmin(image)) == 0.0:
         problems.append(Problem(case.image, f"image is constant ({float(image.flat[0])}): nothing to normalise"))
     if label is not None and not label_problems:
-        problems += _label_problems(case.label, label)
+        problems += _label_problems(case.label, label, label_map)
     repaired = any("nibabel would silently replace" in p.message for p in problems)
     if img is not None and lab is not None and image is not None and label is not None and not repaired:
         problems += _pair_problems(case, img, lab, image, label)  # only on values the files really hold
     if any(p.severity == "error" for p in problems):
         return None, problems
-    label_u8 = label.astype(np.uint8)
-    problems += _necrosis_outside_head(case.label, label_u8)
+    label_u8 = label_map.canonical(label.astype(np.uint8))
+    if label_map.has_head:  # without head labels there is no region to lie in
+        problems += _necrosis_outside_head(case.label, label_u8)
     if any(p.severity == "error" for p in problems):
         return None, problems
     geometry = Geometry.of(image.shape, img.image.affine)
@@ -248,18 +259,20 @@ def verify_dataset(root: str | Path) -> VerifyReport:
     """Check a dataset folder whole: layout, dataset.json and every case; collect every problem."""
     root = Path(root)
     cohort, problems = scan_cohort(root)
-    n_cases = 0
+    n_cases, label_map = 0, None
     if cohort is not None:
+        label_map = parse_label_map(cohort.spec, root / "dataset.json")[0]  # its problems are in ``problems``
+    if cohort is not None and label_map is not None:  # (without a label map the labels cannot be checked)
         for case in cohort.cases:
-            _, case_problems = check_case(case)
+            _, case_problems = check_case(case, label_map)
             problems += case_problems
             n_cases += 1
-    return VerifyReport(root, n_cases, problems)
+    return VerifyReport(root, n_cases, problems, label_map)
 
 
-def require_valid_case(case: CaseFiles) -> CaseVolumes:
+def require_valid_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> CaseVolumes:
     """:func:`check_case` for training: raise :class:`DataError` listing the case's problems."""
-    volumes, problems = check_case(case)
+    volumes, problems = check_case(case, label_map)
     if volumes is None:
         raise DataError(format_problems(case.image.parent.parent, [p for p in problems if p.severity == "error"]))
     return volumes

@@ -96,7 +96,7 @@ BROKEN: list[tuple[str, Callable[[Path], None], str, str]] = [
         "wrong_labels",
         lambda r: _rewrite_json(r, labels={"background": 0, "lesion": 1}),
         "dataset.json",
-        "labels must be",
+        "no label plays necrosis",
     ),
     (
         "two_channels",
@@ -167,7 +167,7 @@ BROKEN: list[tuple[str, Callable[[Path], None], str, str]] = [
         "undeclared_label",
         lambda r: _rewrite_array(r, LAB, _set_voxel(3), np.uint8),
         LAB,
-        "label values [3] are not in the declared labels",
+        "label values [3] are not in dataset.json's labels",
     ),
     (
         "necrosis_outside_head",
