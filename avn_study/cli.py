@@ -386,6 +386,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from avn_study.evaluate import evaluate_bundle, summary_lines
+
+    summary = evaluate_bundle(args.bundle, args.data, args.out, subset=args.subset, device=args.device,
+                              min_volume_ml=args.min_volume_ml, min_iou=args.min_iou, tau_mm=args.tau_mm,
+                              overwrite=args.overwrite, progress=_progress)  # fmt: skip
+    print("\n".join(summary_lines(summary)))
+    print(f"wrote per_case.csv, per_hip.csv and summary.json to {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from avn_study import bench
 
@@ -518,6 +529,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32, dest="batch_size", help="slices per batch")
     p.add_argument("--overwrite", action="store_true", help="replace label maps that an earlier predict wrote here")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a bundle on a labelled cohort in each scan's own geometry, per case and per hip",
+        description="Predict every labelled case of DATA (imagesTs/labelsTs when present, else imagesTr/labelsTr) "
+        "as `predict` does and compare with the reference in the scan's own grid: Dice, HD95, volumes, lesions, "
+        "surface Dice, lesion detection with a minimum IoU; next to them the training-grid Dice/HD95 a trial "
+        "reports; per hip (split at the midline of the two heads): necrotic fraction of the head with the "
+        "15/30 %% staging bins and hip-level detection. Writes OUT/per_case.csv, per_hip.csv, summary.json.",
+    )
+    p.add_argument("bundle", type=Path, help="bundle folder written by `avn-study export`")
+    p.add_argument("data", type=Path, help="a labelled cohort in the nnU-Net raw layout")
+    p.add_argument("--out", type=Path, required=True, help="new (or empty) folder for the tables")
+    p.add_argument("--subset", default="auto", choices=("auto", "Tr", "Ts"),
+                   help="which images/labels pair to score (default auto: Ts when present)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--min-volume-ml", type=float, default=0.1, dest="min_volume_ml",
+                   help="a hip is predicted positive with at least this much necrosis (default 0.1 ml)")  # fmt: skip
+    p.add_argument("--min-iou", type=float, default=0.1, dest="min_iou",
+                   help="a reference lesion counts as detected at this IoU with a predicted one (default 0.1)")  # fmt: skip
+    p.add_argument("--tau-mm", type=float, default=2.0, dest="tau_mm",
+                   help="surface Dice tolerance in mm (default 2)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="throughput figures")
     p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate", "cluster"],

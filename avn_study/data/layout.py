@@ -145,8 +145,13 @@ def _scan_folder(folder: Path, ending: str, suffix: str) -> tuple[dict[str, Path
     return found, problems
 
 
-def scan_cohort(root: str | Path) -> tuple[Cohort | None, list[Problem]]:
-    """Read ``dataset.json`` and pair images with labels; report every layout problem found."""
+SUBSETS = ("Tr", "Ts")  # imagesTr/labelsTr (training), imagesTs/labelsTs (a held-out test set)
+
+
+def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, list[Problem]]:
+    """Read ``dataset.json`` and pair images with labels of ``images{subset}``/``labels{subset}``;
+    report every layout problem found."""
+    assert subset in SUBSETS, subset
     root = Path(root)
     if not root.is_dir():
         return None, [Problem(root, "dataset folder does not exist")]
@@ -154,7 +159,7 @@ def scan_cohort(root: str | Path) -> tuple[Cohort | None, list[Problem]]:
     if spec is None:
         return None, problems
     ending = spec.get("file_ending", ".nii.gz") if spec.get("file_ending") in FILE_ENDINGS else ".nii.gz"
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    images_dir, labels_dir = root / f"images{subset}", root / f"labels{subset}"
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
             problems.append(Problem(folder, "folder is missing"))
@@ -164,18 +169,19 @@ def scan_cohort(root: str | Path) -> tuple[Cohort | None, list[Problem]]:
     labels, label_problems = _scan_folder(labels_dir, ending, "")
     problems += image_problems + label_problems
     for case in sorted(set(images) - set(labels)):
-        problems.append(Problem(images[case], f"image has no label (expected labelsTr/{case}{ending})"))
+        problems.append(Problem(images[case], f"image has no label (expected labels{subset}/{case}{ending})"))
     for case in sorted(set(labels) - set(images)):
-        problems.append(Problem(labels[case], f"label has no image (expected imagesTr/{case}{CHANNEL_SUFFIX}{ending})"))
+        problems.append(Problem(labels[case],
+                                f"label has no image (expected images{subset}/{case}{CHANNEL_SUFFIX}{ending})"))  # fmt: skip
     paired = sorted(set(images) & set(labels))
-    if isinstance(spec.get("numTraining"), int) and spec["numTraining"] != len(labels):
+    if subset == "Tr" and isinstance(spec.get("numTraining"), int) and spec["numTraining"] != len(labels):
         problems.append(
             Problem(
                 root / "dataset.json", f"numTraining is {spec['numTraining']} but labelsTr holds {len(labels)} cases"
             )
         )
     patients = spec.get("patients", {}) if isinstance(spec.get("patients"), dict) else {}
-    for case in sorted(set(patients) - set(images) - set(labels)):
+    for case in sorted(set(patients) - set(images) - set(labels)) if subset == "Tr" else ():
         problems.append(Problem(root / "dataset.json", f"patients names case '{case}' that has no files"))
     cases = [CaseFiles(c, str(patients.get(c, c)), images[c], labels[c]) for c in paired]
     if not cases:

@@ -256,14 +256,20 @@ def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVo
 
 
 def verify_dataset(root: str | Path) -> VerifyReport:
-    """Check a dataset folder whole: layout, dataset.json and every case; collect every problem."""
+    """Check a dataset folder whole: layout, dataset.json and every case (of ``imagesTr``/``labelsTr``
+    and, when the folder has a labelled test set, ``imagesTs``/``labelsTs``); collect every problem."""
     root = Path(root)
     cohort, problems = scan_cohort(root)
     n_cases, label_map = 0, None
     if cohort is not None:
         label_map = parse_label_map(cohort.spec, root / "dataset.json")[0]  # its problems are in ``problems``
     if cohort is not None and label_map is not None:  # (without a label map the labels cannot be checked)
-        for case in cohort.cases:
+        cases = list(cohort.cases)
+        if (root / "labelsTs").is_dir():
+            test, test_problems = scan_cohort(root, "Ts")
+            problems += [p for p in test_problems if p.path.name != "dataset.json"]  # (reported once above)
+            cases += test.cases if test is not None else []
+        for case in cases:
             _, case_problems = check_case(case, label_map)
             problems += case_problems
             n_cases += 1

@@ -1,0 +1,208 @@
+"""``avn-study evaluate BUNDLE DATA``: score a bundle on a labelled cohort, in each scan's own geometry.
+
+For every labelled case of ``DATA`` (``imagesTs``/``labelsTs`` when the folder has them, else
+``imagesTr``/``labelsTr``; ``--subset`` chooses), the case goes through ``verify``'s checks with the
+cohort's own label map, the bundle predicts it exactly as ``avn-study predict`` does, and:
+
+- **native** metrics (the primary ones) compare the label map predict would write with the reference
+  in the scan's own voxel grid and spacing: Dice, HD95, volumes, lesions (training's rule), plus
+  surface Dice and lesion detection with a minimum IoU (:mod:`avn_study.clinical`);
+- **training-grid** metrics (``grid_dice``, ``grid_hd95_mm``) compare the probabilities pasted into the
+  resampled grid with the reference resampled as the cache does: the numbers a trial's validation
+  reports. The two differ by the resampling of the prediction back to the scan (thin structures at
+  thick slices and coarse in-plane spacing gain or lose boundary voxels) and by the reference
+  being the original, not a resampled, mask;
+- **per hip** (right/left): necrotic fraction of the femoral head with the ARCO/Steinberg bins,
+  hip-level detection, surface Dice.
+
+Outputs (``--out``, a new or empty folder, or one evaluate wrote with ``--overwrite``): ``per_case.csv``,
+``per_hip.csv`` and ``summary.json``, written into a staged folder that replaces ``--out`` at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avn_study.clinical import hip_rows, hip_summary, lesion_detection_iou, surface_dice
+from avn_study.data.layout import LABELS, format_problems, scan_cohort
+from avn_study.errors import DataError, UsageError
+
+WRITTEN_BY = "avn-study evaluate"
+
+
+def is_evaluation(path: Path) -> bool:
+    """Whether ``path`` is a folder evaluate wrote (what ``--overwrite`` may replace)."""
+    from avn_study.outputs import json_marker
+
+    return json_marker(Path(path) / "summary.json", "written_by", WRITTEN_BY)
+
+
+def pick_subset(data: Path, subset: str) -> str:
+    """``auto``: ``Ts`` when ``DATA`` has ``imagesTs`` and ``labelsTs``, else ``Tr``."""
+    if subset != "auto":
+        return subset
+    return "Ts" if (data / "imagesTs").is_dir() and (data / "labelsTs").is_dir() else "Tr"
+
+
+def score_case(
+    bundle: Any,
+    volumes: Any,
+    device: Any,
+    *,
+    min_volume_ml: float,
+    min_iou: float,
+    tau_mm: float,
+    has_head_labels: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One checked case (``verify.CaseVolumes``): its per-case row and its two per-hip rows."""
+    from avn_study.data.preprocess import inplane_shape, resample_labels
+    from avn_study.metrics import case_metrics, hd95_mm
+    from avn_study.metrics import dice as dice_of
+    from avn_study.predict import predict_volume
+
+    geometry, case = volumes.geometry, volumes.case
+    prediction = predict_volume(bundle, volumes.image, geometry, device)
+    spacing = geometry.ras_spacing
+    pred, ref = prediction.labels == LABELS["necrosis"], volumes.label == LABELS["necrosis"]
+    row: dict[str, Any] = {"case": case.case_id, "patient": case.patient_id}
+    row.update(case_metrics(pred, ref, spacing))
+    row["surface_dice"] = surface_dice(pred, ref, spacing, tau_mm)
+    sensitivity, n_fp, _ = lesion_detection_iou(pred, ref, min_iou)
+    row.update(lesion_sensitivity_iou=sensitivity, lesion_fp_iou=float(n_fp))
+    shape = inplane_shape(volumes.label.shape, spacing, bundle.preprocess.inplane_spacing_mm)
+    grid_ref = np.moveaxis(resample_labels(volumes.label, shape), 1, 0) == LABELS["necrosis"]  # (A, R', S')
+    grid_pred = prediction.grid["seg"] >= bundle.threshold
+    row["grid_dice"] = dice_of(grid_pred, grid_ref)
+    row["grid_hd95_mm"] = hd95_mm(grid_pred, grid_ref, prediction.spacing)
+    pred_loc = prediction.labels >= LABELS["femoral_head"] if "loc" in bundle.branches else None
+    hips = hip_rows(pred, ref, volumes.label >= LABELS["femoral_head"], spacing, has_head_labels=has_head_labels,
+                    pred_loc=pred_loc, min_volume_ml=min_volume_ml, min_iou=min_iou, tau_mm=tau_mm)  # fmt: skip
+    return row, [{"case": case.case_id, "patient": case.patient_id, **h} for h in hips]
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _finite(value: float) -> float | None:
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
+def evaluate_bundle(
+    bundle_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    subset: str = "auto",
+    device: str = "auto",
+    min_volume_ml: float = 0.1,
+    min_iou: float = 0.1,
+    tau_mm: float = 2.0,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Score a bundle on a labelled cohort and write the tables (see the module docstring).
+
+    Returns:
+        The contents of ``summary.json``.
+
+    Raises:
+        UsageError: a bad ``--out``, ``--subset`` or threshold.
+        DataError: the cohort's layout or any case is broken (every problem listed, nothing written),
+            or the bundle cannot be loaded.
+    """
+    from avn_study.bundle import load_bundle
+    from avn_study.data.verify import check_case
+    from avn_study.metrics import summarize
+    from avn_study.outputs import check_target, staged_folder
+    from avn_study.predict import _device
+
+    data, out = Path(data), Path(out)
+    if subset not in ("auto", "Tr", "Ts"):
+        raise UsageError(f"--subset must be auto, Tr or Ts, got {subset!r}")
+    for name, value, low in (("--min-volume-ml", min_volume_ml, 0.0), ("--tau-mm", tau_mm, 0.0)):
+        if not (math.isfinite(value) and value >= low):
+            raise UsageError(f"{name} must be a finite number >= {low:g}, got {value}")
+    if not 0.0 < min_iou <= 1.0:
+        raise UsageError(f"--min-iou must be in (0, 1], got {min_iou}")
+    check_target(out, flag="--out", kind="an evaluation", is_own=is_evaluation, overwrite=overwrite,
+                 inputs=[data, Path(bundle_path)])  # fmt: skip
+    subset = pick_subset(data, subset)
+    cohort, problems = scan_cohort(data, subset)
+    errors = [p for p in problems if p.severity == "error"]
+    if cohort is None or errors:
+        raise DataError(format_problems(data, errors))
+    label_map = cohort.label_map
+    bundle = load_bundle(bundle_path)
+    torch_device = _device(device)
+    cases, hips, errors = [], [], []
+    for i, case in enumerate(cohort.cases):
+        volumes, case_problems = check_case(case, label_map)
+        errors += [p for p in case_problems if p.severity == "error"]
+        if volumes is not None and not errors:
+            row, hip = score_case(bundle, volumes, torch_device, min_volume_ml=min_volume_ml, min_iou=min_iou,
+                                  tau_mm=tau_mm, has_head_labels=label_map.has_head)  # fmt: skip
+            cases.append(row)
+            hips += hip
+        if progress:
+            progress(i + 1, len(cohort.cases), case.case_id)
+    if errors:
+        raise DataError(format_problems(data, errors))
+    extra = ("case", "patient", "surface_dice", "lesion_sensitivity_iou", "lesion_fp_iou", "grid_dice", "grid_hd95_mm")
+    native = summarize([{k: v for k, v in c.items() if k not in extra} for c in cases])
+    necrotic = [c for c in cases if c["has_necrosis"] > 0]
+    grid = {
+        "grid_dice": float(np.mean([c["grid_dice"] for c in necrotic])) if necrotic else math.nan,
+        "grid_hd95_mm": float(np.nanmean([c["grid_hd95_mm"] for c in cases]))
+        if any(not math.isnan(c["grid_hd95_mm"]) for c in cases)
+        else math.nan,
+    }
+    summary = {
+        "written_by": WRITTEN_BY,
+        "bundle": str(bundle.path),
+        "trial_id": bundle.provenance.get("trial_id"),
+        "data": str(data),
+        "subset": subset,
+        "labels": label_map.describe(),
+        "settings": {"min_volume_ml": min_volume_ml, "min_iou": min_iou, "tau_mm": tau_mm,
+                     "threshold": bundle.threshold},  # fmt: skip
+        "native": {k: _finite(v) for k, v in native.items()},
+        "training_grid": {k: _finite(v) for k, v in grid.items()},
+        "surface_dice": _finite(float(np.mean([c["surface_dice"] for c in necrotic])) if necrotic else math.nan),
+        "hips": {k: _finite(v) for k, v in hip_summary(hips).items()},
+        "n_cases": len(cases),
+    }
+    with staged_folder(out) as staged:
+        _write_csv(staged / "per_case.csv", cases)
+        _write_csv(staged / "per_hip.csv", hips)
+        (staged / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The few numbers ``avn-study evaluate`` prints."""
+
+    def show(value: float | None, digits: int = 3) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    native, grid, hips = summary["native"], summary["training_grid"], summary["hips"]
+    return [
+        f"{summary['n_cases']} case(s) of {summary['data']} (labels{summary['subset']}); {summary['labels']}",
+        f"Dice (cases with necrosis), native grid {show(native['val_dice'])} | training grid "
+        f"{show(grid['grid_dice'])}; HD95 {show(native.get('hd95_mm'), 1)} mm native",
+        f"surface Dice at {summary['settings']['tau_mm']:g} mm {show(summary['surface_dice'])}; lesion sensitivity "
+        f"(IoU >= {summary['settings']['min_iou']:g}) {show(hips['lesion_sensitivity_iou'])}",
+        f"hips: {int(hips['n_hips'] or 0)} ({int(hips['n_hips_positive'] or 0)} with necrosis); sensitivity "
+        f"{show(hips['hip_sensitivity'], 2)}, specificity {show(hips['hip_specificity'], 2)}; necrotic fraction "
+        f"MAE {show(hips['fraction_mae'])}, 15/30 % bin agreement {show(hips['bin_agreement'], 2)}",
+    ]
