@@ -8,6 +8,11 @@ A bundle (written by ``avn-study export``, see :mod:`avn_study.export`) is a fol
     metrics.json        how the model was selected and how it scored
     provenance.json     trial, study, split hash, data fingerprint, git commit, versions, export time
     model.onnx          optional (``--onnx``)
+    ensemble/member_NN.safetensors   further members of a fold ensemble (``export --ensemble``)
+
+``config.json`` also holds the default ``inference`` options (flip test-time augmentation,
+post-processing; ``predict``/``evaluate`` flags override them) and, for an ensemble, the members'
+files and trials. Format version 2 added both; version 1 bundles still load (one model, no options).
 
 A bundle is data, not code. :func:`load_bundle` reads JSON and safetensors only (no pickle, no
 ``torch.load``), checks ``config.json`` against the model registry and the weights' names and shapes
@@ -29,7 +34,7 @@ from avn_study.data.preprocess import PreprocessConfig
 from avn_study.errors import DataError, UsageError, look_up
 
 BUNDLE_FORMAT = "avn-study-bundle"
-BUNDLE_VERSION = 1  # bump when a reader of this version could misread a newer bundle
+BUNDLE_VERSION = 2  # bump when a reader of this version could misread a newer bundle (2: inference, ensemble)
 MODEL_FILE, CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, ONNX_FILE = (
     "model.safetensors",
     "config.json",
@@ -39,9 +44,45 @@ MODEL_FILE, CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, ONNX_FILE = (
 )
 REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, METRICS_FILE, PROVENANCE_FILE)
 CONFIG_KEYS = ("format", "format_version", "model", "preprocessing", "labels", "label_map", "threshold",
-               "loc_threshold", "amp", "train_config", "versions", "onnx")  # fmt: skip
+               "loc_threshold", "amp", "train_config", "versions", "onnx", "inference", "ensemble")  # fmt: skip
+ENSEMBLE_DIR = "ensemble"
+TTA_MODES = ("none", "flip")
 SLICE_AXIS = 1  # coronal slices: planes of constant A/P, RAS array axis 1
 LOC_THRESHOLD = 0.5  # localisation probability threshold (as in validation)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a bundle predicts: test-time augmentation and post-processing (recorded with every output).
+
+    Attributes:
+        tta: ``none``, or ``flip``: the mean of the probabilities of each slice and of its left-right
+            mirror (mirrored back); the hips are near-symmetric, so the mirror is a plausible scan.
+        restrict_to_head: keep necrosis only inside the predicted localisation region (models with a
+            ``loc`` branch; necrosis outside the femoral head region is a known false-positive mode).
+        min_component_ml: drop predicted necrosis components (26-connected, in the scan's own grid)
+            smaller than this volume; 0 keeps all.
+    """
+
+    tta: str = "none"
+    restrict_to_head: bool = False
+    min_component_ml: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
+        if not isinstance(self.restrict_to_head, bool):
+            raise ValueError(f"restrict_to_head must be true or false, got {self.restrict_to_head!r}")
+        value = self.min_component_ml
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < float("inf"):
+            raise ValueError(f"min_component_ml must be a finite number >= 0, got {value!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tta": self.tta, "restrict_to_head": self.restrict_to_head, "min_component_ml": self.min_component_ml}
+
+    def override(self, **changes: Any) -> InferenceOptions:
+        """These options with every change that is not None (a command-line flag left unset)."""
+        return InferenceOptions(**{**self.to_json(), **{k: v for k, v in changes.items() if v is not None}})
 
 
 # ------------------------------------------------------------------------------------------ bundle
@@ -52,8 +93,15 @@ def is_bundle(path: Path) -> bool:
     return Path(path).is_dir() and json_marker(Path(path) / CONFIG_FILE, "format", BUNDLE_FORMAT)
 
 
-def bundle_config(flat: dict[str, Any], model: torch.nn.Module, versions: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` of a bundle whose model was trained with the flat TrainConfig ``flat``."""
+def bundle_config(
+    flat: dict[str, Any],
+    model: torch.nn.Module,
+    versions: dict[str, Any],
+    inference: InferenceOptions | None = None,
+    ensemble: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` of a bundle whose model was trained with the flat TrainConfig ``flat``
+    (``ensemble``: one record per member, the first being ``model.safetensors``)."""
     from avn_study.config import ModelConfig, TrainConfig
     from avn_study.data.cache import CACHE_VERSION
     from avn_study.models import ARMS
@@ -90,6 +138,8 @@ def bundle_config(flat: dict[str, Any], model: torch.nn.Module, versions: dict[s
         "amp": config.runtime.amp,
         "train_config": flat,
         "versions": versions,
+        "inference": (inference or InferenceOptions()).to_json(),
+        **({"ensemble": ensemble} if ensemble else {}),
     }
 
 
@@ -102,10 +152,20 @@ class Bundle:
     metrics: dict[str, Any]
     provenance: dict[str, Any]
     model: torch.nn.Module
+    members: list[torch.nn.Module] | None = None  # every model of a fold ensemble (``model`` is the first)
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return self.members or [self.model]
 
     @property
     def branches(self) -> tuple[str, ...]:
         return tuple(self.model.branches)
+
+    @property
+    def inference(self) -> InferenceOptions:
+        """The bundle's default inference options (version 1 bundles: none)."""
+        return InferenceOptions(**self.config.get("inference", {}))
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -205,6 +265,30 @@ def _check_settings(bundle: Bundle, path: Path) -> None:
             raise ValueError(f"slice_size={bundle.slice_size}, threshold={bundle.threshold}")
     except (TypeError, ValueError) as err:
         raise DataError(f"{path}: bad preprocessing or threshold value ({err})") from None
+    try:
+        options = bundle.config.get("inference", {})
+        if not isinstance(options, dict):
+            raise ValueError(f"expected an object, got {options!r}")
+        unknown = sorted(set(options) - set(InferenceOptions().to_json()))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}")
+        bundle.inference  # noqa: B018  (validates)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{path}: key 'inference': {err}") from None
+
+
+def _member_files(config: dict[str, Any], path: Path) -> list[str]:
+    """The weight files of the bundle's models: ``model.safetensors``, then any ensemble members."""
+    members = config.get("ensemble")
+    if members is None:
+        return [MODEL_FILE]
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+        raise DataError(f"{path}: key 'ensemble' must list at least 2 member records, got {members!r}")
+    files = [m.get("file") for m in members]
+    pattern = [MODEL_FILE, *(f"{ENSEMBLE_DIR}/member_{i:02d}.safetensors" for i in range(1, len(files)))]
+    if files != pattern:
+        raise DataError(f"{path}: key 'ensemble': member files must be {pattern}, got {files}")
+    return files
 
 
 def _check_weights(state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path) -> None:
@@ -233,7 +317,9 @@ def _check_weights(state: dict[str, torch.Tensor], model: torch.nn.Module, path:
 def _check_self_contained(path: Path) -> None:
     """Every file of a bundle lives in its folder: a link out of it could read any file on the machine."""
     folder = path.resolve()
-    for name in (*REQUIRED_FILES, ONNX_FILE):
+    ensemble = path / ENSEMBLE_DIR
+    members = sorted(p.relative_to(path) for p in ensemble.glob("*")) if ensemble.is_dir() else []
+    for name in (*REQUIRED_FILES, ONNX_FILE, *members):
         file = path / name
         if file.is_symlink() and folder not in file.resolve().parents:
             raise DataError(f"{file}: a link to {file.resolve()}, outside the bundle; a bundle's files must be in "
@@ -262,8 +348,12 @@ def load_bundle(path: str | Path) -> Bundle:
     model = build_bundle_model(config, path / CONFIG_FILE)
     bundle = Bundle(path, config, _read_json(path / METRICS_FILE), _read_json(path / PROVENANCE_FILE), model)
     _check_settings(bundle, path / CONFIG_FILE)
-    state = load_weights(path)  # safetensors only: a pickle or anything else raises DataError
-    _check_weights(state, model, path / MODEL_FILE)
-    model.load_state_dict(state)
-    model.eval()
+    members = []
+    for name in _member_files(config, path / CONFIG_FILE):
+        member = model if not members else build_bundle_model(config, path / CONFIG_FILE)
+        state = load_weights(path / name, file=None)  # safetensors only: a pickle or anything else raises DataError
+        _check_weights(state, member, path / name)
+        member.load_state_dict(state)
+        members.append(member.eval())
+    bundle.members = members if len(members) > 1 else None
     return bundle

@@ -70,9 +70,10 @@ def save_checkpoint(
     return directory
 
 
-def load_weights(directory: str | Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read ``model.safetensors``; a file that is not safetensors (e.g. a pickle) is refused."""
-    path = Path(directory) / MODEL_FILE
+def load_weights(directory: str | Path, map_location: str = "cpu", *, file: str | None = MODEL_FILE) -> dict[str, torch.Tensor]:
+    """Read ``directory/model.safetensors`` (``file=None``: ``directory`` is the file itself); a file that is not
+    safetensors (e.g. a pickle) is refused."""
+    path = Path(directory) / file if file else Path(directory)
     try:
         return load_file(str(path), device=map_location)
     except (SafetensorError, OSError, ValueError) as err:

@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from avn_study.errors import AvnError, UsageError
 
@@ -356,9 +357,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from avn_study.export import export_bundle
 
-    result = export_bundle(
-        args.experiment, args.out, row=args.arm, metric=args.metric, onnx=args.onnx, overwrite=args.overwrite
-    )
+    from avn_study.bundle import InferenceOptions
+
+    try:
+        inference = InferenceOptions().override(**_inference_args(args))
+    except ValueError as err:
+        raise UsageError(f"inference option: {err}") from None
+    result = export_bundle(args.experiment, args.out, row=args.arm, metric=args.metric, onnx=args.onnx,
+                           overwrite=args.overwrite, ensemble=args.ensemble, inference=inference)  # fmt: skip
     sel, conf = result.selection, result.selection.best
     sd = f" (SD {conf.sd:.4f})" if conf.sd is not None else ""
     print(
@@ -370,15 +376,31 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if result.onnx:
         print(f"model.onnx matches PyTorch to {result.onnx['max_abs_diff_vs_torch']:.2g} (onnxruntime)")
+    if args.ensemble:
+        print(f"fold ensemble: all {len(conf.trials)} trial(s) of the configuration")
     print(f"bundle: {result.path}")
     return 0
+
+
+def _add_inference_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tta", choices=("none", "flip"), default=None,
+                   help=f"test-time augmentation: flip = mean with the left-right mirror ({what})")  # fmt: skip
+    p.add_argument("--restrict-to-head", action=argparse.BooleanOptionalAction, default=None, dest="restrict_to_head",
+                   help=f"keep necrosis only inside the predicted localisation region (+loc models; {what})")  # fmt: skip
+    p.add_argument("--min-component-ml", type=float, default=None, dest="min_component_ml",
+                   help=f"drop predicted necrosis components smaller than this volume ({what})")  # fmt: skip
+
+
+def _inference_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tta": args.tta, "restrict_to_head": args.restrict_to_head, "min_component_ml": args.min_component_ml}
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from avn_study.predict import predict
 
     progress = _progress if args.input.is_dir() else None
-    records = predict(args.bundle, args.input, args.output, args.device, args.batch_size, progress, args.overwrite)
+    records = predict(args.bundle, args.input, args.output, args.device, args.batch_size, progress, args.overwrite,
+                      **_inference_args(args))  # fmt: skip
     for r in records:
         print(f"{r['output']}: necrosis {r['necrosis']['volume_ml']:.2f} ml ({r['necrosis']['voxels']} voxels)")
         for warning in r.get("warnings", []):
@@ -391,7 +413,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate_bundle(args.bundle, args.data, args.out, subset=args.subset, device=args.device,
                               min_volume_ml=args.min_volume_ml, min_iou=args.min_iou, tau_mm=args.tau_mm,
-                              overwrite=args.overwrite, progress=_progress)  # fmt: skip
+                              overwrite=args.overwrite, progress=_progress, **_inference_args(args))  # fmt: skip
     print("\n".join(summary_lines(summary)))
     print(f"wrote per_case.csv, per_hip.csv and summary.json to {args.out}")
     return 0
@@ -511,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="selection metric (default: the study's metric, val_dice)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--ensemble", action="store_true",
+                   help="put every trial of the best configuration (all folds and seeds) into the bundle; predict "
+                   "averages them")  # fmt: skip
+    _add_inference_flags(p, "the bundle's default; default off")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -528,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=_positive_int, default=32, dest="batch_size", help="slices per batch")
     p.add_argument("--overwrite", action="store_true", help="replace label maps that an earlier predict wrote here")
+    _add_inference_flags(p, "default: the bundle's setting")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -552,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau-mm", type=float, default=2.0, dest="tau_mm",
                    help="surface Dice tolerance in mm (default 2)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    _add_inference_flags(p, "default: the bundle's setting")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="throughput figures")

@@ -60,6 +60,7 @@ def score_case(
     min_iou: float,
     tau_mm: float,
     has_head_labels: bool,
+    options: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One checked case (``verify.CaseVolumes``): its per-case row and its two per-hip rows."""
     from avn_study.data.preprocess import inplane_shape, resample_labels
@@ -68,7 +69,7 @@ def score_case(
     from avn_study.predict import predict_volume
 
     geometry, case = volumes.geometry, volumes.case
-    prediction = predict_volume(bundle, volumes.image, geometry, device)
+    prediction = predict_volume(bundle, volumes.image, geometry, device, options=options)
     spacing = geometry.ras_spacing
     pred, ref = prediction.labels == LABELS["necrosis"], volumes.label == LABELS["necrosis"]
     row: dict[str, Any] = {"case": case.case_id, "patient": case.patient_id}
@@ -110,8 +111,13 @@ def evaluate_bundle(
     tau_mm: float = 2.0,
     overwrite: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Score a bundle on a labelled cohort and write the tables (see the module docstring).
+
+    ``options`` (``tta``, ``restrict_to_head``, ``min_component_ml``; None keeps the bundle's) as for
+    ``predict``; the training-grid metrics use the (augmented, ensembled) probabilities before
+    post-processing.
 
     Returns:
         The contents of ``summary.json``.
@@ -125,7 +131,7 @@ def evaluate_bundle(
     from avn_study.data.verify import check_case
     from avn_study.metrics import summarize
     from avn_study.outputs import check_target, staged_folder
-    from avn_study.predict import _device
+    from avn_study.predict import _device, resolve_options
 
     data, out = Path(data), Path(out)
     if subset not in ("auto", "Tr", "Ts"):
@@ -144,6 +150,7 @@ def evaluate_bundle(
         raise DataError(format_problems(data, errors))
     label_map = cohort.label_map
     bundle = load_bundle(bundle_path)
+    chosen = resolve_options(bundle, **options)
     torch_device = _device(device)
     cases, hips, errors = [], [], []
     for i, case in enumerate(cohort.cases):
@@ -151,7 +158,7 @@ def evaluate_bundle(
         errors += [p for p in case_problems if p.severity == "error"]
         if volumes is not None and not errors:
             row, hip = score_case(bundle, volumes, torch_device, min_volume_ml=min_volume_ml, min_iou=min_iou,
-                                  tau_mm=tau_mm, has_head_labels=label_map.has_head)  # fmt: skip
+                                  tau_mm=tau_mm, has_head_labels=label_map.has_head, options=chosen)  # fmt: skip
             cases.append(row)
             hips += hip
         if progress:
@@ -176,6 +183,9 @@ def evaluate_bundle(
         "labels": label_map.describe(),
         "settings": {"min_volume_ml": min_volume_ml, "min_iou": min_iou, "tau_mm": tau_mm,
                      "threshold": bundle.threshold},  # fmt: skip
+        "inference": chosen.to_json(),
+        "models": len(bundle.models),
+        "warnings": _seen_by_the_model(bundle, data, subset),
         "native": {k: _finite(v) for k, v in native.items()},
         "training_grid": {k: _finite(v) for k, v in grid.items()},
         "surface_dice": _finite(float(np.mean([c["surface_dice"] for c in necrotic])) if necrotic else math.nan),
@@ -189,6 +199,21 @@ def evaluate_bundle(
     return summary
 
 
+def _seen_by_the_model(bundle: Any, data: Path, subset: str) -> list[str]:
+    """A warning when the scored cases are the cohort the bundle was trained on (its training cases)."""
+    source = bundle.provenance.get("data")
+    if subset != "Tr" or not source:
+        return []
+    try:
+        same = Path(source).resolve() == data.resolve()
+    except OSError:
+        same = False
+    if not same:
+        return []
+    return [f"{data} is the cohort the bundle was trained on and labelsTr holds its training cases: these numbers are "
+            "optimistic; score a held-out test set (imagesTs/labelsTs) for an estimate"]  # fmt: skip
+
+
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The few numbers ``avn-study evaluate`` prints."""
 
@@ -197,6 +222,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
     native, grid, hips = summary["native"], summary["training_grid"], summary["hips"]
     return [
+        *(f"warning: {w}" for w in summary["warnings"]),
         f"{summary['n_cases']} case(s) of {summary['data']} (labels{summary['subset']}); {summary['labels']}",
         f"Dice (cases with necrosis), native grid {show(native['val_dice'])} | training grid "
         f"{show(grid['grid_dice'])}; HD95 {show(native.get('hd95_mm'), 1)} mm native",

@@ -423,8 +423,14 @@ def write_bundle(
     *,
     onnx: bool = False,
     overwrite: bool = False,
+    inference: Any = None,
+    members: list[tuple[Any, dict[str, Any]]] | None = None,
 ) -> tuple[Path, dict[str, Any] | None]:
     """Write a bundle folder for ``model`` (trained with the flat TrainConfig ``flat``).
+
+    ``inference`` (a :class:`~avn_study.bundle.InferenceOptions`) is stored as the bundle's default;
+    ``members`` (further models of a fold ensemble, each with its record for ``config.json``) are
+    written to ``ensemble/member_NN.safetensors``; ``model`` is the first member.
 
     The bundle is assembled in a temporary folder next to ``out`` and moved into place at the end, so
     an interrupted export leaves no half-written bundle.
@@ -434,14 +440,30 @@ def write_bundle(
     """
     from safetensors.torch import save_file
 
-    from avn_study.bundle import CONFIG_FILE, METRICS_FILE, MODEL_FILE, ONNX_FILE, PROVENANCE_FILE, bundle_config
+    from avn_study.bundle import (
+        CONFIG_FILE,
+        ENSEMBLE_DIR,
+        METRICS_FILE,
+        MODEL_FILE,
+        ONNX_FILE,
+        PROVENANCE_FILE,
+        bundle_config,
+    )
 
     out = Path(out)
     check_bundle_out(out, overwrite)
+    if onnx and members:
+        raise UsageError("--onnx writes one model, and --ensemble asks for several; export the ensemble without --onnx")
     with staged_folder(out) as tmp:  # an interrupted export leaves the old bundle (or none), never half
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt", "avn_study_bundle": "1"})
-        config = bundle_config(flat, model, provenance.get("versions") or package_versions())
+        ensemble = []
+        for i, (member, record) in enumerate([(model, {}), *(members or [])]):
+            name = MODEL_FILE if i == 0 else f"{ENSEMBLE_DIR}/member_{i:02d}.safetensors"
+            (tmp / name).parent.mkdir(exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in member.state_dict().items()}
+            save_file(state, str(tmp / name), metadata={"format": "pt", "avn_study_bundle": "1"})
+            ensemble.append({"file": name, **record})
+        config = bundle_config(flat, model, provenance.get("versions") or package_versions(), inference,
+                               ensemble if members else None)  # fmt: skip
         onnx_info = export_onnx(model, tmp / ONNX_FILE, int(flat["slice_size"])) if onnx else None
         if onnx_info:
             config["onnx"] = onnx_info
@@ -458,8 +480,14 @@ def export_bundle(
     metric: str | None = None,
     onnx: bool = False,
     overwrite: bool = False,
+    ensemble: bool = False,
+    inference: Any = None,
 ) -> ExportResult:
     """Select (see :data:`SELECTION_RULE`) and write the bundle folder ``out`` (see :func:`write_bundle`).
+
+    With ``ensemble``, every trial of the winning configuration (a nested row: all its outer folds and
+    seeds) goes into the bundle, each from the checkpoint :func:`choose_checkpoint` picks; ``predict``
+    averages their probabilities. ``inference`` sets the bundle's default inference options.
 
     Raises:
         UsageError: ``out`` exists (without ``overwrite``), an unknown row or metric, a bad folder.
@@ -481,15 +509,54 @@ def export_bundle(
         )
     experiment = load_experiment(experiment_dir)
     sel = select(experiment, row, metric)
+    if ensemble and onnx:
+        raise UsageError("--onnx writes one model, and --ensemble asks for several; export the ensemble without --onnx")
     checkpoint, record, note = choose_checkpoint(sel.trial, sel.metric, sel.mode)
     flat = load_config(checkpoint)
-    model = build_model(TrainConfig.from_flat(flat, source=str(checkpoint / "config.json")))
-    try:
-        model.load_state_dict(load_weights(checkpoint))
-    except RuntimeError as err:
-        raise AvnError(f"{checkpoint}: the weights do not fit the checkpoint's config.json ({err})") from None
-    model.eval()
+
+    def load(folder: Path, config: dict[str, Any]) -> Any:
+        model = build_model(TrainConfig.from_flat(config, source=str(folder / "config.json")))
+        try:
+            model.load_state_dict(load_weights(folder))
+        except RuntimeError as err:
+            raise AvnError(f"{folder}: the weights do not fit the checkpoint's config.json ({err})") from None
+        return model.eval()
+
+    model = load(checkpoint, flat)
+    members = []
+    if ensemble:
+        others = sorted((t for t in sel.best.trials if t["trial_id"] != sel.trial["trial_id"]),
+                        key=lambda t: (t["fold"], t["seed"], t.get("repeat", 0), str(t["trial_id"])))  # fmt: skip
+        for trial in others:
+            folder, member_record, _ = choose_checkpoint(trial, sel.metric, sel.mode)
+            config = load_config(folder)
+            _check_same_model(flat, config, sel.trial, trial)
+            members.append((load(folder, config), {"trial_id": str(trial["trial_id"]), "fold": trial["fold"],
+                                                   "seed": trial["seed"], "epoch": member_record.get("epoch")}))  # fmt: skip
+        if not members:
+            raise AvnError(f"--ensemble: the best configuration (row {sel.best.row}) has one trial only; "
+                           "there is nothing to ensemble")  # fmt: skip
     metrics = _metrics_json(sel, checkpoint, record, note)
+    if members:
+        metrics["ensemble"] = {
+            "members": 1 + len(members),
+            "note": "the validation metrics here are the first member's on its own fold; each member was validated "
+                    "on its own fold, and no patient of the study is unseen by the ensemble as a whole: score it on "
+                    "a held-out test set (`avn-study evaluate BUNDLE DATA` with imagesTs/labelsTs)",
+        }  # fmt: skip
     provenance = _provenance_json(experiment, sel, checkpoint, package_versions())
-    path, onnx_info = write_bundle(out, model, flat, metrics, provenance, onnx=onnx, overwrite=overwrite)
+    path, onnx_info = write_bundle(out, model, flat, metrics, provenance, onnx=onnx, overwrite=overwrite,
+                                   inference=inference, members=members)  # fmt: skip
     return ExportResult(path, sel, checkpoint, record, onnx_info)
+
+
+def _check_same_model(first: dict[str, Any], other: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Ensemble members must share architecture and preprocessing (they share config.json)."""
+    from avn_study.config import ModelConfig
+
+    keys = (*ModelConfig.__dataclass_fields__, "slice_size", "inplane_spacing_mm", "loc_margin_mm", "threshold", "amp")
+    differ = [k for k in keys if first.get(k) != other.get(k)]
+    if differ:
+        k = differ[0]
+        raise AvnError(f"--ensemble: trials {a['trial_id']} and {b['trial_id']} differ in '{k}' ({first.get(k)!r} vs "
+                       f"{other.get(k)!r}); members of one bundle must share the model and its preprocessing")  # fmt: skip

@@ -31,6 +31,7 @@ import torch
 from avn_study.bundle import (  # noqa: F401  (re-exported: the bundle API is reached from here too)
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
+    InferenceOptions,
     CONFIG_FILE,
     LOC_THRESHOLD,
     METRICS_FILE,
@@ -104,27 +105,83 @@ def preprocess_image(
     return image, pad_value, spacing
 
 
+def resolve_options(bundle: Bundle, **changes: Any) -> InferenceOptions:
+    """The bundle's inference options with the command line's changes (``None``: keep the bundle's).
+
+    Raises:
+        UsageError: a bad value, or ``restrict_to_head`` for a model without a localisation branch.
+    """
+    try:
+        options = bundle.inference.override(**changes)
+    except ValueError as err:
+        raise UsageError(f"inference option: {err}") from None
+    if options.restrict_to_head and "loc" not in bundle.branches:
+        arm = bundle.config["model"]["arm"]
+        raise UsageError(f"restrict_to_head needs a localisation branch, and this bundle's arm '{arm}' has none "
+                         "(use --no-restrict-to-head)")  # fmt: skip
+    return options
+
+
+def slice_probabilities(
+    bundle: Bundle, slices: torch.Tensor, device: torch.device, batch_size: int = 32, tta: str = "none"
+) -> dict[str, np.ndarray]:
+    """The mean over the bundle's models (a fold ensemble has several) and, with ``tta="flip"``, over each
+    slice and its left-right mirror, of the probabilities (``seg``, ``loc``) and reconstructions."""
+    from avn_study.engine import autocast_dtype, predict_slices
+
+    amp = autocast_dtype(bundle.config.get("amp", "auto"), device)
+    outs = []
+    for model in bundle.models:
+        model = model.to(device)
+        for flip in (False, True) if tta == "flip" else (False,):
+            x = torch.flip(slices, dims=[2]) if flip else slices  # (N, 1, R', S'): dim 2 runs left-right
+            out = predict_slices(model, x, device, amp, batch_size)
+            outs.append({k: np.ascontiguousarray(v[:, ::-1]) for k, v in out.items()} if flip else out)
+    if len(outs) == 1:
+        return outs[0]
+    return {k: np.mean([o[k] for o in outs], axis=0, dtype=np.float64).astype(np.float32) for k in outs[0]}
+
+
+def postprocess(necrosis: np.ndarray, loc: np.ndarray | None, spacing: tuple[float, ...],
+                options: InferenceOptions) -> np.ndarray:  # fmt: skip
+    """Necrosis mask after the options' post-processing (restricted to the localisation region; small
+    components dropped), in the grid of ``spacing``."""
+    from scipy import ndimage
+
+    if options.restrict_to_head and loc is not None:
+        necrosis = necrosis & (loc >= LOC_THRESHOLD)
+    if options.min_component_ml > 0 and necrosis.any():
+        components, n = ndimage.label(necrosis, structure=np.ones((3, 3, 3), bool))
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        keep = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml >= options.min_component_ml
+        keep[0] = False
+        necrosis = keep[components]
+    return necrosis
+
+
 def predict_volume(
     bundle: Bundle,
     image_ras: np.ndarray,
     geometry: Geometry,
     device: torch.device | None = None,
     batch_size: int = 32,
+    options: InferenceOptions | None = None,
 ) -> CasePrediction:
-    """Predict every coronal slice of a RAS volume and map the result back to its RAS grid."""
-    from avn_study.engine import autocast_dtype, predict_slices
+    """Predict every coronal slice of a RAS volume and map the result back to its RAS grid.
 
+    ``options`` (default: the bundle's) set test-time augmentation, applied to the probabilities,
+    and post-processing, applied to the label map in the scan's grid (``grid`` keeps the model's
+    probabilities as they are).
+    """
     device = device or torch.device("cpu")
+    options = options or bundle.inference
     image, pad_value, spacing = preprocess_image(image_ras, geometry, bundle.preprocess)
     stack = np.ascontiguousarray(np.moveaxis(image, SLICE_AXIS, 0))  # (A, R', S'), as cached
     size = bundle.slice_size
     src, dst = crop_box(stack.shape[1:], size)
     slices = np.full((stack.shape[0], 1, size, size), pad_value, dtype=np.float32)
     slices[(slice(None), 0, *dst)] = stack[(slice(None), *src)]
-    model = bundle.model.to(device)
-    out = predict_slices(
-        model, torch.from_numpy(slices), device, autocast_dtype(bundle.config.get("amp", "auto"), device), batch_size
-    )
+    out = slice_probabilities(bundle, torch.from_numpy(slices), device, batch_size, options.tta)
     grid = {}
     for name in ("seg", "loc"):
         if name in out:
@@ -135,7 +192,8 @@ def predict_volume(
     native = {k: resample_inplane_to(np.moveaxis(v, 0, SLICE_AXIS), geometry.ras_shape) for k, v in grid.items()}
     if "loc" in native:
         labels[native["loc"] >= LOC_THRESHOLD] = LABELS["femoral_head"]
-    labels[native["seg"] >= bundle.threshold] = LABELS["necrosis"]
+    necrosis = postprocess(native["seg"] >= bundle.threshold, native.get("loc"), geometry.ras_spacing, options)
+    labels[necrosis] = LABELS["necrosis"]
     a_r_s = (spacing[1], spacing[0], spacing[2])
     return CasePrediction(geometry, torch.from_numpy(slices), grid, out.get("recon"), a_r_s, labels)
 
@@ -195,7 +253,8 @@ def check_geometry(source: Path, geometry: Geometry, bundle: Bundle) -> list[str
     return warnings
 
 
-def predict_file(bundle: Bundle, source: Path, target: Path, device: torch.device, batch_size: int = 32) -> dict:
+def predict_file(bundle: Bundle, source: Path, target: Path, device: torch.device, batch_size: int = 32,
+                 options: InferenceOptions | None = None) -> dict:  # fmt: skip
     """Predict one NIfTI file and write its label map; returns its volumes record (with ``warnings``).
 
     Raises:
@@ -206,7 +265,7 @@ def predict_file(bundle: Bundle, source: Path, target: Path, device: torch.devic
     warnings = check_geometry(source, geometry, bundle)
     if not np.isfinite(image).all():
         raise DataError(f"{source}: {int((~np.isfinite(image)).sum())} NaN/Inf voxels; all voxels must be finite")
-    prediction = predict_volume(bundle, image, geometry, device, batch_size)
+    prediction = predict_volume(bundle, image, geometry, device, batch_size, options)
     save_in_geometry(prediction.labels, geometry, target)
     margin = float(bundle.config["preprocessing"]["loc_margin_mm"])
     return {
@@ -336,8 +395,12 @@ def predict(
     batch_size: int = 32,
     progress: Any = None,
     overwrite: bool = False,
+    **options: Any,
 ) -> list[dict[str, Any]]:
     """``avn-study predict``: a file to a file, or every NIfTI of a folder to a folder.
+
+    ``options`` (``tta``, ``restrict_to_head``, ``min_component_ml``; None keeps the bundle's) override
+    the bundle's inference options; those used are recorded in the JSON record.
 
     Writes each label map and ``OUT.json`` (file mode) or ``TARGET/volumes.json`` (folder mode).
     In folder mode a broken input does not stop the others; the problems are raised together at the end.
@@ -348,11 +411,12 @@ def predict(
     """
     pairs, folder = plan(Path(source), Path(target), overwrite)
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    chosen = resolve_options(loaded, **options)
     torch_device = _device(device)
     records, problems = [], []
     for i, (src, dst) in enumerate(pairs):
         try:
-            records.append(predict_file(loaded, src, dst, torch_device, batch_size))
+            records.append(predict_file(loaded, src, dst, torch_device, batch_size, chosen))
         except DataError as err:
             if not folder:
                 raise
@@ -360,7 +424,7 @@ def predict(
         if progress:
             progress(i + 1, len(pairs), src.name)
     header = {"written_by": WRITTEN_BY, "bundle": str(loaded.path), "trial_id": loaded.provenance.get("trial_id"),
-              "labels": dict(LABELS)}  # fmt: skip
+              "labels": dict(LABELS), "inference": chosen.to_json(), "models": len(loaded.models)}  # fmt: skip
     if folder:
         Path(target).mkdir(parents=True, exist_ok=True)
         summary = {**header, "cases": records, "failed": problems}
@@ -380,6 +444,7 @@ __all__ = [
     "BUNDLE_VERSION",
     "Bundle",
     "CasePrediction",
+    "InferenceOptions",
     "bundle_config",
     "load_bundle",
     "output_name",
