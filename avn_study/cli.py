@@ -161,6 +161,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = prepare_data(args.data, config, cache_dir=args.cache_dir, splits_path=args.splits)
     from avn_study.models import n_parameters
 
+    from avn_study.data.slices import crop_warning
+
+    warning = crop_warning([*data.train, *data.val], config.data.slice_size, config.data.inplane_spacing_mm)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     run = TrainingRun(config, data)
     print(
         f"fold {config.data.fold}: {len(data.train)} training / {len(data.val)} validation cases, "

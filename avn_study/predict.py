@@ -244,6 +244,22 @@ def check_geometry(source: Path, geometry: Geometry, bundle: Bundle) -> list[str
             "read as; the model sees slices of the nearest RAS grid, so results may be worse than on plain "
             "coronal scans"
         )
+    plane = geometry.acquisition_plane
+    if plane not in ("coronal", "isotropic"):
+        warnings.append(
+            f"{plane} acquisition (voxel {' x '.join(f'{v:g}' for v in spacing)} mm R, A, S: thickest across the "
+            f"{plane} plane); the model reads coronal slices, so each one mixes the thick {plane} slices and "
+            "results may be worse than on coronal scans"
+        )
+    size, step = bundle.slice_size, bundle.preprocess.inplane_spacing_mm
+    covered = min(shape[0], size) * min(shape[2], size) / (shape[0] * shape[2])
+    if covered < 1.0:
+        width = f"{size} px x {step:g} mm = {size * step:g} mm" if step else f"{size} px"
+        field = f"{shape[0] * (step or spacing[0]):.0f} x {shape[2] * (step or spacing[2]):.0f} mm"
+        warnings.append(
+            f"the slice crop ({width} square, centred) covers {100 * covered:.0f} % of the scan's coronal plane "
+            f"({field}, R x S); nothing is predicted outside it: check that the hips are inside"
+        )
     low, high = PLAUSIBLE_SPACING_MM
     if min(spacing) < low or max(spacing) > high:
         warnings.append(

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,7 @@ class Study:
         """Check the cohort, build the head node's cache and freeze the split, take the study's lock, and
         write the study's files (or, resuming, check them) before any trial starts."""
         from avn_study.config import TrainConfig
+        from avn_study.data.slices import crop_warning
         from avn_study.engine import cohort_split, require_head_labels
 
         self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
@@ -183,6 +185,9 @@ class Study:
         for row in self.space.arms:  # a +loc row on a cohort without head labels: refused before Ray starts
             require_head_labels(TrainConfig.from_flat(self.space.trial_config(row)).model.arm, cases,
                                 f"{self.space.path}: arms.{row}")  # fmt: skip
+        warning = crop_warning(cases, config.data.slice_size, config.data.inplane_spacing_mm)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         self.split_hash = splits.hash
         if not resume:
             self._check_tuning_sets(splits, cases)

@@ -239,6 +239,45 @@ def test_predict_warns_on_oblique_and_implausible_spacing(bundle: Path, tmp_path
         assert any(fragment in w for w in record["warnings"]) and record["written_by"] == "avn-study predict"
 
 
+def test_predict_warns_on_non_coronal_scans_and_a_field_wider_than_the_crop(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    axial = _scan(tmp_path / "axial.nii.gz", np.diag([1.0, 1.0, 5.0, 1.0]), shape=(60, 60, 12))
+    wide = _scan(tmp_path / "wide.nii.gz", np.diag([2.0, 4.0, 2.0, 1.0]), shape=(400, 12, 40))  # 800 mm across
+    for scan, fragment in ((axial, "axial acquisition (voxel 1 x 1 x 5 mm R, A, S"),
+                           (wide, "covers")):  # fmt: skip
+        out = tmp_path / scan.name.replace(".nii.gz", "_mask.nii.gz")
+        assert main(["predict", str(bundle), str(scan), str(out)]) == 0
+        assert fragment in capsys.readouterr().err
+    record = json.loads((tmp_path / "wide_mask.json").read_text())
+    assert any("of the scan's coronal plane (800 x 80 mm, R x S); nothing is predicted outside it" in w
+               for w in record["warnings"]), record["warnings"]  # fmt: skip
+
+
+def test_acquisition_plane_follows_the_thick_axis_whatever_the_storage_order() -> None:
+    from nibabel import orientations as nio
+
+    from avn_study.data.nifti import Geometry
+
+    cases = {(2.0, 4.0, 2.0): "coronal", (1.0, 1.0, 5.0): "axial", (6.0, 1.0, 1.0): "sagittal",
+             (1.0, 1.1, 1.0): "isotropic"}  # fmt: skip
+    for spacing, plane in cases.items():
+        ras = np.diag([*spacing, 1.0])
+        assert Geometry.of((10, 10, 10), ras).acquisition_plane == plane
+        ornt = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.axcodes2ornt(("P", "I", "L")))
+        stored = ras @ nio.inv_ornt_aff(ornt, (10, 10, 10))  # the same scan stored PIL
+        assert Geometry.of((10, 10, 10), stored).acquisition_plane == plane, spacing
+
+
+def test_training_warns_when_heads_reach_outside_the_crop(cohort: Path, tmp_path: Path, capsys) -> None:
+    train = ["train", "--data", str(cohort), "--epochs", "1", "--slice-size", "32", "--base-channels", "4",
+             "--depth", "2", "--set", "n_folds=3", "--set", "inplane_spacing_mm=4.0", "--quiet",
+             "--arm", "unet", "--schedule", "constant", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(train) == 0
+    err = capsys.readouterr().err
+    assert "case(s) have femoral head or necrosis outside the 32-pixel slice crop = 128 mm" in err
+
+
 # -------------------------------------------------------------------------- 8. bad output paths
 def test_bad_output_paths_fail_before_any_work(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     a_file = tmp_path / "file.txt"

@@ -153,6 +153,16 @@ class Geometry:
         return float(np.degrees(np.arccos(cosines)).max())
 
     @property
+    def acquisition_plane(self) -> str:
+        """``coronal``, ``axial`` or ``sagittal``: the plane across the thickest voxel axis (slices of a 2D
+        acquisition are thicker than their in-plane pixels); ``isotropic`` when no axis is 25 % thicker than
+        the thinnest (a 3D acquisition that can be sliced in any plane)."""
+        spacing = self.ras_spacing
+        if max(spacing) < 1.25 * min(spacing):
+            return "isotropic"
+        return ("sagittal", "coronal", "axial")[int(np.argmax(spacing))]
+
+    @property
     def axcodes(self) -> tuple[str, str, str]:
         """The stored orientation, e.g. ``('L', 'P', 'S')``."""
         return nio.aff2axcodes(self.affine)

@@ -56,6 +56,34 @@ def crop_box(shape: tuple[int, int], size: int) -> tuple[tuple[slice, slice], tu
     return (src[0], src[1]), (dst[0], dst[1])
 
 
+def outside_crop(case: CachedCase, size: int) -> tuple[float, float]:
+    """Shares of the case's femoral head region and of its necrosis that lie outside the slice crop
+    (nothing is ever predicted there: a model sees only the crop)."""
+    (src_r, src_s), _ = crop_box(case.image.shape[1:], size)
+    label = np.asarray(case.label)
+    inside = np.zeros(label.shape[1:], bool)
+    inside[src_r, src_s] = True
+    shares = []
+    for mask in (label >= LABELS["femoral_head"], label == LABELS["necrosis"]):
+        total = int(mask.sum())
+        shares.append(float((mask & ~inside).sum()) / total if total else 0.0)
+    return shares[0], shares[1]
+
+
+def crop_warning(cases: list[CachedCase], size: int, spacing_mm: float | None) -> str | None:
+    """A warning naming the cases whose head or necrosis reaches outside the ``size``-pixel crop, or None."""
+    lost = [(c.case_id, *outside_crop(c, size)) for c in cases]
+    lost = [row for row in lost if row[1] > 0 or row[2] > 0]
+    if not lost:
+        return None
+    worst = max(lost, key=lambda row: (row[2], row[1]))
+    width = f" = {size * spacing_mm:g} mm" if spacing_mm else ""
+    return (f"{len(lost)} of {len(cases)} case(s) have femoral head or necrosis outside the {size}-pixel slice "
+            f"crop{width} (worst: {worst[0]}, {100 * worst[1]:.1f} % of its head region and {100 * worst[2]:.1f} % "
+            "of its necrosis); nothing is predicted there, so those voxels count as missed. Raise slice_size or "
+            "inplane_spacing_mm, or check that the field of view is centred on the hips")  # fmt: skip
+
+
 class SliceDataset(Dataset):
     """Every coronal slice of the given cases; use :class:`EpochSampler` for the per-epoch selection.
 

@@ -252,6 +252,12 @@ def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVo
     if any(p.severity == "error" for p in problems):
         return None, problems
     geometry = Geometry.of(image.shape, img.image.affine)
+    plane = geometry.acquisition_plane
+    if plane not in ("coronal", "isotropic"):
+        voxel = " x ".join(f"{v:g}" for v in geometry.ras_spacing)
+        problems.append(Problem(case.image, f"{plane} acquisition (voxel {voxel} mm R, A, S, thickest across the "
+                                f"{plane} plane); models read coronal slices, built here from thick {plane} "
+                                "slices", "warning"))  # fmt: skip
     return CaseVolumes(case, geometry.to_ras(image), geometry.to_ras(label_u8), geometry), problems
 
 

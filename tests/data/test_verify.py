@@ -247,3 +247,15 @@ def test_training_refuses_broken_data_with_the_same_message(toy_cohort: Path, ca
         build_cache(toy_cohort, cache_dir=cache_dir)
     for problem in report.errors:
         assert str(problem) in str(info.value)
+
+
+def test_verify_warns_on_a_non_coronal_acquisition(toy_cohort: Path) -> None:
+    import nibabel as nib
+
+    for rel in (IMG, "labelsTr/toy_000.nii.gz"):
+        image = nib.load(toy_cohort / rel)
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), np.diag([2.0, 2.0, 6.0, 1.0])), toy_cohort / rel)
+    report = verify_dataset(toy_cohort)
+    assert report.ok, report.format()
+    assert any("axial acquisition (voxel 2 x 2 x 6 mm R, A, S" in p.message and p.severity == "warning"
+               for p in report.problems), report.format()  # fmt: skip
