@@ -99,6 +99,7 @@ def bundle_config(
     versions: dict[str, Any],
     inference: InferenceOptions | None = None,
     ensemble: list[dict[str, Any]] | None = None,
+    channels: list[str] | None = None,
 ) -> dict[str, Any]:
     """The ``config.json`` of a bundle whose model was trained with the flat TrainConfig ``flat``
     (``ensemble``: one record per member, the first being ``model.safetensors``)."""
@@ -115,10 +116,11 @@ def bundle_config(
             "name": ARMS[config.model.arm][0],  # the model registry name (create_model)
             "arm": config.model.arm,
             "branches": list(model.branches),
-            "config": {f: flat[f] for f in ModelConfig.__dataclass_fields__},
+            "config": {f: getattr(config.model, f) for f in ModelConfig.__dataclass_fields__},
             "outputs": "logits (seg: final necrosis, loc: localisation); recon: the reconstructed image",
         },
         "preprocessing": {
+            "channels": channels or ["T1"] * max(1, config.model.in_channels),
             "orientation": "RAS",
             "slice_axis": SLICE_AXIS,
             "slice_plane": "coronal",
@@ -171,6 +173,11 @@ class Bundle:
     def preprocess(self) -> PreprocessConfig:
         pre = self.config["preprocessing"]
         return PreprocessConfig(pre["inplane_spacing_mm"], tuple(pre["clip_percentiles"]))
+
+    @property
+    def channels(self) -> list[str]:
+        """The input channels the model reads, in order (version 1 bundles: one, T1)."""
+        return list(self.config["preprocessing"].get("channels", ["T1"]))
 
     @property
     def slice_size(self) -> int:
@@ -265,6 +272,12 @@ def _check_settings(bundle: Bundle, path: Path) -> None:
             raise ValueError(f"slice_size={bundle.slice_size}, threshold={bundle.threshold}")
     except (TypeError, ValueError) as err:
         raise DataError(f"{path}: bad preprocessing or threshold value ({err})") from None
+    channels = bundle.config["preprocessing"].get("channels", ["T1"])
+    expected = max(1, int(bundle.config["model"]["config"].get("in_channels", 0) or 0))
+    if (not isinstance(channels, list) or len(channels) != expected or len(set(channels)) != len(channels)
+            or not all(isinstance(c, str) and c for c in channels)):  # fmt: skip
+        raise DataError(f"{path}: 'preprocessing.channels' must name the model's {expected} input channel(s), "
+                        f"distinct, got {channels!r}")  # fmt: skip
     try:
         options = bundle.config.get("inference", {})
         if not isinstance(options, dict):

@@ -70,7 +70,9 @@ def save_checkpoint(
     return directory
 
 
-def load_weights(directory: str | Path, map_location: str = "cpu", *, file: str | None = MODEL_FILE) -> dict[str, torch.Tensor]:
+def load_weights(
+    directory: str | Path, map_location: str = "cpu", *, file: str | None = MODEL_FILE
+) -> dict[str, torch.Tensor]:
     """Read ``directory/model.safetensors`` (``file=None``: ``directory`` is the file itself); a file that is not
     safetensors (e.g. a pickle) is refused."""
     path = Path(directory) / file if file else Path(directory)

@@ -52,7 +52,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     check_target(args.out, flag="OUT", kind="a phantom cohort", is_own=is_phantom_cohort, overwrite=args.overwrite)
     config = PhantomConfig.tiny() if args.tiny else PhantomConfig()
     with staged_folder(args.out) as staged:  # a new cohort replaces the old one whole, never file by file
-        write_cohort(staged, cases=args.cases, seed=args.seed, config=config)
+        write_cohort(staged, cases=args.cases, seed=args.seed, config=config, channels=tuple(args.channels.split(",")))
     print(f"wrote a phantom cohort of {args.cases} patient(s) (seed {args.seed}) to {args.out}")
     return 0
 
@@ -159,9 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_target(args.out, flag="--out", kind="a run folder", is_own=is_run_folder, overwrite=args.overwrite,
                  inputs=[args.data])  # fmt: skip
     data = prepare_data(args.data, config, cache_dir=args.cache_dir, splits_path=args.splits)
-    from avn_study.models import n_parameters
-
     from avn_study.data.slices import crop_warning
+    from avn_study.models import n_parameters
 
     warning = crop_warning([*data.train, *data.val], config.data.slice_size, config.data.inplane_spacing_mm)
     if warning:
@@ -360,9 +359,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from avn_study.export import export_bundle
-
     from avn_study.bundle import InferenceOptions
+    from avn_study.export import export_bundle
 
     try:
         inference = InferenceOptions().override(**_inference_args(args))
@@ -390,8 +388,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _add_inference_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--tta", choices=("none", "flip"), default=None,
                    help=f"test-time augmentation: flip = mean with the left-right mirror ({what})")  # fmt: skip
-    p.add_argument("--restrict-to-head", action=argparse.BooleanOptionalAction, default=None, dest="restrict_to_head",
-                   help=f"keep necrosis only inside the predicted localisation region (+loc models; {what})")  # fmt: skip
+    p.add_argument(
+        "--restrict-to-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        dest="restrict_to_head",
+        help=f"keep necrosis only inside the predicted localisation region (+loc models; {what})",
+    )
     p.add_argument("--min-component-ml", type=float, default=None, dest="min_component_ml",
                    help=f"drop predicted necrosis components smaller than this volume ({what})")  # fmt: skip
 
@@ -443,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=_positive_int, default=20, help="number of patients (default 20)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--tiny", action="store_true", help="small, coarse volumes for smoke tests")
+    p.add_argument("--channels", choices=("T1", "T1,STIR"), default="T1",
+                   help="input sequences: T1 (default), or T1,STIR (a second, STIR-like channel _0001)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom cohort (only one)")
     p.set_defaults(func=cmd_synth)
 
@@ -579,8 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--min-volume-ml", type=float, default=0.1, dest="min_volume_ml",
                    help="a hip is predicted positive with at least this much necrosis (default 0.1 ml)")  # fmt: skip
-    p.add_argument("--min-iou", type=float, default=0.1, dest="min_iou",
-                   help="a reference lesion counts as detected at this IoU with a predicted one (default 0.1)")  # fmt: skip
+    p.add_argument(
+        "--min-iou",
+        type=float,
+        default=0.1,
+        dest="min_iou",
+        help="a reference lesion counts as detected at this IoU with a predicted one (default 0.1)",
+    )
     p.add_argument("--tau-mm", type=float, default=2.0, dest="tau_mm",
                    help="surface Dice tolerance in mm (default 2)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")

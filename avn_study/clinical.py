@@ -100,9 +100,7 @@ def _two_centroids(mask: np.ndarray) -> tuple[float, float] | None:
     return float(centres[0][0]), float(centres[1][0])
 
 
-def hip_midline(
-    shape: tuple[int, ...], ref_head: np.ndarray | None, pred_loc: np.ndarray | None
-) -> tuple[float, str]:
+def hip_midline(shape: tuple[int, ...], ref_head: np.ndarray | None, pred_loc: np.ndarray | None) -> tuple[float, str]:
     """``(midline R index, where it came from)`` for a volume of ``shape`` (see the module docstring)."""
     for mask, source in ((ref_head, "reference heads"), (pred_loc, "predicted heads")):
         if mask is not None and mask.any():
@@ -130,7 +128,7 @@ def hip_rows(
     voxel_ml = math.prod(spacing) / 1000.0
     midline, source = hip_midline(pred.shape, ref_head if has_head_labels else None, pred_loc)
     right = np.zeros(pred.shape, bool)
-    right[int(math.ceil(midline)) :] = True
+    right[math.ceil(midline) :] = True
     rows = []
     for hip, side in zip(HIPS, (right, ~right), strict=True):
         p, r = pred & side, ref & side

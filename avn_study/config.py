@@ -37,6 +37,7 @@ class ModelConfig:
     recon_skips: str = "none"  # none | deepest | all: skips into the reconstruction decoder
     loc_skips: str = "all"  # all | deepest | none: skips into the localisation decoder
     aux_channels_factor: float = 0.5  # width of the recon/loc decoders relative to the seg decoder
+    in_channels: int = 0  # input channels (MRI sequences); 0 = as many as the cohort has (resolved at training)
 
     def __post_init__(self) -> None:
         look_up(self.arm, ARMS, what="arm")
@@ -47,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"gating_alpha must be in [0, 1], got {self.gating_alpha=}")
         if not 0.0 < self.aux_channels_factor <= 4.0:
             raise ValueError(f"aux_channels_factor must be in (0, 4], got {self.aux_channels_factor=}")
+        if not 0 <= self.in_channels <= 8:
+            raise ValueError(f"in_channels must be in [0, 8] (0: the cohort's), got in_channels={self.in_channels}")
         if not 1 <= self.depth <= MAX_DEPTH:
             raise ValueError(f"depth must be in [1, {MAX_DEPTH}], got depth={self.depth}")
         if not 1 <= self.base_channels <= MAX_BASE_CHANNELS:

@@ -59,6 +59,11 @@ class RunData:
     inner_split_hash: str = ""  # nested CV: the hash of the inner folds ``val`` comes from
 
     @property
+    def channels(self) -> list[str]:
+        """The cohort's input channel names (``channel_names`` of its dataset.json)."""
+        return list(self.train[0].meta.get("channel_names", ["T1"] * self.train[0].n_channels))
+
+    @property
     def val_patients(self) -> list[str]:
         return sorted({c.patient_id for c in self.val})
 
@@ -170,6 +175,7 @@ def arm_branches(config: TrainConfig) -> tuple[str, ...]:
 def build_model(config: TrainConfig) -> torch.nn.Module:
     """The arm's model with every architectural option of the config (those the model lacks are dropped)."""
     options = {f: getattr(config.model, f) for f in MODEL_OPTIONS}
+    options["in_channels"] = options["in_channels"] or 1  # 0 (the cohort's) is resolved by TrainingRun
     return model_for_arm(config.model.arm, **options)
 
 

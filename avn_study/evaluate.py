@@ -61,15 +61,18 @@ def score_case(
     tau_mm: float,
     has_head_labels: bool,
     options: Any = None,
+    order: list[int] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One checked case (``verify.CaseVolumes``): its per-case row and its two per-hip rows."""
+    """One checked case (``verify.CaseVolumes``): its per-case row and its two per-hip rows. ``order``
+    picks the case's channels the bundle reads, in the bundle's order (default: all, as they are)."""
     from avn_study.data.preprocess import inplane_shape, resample_labels
     from avn_study.metrics import case_metrics, hd95_mm
     from avn_study.metrics import dice as dice_of
     from avn_study.predict import predict_volume
 
     geometry, case = volumes.geometry, volumes.case
-    prediction = predict_volume(bundle, volumes.image, geometry, device, options=options)
+    channels = [volumes.channels[i] for i in (order if order is not None else range(len(volumes.channels)))]
+    prediction = predict_volume(bundle, channels[0], geometry, device, options=options, extra=tuple(channels[1:]))
     spacing = geometry.ras_spacing
     pred, ref = prediction.labels == LABELS["necrosis"], volumes.label == LABELS["necrosis"]
     row: dict[str, Any] = {"case": case.case_id, "patient": case.patient_id}
@@ -86,6 +89,19 @@ def score_case(
     hips = hip_rows(pred, ref, volumes.label >= LABELS["femoral_head"], spacing, has_head_labels=has_head_labels,
                     pred_loc=pred_loc, min_volume_ml=min_volume_ml, min_iou=min_iou, tau_mm=tau_mm)  # fmt: skip
     return row, [{"case": case.case_id, "patient": case.patient_id, **h} for h in hips]
+
+
+def match_channels(wanted: list[str], available: list[str], data: Path) -> list[int]:
+    """Indices into the cohort's channels of the channels a bundle reads, matched by name.
+
+    Raises:
+        UsageError: a channel the bundle reads is not among the cohort's ``channel_names``.
+    """
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise UsageError(f"{data}/dataset.json: channel_names ({', '.join(available)}) lack {', '.join(missing)}, "
+                         f"which the bundle reads ({', '.join(wanted)})")  # fmt: skip
+    return [available.index(c) for c in wanted]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -151,6 +167,7 @@ def evaluate_bundle(
     label_map = cohort.label_map
     bundle = load_bundle(bundle_path)
     chosen = resolve_options(bundle, **options)
+    order = match_channels(bundle.channels, cohort.channels, data)
     torch_device = _device(device)
     cases, hips, errors = [], [], []
     for i, case in enumerate(cohort.cases):
@@ -158,7 +175,8 @@ def evaluate_bundle(
         errors += [p for p in case_problems if p.severity == "error"]
         if volumes is not None and not errors:
             row, hip = score_case(bundle, volumes, torch_device, min_volume_ml=min_volume_ml, min_iou=min_iou,
-                                  tau_mm=tau_mm, has_head_labels=label_map.has_head, options=chosen)  # fmt: skip
+                                  tau_mm=tau_mm, has_head_labels=label_map.has_head, options=chosen,
+                                  order=order)  # fmt: skip
             cases.append(row)
             hips += hip
         if progress:
@@ -181,8 +199,12 @@ def evaluate_bundle(
         "data": str(data),
         "subset": subset,
         "labels": label_map.describe(),
-        "settings": {"min_volume_ml": min_volume_ml, "min_iou": min_iou, "tau_mm": tau_mm,
-                     "threshold": bundle.threshold},  # fmt: skip
+        "settings": {
+            "min_volume_ml": min_volume_ml,
+            "min_iou": min_iou,
+            "tau_mm": tau_mm,
+            "threshold": bundle.threshold,
+        },
         "inference": chosen.to_json(),
         "models": len(bundle.models),
         "warnings": _seen_by_the_model(bundle, data, subset),

@@ -266,7 +266,7 @@ def git_commit() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ ONNX
-def export_onnx(model: Any, path: Path, slice_size: int, tolerance: float = 1e-3) -> dict[str, Any]:
+def export_onnx(model: Any, path: Path, slice_size: int, tolerance: float = 1e-3, channels: int = 1) -> dict[str, Any]:
     """Write ``model.onnx`` (torch's dynamo exporter; outputs named by branch, dynamic batch axis) and
     check it against PyTorch with onnxruntime on random slices.
 
@@ -300,7 +300,7 @@ def export_onnx(model: Any, path: Path, slice_size: int, tolerance: float = 1e-3
             return tuple(out[n] for n in names)
 
     wrapper = Outputs().eval()
-    example = torch.zeros(2, 1, slice_size, slice_size)
+    example = torch.zeros(2, channels, slice_size, slice_size)
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes
@@ -315,7 +315,7 @@ def export_onnx(model: Any, path: Path, slice_size: int, tolerance: float = 1e-3
         quiet.setLevel(level)
     onnx.checker.check_model(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(3, 1, slice_size, slice_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, channels, slice_size, slice_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = wrapper(x)
     outputs = session.run(names, {"image": x.numpy()})
@@ -325,7 +325,7 @@ def export_onnx(model: Any, path: Path, slice_size: int, tolerance: float = 1e-3
     opset = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
     return {
         "file": path.name,
-        "input": {"name": "image", "shape": ["batch", 1, slice_size, slice_size], "dtype": "float32"},
+        "input": {"name": "image", "shape": ["batch", channels, slice_size, slice_size], "dtype": "float32"},
         "outputs": names,
         "outputs_are": "seg, loc: logits (seg is the final, gated necrosis logit); recon: the reconstruction",
         "opset": opset,
@@ -425,6 +425,7 @@ def write_bundle(
     overwrite: bool = False,
     inference: Any = None,
     members: list[tuple[Any, dict[str, Any]]] | None = None,
+    channels: list[str] | None = None,
 ) -> tuple[Path, dict[str, Any] | None]:
     """Write a bundle folder for ``model`` (trained with the flat TrainConfig ``flat``).
 
@@ -463,8 +464,9 @@ def write_bundle(
             save_file(state, str(tmp / name), metadata={"format": "pt", "avn_study_bundle": "1"})
             ensemble.append({"file": name, **record})
         config = bundle_config(flat, model, provenance.get("versions") or package_versions(), inference,
-                               ensemble if members else None)  # fmt: skip
-        onnx_info = export_onnx(model, tmp / ONNX_FILE, int(flat["slice_size"])) if onnx else None
+                               ensemble if members else None, channels)  # fmt: skip
+        n_channels = max(1, int(flat.get("in_channels", 0) or 0))
+        onnx_info = export_onnx(model, tmp / ONNX_FILE, int(flat["slice_size"]), channels=n_channels) if onnx else None
         if onnx_info:
             config["onnx"] = onnx_info
         for name, payload in ((CONFIG_FILE, config), (METRICS_FILE, metrics), (PROVENANCE_FILE, provenance)):
@@ -494,7 +496,7 @@ def export_bundle(
         AvnError: nothing to export, or the checkpoint does not load.
     """
     from avn_study.analysis.tables import load_experiment
-    from avn_study.checkpoint import load_config, load_weights
+    from avn_study.checkpoint import load_config, load_training_state, load_weights
     from avn_study.config import TrainConfig
     from avn_study.engine import build_model
     from avn_study.storage import MIRROR_MARKER
@@ -531,8 +533,9 @@ def export_bundle(
             folder, member_record, _ = choose_checkpoint(trial, sel.metric, sel.mode)
             config = load_config(folder)
             _check_same_model(flat, config, sel.trial, trial)
-            members.append((load(folder, config), {"trial_id": str(trial["trial_id"]), "fold": trial["fold"],
-                                                   "seed": trial["seed"], "epoch": member_record.get("epoch")}))  # fmt: skip
+            record = {"trial_id": str(trial["trial_id"]), "fold": trial["fold"], "seed": trial["seed"],
+                      "epoch": member_record.get("epoch")}  # fmt: skip
+            members.append((load(folder, config), record))
         if not members:
             raise AvnError(f"--ensemble: the best configuration (row {sel.best.row}) has one trial only; "
                            "there is nothing to ensemble")  # fmt: skip
@@ -545,8 +548,9 @@ def export_bundle(
                     "a held-out test set (`avn-study evaluate BUNDLE DATA` with imagesTs/labelsTs)",
         }  # fmt: skip
     provenance = _provenance_json(experiment, sel, checkpoint, package_versions())
+    channels = (load_training_state(checkpoint).get("provenance") or {}).get("channels")
     path, onnx_info = write_bundle(out, model, flat, metrics, provenance, onnx=onnx, overwrite=overwrite,
-                                   inference=inference, members=members)  # fmt: skip
+                                   inference=inference, members=members, channels=channels)  # fmt: skip
     return ExportResult(path, sel, checkpoint, record, onnx_info)
 
 
@@ -558,5 +562,7 @@ def _check_same_model(first: dict[str, Any], other: dict[str, Any], a: dict[str,
     differ = [k for k in keys if first.get(k) != other.get(k)]
     if differ:
         k = differ[0]
-        raise AvnError(f"--ensemble: trials {a['trial_id']} and {b['trial_id']} differ in '{k}' ({first.get(k)!r} vs "
-                       f"{other.get(k)!r}); members of one bundle must share the model and its preprocessing")  # fmt: skip
+        raise AvnError(
+            f"--ensemble: trials {a['trial_id']} and {b['trial_id']} differ in '{k}' ({first.get(k)!r} vs "
+            f"{other.get(k)!r}); members of one bundle must share the model and its preprocessing"
+        )

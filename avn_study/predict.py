@@ -31,7 +31,6 @@ import torch
 from avn_study.bundle import (  # noqa: F401  (re-exported: the bundle API is reached from here too)
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
-    InferenceOptions,
     CONFIG_FILE,
     LOC_THRESHOLD,
     METRICS_FILE,
@@ -41,6 +40,7 @@ from avn_study.bundle import (  # noqa: F401  (re-exported: the bundle API is re
     REQUIRED_FILES,
     SLICE_AXIS,
     Bundle,
+    InferenceOptions,
     build_bundle_model,
     bundle_config,
     load_bundle,
@@ -166,21 +166,31 @@ def predict_volume(
     device: torch.device | None = None,
     batch_size: int = 32,
     options: InferenceOptions | None = None,
+    extra: tuple[np.ndarray, ...] = (),
 ) -> CasePrediction:
     """Predict every coronal slice of a RAS volume and map the result back to its RAS grid.
 
-    ``options`` (default: the bundle's) set test-time augmentation, applied to the probabilities,
-    and post-processing, applied to the label map in the scan's grid (``grid`` keeps the model's
-    probabilities as they are).
+    ``image_ras`` is the first input channel; ``extra`` the others, in the bundle's channel order, on
+    the same grid. ``options`` (default: the bundle's) set test-time augmentation, applied to the
+    probabilities, and post-processing, applied to the label map in the scan's grid (``grid`` keeps
+    the model's probabilities as they are).
     """
     device = device or torch.device("cpu")
     options = options or bundle.inference
-    image, pad_value, spacing = preprocess_image(image_ras, geometry, bundle.preprocess)
-    stack = np.ascontiguousarray(np.moveaxis(image, SLICE_AXIS, 0))  # (A, R', S'), as cached
-    size = bundle.slice_size
+    channels = (image_ras, *extra)
+    if len(channels) != len(bundle.channels):
+        raise DataError(f"the bundle reads {len(bundle.channels)} channel(s) ({', '.join(bundle.channels)}), "
+                        f"got {len(channels)}")  # fmt: skip
+    size, stacks = bundle.slice_size, []
+    for channel in channels:
+        image, pad_value, spacing = preprocess_image(channel, geometry, bundle.preprocess)
+        stacks.append((np.ascontiguousarray(np.moveaxis(image, SLICE_AXIS, 0)), pad_value))  # (A, R', S'), as cached
+    stack = stacks[0][0]
     src, dst = crop_box(stack.shape[1:], size)
-    slices = np.full((stack.shape[0], 1, size, size), pad_value, dtype=np.float32)
-    slices[(slice(None), 0, *dst)] = stack[(slice(None), *src)]
+    slices = np.empty((stack.shape[0], len(stacks), size, size), dtype=np.float32)
+    for k, (channel_stack, pad_value) in enumerate(stacks):
+        slices[:, k] = pad_value
+        slices[(slice(None), k, *dst)] = channel_stack[(slice(None), *src)]
     out = slice_probabilities(bundle, torch.from_numpy(slices), device, batch_size, options.tta)
     grid = {}
     for name in ("seg", "loc"):
@@ -269,23 +279,35 @@ def check_geometry(source: Path, geometry: Geometry, bundle: Bundle) -> list[str
     return warnings
 
 
-def predict_file(bundle: Bundle, source: Path, target: Path, device: torch.device, batch_size: int = 32,
-                 options: InferenceOptions | None = None) -> dict:  # fmt: skip
-    """Predict one NIfTI file and write its label map; returns its volumes record (with ``warnings``).
+def predict_file(bundle: Bundle, source: Path | tuple[Path, ...], target: Path, device: torch.device,
+                 batch_size: int = 32, options: InferenceOptions | None = None) -> dict:  # fmt: skip
+    """Predict one case (a NIfTI file, or one file per channel) and write its label map; returns its
+    volumes record (with ``warnings``).
 
     Raises:
-        DataError: the input is unreadable, not 3D, has an unusable affine, a grid too large to
-            resample, or holds non-finite voxels (names the file).
+        DataError: an input is unreadable, not 3D, has an unusable affine, a grid too large to
+            resample, or holds non-finite voxels; channels on different grids (names the file).
     """
+    sources = source if isinstance(source, tuple) else (source,)
+    source = sources[0]
     image, geometry = load_ras(source)
     warnings = check_geometry(source, geometry, bundle)
-    if not np.isfinite(image).all():
-        raise DataError(f"{source}: {int((~np.isfinite(image)).sum())} NaN/Inf voxels; all voxels must be finite")
-    prediction = predict_volume(bundle, image, geometry, device, batch_size, options)
+    extra = []
+    for path, arr in ((source, image), *((p, None) for p in sources[1:])):
+        if arr is None:
+            arr, other = load_ras(path)
+            if other.shape != geometry.shape or not np.allclose(other.affine, geometry.affine, atol=1e-3):
+                raise DataError(f"{path}: its grid (shape {other.shape}) differs from the first channel's "
+                                f"{source.name} (shape {geometry.shape}); channels must be co-registered")  # fmt: skip
+            extra.append(arr)
+        if not np.isfinite(arr).all():
+            raise DataError(f"{path}: {int((~np.isfinite(arr)).sum())} NaN/Inf voxels; all voxels must be finite")
+    prediction = predict_volume(bundle, image, geometry, device, batch_size, options, tuple(extra))
     save_in_geometry(prediction.labels, geometry, target)
     margin = float(bundle.config["preprocessing"]["loc_margin_mm"])
     return {
         "input": str(source),
+        **({"channels": [str(p) for p in sources]} if len(sources) > 1 else {}),
         "output": str(target),
         "shape": list(geometry.shape),
         "axcodes": "".join(geometry.axcodes),
@@ -344,28 +366,58 @@ def _check_outputs(pairs: list[tuple[Path, Path]], record: Path, overwrite: bool
                              "replaced: choose another OUTPUT")  # fmt: skip
 
 
-def plan(source: Path, target: Path, overwrite: bool = False) -> tuple[list[tuple[Path, Path]], bool]:
+def _channel_files(first: Path, channels: list[str]) -> tuple[Path, ...]:
+    """``{case}_0000.nii.gz`` and its sibling channels ``_0001``, ... (a multi-channel bundle's input).
+
+    Raises:
+        UsageError: ``first`` is not a ``_0000`` file, or a channel's file is missing.
+    """
+    ending = _nifti_ending(first.name) or ""
+    stem = first.name[: -len(ending)]
+    if not stem.endswith("_0000"):
+        raise UsageError(
+            f"{first}: the bundle reads {len(channels)} channels ({', '.join(channels)}), so inputs are named like "
+            f"nnU-Net's: case_0000{ending} ({channels[0]}), case_0001{ending} ({channels[1]}), ..."
+        )
+    case = stem[: -len("_0000")]
+    files = tuple(first.with_name(f"{case}_{i:04d}{ending}") for i in range(len(channels)))
+    for i, path in enumerate(files):
+        if not path.is_file():
+            raise UsageError(f"{path}: missing channel _{i:04d} ({channels[i]}) of case '{case}'; the bundle reads "
+                             f"{', '.join(channels)}")  # fmt: skip
+    return files
+
+
+def plan(
+    source: Path, target: Path, overwrite: bool = False, channels: list[str] | None = None
+) -> tuple[list[tuple[Path | tuple[Path, ...], Path]], bool]:
     """(input, output) pairs and whether this is folder mode; checks names before any work.
+
+    With a multi-channel bundle (``channels``), an input is the tuple of a case's channel files.
 
     Raises:
         UsageError: a missing input, a non-NIfTI file, an empty folder, outputs that collide with each
             other or overwrite an input, a folder input with a file output, an existing output that
-            predict did not write (or any existing output without ``overwrite``).
+            predict did not write (or any existing output without ``overwrite``), a missing channel.
     """
+    channels = channels or ["T1"]
+    n = len(channels)
     if not source.exists():
         raise UsageError(f"{source}: no such file or folder")
     if source.is_file():
         if _nifti_ending(source.name) is None:
             raise UsageError(f"{source}: not a NIfTI file (expected a .nii or .nii.gz name)")
+        inputs = _channel_files(source, channels) if n > 1 else (source,)
         if target.is_dir():
             target = target / output_name(source.name)
         elif _nifti_ending(target.name) is None:
             raise UsageError(f"{target}: the output of a single file must be a .nii or .nii.gz file name (or a folder)")
-        if target.resolve() == source.resolve():
+        resolved = {p.resolve() for p in inputs}
+        if target.resolve() in resolved:
             raise UsageError(f"{target}: the output would overwrite the input")
-        if json_path(target).resolve() == source.resolve():
+        if json_path(target).resolve() in resolved:
             raise UsageError(f"{json_path(target)}: the output's JSON record would overwrite the input")
-        pairs = [(source, target)]
+        pairs: list[tuple[Path | tuple[Path, ...], Path]] = [(inputs if n > 1 else source, target)]
         _check_outputs(pairs, json_path(target), overwrite)
         return pairs, False
     if target.exists() and not target.is_dir():
@@ -378,17 +430,21 @@ def plan(source: Path, target: Path, overwrite: bool = False) -> tuple[list[tupl
     for path in files:
         stem = path.name[: -len(_nifti_ending(path.name) or "")]
         channel = _CHANNEL.search(stem)
+        inputs: Path | tuple[Path, ...] = path
         if channel and channel.group(1) != "0000" and f"{stem[: channel.start()]}_0000" in stems:
-            raise UsageError(
-                f"{path}: an extra input channel of case '{stem[: channel.start()]}'; models take one (_0000)"
-            )
+            if int(channel.group(1)) < n:
+                continue  # read with its case's _0000 file
+            raise UsageError(f"{path}: an extra input channel of case '{stem[: channel.start()]}'; the bundle reads "
+                             f"{n} ({', '.join(f'_{i:04d} {c}' for i, c in enumerate(channels))})")  # fmt: skip
+        if n > 1:
+            inputs = _channel_files(path, channels)
         out = target / output_name(path.name)
         if out.name in seen:
             raise UsageError(f"{path} and {seen[out.name]} would both be written to {out}; rename one")
         if out.resolve() in {p.resolve() for p in files}:
             raise UsageError(f"{out}: the output would overwrite an input; choose another OUTPUT folder")
         seen[out.name] = path
-        pairs.append((path, out))
+        pairs.append((inputs, out))
     _check_outputs(pairs, target / "volumes.json", overwrite)
     return pairs, True
 
@@ -425,8 +481,8 @@ def predict(
         UsageError: bad paths or names (see :func:`plan`), a bad bundle.
         DataError: a bad bundle or unreadable inputs (each named).
     """
-    pairs, folder = plan(Path(source), Path(target), overwrite)
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    pairs, folder = plan(Path(source), Path(target), overwrite, loaded.channels)
     chosen = resolve_options(loaded, **options)
     torch_device = _device(device)
     records, problems = [], []
@@ -438,7 +494,7 @@ def predict(
                 raise
             problems.append(str(err))
         if progress:
-            progress(i + 1, len(pairs), src.name)
+            progress(i + 1, len(pairs), (src[0] if isinstance(src, tuple) else src).name)
     header = {"written_by": WRITTEN_BY, "bundle": str(loaded.path), "trial_id": loaded.provenance.get("trial_id"),
               "labels": dict(LABELS), "inference": chosen.to_json(), "models": len(loaded.models)}  # fmt: skip
     if folder:

@@ -115,7 +115,7 @@ def train_trial(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             run.restore(directory)
     files = TrialFiles()
-    files.write("resolved_config.json", json.dumps(train_config.to_flat(), indent=1))
+    files.write("resolved_config.json", json.dumps(run.config.to_flat(), indent=1))
     identity = _identity(run, meta)
     every = int(meta.get("checkpoint_frequency", 1))
     while not run.done:

@@ -29,6 +29,23 @@ from avn_study.schedules import create_schedule
 from avn_study.stage_timer import NO_TIMER, Timer
 
 
+def resolve_channels(config: TrainConfig, data: RunData) -> TrainConfig:
+    """``in_channels`` set to the cohort's channel count (0 means "the cohort's"), or checked against it.
+
+    Raises:
+        DataError: the config asks for another number of channels than the cohort has.
+    """
+    from avn_study.errors import DataError
+
+    n = data.train[0].n_channels
+    if config.model.in_channels == 0:
+        return config.replace(in_channels=n)
+    if config.model.in_channels != n:
+        raise DataError(f"in_channels={config.model.in_channels}, but the cohort has {n} channel(s) "
+                        f"({', '.join(data.channels)}); use in_channels=0 to follow the cohort")  # fmt: skip
+    return config
+
+
 class TrainingRun:
     """Model, optimizer, loss schedule and data of one run; :meth:`run_epoch` advances one epoch.
 
@@ -41,7 +58,8 @@ class TrainingRun:
     """
 
     def __init__(self, config: TrainConfig, data: RunData) -> None:
-        self.config, self.data = config, data
+        self.config, self.data = resolve_channels(config, data), data
+        config = self.config
         rt = config.runtime
         if rt.threads > 0:
             torch.set_num_threads(rt.threads)
@@ -152,6 +170,7 @@ class TrainingRun:
 
         return {
             "n_parameters": n_parameters(self.model),
+            "channels": self.data.channels,
             "split_hash": self.data.split_hash,
             "inner_split_hash": self.data.inner_split_hash,
             "data_fingerprint": self.data.data_fingerprint,

@@ -48,6 +48,7 @@ ARMS: dict[str, Arm] = {
 # Model options of the architecture (ModelConfig fields besides ``arm``) and the models that accept each;
 # a config carries all of them, and a model is built with only the ones it takes.
 MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "in_channels": ("unet", "multitask", "cascade"),
     "depth": ("unet", "multitask", "cascade"),
     "base_channels": ("unet", "multitask", "cascade"),
     "norm": ("unet", "multitask", "cascade"),

@@ -101,7 +101,6 @@ def test_bench_refuses_a_work_dir_holding_files_it_did_not_make(tmp_path: Path, 
     assert work_folder(fresh) == fresh  # bench's own folder is reused
 
 
-
 def test_verify_of_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert "dataset folder does not exist" in capsys.readouterr().err

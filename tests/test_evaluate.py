@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_predict import make_bundle
 
+from avn_study.cli import main
 from avn_study.clinical import (
     fraction_bin,
     hip_midline,
@@ -21,7 +22,6 @@ from avn_study.clinical import (
     lesion_detection_iou,
     surface_dice,
 )
-from avn_study.cli import main
 from avn_study.metrics import dice
 
 SPACING = (1.0, 1.0, 1.0)
@@ -77,14 +77,14 @@ def _two_hips():
 
 
 def test_hip_midline_from_the_reference_heads_then_the_grid() -> None:
-    head, _, right, left = _two_hips()
+    head, _, right, _ = _two_hips()
     assert hip_midline(head.shape, head, None) == (pytest.approx(19.5), "reference heads")
     assert hip_midline(head.shape, None, head)[1] == "predicted heads"
     assert hip_midline(head.shape, right, None) == (19.5, "grid centre")  # one head only: no midline from it
 
 
 def test_hip_rows_give_the_necrotic_fraction_of_each_head() -> None:
-    head, necrosis, right, left = _two_hips()
+    head, necrosis, right, _ = _two_hips()
     spacing = (2.0, 3.0, 2.0)
     ml = 12.0 / 1000.0
     pred = necrosis & (np.indices(head.shape)[2] >= 11)  # under-segmented
@@ -141,7 +141,9 @@ def test_evaluate_scores_what_predict_writes_in_the_scans_own_grid(
     assert {h["hip"] for h in hips} == {"right", "left"}
     assert summary["subset"] == "Tr" and summary["written_by"] == "avn-study evaluate"
     # independently: predict's label maps against the label files, in their own voxel grid
-    assert main(["predict", str(bundle), str(tiny_phantom / "imagesTr"), str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert (
+        main(["predict", str(bundle), str(tiny_phantom / "imagesTr"), str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    )
     for row in cases:
         written = nib.load(tmp_path / "pred" / f"{row['case']}.nii.gz")
         label = nib.load(tiny_phantom / "labelsTr" / f"{row['case']}.nii.gz")

@@ -76,7 +76,9 @@ def test_restrict_to_head_needs_a_loc_branch(tmp_path: Path, tiny_phantom: Path,
     unet = make_bundle(tmp_path / "unet", arm="unet")
     image = next((tiny_phantom / "imagesTr").glob("*_0000.nii.gz"))
     assert main(["predict", str(unet), str(image), str(tmp_path / "o.nii.gz"), "--restrict-to-head"]) == 2
-    assert "restrict_to_head needs a localisation branch, and this bundle's arm 'unet' has none" in capsys.readouterr().err
+    assert (
+        "restrict_to_head needs a localisation branch, and this bundle's arm 'unet' has none" in capsys.readouterr().err
+    )
 
 
 def test_bundle_defaults_are_used_recorded_and_overridden(tmp_path: Path, tiny_phantom: Path) -> None:
@@ -160,7 +162,7 @@ def test_a_tampered_ensemble_is_refused(ensemble_dir: Path, tmp_path: Path) -> N
     copy2 = Path(shutil.copytree(ensemble_dir, tmp_path / "copy2"))
     other = make_bundle(tmp_path / "wide", base_channels=8)
     shutil.copy(other / "model.safetensors", copy2 / "ensemble" / "member_01.safetensors")
-    with pytest.raises(DataError, match="member_01.safetensors: the weights do not fit the model"):
+    with pytest.raises(DataError, match=r"member_01\.safetensors: the weights do not fit the model"):
         load_bundle(copy2)
     copy3 = Path(shutil.copytree(ensemble_dir, tmp_path / "copy3"))
     (copy3 / "ensemble" / "member_02.safetensors").unlink()

@@ -28,7 +28,6 @@ import torch
 from avn_study.data.slices import EpochSampler, SliceDataset, make_loader
 from avn_study.errors import AvnError
 
-_BYTES_PER_PIXEL = 4 + 1 + 1  # float32 image, bool necrosis, bool localisation target
 _MATERIALISE_CHUNK = 512  # slices read from the cache per copy to the device
 
 
@@ -44,7 +43,7 @@ class BatchSource(Protocol):
 
 def resident_bytes(dataset: SliceDataset) -> int:
     """Device memory the fold's slices take when resident."""
-    return len(dataset) * dataset.config.size**2 * _BYTES_PER_PIXEL
+    return len(dataset) * dataset.config.size**2 * (4 * dataset.n_channels + 2)
 
 
 def _batch_count(n: int, batch_size: int) -> int:
@@ -62,7 +61,7 @@ class ResidentBatches:
         self.sampler = EpochSampler(dataset, seed=seed)
         self.batch_size, self.device = batch_size, device
         n, size = len(dataset), dataset.config.size
-        self.image = torch.empty((n, 1, size, size), dtype=torch.float32, device=device)
+        self.image = torch.empty((n, dataset.n_channels, size, size), dtype=torch.float32, device=device)
         self.seg = torch.empty((n, 1, size, size), dtype=torch.bool, device=device)
         self.loc = torch.empty((n, 1, size, size), dtype=torch.bool, device=device)
         for start in range(0, n, _MATERIALISE_CHUNK):

@@ -91,6 +91,21 @@ class CachedCase:
     def head_dist(self) -> np.ndarray:
         return np.load(self.path / "head_dist.npy", mmap_mode="r")
 
+    @property
+    def n_channels(self) -> int:
+        return int(self.meta.get("n_channels", 1))
+
+    @cached_property
+    def channels(self) -> tuple[np.ndarray, ...]:
+        """Every input channel ``(A, R, S)``: ``image`` (the first), then ``image_1.npy``, ..."""
+        extra = (np.load(self.path / f"image_{i}.npy", mmap_mode="r") for i in range(1, self.n_channels))
+        return (self.image, *extra)
+
+    @property
+    def pad_values(self) -> list[float]:
+        """Per channel, the normalised value of air (what pads a slice)."""
+        return list(self.meta.get("pad_values", [self.meta["pad_value"]]))
+
     def volume_ras(self, name: str) -> np.ndarray:
         """An array back in ``(R, A, S)`` order (a view)."""
         return np.moveaxis(getattr(self, name), 0, 1)
@@ -107,6 +122,7 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
 def cache_key(case: CaseFiles, config: PreprocessConfig, label_map: LabelMap = CANONICAL) -> str:
     assert case.label is not None
     parts = [f"v{CACHE_VERSION}", config.to_json(), file_digest(case.image), file_digest(case.label)]
+    parts += [file_digest(path) for path in case.extra]  # (single-channel cohorts keep their keys)
     if not label_map.is_canonical:  # (canonical cohorts keep the keys they had before label maps existed)
         parts.append(label_map.key())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -133,7 +149,9 @@ def preprocess_case(
     affine = resampled_affine(volumes.geometry.ras_affine, volumes.image.shape, shape)
     new_spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     image, pad_value = normalise(image, config.clip_percentiles)
+    extra = [normalise(resample_inplane_to(c, shape, order=1), config.clip_percentiles) for c in volumes.extra]
     arrays = {
+        **{f"image_{i}": np.ascontiguousarray(np.moveaxis(c, 1, 0)) for i, (c, _) in enumerate(extra, start=1)},
         "image": np.ascontiguousarray(np.moveaxis(image, 1, 0)),
         "label": np.ascontiguousarray(np.moveaxis(label, 1, 0)),
         "head_dist": np.ascontiguousarray(np.moveaxis(head_distance_mm(label, new_spacing), 1, 0)),
@@ -144,6 +162,8 @@ def preprocess_case(
         "spacing": new_spacing,
         "ras_affine": affine.tolist(),
         "pad_value": pad_value,
+        "n_channels": 1 + len(extra),
+        "pad_values": [pad_value, *(pad for _, pad in extra)],
         "source": {
             "image": str(volumes.case.image),
             "shape": list(volumes.geometry.shape),
@@ -223,12 +243,12 @@ def build_cache(
     config = config or PreprocessConfig()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cached, errors = [], []
-    label_map = cohort.label_map
+    label_map, channels = cohort.label_map, cohort.channels
     for i, case in enumerate(cohort.cases):
         entry, problems = cache_case(case, config, cache_dir, label_map)
         errors += [p for p in problems if p.severity == "error"]
-        if entry is not None:
-            cached.append(entry)
+        if entry is not None:  # the names are the cohort's (an entry is keyed by file contents only)
+            cached.append(CachedCase(entry.path, {**entry.meta, "channel_names": channels}))
         if progress:
             progress(i + 1, len(cohort.cases), case.case_id)
     if errors:

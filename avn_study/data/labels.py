@@ -133,7 +133,9 @@ def parse_label_map(spec: dict, path: Path) -> tuple[LabelMap | None, list[Probl
             continue
         for name in names:
             if name not in raw_labels:
-                problems.append(Problem(path, f"avn_roles.{role}: '{name}' is not a name in labels ({', '.join(raw_labels)})"))
+                problems.append(
+                    Problem(path, f"avn_roles.{role}: '{name}' is not a name in labels ({', '.join(raw_labels)})")
+                )
             elif name == "background":
                 problems.append(Problem(path, f"avn_roles.{role}: background cannot play a role"))
         picked[role] = tuple(n for n in names if n in known and n != "background")

@@ -16,7 +16,8 @@ from typing import Literal
 from avn_study.errors import DataError
 
 LABELS: dict[str, int] = {"background": 0, "femoral_head": 1, "necrosis": 2}
-CHANNEL_SUFFIX = "_0000"  # one input channel (T1); nnU-Net numbers channels _0000, _0001, ...
+CHANNEL_SUFFIX = "_0000"  # the first input channel; nnU-Net numbers channels _0000, _0001, ...
+MAX_CHANNELS = 8
 FILE_ENDINGS = (".nii.gz", ".nii")
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
@@ -37,8 +38,14 @@ class Problem:
 class CaseFiles:
     case_id: str
     patient_id: str
-    image: Path
+    image: Path  # the first channel (``_0000``)
     label: Path | None  # None for unlabelled (imagesTs) cases
+    extra: tuple[Path, ...] = ()  # further channels ``_0001``, ... in dataset.json's channel order
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """Every channel's file, in ``channel_names`` order."""
+        return (self.image, *self.extra)
 
 
 @dataclass
@@ -55,6 +62,11 @@ class Cohort:
 
     def patients(self) -> dict[str, str]:
         return {c.case_id: c.patient_id for c in self.cases}
+
+    @property
+    def channels(self) -> list[str]:
+        """The input channels' names in file order (``_0000``, ``_0001``, ...), e.g. ``["T1", "STIR"]``."""
+        return channel_names(self.spec)[0] or ["T1"]
 
     @property
     def label_map(self):  # -> avn_study.data.labels.LabelMap (imported late: labels.py imports this module)
@@ -92,11 +104,24 @@ def read_dataset_json(root: Path) -> tuple[dict | None, list[Problem]]:
     return spec, problems
 
 
+def channel_names(spec: dict) -> tuple[list[str] | None, str]:
+    """The names of ``channel_names`` in channel order, or ``(None, what is wrong)``."""
+    channels = spec.get("channel_names", {"0": "T1"})
+    expected = "keys '0', '1', ... in order (at most 8 channels), each naming a modality such as 'T1' or 'STIR'"
+    if not isinstance(channels, dict) or not 1 <= len(channels) <= MAX_CHANNELS:
+        return None, f"channel_names must be an object with {expected}, got {channels!r}"
+    if list(channels) != [str(i) for i in range(len(channels))]:
+        return None, f"channel_names must have {expected}, got keys {list(channels)}"
+    names = list(channels.values())
+    if not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names):
+        return None, f"channel_names must give each channel a distinct non-empty name, got {channels!r}"
+    return names, ""
+
+
 def _check_spec_values(path: Path, spec: dict) -> list[Problem]:
     problems = []
-    channels = spec.get("channel_names", {"0": "T1"})
-    if not isinstance(channels, dict) or list(channels) != ["0"]:
-        problems.append(Problem(path, f"channel_names must name exactly one channel '0' (T1), got {channels!r}"))
+    if channel_names(spec)[0] is None:
+        problems.append(Problem(path, channel_names(spec)[1]))
     from avn_study.data.labels import parse_label_map
 
     problems += parse_label_map(spec, path)[1]
@@ -133,8 +158,6 @@ def _scan_folder(folder: Path, ending: str, suffix: str) -> tuple[dict[str, Path
         if case is None:
             if _case_id(path.name, other_ending, suffix) is not None:
                 problems.append(Problem(path, f"file ending does not match dataset.json file_ending {ending!r}"))
-            elif suffix and re.search(r"_\d{4}" + re.escape(ending) + "$", path.name):
-                problems.append(Problem(path, "extra input channel: dataset.json declares one channel (_0000)"))
             else:
                 problems.append(Problem(path, f"unexpected file: expected names like case{suffix}{ending}"))
             continue
@@ -143,6 +166,50 @@ def _scan_folder(folder: Path, ending: str, suffix: str) -> tuple[dict[str, Path
             continue
         found[case] = path
     return found, problems
+
+
+def _scan_images(
+    folder: Path, ending: str, names: list[str]
+) -> tuple[dict[str, tuple[Path, ...]], list[Problem], set[str]]:
+    """Map case id -> its channel files ``{case}_0000``, ``{case}_0001``, ...; report the rest; also return
+    the cases with some channels missing."""
+    declared = ", ".join(f"_{i:04d} {n}" for i, n in enumerate(names))
+    by_channel: dict[int, dict[str, Path]] = {}
+    problems = []
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        match = pattern.match(path.name)
+        if match is None:
+            other = next(e for e in FILE_ENDINGS if e != ending)
+            if path.name.endswith(other) and re.search(r"_\d{4}" + re.escape(other) + "$", path.name):
+                problems.append(Problem(path, f"file ending does not match dataset.json file_ending {ending!r}"))
+            else:
+                problems.append(Problem(path, f"unexpected file: expected names like case{CHANNEL_SUFFIX}{ending}"))
+            continue
+        case, channel = match.group(1), int(match.group(2))
+        if channel >= len(names):
+            problems.append(Problem(path, f"extra input channel _{channel:04d}: dataset.json declares "
+                                    f"{len(names)} channel(s) ({declared})"))  # fmt: skip
+            continue
+        found = by_channel.setdefault(channel, {})
+        if case.lower() in {c.lower() for c in found}:
+            problems.append(Problem(path, f"duplicate case id '{case}' (ids must be unique, case-insensitively)"))
+            continue
+        found[case] = path
+    cases = sorted({c for found in by_channel.values() for c in found})
+    images, incomplete = {}, set()
+    for case in cases:
+        missing = [i for i in range(len(names)) if case not in by_channel.get(i, {})]
+        if missing:
+            incomplete.add(case)
+            where = by_channel[next(i for i in range(len(names)) if i not in missing)][case]
+            problems.append(Problem(where, f"case '{case}' lacks channel(s) "
+                            f"{', '.join(f'_{i:04d} ({names[i]})' for i in missing)}"))  # fmt: skip
+            continue
+        images[case] = tuple(by_channel[i][case] for i in range(len(names)))
+    return images, problems, incomplete
 
 
 SUBSETS = ("Tr", "Ts")  # imagesTr/labelsTr (training), imagesTs/labelsTs (a held-out test set)
@@ -165,14 +232,15 @@ def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, li
             problems.append(Problem(folder, "folder is missing"))
     if any(p.message == "folder is missing" for p in problems):
         return None, problems
-    images, image_problems = _scan_folder(images_dir, ending, CHANNEL_SUFFIX)
+    names = channel_names(spec)[0] or ["T1"]
+    images, image_problems, incomplete = _scan_images(images_dir, ending, names)
     labels, label_problems = _scan_folder(labels_dir, ending, "")
     problems += image_problems + label_problems
     for case in sorted(set(images) - set(labels)):
-        problems.append(Problem(images[case], f"image has no label (expected labels{subset}/{case}{ending})"))
-    for case in sorted(set(labels) - set(images)):
-        problems.append(Problem(labels[case],
-                                f"label has no image (expected images{subset}/{case}{CHANNEL_SUFFIX}{ending})"))  # fmt: skip
+        problems.append(Problem(images[case][0], f"image has no label (expected labels{subset}/{case}{ending})"))
+    for case in sorted(set(labels) - set(images) - incomplete):
+        expected = f"images{subset}/{case}{CHANNEL_SUFFIX}{ending}"
+        problems.append(Problem(labels[case], f"label has no image (expected {expected})"))
     paired = sorted(set(images) & set(labels))
     if subset == "Tr" and isinstance(spec.get("numTraining"), int) and spec["numTraining"] != len(labels):
         problems.append(
@@ -183,7 +251,7 @@ def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, li
     patients = spec.get("patients", {}) if isinstance(spec.get("patients"), dict) else {}
     for case in sorted(set(patients) - set(images) - set(labels)) if subset == "Tr" else ():
         problems.append(Problem(root / "dataset.json", f"patients names case '{case}' that has no files"))
-    cases = [CaseFiles(c, str(patients.get(c, c)), images[c], labels[c]) for c in paired]
+    cases = [CaseFiles(c, str(patients.get(c, c)), images[c][0], labels[c], images[c][1:]) for c in paired]
     if not cases:
         problems.append(Problem(labels_dir, "no labelled cases found"))
     return Cohort(root, spec, cases), problems

@@ -930,8 +930,37 @@ def is_phantom_cohort(path: Path) -> bool:
     return json_marker(Path(path) / "dataset.json", "phantom")
 
 
-def write_cohort(out: str | Path, cases: int, seed: int, config: PhantomConfig = _DEFAULT) -> Path:
+PHANTOM_CHANNELS = ("T1", "STIR")
+
+
+def stir_channel(case: PhantomCase, seed: int) -> np.ndarray:
+    """A STIR-like second sequence of a phantom scan, on its grid (int16).
+
+    STIR suppresses fat: what is bright on T1 (fatty marrow of the femoral head, subcutaneous fat) is
+    dark, and fluid is bright. Here: the inverted T1 within the body, plus a faint, blurred rise over
+    the necrosis (the oedema of a real lesion is larger and brighter; kept faint so that the second
+    channel helps without deciding the answer), plus its own noise.
+    """
+    import zlib
+
+    from scipy import ndimage
+
+    rng = np.random.default_rng([seed, zlib.crc32(case.case_id.encode()), 7])  # its own stream per scan
+    t1 = case.image.astype(np.float32)
+    body = t1 > np.percentile(t1, 5)
+    level = float(np.median(t1[body])) if body.any() else 1.0
+    stir = np.where(body, np.percentile(t1, 99) - t1, 0.0) * 0.6
+    lesion = ndimage.gaussian_filter((case.label == 2).astype(np.float32), 1.0)
+    stir += lesion * 0.25 * level + rng.normal(0.0, 0.06 * level, t1.shape)
+    return np.clip(stir, 0, np.iinfo(np.int16).max).astype(np.int16)
+
+
+def write_cohort(
+    out: str | Path, cases: int, seed: int, config: PhantomConfig = _DEFAULT, channels: tuple[str, ...] = ("T1",)
+) -> Path:
     """Write a cohort in the nnU-Net v2 raw layout; ``dataset.json`` is written last.
+
+    ``channels``: ``("T1",)`` or ``("T1", "STIR")`` (a second, STIR-like sequence: :func:`stir_channel`).
 
     Files of the same names are overwritten; a stale ``dataset.json`` is removed first, so a folder
     without one is an incomplete cohort.
@@ -943,18 +972,22 @@ def write_cohort(out: str | Path, cases: int, seed: int, config: PhantomConfig =
         ValueError: ``cases < 1`` or a bad seed.
     """
     out = Path(out)
+    if tuple(channels) not in (PHANTOM_CHANNELS[:1], PHANTOM_CHANNELS):
+        raise ValueError(f"channels must be ('T1',) or ('T1', 'STIR'), got {channels!r}")
     cohort = iter_cohort(cases, seed, config)  # validates the arguments before anything is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataset.json").unlink(missing_ok=True)
     patients, infos = {}, {}
     for case in cohort:
         write_nifti(case.image, case.affine, out / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+        if len(channels) > 1:
+            write_nifti(stir_channel(case, seed), case.affine, out / "imagesTr" / f"{case.case_id}_0001.nii.gz")
         write_nifti(case.label, case.affine, out / "labelsTr" / f"{case.case_id}.nii.gz")
         patients[case.case_id], infos[case.case_id] = case.patient_id, case.info
     dataset = {
         "name": "AVN phantom",
         "description": "Synthetic coronal T1 hip MRI with femoral head necrosis (avn_study.data.phantom)",
-        "channel_names": {"0": "T1"},
+        "channel_names": {str(i): name for i, name in enumerate(channels)},
         "labels": {"background": 0, "femoral_head": 1, "necrosis": 2},
         "numTraining": len(patients),
         "file_ending": ".nii.gz",

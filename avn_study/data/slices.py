@@ -87,7 +87,8 @@ def crop_warning(cases: list[CachedCase], size: int, spacing_mm: float | None) -
 class SliceDataset(Dataset):
     """Every coronal slice of the given cases; use :class:`EpochSampler` for the per-epoch selection.
 
-    ``dataset[i]`` returns a dict of float32 tensors ``image, seg, loc, recon`` each ``(1, S, S)``;
+    ``dataset[i]`` returns a dict of float32 tensors ``image`` and ``recon`` ``(C, S, S)`` (C input
+    channels), ``seg`` and ``loc`` ``(1, S, S)``;
     ``dataset.__getitems__(indices)`` (used by DataLoader with a batch sampler) returns the batch
     ``(B, 1, S, S)`` directly, which is what makes the loader cheap.
     """
@@ -98,7 +99,11 @@ class SliceDataset(Dataset):
         self.cases = cases
         self.config = config or SliceConfig()
         self.boxes = [crop_box(c.image.shape[1:], self.config.size) for c in cases]
-        self.pad_values = np.array([c.meta["pad_value"] for c in cases], dtype=np.float32)
+        self.n_channels = cases[0].n_channels
+        mixed = sorted({c.n_channels for c in cases})
+        if len(mixed) > 1:
+            raise ValueError(f"cases with different channel counts {mixed} cannot be stacked into one dataset")
+        self.pad_values = np.array([c.pad_values for c in cases], dtype=np.float32)  # (cases, C)
         n_slices = [c.image.shape[0] for c in cases]
         self.case_index = np.repeat(np.arange(len(cases)), n_slices)
         self.slice_index = np.concatenate([np.arange(n) for n in n_slices])
@@ -115,14 +120,15 @@ class SliceDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         size, margin = self.config.size, self.config.loc_margin_mm
         b = len(indices)
-        image = np.empty((b, 1, size, size), np.float32)
+        image = np.empty((b, self.n_channels, size, size), np.float32)
         seg = np.zeros((b, 1, size, size), np.float32)
         loc = np.zeros((b, 1, size, size), np.float32)
         for row, i in enumerate(indices):
             c, s = self.case_index[i], self.slice_index[i]
             case, (src, dst) = self.cases[c], self.boxes[c]
-            image[row, 0] = self.pad_values[c]
-            image[row, 0][dst] = case.image[s][src]
+            for k, channel in enumerate(case.channels):
+                image[row, k] = self.pad_values[c, k]
+                image[row, k][dst] = channel[s][src]
             seg[row, 0][dst] = case.label[s][src] == LABELS["necrosis"]
             loc[row, 0][dst] = case.head_dist[s][src] <= margin
         image_t = torch.from_numpy(image)
@@ -211,7 +217,7 @@ class ValidationVolume:
     """A whole case for 3D evaluation: cropped slices in, full-grid targets to compare against."""
 
     case: CachedCase
-    image: torch.Tensor  # (A, 1, S, S) cropped slices
+    image: torch.Tensor  # (A, C, S, S) cropped slices
     box: tuple[tuple[slice, slice], tuple[slice, slice]]
 
     def paste(self, slices: np.ndarray, fill: float = 0.0) -> np.ndarray:

@@ -31,9 +31,14 @@ class CaseVolumes:
     :mod:`avn_study.data.labels`) and the image's original geometry."""
 
     case: CaseFiles
-    image: np.ndarray  # (R, A, S) float32
+    image: np.ndarray  # (R, A, S) float32, the first channel
     label: np.ndarray  # (R, A, S) uint8
     geometry: Geometry
+    extra: tuple[np.ndarray, ...] = ()  # further channels, (R, A, S) float32 each
+
+    @property
+    def channels(self) -> tuple[np.ndarray, ...]:
+        return (self.image, *self.extra)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -224,6 +229,18 @@ def _pair_problems(
     return problems
 
 
+def _channel_problems(path: Path, raw: RawNifti, data: np.ndarray, first: RawNifti, image: np.ndarray) -> list[Problem]:
+    """A further channel must share the first channel's grid exactly (they are stacked voxel by voxel)."""
+    if data.shape != image.shape:
+        return [Problem(path, f"shape {data.shape} differs from the first channel's {image.shape} (channels must "
+                        "be co-registered on one grid)")]  # fmt: skip
+    if not np.allclose(raw.image.affine, first.image.affine, atol=AFFINE_ATOL_MM):
+        worst = float(np.abs(raw.image.affine - first.image.affine).max())
+        return [Problem(path, f"affine differs from the first channel's (max difference {worst:.4g}); channels must "
+                        "be co-registered on one grid")]  # fmt: skip
+    return []
+
+
 def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVolumes | None, list[Problem]]:
     """Read a case's image and label whole and run every per-case check.
 
@@ -234,16 +251,25 @@ def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVo
         The volumes in RAS order when there is no error (warnings allowed), and all problems found.
     """
     assert case.label is not None, "check_case needs a labelled case"
-    img, image, problems = _read(case.image)
+    problems: list[Problem] = []
+    reads = []
+    for path in case.images:
+        raw, data, channel_problems = _read(path)
+        problems += channel_problems
+        if data is not None and float(np.nanmax(data) - np.nanmin(data)) == 0.0:
+            problems.append(Problem(path, f"image is constant ({float(data.flat[0])}): nothing to normalise"))
+        reads.append((raw, data))
+    (img, image), extra = reads[0], reads[1:]
     lab, label, label_problems = _read(case.label)
     problems += label_problems
-    if image is not None and float(np.nanmax(image) - np.nanmin(image)) == 0.0:
-        problems.append(Problem(case.image, f"image is constant ({float(image.flat[0])}): nothing to normalise"))
     if label is not None and not label_problems:
         problems += _label_problems(case.label, label, label_map)
     repaired = any("nibabel would silently replace" in p.message for p in problems)
     if img is not None and lab is not None and image is not None and label is not None and not repaired:
         problems += _pair_problems(case, img, lab, image, label)  # only on values the files really hold
+        for path, (raw, data) in zip(case.extra, extra, strict=True):
+            if raw is not None and data is not None:
+                problems += _channel_problems(path, raw, data, img, image)
     if any(p.severity == "error" for p in problems):
         return None, problems
     label_u8 = label_map.canonical(label.astype(np.uint8))
@@ -258,7 +284,8 @@ def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVo
         problems.append(Problem(case.image, f"{plane} acquisition (voxel {voxel} mm R, A, S, thickest across the "
                                 f"{plane} plane); models read coronal slices, built here from thick {plane} "
                                 "slices", "warning"))  # fmt: skip
-    return CaseVolumes(case, geometry.to_ras(image), geometry.to_ras(label_u8), geometry), problems
+    channels = tuple(geometry.to_ras(data) for _, data in extra)
+    return CaseVolumes(case, geometry.to_ras(image), geometry.to_ras(label_u8), geometry, channels), problems
 
 
 def verify_dataset(root: str | Path) -> VerifyReport:

@@ -140,7 +140,7 @@ def test_necrosis_only_cohort_trains_seg_and_refuses_loc(toy_cohort: Path, tmp_p
     data = prepare_data(toy_cohort, TrainConfig.from_flat({**base, "arm": "seg"}), tmp_path / "cache",
                         tmp_path / "splits.json")  # fmt: skip
     assert data.train
-    with pytest.raises(DataError, match="arm 'seg\\+loc' has a localisation branch.*labels no femoral head"):
+    with pytest.raises(DataError, match=r"arm 'seg\+loc' has a localisation branch.*labels no femoral head"):
         prepare_data(toy_cohort, TrainConfig.from_flat({**base, "arm": "seg+loc"}), tmp_path / "cache",
                      tmp_path / "splits.json")  # fmt: skip
     assert open_cohort(toy_cohort).label_map.necrosis == ("necrosis",)

@@ -99,10 +99,22 @@ BROKEN: list[tuple[str, Callable[[Path], None], str, str]] = [
         "no label plays necrosis",
     ),
     (
-        "two_channels",
+        "declared_channel_missing",
         lambda r: _rewrite_json(r, channel_names={"0": "T1", "1": "T2"}),
+        IMG,
+        "case 'toy_000' lacks channel(s) _0001 (T2)",
+    ),
+    (
+        "channel_names_out_of_order",
+        lambda r: _rewrite_json(r, channel_names={"1": "T1", "0": "T2"}),
         "dataset.json",
-        "exactly one channel",
+        "channel_names must have keys '0', '1', ... in order",
+    ),
+    (
+        "channel_names_repeated",
+        lambda r: _rewrite_json(r, channel_names={"0": "T1", "1": "T1"}),
+        "dataset.json",
+        "each channel a distinct non-empty name",
     ),
     (
         "num_training",
