@@ -77,12 +77,15 @@ class DataConfig:
     augment: bool = True  # flip / rotate / zoom / intensity jitter on training batches
     inner_fold: int = -1  # nested CV: validate on this inner fold of `fold`'s training patients (-1: off)
     n_inner_folds: int = 3  # nested CV: inner folds the outer fold's training patients are split into
+    unlabelled_ratio: float = 0.5  # imagesUnlabelled/ slices per labelled slice each epoch (recon arms; 0: none)
 
     def __post_init__(self) -> None:
         if not 8 <= self.slice_size <= MAX_SLICE_SIZE:
             raise ValueError(f"slice_size must be in [8, {MAX_SLICE_SIZE}], got slice_size={self.slice_size}")
         if not 0 <= self.fold < self.n_folds:
             raise ValueError(f"fold must be in [0, n_folds - 1] = [0, {self.n_folds - 1}], got fold={self.fold}")
+        if not 0.0 <= self.unlabelled_ratio <= 10.0:
+            raise ValueError(f"unlabelled_ratio must be in [0, 10], got unlabelled_ratio={self.unlabelled_ratio}")
         if self.n_inner_folds < 2:
             raise ValueError(f"n_inner_folds must be >= 2, got n_inner_folds={self.n_inner_folds}")
         if not -1 <= self.inner_fold < self.n_inner_folds:

@@ -57,6 +57,7 @@ class RunData:
     data_fingerprint: str
     test: list[CachedCase] = field(default_factory=list)  # the split's held-out test set (in no fold)
     inner_split_hash: str = ""  # nested CV: the hash of the inner folds ``val`` comes from
+    unlabelled: list[CachedCase] = field(default_factory=list)  # scans without labels: reconstruction only
 
     @property
     def channels(self) -> list[str]:
@@ -131,14 +132,41 @@ def prepare_data(
             raise AvnError(f"the frozen inner split has {folds.k} folds, but n_inner_folds={config.data.n_inner_folds}")
         fold, inner_hash = folds.fold(config.data.inner_fold), folds.hash
     by_id = {c.case_id: c for c in cases}
+    train = [by_id[c] for c in fold.train]
+    unlabelled = []
+    if "recon" in arm_branches(config) and config.data.unlabelled_ratio > 0:
+        unlabelled = usable_unlabelled(data_root, config, cache_dir, train, cases)
     return RunData(
-        [by_id[c] for c in fold.train],
+        train,
         [by_id[c] for c in fold.val],
         splits.hash,
         cohort_fingerprint(cases),
         [by_id[c] for c in splits.test],
         inner_hash,
+        unlabelled,
     )
+
+
+def usable_unlabelled(
+    data_root: str | Path,
+    config: TrainConfig,
+    cache_dir: str | Path | None,
+    train: list[CachedCase],
+    labelled: list[CachedCase],
+) -> list[CachedCase]:
+    """The cohort's unlabelled scans a run may train its reconstruction on: those of its training
+    patients and of patients with no labelled scan, never one of a patient it validates or tests on."""
+    from avn_study.data.cache import build_unlabelled_cache
+    from avn_study.data.layout import UNLABELLED_DIR
+
+    if not (Path(data_root) / UNLABELLED_DIR).is_dir():
+        return []
+    cohort = open_cohort(data_root)
+    scans = build_unlabelled_cache(
+        cohort, PreprocessConfig(inplane_spacing_mm=config.data.inplane_spacing_mm), cache_dir
+    )
+    held_out = {c.patient_id for c in labelled} - {c.patient_id for c in train}
+    return [c for c in scans if c.patient_id not in held_out]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -205,6 +233,10 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``batches``; returns mean unweighted branch losses, the weighted total, counts.
 
+    A batch without a ``seg`` target is a slice batch of unlabelled scans: it trains the
+    reconstruction term alone (weighted by ``weights["recon"]``) and is reported apart, as
+    ``loss_recon_unlabelled`` over ``unlabelled_slices``, so the labelled losses keep their meaning.
+
     Losses are summed on the device and read once at the end of the epoch (no host sync per step).
     A non-finite loss is still found exactly: the first step with one, and its values, are kept on
     the device as the epoch runs, and the error names that step and term. (The steps after it train
@@ -218,7 +250,9 @@ def train_one_epoch(
     names: list[str] = []  # "total", then the branch losses in the order the loss returns them
     sums = bad_values = torch.zeros(0)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    n_slices, start = 0, time.perf_counter()
+    recon_sum = torch.zeros((), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    recon_bad = torch.full((), -1, dtype=torch.long, device=device)
+    n_slices, n_unlabelled, start = 0, 0, time.perf_counter()
     channels_last = device.type == "cuda"
     batches = iter(batches)
     for step in itertools.count():
@@ -231,6 +265,21 @@ def train_one_epoch(
         if augment is not None:
             with timer("augment"):
                 batch = augment_batch(batch, augment, generator)
+        if "seg" not in batch:  # unlabelled scans: the reconstruction term alone
+            with timer("forward"):
+                with _autocast(device, amp_dtype):
+                    recon = model(batch["image"])["recon"]
+                loss = branch_losses({"recon": recon.float()}, batch, ("recon",), loss_config)["recon"]
+            with timer("bookkeeping"):
+                recon_bad = torch.where((recon_bad < 0) & ~torch.isfinite(loss), step, recon_bad)
+                n_unlabelled += batch["image"].shape[0]
+                recon_sum += loss.detach().to(recon_sum.dtype) * batch["image"].shape[0]
+            with timer("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                (loss * weights["recon"]).backward()
+            with timer("optimizer"):
+                optimizer.step()
+            continue
         with timer("forward"):
             with _autocast(device, amp_dtype):
                 outputs = model(batch["image"])
@@ -257,8 +306,14 @@ def train_one_epoch(
     if n_slices == 0:
         raise AvnError(f"epoch {epoch}: the training set yielded no slices")
     with timer("bookkeeping"):
-        first_bad = int(bad_step)  # the epoch's one host sync, with the sums below
+        first_bad = int(bad_step)  # the epoch's host syncs, all here at its end
         totals = sums.tolist()
+        recon_first_bad, recon_total = int(recon_bad), float(recon_sum)
+    if recon_first_bad >= 0 and not 0 <= first_bad < recon_first_bad:
+        raise NonFiniteLossError(
+            f"epoch {epoch}, step {recon_first_bad} (a batch of unlabelled scans): loss term 'recon' is not finite "
+            "(lower the learning rate, or check imagesUnlabelled/ with `avn-study verify`)"
+        )
     if first_bad >= 0:
         found = dict(zip(names, bad_values.tolist(), strict=True))
         bad = next((k for k in names[1:] if not math.isfinite(found[k])), "total")
@@ -267,6 +322,8 @@ def train_one_epoch(
             "(lower the learning rate, or check the data with `avn-study verify`)"
         )
     record = {f"loss_{k}": v / n_slices for k, v in zip(names, totals, strict=True)}
+    if n_unlabelled:
+        record.update(loss_recon_unlabelled=recon_total / n_unlabelled, unlabelled_slices=float(n_unlabelled))
     record.update(train_slices=float(n_slices), train_seconds=time.perf_counter() - start)
     return record
 

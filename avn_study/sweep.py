@@ -185,6 +185,7 @@ class Study:
         for row in self.space.arms:  # a +loc row on a cohort without head labels: refused before Ray starts
             require_head_labels(TrainConfig.from_flat(self.space.trial_config(row)).model.arm, cases,
                                 f"{self.space.path}: arms.{row}")  # fmt: skip
+        self._check_unlabelled(cases)
         warning = crop_warning(cases, config.data.slice_size, config.data.inplane_spacing_mm)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
@@ -203,6 +204,18 @@ class Study:
             if created and self.root.is_dir() and not any(self.root.iterdir()):
                 self.root.rmdir()  # a fresh start that failed leaves nothing behind
             raise
+
+    def _check_unlabelled(self, cases: list[Any]) -> None:
+        """Verify and cache imagesUnlabelled/ on the driver when a row will use it (a broken scan fails here,
+        naming its file, not inside a trial)."""
+        from avn_study.config import TrainConfig
+        from avn_study.engine import arm_branches, usable_unlabelled
+
+        for row in self.space.arms:
+            row_config = TrainConfig.from_flat(self.space.trial_config(row))
+            if "recon" in arm_branches(row_config) and row_config.data.unlabelled_ratio > 0:
+                usable_unlabelled(self.data, row_config, None, cases, cases)
+                return
 
     def _check_exists(self, resume: bool) -> None:
         exists = self.remote.exists(MANIFEST) if self.remote else (self.root / MANIFEST).is_file()

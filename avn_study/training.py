@@ -12,7 +12,7 @@ import torch
 from avn_study.checkpoint import load_training_state, load_weights, save_checkpoint, save_weights
 from avn_study.config import TrainConfig
 from avn_study.data.batches import batch_source
-from avn_study.data.slices import AugmentConfig, SliceConfig, SliceDataset
+from avn_study.data.slices import AugmentConfig, SliceConfig, SliceDataset, UnlabelledBatches, interleave
 from avn_study.engine import (
     RunData,
     autocast_dtype,
@@ -89,6 +89,9 @@ class TrainingRun:
             memory_fraction=rt.resident_memory_fraction,
         )
         self.augment = AugmentConfig() if d.augment else None
+        self.unlabelled = None  # scans without labels feed the reconstruction term (see data.slices.UnlabelledBatches)
+        if data.unlabelled and "recon" in self.model.branches and d.unlabelled_ratio > 0:
+            self.unlabelled = UnlabelledBatches(data.unlabelled, self.slice_config, config.optim.batch_size, rt.seed)
         self.history: list[dict[str, Any]] = []
         self.last_per_case: list[dict[str, Any]] = []
         self.timer: Timer = NO_TIMER  # a StageTimer times the loop's stages (bench train)
@@ -117,10 +120,14 @@ class TrainingRun:
         self.batches.set_epoch(epoch)
         generator = torch.Generator().manual_seed(cfg.runtime.seed * 1_000_003 + epoch)
         record.update({f"w_{k}": float(v) for k, v in weights.items()})
+        batches = self.batches
+        if self.unlabelled is not None and float(weights.get("recon", 0.0)) > 0:  # no weight: nothing to learn
+            count = round(cfg.data.unlabelled_ratio * self.batches.slices_per_epoch)
+            batches = interleave(self.batches, len(self.batches), self.unlabelled.epoch(epoch, count))
         record.update(
             train_one_epoch(
                 self.model,
-                self.batches,
+                batches,
                 self.optimizer,
                 self.schedule,
                 weights,

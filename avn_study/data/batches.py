@@ -36,6 +36,9 @@ class BatchSource(Protocol):
 
     def set_epoch(self, epoch: int) -> None: ...
 
+    @property
+    def slices_per_epoch(self) -> int: ...
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
 
     def __len__(self) -> int: ...
@@ -74,6 +77,10 @@ class ResidentBatches:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
+    @property
+    def slices_per_epoch(self) -> int:
+        return len(self.sampler)
+
     def __len__(self) -> int:
         return _batch_count(len(self.sampler), self.batch_size)
 
@@ -95,6 +102,10 @@ class StreamedBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.batch_sampler.sampler.set_epoch(epoch)
+
+    @property
+    def slices_per_epoch(self) -> int:
+        return len(self.loader.batch_sampler.sampler)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -37,7 +37,7 @@ from avn_study.data.preprocess import (
     resample_labels,
     resampled_affine,
 )
-from avn_study.data.verify import CaseVolumes, check_case
+from avn_study.data.verify import CaseVolumes, check_case, check_unlabelled
 from avn_study.errors import DataError
 
 CACHE_VERSION = 1  # bump when the preprocessing code changes what it writes
@@ -120,7 +120,9 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def cache_key(case: CaseFiles, config: PreprocessConfig, label_map: LabelMap = CANONICAL) -> str:
-    assert case.label is not None
+    if case.label is None:  # an unlabelled scan: images only
+        parts = [f"v{CACHE_VERSION}", config.to_json(), "unlabelled", *(file_digest(p) for p in case.images)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
     parts = [f"v{CACHE_VERSION}", config.to_json(), file_digest(case.image), file_digest(case.label)]
     parts += [file_digest(path) for path in case.extra]  # (single-channel cohorts keep their keys)
     if not label_map.is_canonical:  # (canonical cohorts keep the keys they had before label maps existed)
@@ -141,11 +143,12 @@ def _locked(path: Path) -> Iterator[None]:
 def preprocess_case(
     volumes: CaseVolumes, config: PreprocessConfig, has_head_labels: bool = True
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Checked RAS volumes (canonical labels) -> cached arrays (slice-major) and their metadata."""
+    """Checked RAS volumes (canonical labels) -> cached arrays (slice-major) and their metadata.
+
+    An unlabelled scan (``volumes.label is None``) gets its image channels only."""
     spacing = volumes.spacing
     shape = inplane_shape(volumes.image.shape, spacing, config.inplane_spacing_mm)
     image = resample_inplane_to(volumes.image, shape, order=1)
-    label = resample_labels(volumes.label, shape)
     affine = resampled_affine(volumes.geometry.ras_affine, volumes.image.shape, shape)
     new_spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     image, pad_value = normalise(image, config.clip_percentiles)
@@ -153,9 +156,11 @@ def preprocess_case(
     arrays = {
         **{f"image_{i}": np.ascontiguousarray(np.moveaxis(c, 1, 0)) for i, (c, _) in enumerate(extra, start=1)},
         "image": np.ascontiguousarray(np.moveaxis(image, 1, 0)),
-        "label": np.ascontiguousarray(np.moveaxis(label, 1, 0)),
-        "head_dist": np.ascontiguousarray(np.moveaxis(head_distance_mm(label, new_spacing), 1, 0)),
     }
+    if volumes.label is not None:
+        label = resample_labels(volumes.label, shape)
+        arrays["label"] = np.ascontiguousarray(np.moveaxis(label, 1, 0))
+        arrays["head_dist"] = np.ascontiguousarray(np.moveaxis(head_distance_mm(label, new_spacing), 1, 0))
     meta = {
         "case_id": volumes.case.case_id,
         "patient_id": volumes.case.patient_id,
@@ -171,12 +176,17 @@ def preprocess_case(
             "axcodes": "".join(volumes.geometry.axcodes),
             "ras_shape": list(volumes.image.shape),
         },
-        "slice_has_head": arrays["label"].any(axis=(1, 2)).tolist(),
-        "slice_has_necrosis": (arrays["label"] == LABELS["necrosis"]).any(axis=(1, 2)).tolist(),
-        "has_head_labels": has_head_labels,
         "preprocess": json.loads(config.to_json()),
         "cache_version": CACHE_VERSION,
     }
+    if volumes.label is None:
+        meta["unlabelled"] = True
+        return arrays, meta
+    meta.update(
+        slice_has_head=arrays["label"].any(axis=(1, 2)).tolist(),
+        slice_has_necrosis=(arrays["label"] == LABELS["necrosis"]).any(axis=(1, 2)).tolist(),
+        has_head_labels=has_head_labels,
+    )
     return arrays, meta
 
 
@@ -212,7 +222,7 @@ def cache_case(
     with _locked(root / f"{key}.lock"):
         if (final / "meta.json").is_file():  # another process built it while we waited
             return _with_ids(_load_entry(final), case), []
-        volumes, problems = check_case(case, label_map)
+        volumes, problems = check_case(case, label_map) if case.label is not None else check_unlabelled(case)
         if volumes is None:
             return None, problems
         arrays, meta = preprocess_case(volumes, config, label_map.has_head)
@@ -251,6 +261,27 @@ def build_cache(
             cached.append(CachedCase(entry.path, {**entry.meta, "channel_names": channels}))
         if progress:
             progress(i + 1, len(cohort.cases), case.case_id)
+    if errors:
+        raise DataError(format_problems(cohort.root, errors))
+    return cached
+
+
+def build_unlabelled_cache(
+    cohort: Cohort, config: PreprocessConfig | None = None, cache_dir: str | Path | None = None
+) -> list[CachedCase]:
+    """Verify and preprocess the cohort's unlabelled scans (``imagesUnlabelled/``): image channels only.
+
+    Raises:
+        DataError: a scan is broken (every problem listed, with its file).
+    """
+    config = config or PreprocessConfig()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cached, errors = [], []
+    for case in cohort.unlabelled:
+        entry, problems = cache_case(case, config, cache_dir)
+        errors += [p for p in problems if p.severity == "error"]
+        if entry is not None:
+            cached.append(CachedCase(entry.path, {**entry.meta, "channel_names": cohort.channels}))
     if errors:
         raise DataError(format_problems(cohort.root, errors))
     return cached

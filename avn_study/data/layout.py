@@ -55,6 +55,7 @@ class Cohort:
     root: Path
     spec: dict
     cases: list[CaseFiles] = field(default_factory=list)
+    unlabelled: list[CaseFiles] = field(default_factory=list)  # imagesUnlabelled/: reconstruction only
 
     @property
     def file_ending(self) -> str:
@@ -212,6 +213,7 @@ def _scan_images(
     return images, problems, incomplete
 
 
+UNLABELLED_DIR = "imagesUnlabelled"  # scans without labels: reconstruction (pre-)training only
 SUBSETS = ("Tr", "Ts")  # imagesTr/labelsTr (training), imagesTs/labelsTs (a held-out test set)
 
 
@@ -237,7 +239,8 @@ def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, li
     labels, label_problems = _scan_folder(labels_dir, ending, "")
     problems += image_problems + label_problems
     for case in sorted(set(images) - set(labels)):
-        problems.append(Problem(images[case][0], f"image has no label (expected labels{subset}/{case}{ending})"))
+        problems.append(Problem(images[case][0], f"image has no label (expected labels{subset}/{case}{ending}; "
+                                f"a scan without a label belongs in {UNLABELLED_DIR}/)"))  # fmt: skip
     for case in sorted(set(labels) - set(images) - incomplete):
         expected = f"images{subset}/{case}{CHANNEL_SUFFIX}{ending}"
         problems.append(Problem(labels[case], f"label has no image (expected {expected})"))
@@ -250,11 +253,22 @@ def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, li
         )
     patients = spec.get("patients", {}) if isinstance(spec.get("patients"), dict) else {}
     for case in sorted(set(patients) - set(images) - set(labels)) if subset == "Tr" else ():
+        if (root / UNLABELLED_DIR / f"{case}{CHANNEL_SUFFIX}{ending}").exists():
+            continue  # a patient entry of an unlabelled scan
         problems.append(Problem(root / "dataset.json", f"patients names case '{case}' that has no files"))
     cases = [CaseFiles(c, str(patients.get(c, c)), images[c][0], labels[c], images[c][1:]) for c in paired]
     if not cases:
         problems.append(Problem(labels_dir, "no labelled cases found"))
-    return Cohort(root, spec, cases), problems
+    unlabelled = []
+    if subset == "Tr" and (root / UNLABELLED_DIR).is_dir():
+        found, unlabelled_problems, _ = _scan_images(root / UNLABELLED_DIR, ending, names)
+        problems += unlabelled_problems
+        for case in sorted(set(found) & set(images)):
+            problems.append(Problem(found[case][0], f"case id '{case}' is in imagesTr too; an unlabelled scan needs an "
+                                    "id of its own"))  # fmt: skip
+        unlabelled = [CaseFiles(c, str(patients.get(c, c)), found[c][0], None, found[c][1:])
+                      for c in sorted(set(found) - set(images))]  # fmt: skip
+    return Cohort(root, spec, cases, unlabelled), problems
 
 
 def open_cohort(root: str | Path) -> Cohort:

@@ -107,8 +107,12 @@ class SliceDataset(Dataset):
         n_slices = [c.image.shape[0] for c in cases]
         self.case_index = np.repeat(np.arange(len(cases)), n_slices)
         self.slice_index = np.concatenate([np.arange(n) for n in n_slices])
-        self.has_head = np.concatenate([c.meta["slice_has_head"] for c in cases]).astype(bool)
-        self.has_necrosis = np.concatenate([c.meta["slice_has_necrosis"] for c in cases]).astype(bool)
+
+        def flags(key: str) -> np.ndarray:  # (unlabelled scans have none: all False)
+            return np.concatenate([c.meta.get(key, [False] * n) for c, n in zip(cases, n_slices, strict=True)])
+
+        self.has_head = flags("slice_has_head").astype(bool)
+        self.has_necrosis = flags("slice_has_necrosis").astype(bool)
 
     def __len__(self) -> int:
         return len(self.case_index)
@@ -117,22 +121,67 @@ class SliceDataset(Dataset):
         batch = self.__getitems__([index])
         return {k: v[0] for k, v in batch.items()}
 
+    def _images(self, indices: list[int]) -> np.ndarray:
+        """The cropped/padded input slices ``(B, C, S, S)`` of ``indices``."""
+        size = self.config.size
+        image = np.empty((len(indices), self.n_channels, size, size), np.float32)
+        for row, i in enumerate(indices):
+            c, s = self.case_index[i], self.slice_index[i]
+            (src, dst) = self.boxes[c]
+            for k, channel in enumerate(self.cases[c].channels):
+                image[row, k] = self.pad_values[c, k]
+                image[row, k][dst] = channel[s][src]
+        return image
+
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         size, margin = self.config.size, self.config.loc_margin_mm
         b = len(indices)
-        image = np.empty((b, self.n_channels, size, size), np.float32)
+        image = self._images(indices)
         seg = np.zeros((b, 1, size, size), np.float32)
         loc = np.zeros((b, 1, size, size), np.float32)
         for row, i in enumerate(indices):
             c, s = self.case_index[i], self.slice_index[i]
             case, (src, dst) = self.cases[c], self.boxes[c]
-            for k, channel in enumerate(case.channels):
-                image[row, k] = self.pad_values[c, k]
-                image[row, k][dst] = channel[s][src]
             seg[row, 0][dst] = case.label[s][src] == LABELS["necrosis"]
             loc[row, 0][dst] = case.head_dist[s][src] <= margin
         image_t = torch.from_numpy(image)
         return {"image": image_t, "seg": torch.from_numpy(seg), "loc": torch.from_numpy(loc), "recon": image_t}
+
+
+class UnlabelledBatches:
+    """Slices of unlabelled scans for the reconstruction term: ``{"image", "recon"}`` batches, no targets.
+
+    Each epoch draws ``count`` slices (without replacement, at most all of them) with a generator seeded
+    by ``(seed, epoch)``, so a run stays reproducible and resumable.
+    """
+
+    def __init__(self, cases: list[CachedCase], config: SliceConfig, batch_size: int, seed: int) -> None:
+        self.dataset = SliceDataset(cases, config)
+        self.batch_size, self.seed = batch_size, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def epoch(self, epoch: int, count: int) -> list[dict[str, torch.Tensor]]:
+        rng = np.random.default_rng([self.seed, epoch, 0x5EC0])
+        chosen = rng.permutation(len(self.dataset))[: min(count, len(self.dataset))].tolist()
+        batches = []
+        for start in range(0, len(chosen), self.batch_size):
+            image = torch.from_numpy(self.dataset._images(chosen[start : start + self.batch_size]))
+            batches.append({"image": image, "recon": image})
+        return batches
+
+
+def interleave(labelled, n_labelled: int, unlabelled: list[dict[str, torch.Tensor]]):
+    """The ``n_labelled`` labelled batches (read lazily) with the unlabelled ones spread evenly between
+    them, the same way every run; without unlabelled batches, the labelled ones untouched."""
+    done, m = 0, len(unlabelled)
+    for i, batch in enumerate(labelled):
+        yield batch
+        while done < m and done < (i + 1) * m // max(1, n_labelled):
+            yield unlabelled[done]
+            done += 1
+    yield from unlabelled[done:]
 
 
 class EpochSampler(Sampler[int]):
@@ -205,7 +254,7 @@ def augment_batch(
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin * flip, cos * flip, zero], 1)], 1)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = {k: F.grid_sample(batch[k], grid, mode="nearest", align_corners=False) for k in ("seg", "loc")}
+    out = {k: F.grid_sample(batch[k], grid, mode="nearest", align_corners=False) for k in ("seg", "loc") if k in batch}
     gain, shift = uniform(-config.intensity, config.intensity), uniform(-config.intensity, config.intensity)
     out["image"] = warped * (1 + gain.view(b, 1, 1, 1)) + shift.view(b, 1, 1, 1)
     out["recon"] = warped

@@ -32,7 +32,7 @@ class CaseVolumes:
 
     case: CaseFiles
     image: np.ndarray  # (R, A, S) float32, the first channel
-    label: np.ndarray  # (R, A, S) uint8
+    label: np.ndarray | None  # (R, A, S) uint8; None for an unlabelled scan
     geometry: Geometry
     extra: tuple[np.ndarray, ...] = ()  # further channels, (R, A, S) float32 each
 
@@ -51,6 +51,7 @@ class VerifyReport:
     n_cases: int
     problems: list[Problem]
     label_map: LabelMap | None = None
+    n_unlabelled: int = 0
 
     @property
     def errors(self) -> list[Problem]:
@@ -63,6 +64,8 @@ class VerifyReport:
     def format(self) -> str:
         if self.ok:
             lines = [f"{self.root}: OK, {self.n_cases} labelled case(s) checked"]
+            if self.n_unlabelled:
+                lines[0] += f" and {self.n_unlabelled} unlabelled scan(s) (reconstruction only)"
             if self.problems:
                 lines[0] += f" ({len(self.problems)} warning(s))"
             if self.label_map is not None:
@@ -251,14 +254,7 @@ def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVo
         The volumes in RAS order when there is no error (warnings allowed), and all problems found.
     """
     assert case.label is not None, "check_case needs a labelled case"
-    problems: list[Problem] = []
-    reads = []
-    for path in case.images:
-        raw, data, channel_problems = _read(path)
-        problems += channel_problems
-        if data is not None and float(np.nanmax(data) - np.nanmin(data)) == 0.0:
-            problems.append(Problem(path, f"image is constant ({float(data.flat[0])}): nothing to normalise"))
-        reads.append((raw, data))
+    reads, problems = _read_channels(case)
     (img, image), extra = reads[0], reads[1:]
     lab, label, label_problems = _read(case.label)
     problems += label_problems
@@ -267,9 +263,7 @@ def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVo
     repaired = any("nibabel would silently replace" in p.message for p in problems)
     if img is not None and lab is not None and image is not None and label is not None and not repaired:
         problems += _pair_problems(case, img, lab, image, label)  # only on values the files really hold
-        for path, (raw, data) in zip(case.extra, extra, strict=True):
-            if raw is not None and data is not None:
-                problems += _channel_problems(path, raw, data, img, image)
+        problems += _co_registration(case, reads)
     if any(p.severity == "error" for p in problems):
         return None, problems
     label_u8 = label_map.canonical(label.astype(np.uint8))
@@ -278,14 +272,54 @@ def check_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> tuple[CaseVo
     if any(p.severity == "error" for p in problems):
         return None, problems
     geometry = Geometry.of(image.shape, img.image.affine)
-    plane = geometry.acquisition_plane
-    if plane not in ("coronal", "isotropic"):
-        voxel = " x ".join(f"{v:g}" for v in geometry.ras_spacing)
-        problems.append(Problem(case.image, f"{plane} acquisition (voxel {voxel} mm R, A, S, thickest across the "
-                                f"{plane} plane); models read coronal slices, built here from thick {plane} "
-                                "slices", "warning"))  # fmt: skip
+    problems += _plane_warning(case, geometry)
     channels = tuple(geometry.to_ras(data) for _, data in extra)
     return CaseVolumes(case, geometry.to_ras(image), geometry.to_ras(label_u8), geometry, channels), problems
+
+
+def check_unlabelled(case: CaseFiles) -> tuple[CaseVolumes | None, list[Problem]]:
+    """:func:`check_case` for a scan without a label (``imagesUnlabelled/``): every image check."""
+    reads, problems = _read_channels(case)
+    (img, image) = reads[0]
+    repaired = any("nibabel would silently replace" in p.message for p in problems)
+    if img is not None and image is not None and not repaired:
+        problems += _co_registration(case, reads)
+    if any(p.severity == "error" for p in problems) or img is None or image is None:
+        return None, problems
+    geometry = Geometry.of(image.shape, img.image.affine)
+    problems += _plane_warning(case, geometry)
+    channels = tuple(geometry.to_ras(data) for _, data in reads[1:])
+    return CaseVolumes(case, geometry.to_ras(image), None, geometry, channels), problems
+
+
+def _read_channels(case: CaseFiles) -> tuple[list[tuple[RawNifti | None, np.ndarray | None]], list[Problem]]:
+    problems: list[Problem] = []
+    reads = []
+    for path in case.images:
+        raw, data, channel_problems = _read(path)
+        problems += channel_problems
+        if data is not None and float(np.nanmax(data) - np.nanmin(data)) == 0.0:
+            problems.append(Problem(path, f"image is constant ({float(data.flat[0])}): nothing to normalise"))
+        reads.append((raw, data))
+    return reads, problems
+
+
+def _co_registration(case: CaseFiles, reads: list) -> list[Problem]:
+    (img, image), problems = reads[0], []
+    for path, (raw, data) in zip(case.extra, reads[1:], strict=True):
+        if raw is not None and data is not None:
+            problems += _channel_problems(path, raw, data, img, image)
+    return problems
+
+
+def _plane_warning(case: CaseFiles, geometry: Geometry) -> list[Problem]:
+    plane = geometry.acquisition_plane
+    if plane in ("coronal", "isotropic"):
+        return []
+    voxel = " x ".join(f"{v:g}" for v in geometry.ras_spacing)
+    message = (f"{plane} acquisition (voxel {voxel} mm R, A, S, thickest across the {plane} plane); models read "
+               f"coronal slices, built here from thick {plane} slices")  # fmt: skip
+    return [Problem(case.image, message, "warning")]
 
 
 def verify_dataset(root: str | Path) -> VerifyReport:
@@ -306,7 +340,9 @@ def verify_dataset(root: str | Path) -> VerifyReport:
             _, case_problems = check_case(case, label_map)
             problems += case_problems
             n_cases += 1
-    return VerifyReport(root, n_cases, problems, label_map)
+        for case in cohort.unlabelled:
+            problems += check_unlabelled(case)[1]
+    return VerifyReport(root, n_cases, problems, label_map, len(cohort.unlabelled) if cohort else 0)
 
 
 def require_valid_case(case: CaseFiles, label_map: LabelMap = CANONICAL) -> CaseVolumes:
