@@ -410,9 +410,15 @@ def evaluate(
     threshold: float = 0.5,
     timer: Timer = NO_TIMER,
     full: bool = True,
+    extras: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Predict every coronal slice of each case, stack back to 3D, compute per-case metrics
     (all of them, or with ``full=False`` only the cheap ones: see :func:`avn_study.metrics.case_metrics`).
+
+    With ``extras`` (a dict to fill), also records per case the calibration counts of the necrosis
+    probabilities within the femoral head region (all voxels for a cohort without head labels) under
+    ``extras["calibration"]``, and the coronal slice with the most reference necrosis (input, reference,
+    probability, cropped) under ``extras["overlay"]``.
 
     Returns:
         The trial-level summary (``val_dice`` etc., see :func:`avn_study.metrics.summarize`) and one
@@ -433,12 +439,38 @@ def evaluate(
                 )
             if "recon" in out:
                 kwargs.update(recon=out["recon"], recon_ref=volume.image[:, 0].numpy())
-            pred = volume.paste(out["seg"]) >= threshold
+            prob = volume.paste(out["seg"])
+            pred = prob >= threshold
         with timer("val_metrics"):
-            metrics = case_metrics(pred, np.asarray(case.label) == LABELS["necrosis"], spacing, full=full, **kwargs)
+            ref = np.asarray(case.label) == LABELS["necrosis"]
+            metrics = case_metrics(pred, ref, spacing, full=full, **kwargs)
+            if extras is not None:
+                _record_extras(extras, volume, out["seg"], prob, ref)
         per_case.append(metrics)
         ids.append({"case": case.case_id, "patient": case.patient_id})
     return summarize(per_case), [{**i, **m} for i, m in zip(ids, per_case, strict=True)]
+
+
+def _record_extras(extras: dict[str, Any], volume: Any, slices: np.ndarray, prob: np.ndarray, ref: np.ndarray) -> None:
+    """Calibration counts and the most necrotic slice of one validation case (see :func:`evaluate`)."""
+    from avn_study.metrics import calibration_counts
+
+    case = volume.case
+    label = np.asarray(case.label)
+    region = label >= LABELS["femoral_head"] if case.has_head_labels and label.any() else None
+    extras.setdefault("calibration", {})[case.case_id] = calibration_counts(prob, ref, region)
+    (src, dst) = volume.box
+    per_slice = ref.sum(axis=(1, 2))
+    index = int(per_slice.argmax())
+    ref_crop = np.zeros(slices.shape[1:], bool)
+    ref_crop[dst] = ref[index][src]
+    extras.setdefault("overlay", {})[case.case_id] = {
+        "slice": index,
+        "necrosis_voxels": int(ref.sum()),
+        "image": volume.image[index, 0].numpy().astype(np.float16),
+        "ref": ref_crop,
+        "prob": np.round(slices[index] * 255).astype(np.uint8),
+    }
 
 
 def cosine_lr(base: float, epoch: int, epochs: int, final_fraction: float = 0.01) -> float:

@@ -278,6 +278,28 @@ def case_metrics(
     return {key: float(value) for key, value in out.items()}
 
 
+CALIBRATION_BINS = 10
+
+
+def calibration_counts(prob: np.ndarray, ref: np.ndarray, region: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Per probability bin (``CALIBRATION_BINS`` equal bins of [0, 1]) the voxel count, the count with
+    reference necrosis and the sum of the predicted probabilities, over ``region`` (default: all voxels).
+
+    Summed over cases, ``positive / count`` against ``prob_sum / count`` per bin is a reliability diagram,
+    and ``sum(|prob_sum - positive|) / sum(count)`` the expected calibration error (ECE).
+    """
+    prob, ref = np.asarray(prob, dtype=np.float64), np.asarray(ref, dtype=bool)
+    if prob.shape != ref.shape:
+        raise ValueError(f"prob and ref must have the same shape, got {prob.shape} and {ref.shape}")
+    if region is not None:
+        prob, ref = prob[region], ref[region]
+    index = np.clip((prob * CALIBRATION_BINS).astype(np.int64), 0, CALIBRATION_BINS - 1).ravel()
+    count = np.bincount(index, minlength=CALIBRATION_BINS)
+    positive = np.bincount(index, weights=ref.ravel().astype(np.float64), minlength=CALIBRATION_BINS)
+    prob_sum = np.bincount(index, weights=prob.ravel(), minlength=CALIBRATION_BINS)
+    return {"count": count.astype(float).tolist(), "positive": positive.tolist(), "prob_sum": prob_sum.tolist()}
+
+
 def _mean(values: Sequence[float]) -> float:
     """Mean ignoring NaN; NaN when nothing is left."""
     kept = [v for v in values if not math.isnan(v)]

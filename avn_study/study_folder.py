@@ -117,6 +117,16 @@ def per_case_file(epoch: int, test: bool = False) -> str:
     return f"per_case/{'test_' if test else ''}epoch_{int(epoch):03d}.json"
 
 
+def calibration_file(epoch: int) -> str:
+    """A trial's per-case calibration counts of its last epoch (see ``metrics.calibration_counts``)."""
+    return f"per_case/calibration_epoch_{int(epoch):03d}.json"
+
+
+def overlay_file(epoch: int) -> str:
+    """A few validation slices of a trial's last epoch, with reference and predicted masks, for figures."""
+    return f"per_case/overlay_epoch_{int(epoch):03d}.npz"
+
+
 def is_study(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 

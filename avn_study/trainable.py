@@ -74,16 +74,39 @@ class TrialFiles:
         storage = tune.get_context().get_storage()
         self.fs, self.root = storage.storage_filesystem, storage.trial_fs_path
 
-    def write(self, relative: str, text: str) -> None:
+    def write(self, relative: str, data: str | bytes) -> None:
         path = f"{self.root}/{relative}"
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with self.fs.open_output_stream(path) as stream:
-            stream.write(text.encode())
+            stream.write(data.encode() if isinstance(data, str) else data)
 
     def exists(self, relative: str) -> bool:
         from pyarrow import fs
 
         return self.fs.get_file_info(f"{self.root}/{relative}").type != fs.FileType.NotFound
+
+
+OVERLAY_CASES = 3  # validation cases per trial kept for figures: those with the most reference necrosis
+
+
+def overlay_bytes(overlays: dict[str, dict[str, Any]], keep: int = OVERLAY_CASES) -> bytes:
+    """An ``.npz`` (no pickles) of the ``keep`` cases with the most reference necrosis (ties: case id):
+    per case ``{case}/image``, ``{case}/ref``, ``{case}/prob`` and ``{case}/slice``. The choice rests on the
+    reference only, so every row's trial on a fold keeps the same cases."""
+    import io
+
+    import numpy as np
+
+    chosen = sorted((c for c, o in overlays.items() if o["necrosis_voxels"] > 0),
+                    key=lambda c: (-overlays[c]["necrosis_voxels"], c))[:keep]  # fmt: skip
+    arrays = {}
+    for case in chosen:
+        o = overlays[case]
+        arrays.update({f"{case}/image": o["image"], f"{case}/ref": o["ref"], f"{case}/prob": o["prob"],
+                       f"{case}/slice": np.array(o["slice"])})  # fmt: skip
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def _maybe_inject_fault(meta: dict[str, Any], epoch: int, files: TrialFiles) -> None:
@@ -101,7 +124,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
     from avn_study.config import TrainConfig
     from avn_study.engine import prepare_data
-    from avn_study.study_folder import per_case_file
+    from avn_study.study_folder import calibration_file, overlay_file, per_case_file
     from avn_study.training import TrainingRun
 
     flat, meta = split_trial_config(config)
@@ -124,6 +147,9 @@ def train_trial(config: dict[str, Any]) -> None:
         if "val_dice" in record:
             rows = [{**identity, "epoch": epoch, **case} for case in run.last_per_case]
             files.write(per_case_file(epoch), json.dumps(rows))
+        if run.done and run.last_extras:
+            files.write(calibration_file(epoch), json.dumps(run.last_extras.get("calibration", {})))
+            files.write(overlay_file(epoch), overlay_bytes(run.last_extras.get("overlay", {})))
         if run.done and meta.get("test") and run.data.test:  # stage 2: the held-out test set, once, at the end
             _, test_cases = run.evaluate_test()
             rows = [{**identity, "epoch": epoch, **case} for case in test_cases]

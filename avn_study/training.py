@@ -94,6 +94,7 @@ class TrainingRun:
             self.unlabelled = UnlabelledBatches(data.unlabelled, self.slice_config, config.optim.batch_size, rt.seed)
         self.history: list[dict[str, Any]] = []
         self.last_per_case: list[dict[str, Any]] = []
+        self.last_extras: dict[str, Any] | None = None  # the last epoch's calibration counts and overlay slices
         self.timer: Timer = NO_TIMER  # a StageTimer times the loop's stages (bench train)
 
     @property
@@ -143,9 +144,10 @@ class TrainingRun:
         last, rt = epoch + 1 == cfg.optim.epochs, cfg.runtime
         if last or (epoch + 1) % rt.eval_every == 0:
             full = last or (epoch + 1) % (rt.eval_every * rt.full_metrics_every) == 0
+            self.last_extras = {} if last else None
             summary, self.last_per_case = evaluate(
                 self.model, self.data.val, self.slice_config, self.device, self.amp_dtype, rt.threshold,
-                timer=self.timer, full=full,
+                timer=self.timer, full=full, extras=self.last_extras,
             )  # fmt: skip
             record.update(summary)
         if self.device.type == "cuda":  # what a trial needs of a GPU: sizes fractional `gpu` shares

@@ -435,3 +435,18 @@ BAD_INPUTS = [
 def test_bad_inputs_say_what_is_wrong(call, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         call(volume((6, 6, 6), box(1, 3, 1, 3, 1, 3)))
+
+
+def test_calibration_counts_bin_the_probabilities_exactly() -> None:
+    from avn_study.metrics import calibration_counts
+
+    prob = np.array([0.0, 0.05, 0.15, 0.95, 1.0, 0.55])
+    ref = np.array([0, 0, 1, 1, 1, 0], bool)
+    counts = calibration_counts(prob, ref)
+    assert counts["count"] == [2, 1, 0, 0, 0, 1, 0, 0, 0, 2]
+    assert counts["positive"] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert counts["prob_sum"][9] == pytest.approx(1.95) and counts["prob_sum"][0] == pytest.approx(0.05)
+    region = np.array([1, 1, 1, 0, 0, 0], bool)
+    assert sum(calibration_counts(prob, ref, region)["count"]) == 3
+    with pytest.raises(ValueError, match="same shape"):
+        calibration_counts(prob, ref[:3])

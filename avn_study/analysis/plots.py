@@ -113,3 +113,69 @@ def importance_plot(importance: pd.DataFrame, path: Path) -> Path:
         ax.set_xlim(0, 1)
         ax.set_title(f"{row} ({int(mine['n_trials'].iloc[0])} trials)", fontsize=9)
     return _save(fig, path)
+
+
+def reliability(calibration: pd.DataFrame, rows: list[str], path: Path) -> Path:
+    """Reliability diagram per row: observed necrosis frequency against mean predicted probability per bin
+    (voxels pooled over the row's evaluation cases); the diagonal is perfect calibration."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--", label="calibrated")
+    table = reliability_table(calibration)
+    for row in rows:
+        mine = table[(table["row"] == row) & (table["count"] > 0)]
+        if len(mine):
+            ax.plot(mine["mean_prob"], mine["observed"], marker="o", ms=3, label=row)
+    ax.set_xlabel("mean predicted necrosis probability (bin)")
+    ax.set_ylabel("observed necrosis frequency")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("reliability (voxels in the femoral head region)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def reliability_table(calibration: pd.DataFrame) -> pd.DataFrame:
+    """Per row and bin: voxel count, mean predicted probability, observed frequency."""
+    pooled = calibration.groupby(["row", "bin"], sort=False)[["count", "positive", "prob_sum"]].sum().reset_index()
+    safe = pooled["count"].where(pooled["count"] > 0)
+    pooled["mean_prob"] = pooled["prob_sum"] / safe
+    pooled["observed"] = pooled["positive"] / safe
+    return pooled
+
+
+def expected_calibration_error(calibration: pd.DataFrame) -> pd.DataFrame:
+    """Per row: ECE = sum over bins |prob_sum - positive| / voxels, and the voxel count it is over."""
+    pooled = calibration.groupby(["row", "bin"], sort=False)[["count", "positive", "prob_sum"]].sum().reset_index()
+    pooled["gap"] = (pooled["prob_sum"] - pooled["positive"]).abs()
+    per_row = pooled.groupby("row", sort=False)[["gap", "count"]].sum()
+    return pd.DataFrame({"row": per_row.index, "ece": per_row["gap"] / per_row["count"],
+                         "voxels": per_row["count"].astype(int)}).reset_index(drop=True)  # fmt: skip
+
+
+def overlays(images: dict[str, dict[str, dict[str, np.ndarray]]], rows: list[str], path: Path) -> Path | None:
+    """The same validation slices for every row: the input with the reference (green) and the row's
+    prediction (red, probability >= 0.5) outlined; one line per case, one column per row."""
+    rows = [r for r in rows if r in images]
+    cases = sorted(set.intersection(*(set(images[r]) for r in rows))) if rows else []
+    if not cases:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(cases), len(rows), figsize=(2.4 * len(rows), 2.4 * len(cases)), squeeze=False)
+    for i, case in enumerate(cases):
+        for j, row in enumerate(rows):
+            item, ax = images[row][case], axes[i][j]
+            ax.imshow(item["image"].astype(np.float32).T, cmap="gray", origin="lower")  # S up, R across
+            ax.contour(item["ref"].T.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+            pred = item["prob"].T.astype(float) / 255.0
+            if pred.max() >= 0.5:
+                ax.contour(pred, levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(row, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{case} (slice {int(item['slice'])})", fontsize=7)
+    fig.suptitle("reference (green) and prediction (red) on the same validation slices", fontsize=9)
+    return _save(fig, path)

@@ -40,6 +40,8 @@ class Analysis:
     files: list[Path] = field(default_factory=list)
     test_ablation: pd.DataFrame = field(default_factory=pd.DataFrame)  # the held-out test set, when there is one
     test_comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
+    calibration: pd.DataFrame | None = None  # per row: ECE over the femoral head region (when recorded)
+    overlays: bool = False  # figures/overlays.png was drawn
 
     @property
     def tuning_only(self) -> bool:
@@ -135,6 +137,16 @@ def write_analysis(analysis: Analysis, out: Path) -> Analysis:
     if analysis.importance["importance"].notna().any():
         files.append(plots.importance_plot(analysis.importance.dropna(subset=["importance"]),
                                            figures / "importance.png"))  # fmt: skip
+    calibration = exp.calibration()
+    if len(calibration):
+        files.append(plots.reliability(calibration, rows, figures / "reliability.png"))
+        analysis.calibration = plots.expected_calibration_error(calibration)
+        analysis.calibration.to_csv(out / "calibration.csv", index=False)
+        files.append(out / "calibration.csv")
+    overlay = plots.overlays(exp.overlays(), rows, figures / "overlays.png")
+    if overlay is not None:
+        files.append(overlay)
+        analysis.overlays = True
     (out / "summary.md").write_text(summary_markdown(analysis, figures.relative_to(out)))
     files.append(out / "summary.md")
     analysis.files = files
@@ -327,6 +339,17 @@ def summary_markdown(analysis: Analysis, figures: Path) -> str:
     ]
     if (analysis.importance["importance"].notna()).any():
         parts.append(f"![parameter importance]({figures}/importance.png)")
+    if analysis.overlays:
+        parts.append(f"![validation slices]({figures}/overlays.png)")
+    if analysis.calibration is not None and len(analysis.calibration):
+        parts += [
+            "## Calibration",
+            "Expected calibration error of the necrosis probability over the voxels of the femoral head region "
+            "(where necrosis can be; every voxel for a cohort without head labels), pooled over each row's "
+            "evaluation cases, 10 equal bins. Lower is better; the reliability diagram shows where it comes from.",
+            _table(analysis.calibration, 4),
+            f"![reliability]({figures}/reliability.png)",
+        ]
     parts += [
         "## Parameter importance (Optuna, PED-ANOVA, stage 1)",
         "Over each search's fully trained trials only (trials stopped early by ASHA are PRUNED in Optuna and "

@@ -40,8 +40,10 @@ from avn_study.study_folder import (
     ERROR,
     MANIFEST,
     TERMINATED,
+    calibration_file,
     is_study,
     merge_grid,
+    overlay_file,
     per_case_file,
     stage_folders,
     trial_status,
@@ -134,6 +136,49 @@ class Experiment:
         grouped = dropped.groupby("row", sort=False)["patient"]
         names = grouped.agg(lambda p: ", ".join(sorted(set(map(str, p)))))
         return pd.DataFrame({"n_patients": grouped.nunique(), "patients": names}).reset_index()
+
+    def calibration(self) -> pd.DataFrame:
+        """Per evaluation case and probability bin (``row, trial_id, case, patient, bin, count, positive,
+        prob_sum``) from the trials' last-epoch calibration files; only the cases the statistics use.
+        Empty for studies from before the files existed."""
+        cases = self.evaluation_cases()
+        if cases.empty:
+            return pd.DataFrame()
+        keep = set(zip(cases["trial_id"].astype(str), cases["case"].astype(str), strict=True))
+        records = []
+        for trial in self.evaluation_trials().itertuples():
+            path = Path(trial.path) / calibration_file(int(trial.eval_epoch)) if _finite(trial.eval_epoch) else None
+            if path is None or not path.is_file():
+                continue
+            for case, counts in _json(path, "calibration counts").items():
+                if (str(trial.trial_id), str(case)) not in keep:
+                    continue
+                for b, (n, pos, total) in enumerate(zip(counts["count"], counts["positive"], counts["prob_sum"],
+                                                        strict=True)):  # fmt: skip
+                    records.append({"row": trial.row, "trial_id": str(trial.trial_id), "case": case, "bin": b,
+                                    "count": n, "positive": pos, "prob_sum": total})  # fmt: skip
+        return pd.DataFrame.from_records(records)
+
+    def overlays(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Row -> case -> ``{image, ref, prob, slice}`` for figures: per row its evaluation trial on the
+        lowest fold and seed (every row's trial on that fold kept the same cases)."""
+        import numpy as np
+
+        trials = self.evaluation_trials()
+        if trials.empty:
+            return {}
+        fold, seed = trials["fold"].min(), trials[trials["fold"] == trials["fold"].min()]["seed"].min()
+        chosen = trials[(trials["fold"] == fold) & (trials["seed"] == seed)].sort_values("trial_id")
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for trial in chosen.drop_duplicates("row").itertuples():
+            path = Path(trial.path) / overlay_file(int(trial.eval_epoch)) if _finite(trial.eval_epoch) else None
+            if path is None or not path.is_file():
+                continue
+            with np.load(path, allow_pickle=False) as npz:
+                for key in npz.files:
+                    case, part = key.rsplit("/", 1)
+                    out.setdefault(str(trial.row), {}).setdefault(case, {})[part] = npz[key]
+        return out
 
     def _reported(self, cases: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         if cases.empty:

@@ -55,6 +55,29 @@ def test_analyze_writes_tables_figures_and_summary(smoke_experiment: Path, tmp_p
     assert "not distinguishable from unet" in summary  # 2 epochs, 4 patients: nothing can be called better
     comparison = pd.read_csv(tmp_path / "a" / "comparison.csv")
     assert comparison["row"].tolist() == ["seg+recon+loc"] and comparison["n_pairs"].iloc[0] >= 1
+    for figure in ("reliability", "overlays"):
+        assert (tmp_path / "a" / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Calibration" in summary and "figures/overlays.png" in summary
+    calibration = pd.read_csv(tmp_path / "a" / "calibration.csv")
+    assert set(calibration["row"]) == {"unet", "seg+recon+loc"}
+    assert calibration["ece"].between(0, 1).all() and (calibration["voxels"] > 0).all()
+
+
+def test_calibration_counts_pool_to_the_reported_cases(smoke_experiment: Path) -> None:
+    """The calibration table holds every evaluation case's bins, and its counts are the region's voxels."""
+    exp = load_experiment(smoke_experiment)
+    table = exp.calibration()
+    cases = exp.evaluation_cases()
+    assert set(zip(table["trial_id"], table["case"], strict=True)) == set(
+        zip(cases["trial_id"].astype(str), cases["case"].astype(str), strict=True)
+    )
+    per_case = table.groupby(["trial_id", "case"])
+    assert (per_case["bin"].nunique() == 10).all()
+    assert ((per_case["positive"].sum() <= per_case["count"].sum())).all()
+    overlays = exp.overlays()
+    assert set(overlays) == {"unet", "seg+recon+loc"}
+    shared = set.intersection(*(set(v) for v in overlays.values()))
+    assert shared and all(overlays["unet"][c]["ref"].any() for c in shared)  # the same necrotic slices per row
 
 
 def test_statistics_use_stage_two_and_both_seeds(smoke_experiment: Path) -> None:
