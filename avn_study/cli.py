@@ -253,6 +253,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.gpus_per_trial,
         progress=not args.quiet,
         force_unlock=args.force_unlock,
+        track=args.track,
     )
     study.prepare(resume=args.resume)  # bad --resume/--name, a live driver, broken cohorts: before Ray starts
     try:
@@ -508,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, dest="max_concurrent", help="trials at once (default: the file's)")
     p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="GPU share per trial, e.g. 0.25")
     p.add_argument("--quiet", action="store_true", help="no live progress lines")
+    p.add_argument("--track", action="append", default=[], metavar="TOOL",
+                   help="also log every trial to tensorboard, mlflow or wandb (repeatable; see README)")  # fmt: skip
     p.add_argument("--plan", action="store_true", help="print the trials and epochs the space will run, and exit")
     p.add_argument("--force-unlock", action="store_true", dest="force_unlock",
                    help="take over the study's lock even if its driver looks alive (its host is gone)")  # fmt: skip

@@ -142,7 +142,12 @@ class Study:
     def __init__(self, space: SearchSpace, data: Path, storage: str, name: str | None = None,
                  max_concurrent: int | None = None, gpus_per_trial: float | None = None,
                  progress: bool = True, fault: dict[str, Any] | None = None,
-                 callbacks: list[Any] | None = None, force_unlock: bool = False) -> None:  # fmt: skip
+                 callbacks: list[Any] | None = None, force_unlock: bool = False,
+                 track: list[str] | None = None) -> None:  # fmt: skip
+        if track:  # before anything else touches the storage
+            from avn_study.tracking import check_trackers
+
+            check_trackers(list(track), storage)
         self.space = space
         self.data = Path(data).resolve()
         self.name = check_name(name, "--name") if name is not None else check_name(space.name, f"{space.path}: name")
@@ -165,6 +170,7 @@ class Study:
         self.progress = progress
         self.fault = fault or {}  # test hook, see avn_study.trainable._maybe_inject_fault
         self.callbacks = list(callbacks or [])  # extra ray.tune.Callback objects for every stage
+        self.track = list(track or [])  # trackers (avn_study.tracking): tensorboard, mlflow, wandb
         # set by the driver's SIGTERM handler: a stop Ray Tune may not see (all trials of a run had just
         # finished, or it was still setting up) must still end the study instead of starting the next run
         self.stop_requested = threading.Event()
@@ -373,6 +379,10 @@ class Study:
         from avn_study.progress import ProgressView
 
         callbacks = list(self.callbacks)
+        if self.track:
+            from avn_study.tracking import tracker_callbacks
+
+            callbacks += tracker_callbacks(self.track, self.name, str(self.root), experiment)
         if self.progress:
             callbacks.append(ProgressView(label, total, self.space.metric, self.space.mode,
                                           self.max_concurrent or max(1, int(os.cpu_count() or 1))))  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -122,8 +123,10 @@ def smoke_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cohort = write_cohort(work / "cohort", cases=6, seed=3, config=PhantomConfig.tiny())
     space = small_space(work, seeds=[0, 1])
     command = [sys.executable, "-m", "avn_study", "sweep", str(space), "--data", str(cohort),
-               "--storage", str(work / "storage"), "--num-cpus", "2", "--quiet"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+               "--storage", str(work / "storage"), "--num-cpus", "2", "--quiet",
+               "--track", "tensorboard", "--track", "mlflow"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default: STUDY/mlflow.db
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return work / "storage" / "smoke"
 

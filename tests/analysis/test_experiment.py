@@ -73,7 +73,7 @@ def test_calibration_counts_pool_to_the_reported_cases(smoke_experiment: Path) -
     )
     per_case = table.groupby(["trial_id", "case"])
     assert (per_case["bin"].nunique() == 10).all()
-    assert ((per_case["positive"].sum() <= per_case["count"].sum())).all()
+    assert (per_case["positive"].sum() <= per_case["count"].sum()).all()
     overlays = exp.overlays()
     assert set(overlays) == {"unet", "seg+recon+loc"}
     shared = set.intersection(*(set(v) for v in overlays.values()))
