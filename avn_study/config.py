@@ -101,7 +101,7 @@ class OptimConfig:
     batch_size: int = 16
     lr: float = 1e-3  # AdamW learning rate, cosine-annealed to lr * 0.01
     weight_decay: float = 1e-4
-    schedule: str = "recon_dependent"  # loss-adaptation schedule (see avn_study.schedules)
+    schedule: str = "auto"  # loss schedule (avn_study.schedules); auto: recon_dependent with recon, else constant
     schedule_params: dict[str, Any] = field(default_factory=dict)  # the schedule's own parameters
     seg_dice_weight: float = 0.5  # seg loss = w * soft Dice + (1 - w) * BCE
     recon_kind: str = "l1"  # l1 | mse
@@ -112,6 +112,13 @@ class OptimConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr=}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay=}")
+        if not 0.0 <= self.seg_dice_weight <= 1.0:
+            raise ValueError(f"seg_dice_weight must be in [0, 1], got {self.seg_dice_weight=}")
+        look_up(self.recon_kind, ("l1", "mse"), what="recon_kind")
+        if not isinstance(self.schedule_params, dict):
+            raise ValueError(f"schedule_params must be a mapping, got {self.schedule_params!r}")
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -146,6 +153,11 @@ class RuntimeConfig:
             raise ValueError(f"resident_memory_fraction must be in (0, 1], got {self.resident_memory_fraction=}")
 
 
+def default_schedule(arm: str) -> str:
+    """``recon_dependent`` (the paper's adaptation) for an arm with a reconstruction branch, else ``constant``."""
+    return "recon_dependent" if "recon" in _ARMS[arm].branches else "constant"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,6 +166,12 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        if self.optim.schedule == "auto":  # the default follows the arm (a frozen field, set once here)
+            object.__setattr__(self.optim, "schedule", default_schedule(self.model.arm))
+        from avn_study.schedules import create_schedule  # (late: schedules import torch)
+
+        # the schedule's name, its parameters and the branches it needs, checked now rather than in a trial
+        create_schedule(self.optim.schedule, _ARMS[self.model.arm].branches or ("seg",), **self.optim.schedule_params)
         multiple = 2**self.model.depth
         if self.data.slice_size % multiple:
             raise ValueError(f"slice_size={self.data.slice_size} must be divisible by 2**depth={multiple}")
@@ -182,8 +200,8 @@ class TrainConfig:
             sections[keys[key]][key] = _coerce(key, value, defaults[key], source)
         try:
             return cls(**{f.name: type(f.default_factory())(**sections[f.name]) for f in dataclasses.fields(cls)})
-        except ValueError as err:
-            raise UsageError(f"{source}: {err}") from None
+        except (ValueError, UsageError) as err:
+            raise UsageError(str(err) if str(err).startswith(source) else f"{source}: {err}") from None
 
     def to_flat(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}

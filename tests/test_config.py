@@ -9,8 +9,9 @@ from avn_study.errors import UsageError
 
 
 def test_round_trip() -> None:
-    config = TrainConfig.from_flat({"arm": "seg+loc", "lr": 3e-4, "epochs": 7, "schedule_params": {"ramp_epochs": 3}})
-    assert config.model.arm == "seg+loc" and config.optim.epochs == 7
+    flat = {"arm": "seg+recon+loc", "lr": 3e-4, "epochs": 7, "schedule_params": {"pretrain_epochs": 3}}
+    config = TrainConfig.from_flat(flat)
+    assert config.model.arm == "seg+recon+loc" and config.optim.epochs == 7
     assert TrainConfig.from_flat(config.to_flat()) == config
     assert config.replace(seed=5).runtime.seed == 5
 
@@ -36,9 +37,27 @@ def test_int_is_accepted_for_float() -> None:
         ({"fold": 5}, "fold must be in [0, n_folds - 1] = [0, 4], got fold=5"),
         ({"n_inner_folds": 1}, "n_inner_folds must be >= 2, got n_inner_folds=1"),
         ({"inner_fold": 3}, "inner_fold must be -1 (off) or in [0, n_inner_folds - 1] = [0, 2], got inner_fold=3"),
+        ({"norm": "btach"}, "space.yaml: Unknown norm 'btach'; did you mean 'batch'?"),
+        ({"threshold": 1.5}, "space.yaml: threshold must be in (0, 1)"),
+        ({"eval_every": 0}, "space.yaml: eval_every must be >= 1, got 0"),
+        ({"slice_size": 0}, "space.yaml: slice_size must be in [8,"),
+        ({"schedule": "linaer"}, "space.yaml: Unknown schedule 'linaer'; did you mean 'linear'?"),
+        ({"arm": "unet", "schedule": "pretrain"}, "space.yaml: schedule 'pretrain' needs the 'recon' branch"),
+        ({"schedule": "constant", "schedule_params": {"ramp": 1}}, "Unknown 'constant' schedule parameter 'ramp'"),
+        ({"seg_dice_weight": 1.5}, "space.yaml: seg_dice_weight must be in [0, 1]"),
+        ({"recon_kind": "l3"}, "space.yaml: Unknown recon_kind 'l3'"),
+        ({"weight_decay": -0.1}, "space.yaml: weight_decay must be >= 0"),
     ],
 )
 def test_bad_flat_config(flat: dict, fragment: str) -> None:
     with pytest.raises(UsageError) as info:
         TrainConfig.from_flat(flat, source="space.yaml")
     assert fragment in str(info.value)
+
+
+def test_the_default_schedule_follows_the_arm() -> None:
+    assert TrainConfig.from_flat({"arm": "unet"}).optim.schedule == "constant"
+    assert TrainConfig.from_flat({"arm": "seg+loc"}).optim.schedule == "constant"
+    assert TrainConfig.from_flat({"arm": "seg+recon"}).optim.schedule == "recon_dependent"
+    assert TrainConfig().to_flat()["schedule"] == "recon_dependent"  # recorded resolved, never "auto"
+    assert TrainConfig.from_flat({"arm": "seg+loc", "schedule": "dwa"}).optim.schedule == "dwa"

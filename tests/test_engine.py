@@ -506,3 +506,11 @@ def test_runtime_options_are_checked_when_the_config_is_built(key: str, value, m
 
     with pytest.raises(UsageError, match=f"trial config: {message}"):
         TrainConfig.from_flat({key: value}, source="trial config")
+
+
+def test_train_a_unet_without_naming_a_schedule(tiny_phantom: Path, shared_cache: Path, tmp_path: Path) -> None:
+    """The default schedule follows the arm: `train --arm unet` runs (constant weights), as the help says."""
+    args = ["train", "--data", str(tiny_phantom), "--out", str(tmp_path / "run"), "--arm", "unet", "--epochs", "1",
+            "--cache-dir", str(shared_cache), "--splits", str(tmp_path / "splits.json"), *TRAIN_ARGS]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["schedule"] == "constant"
