@@ -473,8 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--fold", type=int, help="validation fold (default 0)")
     p.add_argument("--arm", help="unet | seg | seg+recon | seg+loc | seg+recon+loc (default seg+recon+loc)")
-    p.add_argument("--schedule",
-                   help="loss-adaptation schedule (default: recon_dependent for arms with a recon branch, else constant)")  # fmt: skip
+    p.add_argument(
+        "--schedule",
+        help="loss-adaptation schedule (default: recon_dependent for arms with a recon branch, else constant)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--slice-size", type=int, dest="slice_size")
     p.add_argument("--base-channels", type=int, dest="base_channels")
