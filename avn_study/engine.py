@@ -33,7 +33,7 @@ from avn_study.data.slices import (
     augment_batch,
     validation_volumes,
 )
-from avn_study.data.splits import SPLITS_FILE, Splits, check_inner, inner_splits, load_or_create_splits
+from avn_study.data.splits import Splits, check_inner, inner_splits, resolve_splits
 from avn_study.errors import AvnError
 from avn_study.losses import LossConfig, branch_losses
 from avn_study.metrics import case_metrics, summarize
@@ -74,16 +74,21 @@ def cohort_split(
     config: TrainConfig,
     cache_dir: str | Path | None = None,
     splits_path: str | Path | None = None,
+    frozen: dict[str, Any] | None = None,
 ) -> tuple[list[CachedCase], Splits]:
-    """Verify and cache the cohort, freeze (or read) the patient-level split."""
+    """Verify and cache the cohort, and find its patient-level split (see
+    :func:`~avn_study.data.splits.resolve_splits`: never written into the cohort's folder unasked)."""
     cohort = open_cohort(data_root)
     cases = build_cache(cohort, PreprocessConfig(inplane_spacing_mm=config.data.inplane_spacing_mm), cache_dir)
-    splits = load_or_create_splits(
-        Path(splits_path) if splits_path else Path(data_root) / SPLITS_FILE,
+    splits = resolve_splits(
+        data_root,
         {c.case_id: c.patient_id for c in cases},
         {c.case_id: c.has_necrosis for c in cases},
-        k=config.data.n_folds,
-        seed=config.data.split_seed,
+        config.data.n_folds,
+        config.data.split_seed,
+        splits_path=splits_path,
+        frozen=frozen,
+        cache_dir=cache_dir,
     )
     return cases, splits
 
@@ -110,6 +115,7 @@ def prepare_data(
     cache_dir: str | Path | None = None,
     splits_path: str | Path | None = None,
     inner: dict[str, Any] | None = None,
+    frozen: dict[str, Any] | None = None,
 ) -> RunData:
     """Cache the cohort, freeze (or read) the split, pick the fold (see :func:`cohort_split`).
 
@@ -118,7 +124,7 @@ def prepare_data(
     its ``nested_splits.json`` entry for the outer fold), else on
     :func:`~avn_study.data.splits.inner_splits` made now, which gives the same folds.
     """
-    cases, splits = cohort_split(data_root, config, cache_dir, splits_path)
+    cases, splits = cohort_split(data_root, config, cache_dir, splits_path, frozen)
     require_head_labels(config.model.arm, cases, str(data_root))
     fold, inner_hash = splits.fold(config.data.fold), ""
     if config.data.inner_fold >= 0:

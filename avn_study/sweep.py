@@ -4,6 +4,7 @@ A study lives in ``STORAGE/NAME/``::
 
     study.json            manifest: protocol, data, split hash, stages and their Ray experiments
     space.yaml            the search-space file as run
+    splits.json           the patient-level split the study froze (its trials get it inline)
     optuna.journal        Optuna's journal storage: one study per row (optuna.load_study / optuna-dashboard)
     nested_splits.json    nested_ablation: the inner folds of each outer fold, frozen with their hashes
     stage1-<row>/         Ray Tune experiment: the Optuna search of one row on the tuning fold (ASHA)
@@ -46,6 +47,7 @@ from avn_study.study_folder import (
     MANIFEST,
     NESTED_SPLITS,
     SPACE_COPY,
+    SPLITS_COPY,
     STAGE1_ALL,
     STAGE2,
     STAGE2_PLAN,
@@ -175,6 +177,7 @@ class Study:
         # finished, or it was still setting up) must still end the study instead of starting the next run
         self.stop_requested = threading.Event()
         self.split_hash = ""
+        self.splits: Any = None  # the study's split (frozen in STUDY/splits.json), set by prepare
         self.inner: dict[int, dict[str, Any]] = {}  # nested_ablation: outer fold -> frozen inner splits
 
     # ---------------------------------------------------------------- preparation (driver side)
@@ -187,7 +190,10 @@ class Study:
 
         self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
         config = TrainConfig.from_flat(self.space.trial_config(next(iter(self.space.arms))))
-        cases, splits = cohort_split(self.data, config)
+        frozen = self.root / SPLITS_COPY
+        cases, splits = cohort_split(self.data, config, frozen=json.loads(frozen.read_text())
+                                     if resume and frozen.is_file() else None)  # fmt: skip
+        self.splits = splits
         for row in self.space.arms:  # a +loc row on a cohort without head labels: refused before Ray starts
             require_head_labels(TrainConfig.from_flat(self.space.trial_config(row)).model.arm, cases,
                                 f"{self.space.path}: arms.{row}")  # fmt: skip
@@ -286,6 +292,7 @@ class Study:
             if self.space.path.is_file():
                 shutil.copyfile(self.space.path, self.root / SPACE_COPY)
             self._freeze_inner(splits, cases, resume=False)
+            (self.root / SPLITS_COPY).write_text(json.dumps(splits.to_dict(), indent=1) + "\n")
             (self.root / MANIFEST).write_text(json.dumps({
                 "name": self.name, "protocol": self.space.protocol, "metric": self.space.metric,
                 "mode": self.space.mode, "data": str(self.data), "split_hash": self.split_hash,
@@ -296,7 +303,7 @@ class Study:
             }, indent=1, default=str))  # fmt: skip
         except OSError as err:
             raise storage_error(self.location, err) from None
-        self._push(MANIFEST, SPACE_COPY, NESTED_SPLITS)
+        self._push(MANIFEST, SPACE_COPY, NESTED_SPLITS, SPLITS_COPY)
 
     def stage1_runs(self) -> list[Stage1]:
         """The stage-1 searches in the order they run: per row, and per outer fold for nested_ablation."""
@@ -359,7 +366,8 @@ class Study:
 
     def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
         """What every trial of a stage needs to find its data (the same for all its trials)."""
-        meta = {"data": str(self.data), "splits": str(self.data / "splits.json"),
+        # the split inline, like the inner folds: readable on any node and storage, never a file in DATA
+        meta = {"data": str(self.data), "split": self.splits.to_dict(),
                 "checkpoint_frequency": self.space.checkpoint_frequency, "fault": self.fault, "test": test}  # fmt: skip
         if outer is not None:
             meta["inner"] = self.inner[outer]  # in the trial's parameters: readable on any node and storage

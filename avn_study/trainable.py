@@ -131,7 +131,8 @@ def train_trial(config: dict[str, Any]) -> None:
     flat["threads"] = _threads_for_trial()
     train_config = TrainConfig.from_flat(flat, source="trial config")
     torch.set_num_threads(train_config.runtime.threads)
-    data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"), meta.get("inner"))
+    data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"), meta.get("inner"),
+                        meta.get("split"))  # fmt: skip
     run = TrainingRun(train_config, data)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

@@ -92,7 +92,7 @@ def ray_2cpus():
 
 @pytest.fixture(scope="module")
 def sweep_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private tiny phantom cohort (sweeps freeze DATA/splits.json, so it is not shared)."""
+    """A private tiny phantom cohort for sweeps."""
     from avn_study.data.phantom import PhantomConfig, write_cohort
 
     return write_cohort(tmp_path_factory.mktemp("sweep") / "cohort", cases=6, seed=3, config=PhantomConfig.tiny())

@@ -162,8 +162,8 @@ def test_a_perfect_prediction_scores_perfectly(bundle: Path, tiny_phantom: Path,
     real = predict_module.predict_volume
     truth: dict[str, np.ndarray] = {}
 
-    def oracle(bundle_, image, geometry, device=None, batch_size=32, options=None):
-        prediction = real(bundle_, image, geometry, device, batch_size, options)
+    def oracle(bundle_, image, geometry, device=None, batch_size=32, options=None, extra=()):
+        prediction = real(bundle_, image, geometry, device, batch_size, options, extra)
         label = truth["label"]
         shape = inplane_shape(label.shape, geometry.ras_spacing, bundle_.preprocess.inplane_spacing_mm)
         prediction.grid["seg"] = (np.moveaxis(resample_labels(label, shape), 1, 0) == 2).astype(np.float32)

@@ -42,7 +42,8 @@ def audit(root: Path) -> int:
         assert selected == validated and selected, trial_dir  # the record is what the search looked at
         assert grid["_selected_trial"] in {json.loads(p.read_text().splitlines()[-1])["trial_id"]
                                            for p in searched.glob("*/result.json")}  # fmt: skip
-        reported = set().union(*(_patients(f) for f in (trial_dir / "per_case").glob("*epoch_*.json")))
+        files = [f for f in (trial_dir / "per_case").glob("*epoch_*.json") if not f.name.startswith("calibration")]
+        reported = set().union(*(_patients(f) for f in files))
         assert reported and not reported & selected, (trial_dir, reported & selected)
     # and the analysis reports exactly those trials' cases, none of a selection patient
     experiment = load_experiment(root)
@@ -56,7 +57,9 @@ def audit(root: Path) -> int:
 def test_fair_ablation_reports_no_patient_of_the_tuning_fold(smoke_experiment: Path) -> None:
     assert audit(smoke_experiment) == 8
     manifest = json.loads((smoke_experiment / "study.json").read_text())
-    splits = read_splits(Path(manifest["data"]) / "splits.json")
+    splits = read_splits(smoke_experiment / "splits.json")  # the study's frozen copy
+    assert splits.hash == manifest["split_hash"]
+    assert not (Path(manifest["data"]) / "splits.json").exists()  # the cohort's folder was never written
     tuning = {c.split("_")[0] for c in splits.fold(0).val}
     cases = load_experiment(smoke_experiment).evaluation_cases()
     assert set(cases["fold"]) == {1, 2} and not {str(c) for c in cases["case"]} & set(splits.fold(0).val)
@@ -67,7 +70,8 @@ def test_nested_ablation_reports_every_patient_by_models_tuned_without_them(nest
     root = nested_experiment
     assert audit(root) == 2 * 3 * 2  # rows x outer folds x seeds
     manifest = json.loads((root / "study.json").read_text())
-    splits = read_splits(Path(manifest["data"]) / "splits.json")
+    splits = read_splits(Path(manifest["data"]) / "splits.json")  # frozen by `avn-study split` (a test set)
+    assert read_splits(root / "splits.json") == splits  # and copied into the study
     assert splits.test and manifest["test_cases"] == len(splits.test)
     for outer in range(3):
         inner = read_nested(root / "nested_splits.json", splits, outer)  # frozen, hashed, checked
@@ -191,4 +195,4 @@ def test_a_tuning_set_without_necrosis_is_refused_before_ray_starts(tmp_path: Pa
         with pytest.raises(UsageError, match=f"{where} has no case with necrosis, so val_dice"):
             study.prepare(resume=False)
         assert not (tmp_path / protocol).exists()  # nothing written
-    assert "toy_000" in read_splits(cohort / "splits.json").fold(0).val
+    assert not (cohort / "splits.json").exists()  # the cohort's folder is never written

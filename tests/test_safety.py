@@ -95,7 +95,8 @@ def test_sweep_name_never_escapes_the_storage(name: str, cohort: Path, tmp_path:
 
 # --------------------------------------------------------------------------- 4. row names, 5. YAML
 def test_rows_that_share_a_folder_are_refused_naming_both(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    arms = {"seg+loc": {"schedule": "constant"}, "seg-loc": {"arm": "unet", "schedule": "constant"}}
+    fresh = {"schedule": "constant", "schedule_params": {}}
+    arms = {"seg+loc": fresh, "seg-loc": {"arm": "unet", **fresh}}
     space = small_space(tmp_path, arms=arms)
     assert main(["sweep", str(space), "--data", str(tmp_path), "--storage", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err

@@ -185,8 +185,16 @@ def read_splits(path: str | Path, cases: set[str] | None = None) -> Splits:
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a valid splits file ({err})") from None
+    return check_splits(raw, cases, str(path))
+
+
+def check_splits(raw: dict, cases: set[str] | None, path: str) -> Splits:
+    """:func:`read_splits` on a parsed file (``path`` names where it came from in messages)."""
+    try:
         splits = splits_from_dict(raw)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: not a valid splits file ({err})") from None
     if raw.get("hash") != splits.hash:
         raise DataError(
@@ -249,6 +257,55 @@ def load_or_create_splits(
         return splits
     splits = make_splits(patients, k, seed, has_necrosis)
     write_splits(splits, path)
+    return splits
+
+
+def resolve_splits(
+    data_root: str | Path,
+    patients: dict[str, str],
+    has_necrosis: dict[str, bool],
+    k: int,
+    seed: int,
+    *,
+    splits_path: str | Path | None = None,
+    frozen: dict | None = None,
+    cache_dir: str | Path | None = None,
+) -> Splits:
+    """The split a run uses, never written into the cohort's folder unasked:
+
+    1. ``frozen`` (a study's own ``splits.json``, passed inline to its trials), checked against the cohort;
+    2. ``splits_path`` (``--splits``): read, or made and frozen there when it does not exist yet;
+    3. ``DATA/splits.json`` when the user froze one (``avn-study split``): read, and its fold count must
+       be the one asked for;
+    4. otherwise the cohort's split for ``(k, seed)``, made once and kept in the node's cache
+       (``CACHE/splits/``, keyed by the cohort's cases, patients, k and seed): a data folder may be
+       read-only, and another fold count is simply another split.
+
+    Raises:
+        DataError: a file that does not fit the cohort or the fold count.
+    """
+    cases = set(patients)
+    if frozen is not None:
+        splits = check_splits(frozen, cases, "the study's splits.json")
+    elif splits_path is not None:
+        return load_or_create_splits(splits_path, patients, has_necrosis, k=k, seed=seed)
+    elif (Path(data_root) / SPLITS_FILE).is_file():
+        path = Path(data_root) / SPLITS_FILE
+        splits = read_splits(path, cases)
+        if splits.k != k:
+            raise DataError(f"{path}: the split you froze has {splits.k} folds but n_folds={k} was asked for; use "
+                            f"n_folds={splits.k}, or pass --splits FILE for another split")  # fmt: skip
+        return splits
+    else:
+        from avn_study.data.cache import default_cache_dir
+
+        identity = json.dumps([sorted(patients.items()), sorted(has_necrosis.items()), k, seed])
+        key = hashlib.sha256(identity.encode()).hexdigest()[:20]
+        path = Path(cache_dir or default_cache_dir()) / "splits" / f"{key}-k{k}-seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return load_or_create_splits(path, patients, has_necrosis, k=k, seed=seed)
+    if splits.k != k:
+        raise DataError(f"the study's splits.json has {splits.k} folds but n_folds={k} was asked for")
     return splits
 
 
