@@ -496,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="any other config key, e.g. --set loc_margin_mm=15 --set 'schedule_params={pretrain_epochs: 3}'",
     )
     p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
-    p.add_argument("--splits", type=Path, help="frozen splits file (default DATA/splits.json)")
+    p.add_argument(
+        "--splits", type=Path, help="frozen splits file (default: DATA/splits.json if you made one, else the cache's)"
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (only a run folder)")
     p.set_defaults(func=cmd_train)

@@ -148,3 +148,27 @@ def test_inner_splits_divide_only_the_outer_training_patients(tmp_path: Path) ->
         read_nested(path, other, 1)
     with pytest.raises(ValueError, match="inner folds of outer fold 0: k must be between 2"):
         inner_splits(outer, 0, patients, necrosis, k=50)
+
+
+def test_runs_never_write_a_split_into_the_cohort(tmp_path: Path) -> None:
+    from avn_study.data.splits import resolve_splits
+    from avn_study.errors import DataError
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    patients = {f"c{i}": f"P{i // 2}" for i in range(12)}
+    necrosis = {c: i % 3 == 0 for i, c in enumerate(patients)}
+    five = resolve_splits(data, patients, necrosis, 5, 0, cache_dir=cache)
+    three = resolve_splits(data, patients, necrosis, 3, 0, cache_dir=cache)  # another fold count: another split
+    assert (five.k, three.k) == (5, 3) and not any(data.iterdir())
+    assert len(list((cache / "splits").glob("*.json"))) == 2
+    assert resolve_splits(data, patients, necrosis, 5, 0, cache_dir=cache) == five  # frozen: read back
+    mine = write_splits(make_splits(patients, 4, seed=9), data / "splits.json")  # the user froze 4 folds
+    assert resolve_splits(data, patients, necrosis, 4, 0, cache_dir=cache).seed == 9
+    with pytest.raises(DataError, match="the split you froze has 4 folds but n_folds=3 was asked for"):
+        resolve_splits(data, patients, necrosis, 3, 0, cache_dir=cache)
+    frozen = json.loads(mine.read_text())
+    assert resolve_splits(data, patients, necrosis, 4, 0, frozen=frozen).hash == frozen["hash"]
+    frozen["folds"][0]["val"].pop()
+    with pytest.raises(DataError, match="the study's splits.json: hash"):
+        resolve_splits(data, patients, necrosis, 4, 0, frozen=frozen)
