@@ -170,5 +170,5 @@ def test_runs_never_write_a_split_into_the_cohort(tmp_path: Path) -> None:
     frozen = json.loads(mine.read_text())
     assert resolve_splits(data, patients, necrosis, 4, 0, frozen=frozen).hash == frozen["hash"]
     frozen["folds"][0]["val"].pop()
-    with pytest.raises(DataError, match="the study's splits.json: hash"):
+    with pytest.raises(DataError, match=r"the study's splits\.json: hash"):
         resolve_splits(data, patients, necrosis, 4, 0, frozen=frozen)
