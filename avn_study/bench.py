@@ -237,10 +237,10 @@ def _sweep_space(path: Path, **changes: object):
     """search_spaces/smoke.yaml with changes (the bench's small, real sweeps)."""
     import yaml
 
+    from avn_study.resources import shipped_space
     from avn_study.space import parse_space
 
-    repo_smoke = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
-    raw = {**yaml.safe_load(repo_smoke.read_text()), **changes}
+    raw = {**yaml.safe_load(shipped_space("smoke").read_text()), **changes}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return parse_space(raw, path)
 
@@ -427,9 +427,11 @@ def bench_gpu(work: Path, per_gpu: int = 4, trials: int = 8, epochs: int = 8) ->
 
     if not torch.cuda.is_available():
         raise UsageError("avn-study bench gpu needs a CUDA GPU; this machine has none (torch.cuda.is_available())")
-    repo = Path(__file__).resolve().parents[1] / "search_spaces" / "ablation.yaml"
     import yaml
 
+    from avn_study.resources import shipped_space
+
+    repo = shipped_space("ablation")
     fixed = {**yaml.safe_load(repo.read_text())["fixed"], "epochs": epochs}
     rows = [("device", torch.cuda.get_device_name(0), f"torch {torch.__version__}")]
     rows += _gpu_step_rows(fixed["slice_size"], fixed["batch_size"], fixed["base_channels"], fixed["depth"])

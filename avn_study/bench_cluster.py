@@ -113,11 +113,11 @@ def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 
     import yaml
 
     from avn_study.data.phantom import PhantomConfig, write_cohort
+    from avn_study.resources import shipped_space
     from avn_study.space import load_space
     from avn_study.sweep import init_ray
 
-    repo = Path(__file__).resolve().parents[1]
-    raw = yaml.safe_load((repo / "search_spaces" / "ablation.yaml").read_text())
+    raw = yaml.safe_load(shipped_space("ablation").read_text())
     raw["fixed"] = {**raw["fixed"], "epochs": 20}
     raw["scheduler"] = {**raw["scheduler"], "grace_period": 4}
     raw.update({"resources": {"cpu": 1, "gpu": 1 / per_gpu}, "max_concurrent": 0, "checkpoint": {"frequency": 1000}})

@@ -237,10 +237,11 @@ def _stop_on_sigterm(study) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
 
+    from avn_study.resources import space_argument
     from avn_study.space import load_space
     from avn_study.sweep import Study, init_ray
 
-    space = load_space(args.space)
+    space = load_space(space_argument(args.space))
     if args.plan:
         print(_plan_text(space))
         return 0
@@ -298,29 +299,22 @@ def _plan_text(space) -> str:
     return "\n".join(lines)
 
 
-def _repo_space(name: str) -> Path:
-    """A shipped search-space file: ``search_spaces/NAME.yaml`` of the checkout avn-study runs from."""
-    import avn_study
-
-    path = Path(avn_study.__file__).resolve().parents[1] / "search_spaces" / f"{name}.yaml"
-    if not path.is_file():
-        raise UsageError(f"{path} not found: run from a clone of the repository or pass --space FILE")
-    return path
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from avn_study.data.phantom import write_cohort
+    from avn_study.data.phantom import PhantomConfig, write_cohort
     from avn_study.space import load_space
     from avn_study.sweep import Study, init_ray
 
     out = args.out.resolve()
     cohort = out / "cohort"
+    cases = args.cases or (6 if args.tiny else 16)
     if (cohort / "dataset.json").is_file():
         print(f"reusing the phantom cohort in {cohort}", file=sys.stderr)
     else:
-        print(f"writing a phantom cohort of {args.cases} patients to {cohort}", file=sys.stderr)
-        write_cohort(cohort, cases=args.cases, seed=args.seed)
-    space = load_space(args.space or _repo_space("demo"))
+        print(f"writing a phantom cohort of {cases} patients to {cohort}", file=sys.stderr)
+        write_cohort(cohort, cases=cases, seed=args.seed, config=PhantomConfig.tiny() if args.tiny else PhantomConfig())
+    from avn_study.resources import shipped_space, space_argument
+
+    space = load_space(space_argument(args.space) if args.space else shipped_space("smoke" if args.tiny else "demo"))
     study = Study(space, cohort, str(out / "experiments"), progress=not args.quiet)
     resume = (study.root / "study.json").is_file()
     study.prepare(resume=resume)
@@ -504,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="run a search-space file (a sweep, a nested or a fair ablation) on Ray Tune")
-    p.add_argument("space", type=Path, help="search-space YAML file (see search_spaces/)")
+    p.add_argument("space", type=Path, help="search-space YAML file, or a shipped one by name (ablation, demo, ...)")
     p.add_argument("--data", type=Path, required=True, help="dataset folder, readable on every node")
     p.add_argument("--storage", required=True, help="experiment storage: a local/shared path or a pyarrow URI")
     p.add_argument("--name", help="study name (default: the file's name key)")
@@ -523,10 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="phantom cohort + the demo nested ablation + its report (the README's command)")
     p.add_argument("--out", type=Path, default=Path("avn-demo"), help="output folder (default ./avn-demo)")
-    p.add_argument("--cases", type=_positive_int, default=16, help="phantom patients (default 16)")
+    p.add_argument("--cases", type=_positive_int, help="phantom patients (default 16; 6 with --tiny)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    p.add_argument("--space", type=Path, help="search-space file (default search_spaces/demo.yaml)")
+    p.add_argument("--space", type=Path, help="search-space file or shipped name (default demo; smoke with --tiny)")
     p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for Ray (default: all)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a minute-long smoke run: tiny phantom and the smoke space (checks an install)",
+    )
     p.add_argument("--quiet", action="store_true", help="no live progress lines")
     p.set_defaults(func=cmd_demo)
 

@@ -30,3 +30,63 @@ def test_python_dash_m_entry_point() -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     result = subprocess.run([sys.executable, "-m", "avn_study", "frobnicate"], capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_the_package_list_covers_the_source_tree() -> None:
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = {".".join(p.relative_to(root).parts) for p in (root / "avn_study").rglob("__init__.py")}
+    found = {name.removesuffix(".__init__.py").replace("/", ".") for name in found}
+    assert set(listed) == found | {"avn_study.search_spaces", "avn_study.notebooks"}
+
+
+def test_shipped_files_are_found_by_name() -> None:
+    from avn_study.resources import shipped_file, shipped_names, shipped_space, space_argument
+
+    assert {"ablation.yaml", "demo.yaml", "smoke.yaml", "tune.yaml"} <= set(shipped_names("search_spaces"))
+    assert shipped_space("demo").read_text() == shipped_space("demo.yaml").read_text()
+    assert shipped_file("notebooks", "ablation_report.ipynb").is_file()
+    assert space_argument(__import__("pathlib").Path("ablation")) == shipped_space("ablation")
+    import pytest
+
+    from avn_study.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"no shipped search spaces file 'nope\.yaml' \(shipped: ablation\.yaml"):
+        shipped_space("nope")
+
+
+def test_a_wheel_runs_the_demo_outside_the_repository(tmp_path) -> None:
+    """`pip install` of the built wheel (its dependencies borrowed from this environment) runs `avn-study
+    --help` and `avn-study demo --tiny` from a folder outside the checkout: the shipped files travel."""
+    import sysconfig
+    import venv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    wheels = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(root)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    wheel = next(wheels.glob("avn_study-*.whl"))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    Path(purelib, "_borrowed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True)
+    where = subprocess.run([python, "-c", "import avn_study; print(avn_study.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert where.startswith(str(env_dir)), where  # the wheel, not the checkout
+    cli = env_dir / "bin" / "avn-study"
+    assert "demo" in subprocess.run([cli, "--help"], cwd=tmp_path, capture_output=True, text=True).stdout
+    done = subprocess.run([cli, "demo", "--tiny", "--out", str(tmp_path / "demo"), "--num-cpus", "2", "--quiet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = tmp_path / "demo" / "report"
+    assert (report / "summary.md").is_file() and (report / "ablation_report.ipynb").is_file()
+    assert (
+        str((tmp_path / "demo" / "experiments" / "smoke").resolve()) in (report / "ablation_report.ipynb").read_text()
+    )

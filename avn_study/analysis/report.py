@@ -149,8 +149,28 @@ def write_analysis(analysis: Analysis, out: Path) -> Analysis:
         analysis.overlays = True
     (out / "summary.md").write_text(summary_markdown(analysis, figures.relative_to(out)))
     files.append(out / "summary.md")
+    files.append(write_notebook(exp.root, out))
     analysis.files = files
     return analysis
+
+
+NOTEBOOK = "ablation_report.ipynb"
+
+
+def write_notebook(experiment: Path, out: Path) -> Path:
+    """The shipped report notebook, its default experiment set to ``experiment``, as ``out/ablation_report.ipynb``."""
+    import json
+
+    from avn_study.resources import shipped_file
+
+    notebook = json.loads(shipped_file("notebooks", NOTEBOOK).read_text())
+    default = 'Path(os.environ.get("AVN_EXPERIMENT", "../avn-demo/experiments/demo"))'
+    mine = f'Path(os.environ.get("AVN_EXPERIMENT", {json.dumps(str(Path(experiment).resolve()))}))'
+    for cell in notebook["cells"]:
+        cell["source"] = [line.replace(default, mine) for line in cell["source"]]
+    path = Path(out) / NOTEBOOK
+    path.write_text(json.dumps(notebook, indent=1) + "\n")
+    return path
 
 
 def _cell(row: pd.Series, metric: str, decimals: int) -> str:
