@@ -10,46 +10,30 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
+_EXPORTS = {  # what a script or notebook needs; everything else is imported from its module
+    # cohorts
     "PhantomConfig": "avn_study.data.phantom",
     "write_cohort": "avn_study.data.phantom",
-    "synth_case": "avn_study.data.phantom",
     "verify_dataset": "avn_study.data.verify",
-    "open_cohort": "avn_study.data.layout",
-    "LABELS": "avn_study.data.layout",
-    "PreprocessConfig": "avn_study.data.preprocess",
-    "build_cache": "avn_study.data.cache",
-    "make_splits": "avn_study.data.splits",
-    "load_or_create_splits": "avn_study.data.splits",
-    "SliceConfig": "avn_study.data.slices",
-    "SliceDataset": "avn_study.data.slices",
-    "EpochSampler": "avn_study.data.slices",
-    "AugmentConfig": "avn_study.data.slices",
-    "augment_batch": "avn_study.data.slices",
-    "load_ras": "avn_study.data.nifti",
+    # training, and the registries a new model or schedule plugs into
     "TrainConfig": "avn_study.config",
-    "create_model": "avn_study.models",
-    "list_models": "avn_study.models",
-    "model_for_arm": "avn_study.models",
-    "LossConfig": "avn_study.losses",
-    "branch_losses": "avn_study.losses",
-    "Schedule": "avn_study.schedules",
-    "create_schedule": "avn_study.schedules",
-    "list_schedules": "avn_study.schedules",
-    "register_schedule": "avn_study.schedules",
-    "case_metrics": "avn_study.metrics",
-    "summarize": "avn_study.metrics",
-    "train_one_epoch": "avn_study.engine",
-    "evaluate": "avn_study.engine",
     "prepare_data": "avn_study.engine",
     "TrainingRun": "avn_study.training",
-    "save_in_geometry": "avn_study.data.nifti",
+    "create_model": "avn_study.models",
+    "register_model": "avn_study.models",
+    "create_schedule": "avn_study.schedules",
+    "register_schedule": "avn_study.schedules",
+    "case_metrics": "avn_study.metrics",
+    # studies and their results
+    "Study": "avn_study.sweep",
     "load_experiment": "avn_study.analysis",
     "analyze": "avn_study.analysis",
     "write_analysis": "avn_study.analysis",
+    # models in use
     "export_bundle": "avn_study.export",
     "load_bundle": "avn_study.bundle",
     "predict": "avn_study.predict",
+    "evaluate_bundle": "avn_study.evaluate",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

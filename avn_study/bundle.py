@@ -14,6 +14,7 @@ A bundle (written by ``avn-study export``, see :mod:`avn_study.export`) is a fol
 post-processing; ``predict``/``evaluate`` flags override them) and, for an ensemble, the members'
 files and trials. Format version 2 added both; version 1 bundles still load (one model, no options).
 
+:func:`write_bundle` writes one (``avn-study export`` selects what goes in, :mod:`avn_study.export`).
 A bundle is data, not code. :func:`load_bundle` reads JSON and safetensors only (no pickle, no
 ``torch.load``), checks ``config.json`` against the model registry and the weights' names and shapes
 against the model it describes, and refuses anything else with a message naming the file.
@@ -370,3 +371,86 @@ def load_bundle(path: str | Path) -> Bundle:
         members.append(member.eval())
     bundle.members = members if len(members) > 1 else None
     return bundle
+
+
+# ------------------------------------------------------------------------------------------ writing
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that define a bundle's numerics (None: not installed)."""
+    import platform
+    from importlib import metadata
+
+    import avn_study
+
+    versions: dict[str, str | None] = {"python": platform.python_version(), "avn-study": avn_study.__version__}
+    for name in ("torch", "numpy", "nibabel", "safetensors", "ray"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def check_bundle_out(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """``--out`` of a bundle: new, or (with ``overwrite``) an existing bundle that is not an input."""
+    from avn_study.outputs import check_target
+
+    check_target(Path(out), flag="--out", kind="a bundle", is_own=is_bundle, overwrite=overwrite, inputs=inputs)
+
+
+def write_bundle(
+    out: str | Path,
+    model: Any,
+    flat: dict[str, Any],
+    metrics: dict[str, Any],
+    provenance: dict[str, Any],
+    *,
+    onnx: bool = False,
+    overwrite: bool = False,
+    inference: InferenceOptions | None = None,
+    members: list[tuple[Any, dict[str, Any]]] | None = None,
+    channels: list[str] | None = None,
+) -> tuple[Path, dict[str, Any] | None]:
+    """Write a bundle folder for ``model`` (trained with the flat TrainConfig ``flat``): the writer beside
+    its reader, :func:`load_bundle`.
+
+    ``inference`` (:class:`InferenceOptions`) is stored as the bundle's default;
+    ``members`` (further models of a fold ensemble, each with its record for ``config.json``) are
+    written to ``ensemble/member_NN.safetensors``; ``model`` is the first member.
+
+    The bundle is assembled in a temporary folder next to ``out`` and moved into place at the end, so
+    an interrupted export leaves no half-written bundle.
+
+    Returns:
+        The bundle folder and the ONNX record (None without ``onnx``).
+    """
+    from safetensors.torch import save_file
+
+    from avn_study.onnx_export import export_onnx
+    from avn_study.outputs import staged_folder
+
+    out = Path(out)
+    check_bundle_out(out, overwrite)
+    if onnx and members:
+        raise UsageError("--onnx writes one model, and --ensemble asks for several; export the ensemble without --onnx")
+    with staged_folder(out) as tmp:  # an interrupted export leaves the old bundle (or none), never half
+        ensemble = []
+        for i, (member, record) in enumerate([(model, {}), *(members or [])]):
+            name = MODEL_FILE if i == 0 else f"{ENSEMBLE_DIR}/member_{i:02d}.safetensors"
+            (tmp / name).parent.mkdir(exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in member.state_dict().items()}
+            save_file(state, str(tmp / name), metadata={"format": "pt", "avn_study_bundle": "1"})
+            ensemble.append({"file": name, **record})
+        config = bundle_config(flat, model, provenance.get("versions") or package_versions(), inference,
+                               ensemble if members else None, channels)  # fmt: skip
+        n_channels = max(1, int(flat.get("in_channels", 0) or 0))
+        onnx_info = export_onnx(model, tmp / ONNX_FILE, int(flat["slice_size"]), channels=n_channels) if onnx else None
+        if onnx_info:
+            config["onnx"] = onnx_info
+        for name, payload in ((CONFIG_FILE, config), (METRICS_FILE, metrics), (PROVENANCE_FILE, provenance)):
+            (tmp / name).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    return out, onnx_info
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars from pandas rows -> Python numbers."""
+    return value.item() if hasattr(value, "item") else str(value)

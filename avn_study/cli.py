@@ -50,11 +50,26 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from avn_study.outputs import check_target, staged_folder
 
     check_target(args.out, flag="OUT", kind="a phantom cohort", is_own=is_phantom_cohort, overwrite=args.overwrite)
+    if args.seed < 0:
+        raise UsageError(f"--seed must be an integer >= 0, got {args.seed}")
     config = PhantomConfig.tiny() if args.tiny else PhantomConfig()
     with staged_folder(args.out) as staged:  # a new cohort replaces the old one whole, never file by file
         write_cohort(staged, cases=args.cases, seed=args.seed, config=config, channels=tuple(args.channels.split(",")))
     print(f"wrote a phantom cohort of {args.cases} patient(s) (seed {args.seed}) to {args.out}")
     return 0
+
+
+def _synth_parser(sub) -> None:
+    """``avn-study synth``'s arguments (next to :func:`cmd_synth`)."""
+    p = sub.add_parser("synth", help="write a synthetic hip-MRI phantom cohort (nnU-Net raw layout)")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--cases", type=_positive_int, default=20, help="number of patients (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--tiny", action="store_true", help="small, coarse volumes for smoke tests")
+    p.add_argument("--channels", choices=("T1", "T1,STIR"), default="T1",
+                   help="input sequences: T1 (default), or T1,STIR (a second, STIR-like channel _0001)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing phantom cohort (only one)")
+    p.set_defaults(func=cmd_synth)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -63,6 +78,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_dataset(args.data)
     print(report.format(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 2
+
+
+def _verify_parser(sub) -> None:
+    """``avn-study verify``'s arguments (next to :func:`cmd_verify`)."""
+    p = sub.add_parser("verify", help="check a cohort's integrity; exit 2 listing every problem")
+    p.add_argument("data", type=Path, help="dataset folder (nnU-Net raw layout)")
+    p.set_defaults(func=cmd_verify)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -99,6 +121,21 @@ def cmd_split(args: argparse.Namespace) -> int:
         print(f"fold {i}: {len(fold.train)} train / {len(fold.val)} val cases")
     print(f"wrote {out} (hash {splits.hash[:12]})")
     return 0
+
+
+def _split_parser(sub) -> None:
+    """``avn-study split``'s arguments (next to :func:`cmd_split`)."""
+    p = sub.add_parser("split", help="freeze patient-level K-fold splits in DATA/splits.json")
+    p.add_argument("data", type=Path, help="dataset folder")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--no-stratify", action="store_true", help="do not stratify by necrosis presence")
+    p.add_argument("--test-fraction", type=_fraction, default=0.0, dest="test_fraction",
+                   help="share of patients held out as a test set, in no fold (stratified, default 0)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="where to write (default DATA/splits.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing splits file")
+    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
+    p.set_defaults(func=cmd_split)
 
 
 def _parse_set(items: list[str]) -> dict[str, object]:
@@ -184,6 +221,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_parser(sub) -> None:
+    """``avn-study train``'s arguments (next to :func:`cmd_train`)."""
+    p = sub.add_parser("train", help="one training run without Ray")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (nnU-Net raw layout)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--fold", type=int, help="validation fold (default 0)")
+    p.add_argument("--arm", help="unet | seg | seg+recon | seg+loc | seg+recon+loc (default seg+recon+loc)")
+    p.add_argument(
+        "--schedule",
+        help="loss-adaptation schedule (default: recon_dependent for arms with a recon branch, else constant)",
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--slice-size", type=int, dest="slice_size")
+    p.add_argument("--base-channels", type=int, dest="base_channels")
+    p.add_argument("--depth", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--gating", help="multiply | residual | none")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", help="auto | bf16 | off")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config key, e.g. --set loc_margin_mm=15 --set 'schedule_params={pretrain_epochs: 3}'",
+    )
+    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
+    p.add_argument(
+        "--splits", type=Path, help="frozen splits file (default: DATA/splits.json if you made one, else the cache's)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (only a run folder)")
+    p.set_defaults(func=cmd_train)
+
+
 def _summary_table(result, metric: str) -> str:
     """Per row and stage: mean and SD of the final metric over finished trials (until analysis exists)."""
     import math
@@ -239,7 +314,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from avn_study.resources import space_argument
     from avn_study.space import load_space
-    from avn_study.sweep import Study, init_ray
+    from avn_study.sweep import Study
 
     space = load_space(space_argument(args.space))
     if args.plan:
@@ -256,30 +331,59 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         force_unlock=args.force_unlock,
         track=args.track,
     )
-    study.prepare(resume=args.resume)  # bad --resume/--name, a live driver, broken cohorts: before Ray starts
-    try:
-        init_ray(args.address, args.num_cpus)
-        _stop_on_sigterm(study)  # after ray.init, which installs its own SIGTERM handler
-        print(
-            f"study {study.location} ({space.protocol}, {len(space.arms)} row(s), split {study.split_hash[:12]})",
-            file=sys.stderr,
-        )
-        result = study.run(resume=args.resume)
-    except KeyboardInterrupt:
-        print(
-            f"interrupted; continue with: avn-study sweep {args.space} --data {args.data} "
-            f"--storage {args.storage} --name {study.name} --resume",
-            file=sys.stderr,
-        )
+    resume_hint = (f"avn-study sweep {args.space} --data {args.data} --storage {args.storage} --name {study.name} "
+                   "--resume")  # fmt: skip
+    result = run_study(study, args.resume, args.address, args.num_cpus, resume_hint)
+    if result is None:
         return 130
-    finally:
-        study.close()
     mirror = f" (JSON mirror: {study.root})" if study.remote else ""
     return _report(
         result,
         space.metric,
         f"results in {study.location}{mirror}\nstatistics and report: avn-study analyze {study.root}",
     )
+
+
+def _sweep_parser(sub) -> None:
+    """``avn-study sweep``'s arguments (next to :func:`cmd_sweep`)."""
+    p = sub.add_parser("sweep", help="run a search-space file (a sweep, a nested or a fair ablation) on Ray Tune")
+    p.add_argument("space", type=Path, help="search-space YAML file, or a shipped one by name (ablation, demo, ...)")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder, readable on every node")
+    p.add_argument("--storage", required=True, help="experiment storage: a local/shared path or a pyarrow URI")
+    p.add_argument("--name", help="study name (default: the file's name key)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study (trusts its storage)")
+    p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs of a local Ray (default: all)")
+    p.add_argument("--max-concurrent", type=int, dest="max_concurrent", help="trials at once (default: the file's)")
+    p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="GPU share per trial, e.g. 0.25")
+    p.add_argument("--quiet", action="store_true", help="no live progress lines")
+    p.add_argument("--track", action="append", default=[], metavar="TOOL",
+                   help="also log every trial to tensorboard, mlflow or wandb (repeatable; see README)")  # fmt: skip
+    p.add_argument("--plan", action="store_true", help="print the trials and epochs the space will run, and exit")
+    p.add_argument("--force-unlock", action="store_true", dest="force_unlock",
+                   help="take over the study's lock even if its driver looks alive (its host is gone)")  # fmt: skip
+    p.set_defaults(func=cmd_sweep)
+
+
+def run_study(study, resume: bool, address: str | None, num_cpus: int | None, resume_hint: str):
+    """What ``sweep`` and ``demo`` share: check everything before Ray starts, start (or join) Ray, stop
+    cleanly on SIGTERM, run the stages, release the study. Returns the result, or None when interrupted
+    (having said how to continue)."""
+    from avn_study.sweep import init_ray
+
+    study.prepare(resume=resume)  # bad --resume/--name, a live driver, broken cohorts: before Ray starts
+    space = study.space
+    try:
+        init_ray(address, num_cpus)
+        _stop_on_sigterm(study)  # after ray.init, which installs its own SIGTERM handler
+        print(f"{'resuming' if resume else 'running'} study {study.location} ({space.protocol}, rows: "
+              f"{', '.join(space.arms)}; split {study.split_hash[:12]})", file=sys.stderr)  # fmt: skip
+        return study.run(resume=resume)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: {resume_hint}", file=sys.stderr)
+        return None
+    finally:
+        study.close()
 
 
 def _plan_text(space) -> str:
@@ -302,11 +406,13 @@ def _plan_text(space) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from avn_study.data.phantom import PhantomConfig, write_cohort
     from avn_study.space import load_space
-    from avn_study.sweep import Study, init_ray
+    from avn_study.sweep import Study
 
     out = args.out.resolve()
     cohort = out / "cohort"
     cases = args.cases or (6 if args.tiny else 16)
+    if args.seed < 0:
+        raise UsageError(f"--seed must be an integer >= 0, got {args.seed}")
     if (cohort / "dataset.json").is_file():
         print(f"reusing the phantom cohort in {cohort}", file=sys.stderr)
     else:
@@ -317,23 +423,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     space = load_space(space_argument(args.space) if args.space else shipped_space("smoke" if args.tiny else "demo"))
     study = Study(space, cohort, str(out / "experiments"), progress=not args.quiet)
     resume = (study.root / "study.json").is_file()
-    study.prepare(resume=resume)
-    try:
-        init_ray(None, args.num_cpus)
-        _stop_on_sigterm(study)
-        print(
-            f"{'resuming' if resume else 'running'} the {space.name} study ({space.protocol}, rows: "
-            f"{', '.join(space.arms)}) in {study.root}",
-            file=sys.stderr,
-        )
-        result = study.run(resume=resume)
-    finally:
-        study.close()
+    result = run_study(study, resume, None, args.num_cpus, f"avn-study demo --out {args.out}")
+    if result is None:
+        return 130
     print(f"cohort: {cohort}\nexperiment: {study.root}")
     if result.errored:
         print(_errored_summary(result), file=sys.stderr)
     code = _analyze_and_print(study.root, out / "report")
     return 1 if result.errored else code
+
+
+def _demo_parser(sub) -> None:
+    """``avn-study demo``'s arguments (next to :func:`cmd_demo`)."""
+    p = sub.add_parser("demo", help="phantom cohort + the demo nested ablation + its report (the README's command)")
+    p.add_argument("--out", type=Path, default=Path("avn-demo"), help="output folder (default ./avn-demo)")
+    p.add_argument("--cases", type=_positive_int, help="phantom patients (default 16; 6 with --tiny)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    p.add_argument("--space", type=Path, help="search-space file or shipped name (default demo; smoke with --tiny)")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for Ray (default: all)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a minute-long smoke run: tiny phantom and the smoke space (checks an install)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no live progress lines")
+    p.set_defaults(func=cmd_demo)
 
 
 def _analyze_and_print(experiment: Path, out: Path, reference: str | None = None, metric: str = "dice") -> int:
@@ -351,6 +465,16 @@ def _analyze_and_print(experiment: Path, out: Path, reference: str | None = None
 def cmd_analyze(args: argparse.Namespace) -> int:
     out = args.out or args.experiment / "analysis"
     return _analyze_and_print(args.experiment, out, args.reference, args.metric)
+
+
+def _analyze_parser(sub) -> None:
+    """``avn-study analyze``'s arguments (next to :func:`cmd_analyze`)."""
+    p = sub.add_parser("analyze", help="tables, paired statistics, plots and summary.md of an experiment")
+    p.add_argument("experiment", type=Path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
+    p.add_argument("--out", type=Path, help="output folder (default EXPERIMENT/analysis)")
+    p.add_argument("--reference", help="row the others are compared with (default unet, else the first row)")
+    p.add_argument("--metric", default="dice", help="metric of the paired comparison (default dice)")
+    p.set_defaults(func=cmd_analyze)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -378,6 +502,29 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"fold ensemble: all {len(conf.trials)} trial(s) of the configuration")
     print(f"bundle: {result.path}")
     return 0
+
+
+def _export_parser(sub) -> None:
+    """``avn-study export``'s arguments (next to :func:`cmd_export`)."""
+    from avn_study.export import SELECTION_RULE  # light module: no heavy imports at its top
+
+    p = sub.add_parser(
+        "export",
+        help="the best model of a study as a bundle (safetensors weights + JSON; optional ONNX)",
+        description=f"Write BUNDLE: model.safetensors, config.json, metrics.json, provenance.json. {SELECTION_RULE} "
+        "Only JSON and safetensors are read; Ray's pickles are never opened.",
+    )
+    p.add_argument("experiment", type=Path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--arm", help="export the best configuration of this row (a name from study.json 'rows')")
+    p.add_argument("--metric", help="selection metric (default: the study's metric, val_dice)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--ensemble", action="store_true",
+                   help="put every trial of the best configuration (all folds and seeds) into the bundle; predict "
+                   "averages them")  # fmt: skip
+    _add_inference_flags(p, "the bundle's default; default off")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_inference_flags(p: argparse.ArgumentParser, what: str) -> None:
@@ -411,151 +558,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from avn_study.evaluate import evaluate_bundle, summary_lines
-
-    summary = evaluate_bundle(args.bundle, args.data, args.out, subset=args.subset, device=args.device,
-                              min_volume_ml=args.min_volume_ml, min_iou=args.min_iou, tau_mm=args.tau_mm,
-                              overwrite=args.overwrite, progress=_progress, **_inference_args(args))  # fmt: skip
-    print("\n".join(summary_lines(summary)))
-    print(f"wrote per_case.csv, per_hip.csv and summary.json to {args.out}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from avn_study import bench
-
-    return bench.run(args.what, args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="avn-study",
-        description="Ablation and hyperparameter studies of a multitask AVN segmentation network.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("synth", help="write a synthetic hip-MRI phantom cohort (nnU-Net raw layout)")
-    p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--cases", type=_positive_int, default=20, help="number of patients (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--tiny", action="store_true", help="small, coarse volumes for smoke tests")
-    p.add_argument("--channels", choices=("T1", "T1,STIR"), default="T1",
-                   help="input sequences: T1 (default), or T1,STIR (a second, STIR-like channel _0001)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace an existing phantom cohort (only one)")
-    p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser("verify", help="check a cohort's integrity; exit 2 listing every problem")
-    p.add_argument("data", type=Path, help="dataset folder (nnU-Net raw layout)")
-    p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("split", help="freeze patient-level K-fold splits in DATA/splits.json")
-    p.add_argument("data", type=Path, help="dataset folder")
-    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--no-stratify", action="store_true", help="do not stratify by necrosis presence")
-    p.add_argument("--test-fraction", type=_fraction, default=0.0, dest="test_fraction",
-                   help="share of patients held out as a test set, in no fold (stratified, default 0)")  # fmt: skip
-    p.add_argument("--out", type=Path, help="where to write (default DATA/splits.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing splits file")
-    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
-    p.set_defaults(func=cmd_split)
-
-    p = sub.add_parser("train", help="one training run without Ray")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (nnU-Net raw layout)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--fold", type=int, help="validation fold (default 0)")
-    p.add_argument("--arm", help="unet | seg | seg+recon | seg+loc | seg+recon+loc (default seg+recon+loc)")
-    p.add_argument(
-        "--schedule",
-        help="loss-adaptation schedule (default: recon_dependent for arms with a recon branch, else constant)",
-    )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--slice-size", type=int, dest="slice_size")
-    p.add_argument("--base-channels", type=int, dest="base_channels")
-    p.add_argument("--depth", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--gating", help="multiply | residual | none")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", help="auto | bf16 | off")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other config key, e.g. --set loc_margin_mm=15 --set 'schedule_params={pretrain_epochs: 3}'",
-    )
-    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
-    p.add_argument(
-        "--splits", type=Path, help="frozen splits file (default: DATA/splits.json if you made one, else the cache's)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (only a run folder)")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("sweep", help="run a search-space file (a sweep, a nested or a fair ablation) on Ray Tune")
-    p.add_argument("space", type=Path, help="search-space YAML file, or a shipped one by name (ablation, demo, ...)")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder, readable on every node")
-    p.add_argument("--storage", required=True, help="experiment storage: a local/shared path or a pyarrow URI")
-    p.add_argument("--name", help="study name (default: the file's name key)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted study (trusts its storage)")
-    p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
-    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs of a local Ray (default: all)")
-    p.add_argument("--max-concurrent", type=int, dest="max_concurrent", help="trials at once (default: the file's)")
-    p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="GPU share per trial, e.g. 0.25")
-    p.add_argument("--quiet", action="store_true", help="no live progress lines")
-    p.add_argument("--track", action="append", default=[], metavar="TOOL",
-                   help="also log every trial to tensorboard, mlflow or wandb (repeatable; see README)")  # fmt: skip
-    p.add_argument("--plan", action="store_true", help="print the trials and epochs the space will run, and exit")
-    p.add_argument("--force-unlock", action="store_true", dest="force_unlock",
-                   help="take over the study's lock even if its driver looks alive (its host is gone)")  # fmt: skip
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("demo", help="phantom cohort + the demo nested ablation + its report (the README's command)")
-    p.add_argument("--out", type=Path, default=Path("avn-demo"), help="output folder (default ./avn-demo)")
-    p.add_argument("--cases", type=_positive_int, help="phantom patients (default 16; 6 with --tiny)")
-    p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    p.add_argument("--space", type=Path, help="search-space file or shipped name (default demo; smoke with --tiny)")
-    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for Ray (default: all)")
-    p.add_argument(
-        "--tiny",
-        action="store_true",
-        help="a minute-long smoke run: tiny phantom and the smoke space (checks an install)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no live progress lines")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("analyze", help="tables, paired statistics, plots and summary.md of an experiment")
-    p.add_argument("experiment", type=Path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
-    p.add_argument("--out", type=Path, help="output folder (default EXPERIMENT/analysis)")
-    p.add_argument("--reference", help="row the others are compared with (default unet, else the first row)")
-    p.add_argument("--metric", default="dice", help="metric of the paired comparison (default dice)")
-    p.set_defaults(func=cmd_analyze)
-
-    from avn_study.export import SELECTION_RULE  # light module: no heavy imports at its top
-
-    p = sub.add_parser(
-        "export",
-        help="the best model of a study as a bundle (safetensors weights + JSON; optional ONNX)",
-        description=f"Write BUNDLE: model.safetensors, config.json, metrics.json, provenance.json. {SELECTION_RULE} "
-        "Only JSON and safetensors are read; Ray's pickles are never opened.",
-    )
-    p.add_argument("experiment", type=Path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-    p.add_argument("--arm", help="export the best configuration of this row (a name from study.json 'rows')")
-    p.add_argument("--metric", help="selection metric (default: the study's metric, val_dice)")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    p.add_argument("--ensemble", action="store_true",
-                   help="put every trial of the best configuration (all folds and seeds) into the bundle; predict "
-                   "averages them")  # fmt: skip
-    _add_inference_flags(p, "the bundle's default; default off")
-    p.set_defaults(func=cmd_export)
-
+def _predict_parser(sub) -> None:
+    """``avn-study predict``'s arguments (next to :func:`cmd_predict`)."""
     p = sub.add_parser(
         "predict",
         help="necrosis label maps for NIfTI volumes, written in each input's own geometry",
@@ -574,6 +578,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_flags(p, "default: the bundle's setting")
     p.set_defaults(func=cmd_predict)
 
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from avn_study.evaluate import evaluate_bundle, summary_lines
+
+    summary = evaluate_bundle(args.bundle, args.data, args.out, subset=args.subset, device=args.device,
+                              min_volume_ml=args.min_volume_ml, min_iou=args.min_iou, tau_mm=args.tau_mm,
+                              overwrite=args.overwrite, progress=_progress, **_inference_args(args))  # fmt: skip
+    print("\n".join(summary_lines(summary)))
+    print(f"wrote per_case.csv, per_hip.csv and summary.json to {args.out}")
+    return 0
+
+
+def _evaluate_parser(sub) -> None:
+    """``avn-study evaluate``'s arguments (next to :func:`cmd_evaluate`)."""
     p = sub.add_parser(
         "evaluate",
         help="score a bundle on a labelled cohort in each scan's own geometry, per case and per hip",
@@ -604,6 +622,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_flags(p, "default: the bundle's setting")
     p.set_defaults(func=cmd_evaluate)
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from avn_study import bench
+
+    return bench.run(args.what, args)
+
+
+def _bench_parser(sub) -> None:
+    """``avn-study bench``'s arguments (next to :func:`cmd_bench`)."""
     p = sub.add_parser("bench", help="throughput figures")
     p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate", "cluster"],
                    help="what to measure (gpu: needs CUDA; calibrate: every ablation row on the phantom; "
@@ -624,6 +651,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-size", type=int, default=128, dest="slice_size", help="train bench: slice size")
     p.add_argument("--threads", type=int, default=0, help="train bench: torch threads (default: torch's)")
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avn-study",
+        description="Ablation and hyperparameter studies of a multitask AVN segmentation network.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _synth_parser(sub)
+    _verify_parser(sub)
+    _split_parser(sub)
+    _train_parser(sub)
+    _sweep_parser(sub)
+    _demo_parser(sub)
+    _analyze_parser(sub)
+    _export_parser(sub)
+    _predict_parser(sub)
+    _evaluate_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
@@ -632,15 +679,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (AvnError, ValueError) as err:
+    except AvnError as err:  # bad usage or bad input: a message, no traceback
         if args.debug:
             traceback.print_exc()
-        code = err.exit_code if isinstance(err, AvnError) else 2
         print(f"avn-study {args.command}: error: {err}", file=sys.stderr)
-        return code
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # anything else is a bug of ours: show where, and ask for the report
+        traceback.print_exc()
+        print(f"avn-study {args.command}: internal error (a bug in avn-study, not in your input); please report it "
+              "with the traceback above and the command line", file=sys.stderr)  # fmt: skip
+        return 3
 
 
 if __name__ == "__main__":

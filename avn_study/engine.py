@@ -34,7 +34,7 @@ from avn_study.data.slices import (
     validation_volumes,
 )
 from avn_study.data.splits import Splits, check_inner, inner_splits, resolve_splits
-from avn_study.errors import AvnError
+from avn_study.errors import AvnError, DataError
 from avn_study.losses import LossConfig, branch_losses
 from avn_study.metrics import case_metrics, summarize
 from avn_study.models import ARMS, model_for_arm
@@ -99,8 +99,6 @@ def require_head_labels(arm: str, cases: Sequence[CachedCase], where: str) -> No
     Raises:
         DataError: names the arm, the missing label role and how to declare it.
     """
-    from avn_study.errors import DataError
-
     if "loc" in ARMS[arm][1] and not all(c.has_head_labels for c in cases):
         raise DataError(
             f"{where}: arm '{arm}' has a localisation branch, whose target is the femoral head, but the cohort "
@@ -133,7 +131,10 @@ def prepare_data(
         else:
             patients = {c.case_id: c.patient_id for c in cases}
             necrosis = {c.case_id: c.has_necrosis for c in cases}
-            folds = inner_splits(splits, config.data.fold, patients, necrosis, k=config.data.n_inner_folds)
+            try:
+                folds = inner_splits(splits, config.data.fold, patients, necrosis, k=config.data.n_inner_folds)
+            except ValueError as err:
+                raise DataError(f"n_inner_folds={config.data.n_inner_folds}: {err}") from None
         if folds.k != config.data.n_inner_folds:
             raise AvnError(f"the frozen inner split has {folds.k} folds, but n_inner_folds={config.data.n_inner_folds}")
         fold, inner_hash = folds.fold(config.data.inner_fold), folds.hash

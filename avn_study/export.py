@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import AvnError, UsageError, look_up
-from avn_study.outputs import staged_folder
 from avn_study.study_folder import TERMINATED, per_case_file
 
 SELECTION_RULE = (
@@ -229,22 +228,6 @@ def _per_case(trial_dir: Path, epoch: int) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ provenance
-def package_versions() -> dict[str, str | None]:
-    """Versions of the packages that define a bundle's numerics (None: not installed)."""
-    import platform
-    from importlib import metadata
-
-    import avn_study
-
-    versions: dict[str, str | None] = {"python": platform.python_version(), "avn-study": avn_study.__version__}
-    for name in ("torch", "numpy", "nibabel", "safetensors", "ray"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def git_commit() -> dict[str, Any]:
     """The commit of the avn-study checkout this package runs from (None when not a git checkout)."""
     import avn_study
@@ -263,74 +246,6 @@ def git_commit() -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
-# ------------------------------------------------------------------------------------------ ONNX
-def export_onnx(model: Any, path: Path, slice_size: int, tolerance: float = 1e-3, channels: int = 1) -> dict[str, Any]:
-    """Write ``model.onnx`` (torch's dynamo exporter; outputs named by branch, dynamic batch axis) and
-    check it against PyTorch with onnxruntime on random slices.
-
-    Raises:
-        UsageError: onnx / onnxscript / onnxruntime are not installed.
-        AvnError: the ONNX outputs differ from PyTorch's by more than ``tolerance``.
-    """
-    import logging
-    import warnings
-
-    import numpy as np
-    import torch
-
-    try:
-        import onnx
-        import onnxruntime
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
-    except ImportError as err:
-        raise UsageError(
-            f"--onnx needs the onnx extra ({err.name} is missing): pip install 'avn-study[onnx]'"
-        ) from None
-    names = [b for b in ("seg", "loc", "recon") if b in model.branches]
-
-    class Outputs(torch.nn.Module):  # dict outputs -> a tuple in a fixed order, named by branch
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = self.model(x)
-            return tuple(out[n] for n in names)
-
-    wrapper = Outputs().eval()
-    example = torch.zeros(2, channels, slice_size, slice_size)
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(wrapper, (example,), str(path), input_names=["image"], output_names=names,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
-                              verbose=False)  # fmt: skip
-    finally:
-        quiet.setLevel(level)
-    onnx.checker.check_model(str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(3, channels, slice_size, slice_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = wrapper(x)
-    outputs = session.run(names, {"image": x.numpy()})
-    diff = max(float(np.abs(o - r.numpy()).max()) for o, r in zip(outputs, reference, strict=True))
-    if not diff <= tolerance:
-        raise AvnError(f"{path}: ONNX outputs differ from PyTorch by {diff:.3g} (> {tolerance}); not exported")
-    opset = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
-    return {
-        "file": path.name,
-        "input": {"name": "image", "shape": ["batch", channels, slice_size, slice_size], "dtype": "float32"},
-        "outputs": names,
-        "outputs_are": "seg, loc: logits (seg is the final, gated necrosis logit); recon: the reconstruction",
-        "opset": opset,
-        "max_abs_diff_vs_torch": diff,
-    }
 
 
 # ------------------------------------------------------------------------------------------ bundle
@@ -401,79 +316,6 @@ def _provenance_json(experiment: Any, sel: Selection, checkpoint: Path, versions
     }
 
 
-def _json_default(value: Any) -> Any:
-    """numpy scalars from pandas rows -> Python numbers."""
-    return value.item() if hasattr(value, "item") else str(value)
-
-
-def check_bundle_out(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """``--out`` of a bundle: new, or (with ``overwrite``) an existing bundle that is not an input."""
-    from avn_study.bundle import is_bundle
-    from avn_study.outputs import check_target
-
-    check_target(Path(out), flag="--out", kind="a bundle", is_own=is_bundle, overwrite=overwrite, inputs=inputs)
-
-
-def write_bundle(
-    out: str | Path,
-    model: Any,
-    flat: dict[str, Any],
-    metrics: dict[str, Any],
-    provenance: dict[str, Any],
-    *,
-    onnx: bool = False,
-    overwrite: bool = False,
-    inference: Any = None,
-    members: list[tuple[Any, dict[str, Any]]] | None = None,
-    channels: list[str] | None = None,
-) -> tuple[Path, dict[str, Any] | None]:
-    """Write a bundle folder for ``model`` (trained with the flat TrainConfig ``flat``).
-
-    ``inference`` (a :class:`~avn_study.bundle.InferenceOptions`) is stored as the bundle's default;
-    ``members`` (further models of a fold ensemble, each with its record for ``config.json``) are
-    written to ``ensemble/member_NN.safetensors``; ``model`` is the first member.
-
-    The bundle is assembled in a temporary folder next to ``out`` and moved into place at the end, so
-    an interrupted export leaves no half-written bundle.
-
-    Returns:
-        The bundle folder and the ONNX record (None without ``onnx``).
-    """
-    from safetensors.torch import save_file
-
-    from avn_study.bundle import (
-        CONFIG_FILE,
-        ENSEMBLE_DIR,
-        METRICS_FILE,
-        MODEL_FILE,
-        ONNX_FILE,
-        PROVENANCE_FILE,
-        bundle_config,
-    )
-
-    out = Path(out)
-    check_bundle_out(out, overwrite)
-    if onnx and members:
-        raise UsageError("--onnx writes one model, and --ensemble asks for several; export the ensemble without --onnx")
-    with staged_folder(out) as tmp:  # an interrupted export leaves the old bundle (or none), never half
-        ensemble = []
-        for i, (member, record) in enumerate([(model, {}), *(members or [])]):
-            name = MODEL_FILE if i == 0 else f"{ENSEMBLE_DIR}/member_{i:02d}.safetensors"
-            (tmp / name).parent.mkdir(exist_ok=True)
-            state = {k: v.detach().cpu().contiguous() for k, v in member.state_dict().items()}
-            save_file(state, str(tmp / name), metadata={"format": "pt", "avn_study_bundle": "1"})
-            ensemble.append({"file": name, **record})
-        config = bundle_config(flat, model, provenance.get("versions") or package_versions(), inference,
-                               ensemble if members else None, channels)  # fmt: skip
-        n_channels = max(1, int(flat.get("in_channels", 0) or 0))
-        onnx_info = export_onnx(model, tmp / ONNX_FILE, int(flat["slice_size"]), channels=n_channels) if onnx else None
-        if onnx_info:
-            config["onnx"] = onnx_info
-        for name, payload in ((CONFIG_FILE, config), (METRICS_FILE, metrics), (PROVENANCE_FILE, provenance)):
-            (tmp / name).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
-    return out, onnx_info
-
-
 def export_bundle(
     experiment_dir: str | Path,
     out: str | Path,
@@ -496,6 +338,7 @@ def export_bundle(
         AvnError: nothing to export, or the checkpoint does not load.
     """
     from avn_study.analysis.tables import load_experiment
+    from avn_study.bundle import check_bundle_out, package_versions, write_bundle
     from avn_study.checkpoint import load_config, load_training_state, load_weights
     from avn_study.config import TrainConfig
     from avn_study.engine import build_model

@@ -1,6 +1,6 @@
 """Predicting necrosis on NIfTI volumes in their own geometry.
 
-The bundle format and its safe loading live in :mod:`avn_study.bundle`.
+The bundle format, its writer and its safe reader live in :mod:`avn_study.bundle`.
 
 Prediction follows the path of validation during training, step for step: the NIfTI is read whole and
 reoriented to RAS (no resampling), the R and S axes are resampled linearly to the bundle's in-plane
@@ -28,23 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avn_study.bundle import (  # noqa: F401  (re-exported: the bundle API is reached from here too)
-    BUNDLE_FORMAT,
-    BUNDLE_VERSION,
-    CONFIG_FILE,
-    LOC_THRESHOLD,
-    METRICS_FILE,
-    MODEL_FILE,
-    ONNX_FILE,
-    PROVENANCE_FILE,
-    REQUIRED_FILES,
-    SLICE_AXIS,
-    Bundle,
-    InferenceOptions,
-    build_bundle_model,
-    bundle_config,
-    load_bundle,
-)
+from avn_study.bundle import LOC_THRESHOLD, SLICE_AXIS, Bundle, InferenceOptions, load_bundle
 from avn_study.data.layout import FILE_ENDINGS, LABELS
 from avn_study.data.nifti import Geometry, load_ras, save_in_geometry
 from avn_study.data.preprocess import (
@@ -512,16 +496,10 @@ def predict(
 
 
 __all__ = [
-    "BUNDLE_FORMAT",
-    "BUNDLE_VERSION",
-    "Bundle",
     "CasePrediction",
-    "InferenceOptions",
-    "bundle_config",
-    "load_bundle",
-    "output_name",
     "predict",
     "predict_file",
     "predict_volume",
     "preprocess_image",
+    "resolve_options",
 ]

@@ -82,9 +82,9 @@ def test_layout_problems_of_channels_are_named(two_channel: Path, tmp_path: Path
 
 
 def _bundle(out: Path) -> Path:
+    from avn_study.bundle import write_bundle
     from avn_study.config import TrainConfig
     from avn_study.engine import build_model
-    from avn_study.export import write_bundle
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none", "in_channels": 2})
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ def test_onnx_of_a_two_channel_model_takes_two_channels(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     from avn_study.config import TrainConfig
     from avn_study.engine import build_model
-    from avn_study.export import export_onnx
+    from avn_study.onnx_export import export_onnx
 
     config = TrainConfig.from_flat({**ARCH, "arm": "unet", "in_channels": 2})
     info = export_onnx(build_model(config).eval(), tmp_path / "m.onnx", 64, channels=2)

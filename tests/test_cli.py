@@ -104,3 +104,43 @@ def test_bench_refuses_a_work_dir_holding_files_it_did_not_make(tmp_path: Path, 
 def test_verify_of_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert "dataset folder does not exist" in capsys.readouterr().err
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys) -> None:
+    """Only the project's own errors are messages (exit 2/1); anything else is a bug: traceback, exit 3."""
+    from avn_study import cli
+
+    def broken(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "cmd_verify", broken)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_verify(parser(), broken))
+    assert cli.main(["verify", "x"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an internal invariant broke" in err and "please report it" in err
+
+
+def _with_verify(parser, func):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.choices["verify"].set_defaults(func=func)
+    return parser
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["synth", "x", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+        (["demo", "--seed", "-3"], "--seed must be an integer >= 0, got -3"),
+    ],
+)
+def test_inputs_that_once_escaped_as_value_errors_are_usage_errors(
+    argv, fragment, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err

@@ -207,7 +207,7 @@ def test_export_never_opens_ray_pickles(smoke_experiment: Path, tmp_path: Path) 
 def test_onnx_matches_pytorch(exported_multitask: Path) -> None:
     import onnxruntime
 
-    from avn_study.predict import load_bundle
+    from avn_study.bundle import load_bundle
 
     bundle = load_bundle(exported_multitask)
     info = bundle.config["onnx"]
@@ -232,10 +232,11 @@ def test_bundle_reproduces_the_trial_validation_metrics(
     the training spacing), so that is where the bundle must reproduce them, from the raw NIfTI files;
     the native-space label maps that ``predict`` writes are that prediction resampled back to each
     input's grid, whose Dice against the native label files differs by the resampling."""
+    from avn_study.bundle import load_bundle
     from avn_study.data.cache import build_cache
     from avn_study.data.nifti import load_ras
     from avn_study.metrics import case_metrics
-    from avn_study.predict import load_bundle, predict_volume
+    from avn_study.predict import predict_volume
 
     bundle_dir = request.getfixturevalue(which)
     bundle = load_bundle(bundle_dir)

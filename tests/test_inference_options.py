@@ -82,9 +82,9 @@ def test_restrict_to_head_needs_a_loc_branch(tmp_path: Path, tiny_phantom: Path,
 
 
 def test_bundle_defaults_are_used_recorded_and_overridden(tmp_path: Path, tiny_phantom: Path) -> None:
+    from avn_study.bundle import write_bundle
     from avn_study.config import TrainConfig
     from avn_study.engine import build_model
-    from avn_study.export import write_bundle
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none"})
     torch.manual_seed(0)
@@ -121,9 +121,9 @@ def test_a_version_1_bundle_still_loads(bundle_dir: Path, tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------------------ ensembles
 @pytest.fixture(scope="module")
 def ensemble_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avn_study.bundle import write_bundle
     from avn_study.config import TrainConfig
     from avn_study.engine import build_model
-    from avn_study.export import write_bundle
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none"})
     models = []

@@ -255,7 +255,10 @@ def load_or_create_splits(
                 "use the same number of folds or delete the file to re-split"
             )
         return splits
-    splits = make_splits(patients, k, seed, has_necrosis)
+    try:
+        splits = make_splits(patients, k, seed, has_necrosis)
+    except ValueError as err:
+        raise DataError(f"n_folds={k}: {err}") from None
     write_splits(splits, path)
     return splits
 
