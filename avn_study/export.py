@@ -38,6 +38,7 @@ from typing import Any
 
 from avn_study.errors import AvnError, UsageError, look_up
 from avn_study.study_folder import TERMINATED, per_case_file
+from avn_study.vocabulary import TRIAL_METRICS
 
 SELECTION_RULE = (
     "Candidates are the finished trials of stage 2 for an ablation (fair_ablation, nested_ablation), or, for a "
@@ -56,16 +57,7 @@ SELECTION_RULE = (
 # Config keys that vary between the trials of one configuration (identity and run-time settings).
 RUN_KEYS = ("fold", "inner_fold", "seed", "threads", "device")
 # Metrics a trial reports (final value) and whether higher is better; the study's own metric uses its mode.
-METRIC_MODES = {
-    "val_dice": "max",
-    "val_dice_all": "max",
-    "loc_dice": "max",
-    "recon_psnr": "max",
-    "lesion_sensitivity": "max",
-    "hd95_mm": "min",
-    "abs_volume_error_ml": "min",
-    "lesion_fp": "min",
-}
+METRIC_MODES = {name: m.mode for name, m in TRIAL_METRICS.items()}
 _CASE_DROP = ("row", "arm", "schedule", "stage", "fold", "seed", "repeat", "split_hash", "data_fingerprint",
               "node_id", "hostname", "epoch")  # fmt: skip
 

@@ -47,6 +47,7 @@ import yaml
 from avn_study.config import ARMS, TrainConfig
 from avn_study.errors import UsageError, look_up
 from avn_study.study_folder import check_name, check_rows
+from avn_study.vocabulary import TRIAL_METRICS
 
 TOP_KEYS = {
     "name", "protocol", "metric", "mode", "fixed", "arms", "groups", "search", "trials", "tuning_fold", "folds",
@@ -56,8 +57,8 @@ TOP_KEYS = {
 PROTOCOLS = ("sweep", "fair_ablation", "nested_ablation")
 ABLATIONS = ("fair_ablation", "nested_ablation")  # protocols with a stage 2 whose results are reported
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
-METRICS = ("val_dice", "val_dice_all", "loc_dice", "hd95_mm", "abs_volume_error_ml", "lesion_fp")
-FULL_ONLY_METRICS = ("hd95_mm", "lesion_fp")  # not in a quick validation (``full_metrics_every``)
+METRICS = tuple(name for name, m in TRIAL_METRICS.items() if m.tunable)  # what a space may tune on
+FULL_ONLY_METRICS = tuple(name for name, m in TRIAL_METRICS.items() if m.full_only)  # (full_metrics_every)
 SCHEDULERS = ("asha", "none")
 SCHEDULE_PARAM_PREFIX = "schedule_params."
 MAX_SPACE_BYTES = 1_000_000  # a search-space file is a page of YAML; anything this large is a mistake

@@ -1,4 +1,10 @@
-"""A study on an object store (any pyarrow filesystem URI: ``s3://``, ``gs://``, ``file://``...).
+"""Where a study lives: a local (or shared) folder, or an object store, behind one interface.
+
+:class:`LocalStudy` and :class:`RemoteStudy` give :class:`~avn_study.sweep.Study` the same operations
+(``exists``, ``lock``, ``push``/``pull``, ``saved``, ``abandon``, ``check_writable``), so the protocol code
+never asks which one it has. For a local study most of them are no-ops: its folder is the record.
+
+A study on an object store (any pyarrow filesystem URI: ``s3://``, ``gs://``, ``file://``...):
 
 Ray Tune writes trials straight to the URI (checkpoints, results, the trials' per-case files). The
 study's own files (``study.json``, ``space.yaml``, the Optuna journal, ``stage2_plan.json``) live in a
@@ -18,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from avn_study.errors import AvnError, UsageError
-from avn_study.study_folder import LOCK_FILE, STUDY_FILES
+from avn_study.study_folder import LOCK_FILE, STUDY_FILES, LockFile, storage_error
 
 MIRROR_MARKER = "mirror_of.txt"  # in the mirror: the URI it mirrors (export refuses a mirror: no checkpoints)
 
@@ -29,6 +35,75 @@ def _wanted(relative: str) -> bool:
     if any(p.startswith("checkpoint_") for p in parts[:-1]):
         return False
     return parts[-1].endswith(".json") or parts[-1] == "error.txt"
+
+
+class LocalStudy:
+    """The study folder ``STORAGE/NAME`` on a local or shared file system: Ray and the driver write there."""
+
+    def __init__(self, storage: str, name: str) -> None:
+        local = Path(storage).expanduser()
+        if local.exists() and not local.is_dir():
+            raise UsageError(f"--storage {storage}: is a file; expected a folder (it is created if missing)")
+        self.storage = str(local.resolve())  # what Ray's storage_path is built from
+        self.mirror = Path(self.storage) / name  # the study's own files (here: the folder itself)
+        self.uri = str(self.mirror)
+
+    def exists(self, relative: str) -> bool:
+        return (self.mirror / relative).exists()
+
+    def push(self, *names: str) -> None:
+        """(Nothing to upload: the folder is the record.)"""
+
+    def pull_study(self) -> None:
+        """(Nothing to download.)"""
+
+    def start_fresh(self) -> None:
+        """(Nothing to clear.)"""
+
+    def pull(self, experiment: str) -> Path:
+        return self.mirror / experiment
+
+    def saved(self, experiment: str) -> bool:
+        """Whether Ray saved the experiment's state (it snapshots after trials start)."""
+        return any((self.mirror / experiment).glob("experiment_state-*.json"))
+
+    def abandon(self, experiment: str, new_name: str) -> None:
+        (self.mirror / experiment).rename(self.mirror / new_name)
+
+    def abandoned_count(self) -> int:
+        return len(list(self.mirror.glob("*.abandoned-*")))
+
+    def lock(self, resume: bool) -> tuple[LockFile, bool]:
+        """The lock file beside ``study.json``, and whether the folder was created for it. A folder that
+        holds anything but a study is refused (``--name`` must not take over someone's folder)."""
+        created = not self.mirror.exists()
+        try:
+            self.mirror.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(self.storage, err) from None
+        others = [p.name for p in self.mirror.iterdir() if p.name != LOCK_FILE]
+        if not resume and others:
+            held = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UsageError(f"{self.mirror} exists and is not an avn-study study (it holds {held}); choose "
+                             "another --name or --storage")  # fmt: skip
+        return LockFile(self.mirror / LOCK_FILE), created
+
+    def check_writable(self) -> None:
+        """Raise the storage error (exit 1) if the study folder no longer takes writes."""
+        import os
+
+        probe = self.mirror / f".write-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok" * 2048)
+        except OSError as err:
+            raise storage_error(self.storage, err) from None
+        finally:
+            probe.unlink(missing_ok=True)
+
+
+def open_study_storage(storage: str, name: str) -> LocalStudy | RemoteStudy:
+    """The storage of study ``name``: an object store for a URI (``s3://...``), else a folder."""
+    return RemoteStudy(storage, name) if "://" in storage else LocalStudy(storage, name)
 
 
 class RemoteStudy:
@@ -43,6 +118,7 @@ class RemoteStudy:
             self.fs, base = fs.FileSystem.from_uri(uri)
         except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for unknown schemes or bad URIs
             raise UsageError(f"--storage {uri}: not a storage URI pyarrow can open ({err})") from None
+        self.storage = uri.rstrip("/")
         self.uri = f"{uri.rstrip('/')}/{name}"
         self.base = f"{base.rstrip('/')}/{name}"
         digest = hashlib.sha1(self.uri.encode()).hexdigest()[:12]
@@ -133,9 +209,9 @@ class RemoteStudy:
         return sum(".abandoned-" in info.base_name for info in self._listing("", recursive=False))
 
     # ---------------------------------------------------------------------------------- lock and probe
-    def lock_file(self) -> RemoteLockFile:
+    def lock(self, resume: bool) -> tuple[RemoteLockFile, bool]:
         """The study's lock (:class:`avn_study.study_folder.StudyLock`) in the store, beside ``study.json``."""
-        return RemoteLockFile(self.fs, f"{self.base}/{LOCK_FILE}")
+        return RemoteLockFile(self.fs, f"{self.base}/{LOCK_FILE}"), False
 
     def check_writable(self) -> None:
         """Raise (exit 1, naming the store) if the store no longer takes writes."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import UsageError
+from avn_study.vocabulary import ERROR, INCOMPLETE, TERMINATED  # (the statuses' one owner)
 
 MANIFEST = "study.json"
 SPACE_COPY = "space.yaml"
@@ -45,7 +46,6 @@ STAGE1_PREFIX = "stage1-"
 STAGE1_ALL = "stage1"  # concurrent_rows: every stage-1 search in one Ray experiment
 STAGE2 = "stage2"
 
-TERMINATED, ERROR, INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
 MAX_NAME = 100  # characters of a study name or a row's folder name (file systems allow 255 bytes)
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 

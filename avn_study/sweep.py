@@ -33,7 +33,6 @@ import os
 import shutil
 import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,6 @@ from avn_study.study_folder import (
     DRIVER_LOG,
     ERROR,
     JOURNAL,
-    LOCK_FILE,
     MANIFEST,
     NESTED_SPLITS,
     SPACE_COPY,
@@ -52,90 +50,18 @@ from avn_study.study_folder import (
     STAGE2,
     STAGE2_PLAN,
     TERMINATED,
-    LockFile,
     Stage1,
     StudyLock,
     check_name,
-    merge_grid,
-    per_case_file,
     stage_folders,
     storage_error,
-    trial_status,
     trial_statuses,
 )
-
-
-@dataclass(frozen=True)
-class Selected:
-    """A row's stage-1 choice and what it rests on."""
-
-    config: dict[str, Any]  # the winning trial's flat config (without private keys)
-    trial_id: str
-    experiment: str
-    patients: list[str]  # every patient the search validated on: none may be reported for this choice
-
-
-def validated_patients(trial_dir: Path) -> set[str]:
-    """Patients in a trial's per-case validation files (any epoch: a trial validates on one fixed set)."""
-    files = sorted((trial_dir / per_case_file(0)).parent.glob("epoch_*.json"))
-    return {str(case["patient"]) for case in json.loads(files[-1].read_text())} if files else set()
+from avn_study.study_results import Selected, StudyResult, read_trials, validated_patients
 
 
 class StudyInterrupted(KeyboardInterrupt):
     """The driver was interrupted; the study's state is saved and ``--resume`` continues it."""
-
-
-@dataclass
-class TrialOutcome:
-    trial_id: str
-    row: str
-    stage: int
-    status: str  # TERMINATED | ERROR
-    path: str
-    metric: float | None
-    epochs: int
-    config: dict[str, Any]
-    error: str = ""
-
-
-@dataclass
-class StudyResult:
-    root: Path
-    outcomes: list[TrialOutcome] = field(default_factory=list)
-
-    @property
-    def errored(self) -> list[TrialOutcome]:
-        return [o for o in self.outcomes if o.status == ERROR]
-
-    @property
-    def unfinished(self) -> list[TrialOutcome]:
-        return [o for o in self.outcomes if o.status not in (ERROR, TERMINATED)]
-
-
-def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome]:
-    """Trials of one Ray experiment folder from JSON and text files only (no pickle is opened).
-
-    A trial's status is Ray's (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` for an interrupted
-    run); ``error`` holds ``error.txt``, which also survives a failure that a retry later recovered.
-    """
-    statuses = trial_statuses(experiment)
-    outcomes = []
-    for params in sorted(experiment.glob("*/params.json")):
-        trial_dir = params.parent
-        config = json.loads(params.read_text())
-        results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()] \
-            if (trial_dir / "result.json").is_file() else []  # fmt: skip
-        last = results[-1] if results else {}
-        error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else ""
-        merged = merge_grid(config)
-        planned = int(merged.get("epochs", len(results)))
-        outcomes.append(TrialOutcome(
-            trial_id=str(last.get("trial_id", trial_dir.name)), row=str(merged.get("_row", "?")),
-            stage=int(merged.get("_stage", 1)), path=str(trial_dir),
-            status=trial_status(statuses.get(trial_dir.name), len(results), planned, bool(error)),
-            metric=last.get(metric), epochs=len(results), config=merged, error=error,
-        ))  # fmt: skip
-    return outcomes
 
 
 class Study:
@@ -153,18 +79,11 @@ class Study:
         self.space = space
         self.data = Path(data).resolve()
         self.name = check_name(name, "--name") if name is not None else check_name(space.name, f"{space.path}: name")
-        self.remote = None
-        if "://" in storage:  # an object store: Ray writes there, the study's own files go through a mirror
-            from avn_study.storage import RemoteStudy
+        from avn_study.storage import open_study_storage
 
-            self.remote = RemoteStudy(storage, self.name)
-            self.storage, self.root = storage.rstrip("/"), self.remote.mirror
-        else:
-            local = Path(storage).expanduser()
-            if local.exists() and not local.is_dir():
-                raise UsageError(f"--storage {storage}: is a file; expected a folder (it is created if missing)")
-            self.storage = str(local.resolve())
-            self.root = Path(self.storage) / self.name
+        # a folder, or an object store whose study files go through a local mirror (avn_study.storage)
+        self.store = open_study_storage(storage, self.name)
+        self.storage, self.root = self.store.storage, self.store.mirror
         self.force_unlock = force_unlock
         self.lock: StudyLock | None = None
         self.max_concurrent = space.max_concurrent if max_concurrent is None else max_concurrent
@@ -230,7 +149,7 @@ class Study:
                 return
 
     def _check_exists(self, resume: bool) -> None:
-        exists = self.remote.exists(MANIFEST) if self.remote else (self.root / MANIFEST).is_file()
+        exists = self.store.exists(MANIFEST)
         if resume and not exists:
             raise UsageError(f"--resume: {self.location}/{MANIFEST} does not exist; run without --resume to start it")
         if not resume and exists:
@@ -240,20 +159,7 @@ class Study:
 
     def _take_lock(self, resume: bool) -> bool:
         """Take the study's lock (see :class:`~avn_study.study_folder.StudyLock`); True if the folder is new."""
-        if self.remote:
-            where, created = self.remote.lock_file(), False
-        else:
-            created = not self.root.exists()
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise storage_error(self.storage, err) from None
-            others = [p.name for p in self.root.iterdir() if p.name != LOCK_FILE]
-            if not resume and others:
-                held = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-                raise UsageError(f"{self.root} exists and is not an avn-study study (it holds {held}); choose "
-                                 "another --name or --storage")  # fmt: skip
-            where = LockFile(self.root / LOCK_FILE)
+        where, created = self.store.lock(resume)
         self.lock = StudyLock(where, self.location)
         try:
             self.lock.acquire(takeover_stale=resume, force=self.force_unlock)
@@ -267,6 +173,12 @@ class Study:
             raise
         return created
 
+    @property
+    def remote(self):  # the object store of a URI --storage, else None (for messages that name the mirror)
+        from avn_study.storage import RemoteStudy
+
+        return self.store if isinstance(self.store, RemoteStudy) else None
+
     def close(self) -> None:
         """Release the study's lock (a finished, failed or interrupted driver)."""
         if self.lock is not None:
@@ -274,8 +186,7 @@ class Study:
             self.lock = None
 
     def _check_resume(self, splits: Any, cases: list[Any]) -> None:
-        if self.remote:
-            self.remote.pull_study()
+        self.store.pull_study()
         stored = json.loads((self.root / MANIFEST).read_text())
         if stored["space"] != self.space.raw:
             raise UsageError(f"--resume: {self.space.path} differs from the space this study was started with "
@@ -286,8 +197,7 @@ class Study:
         self._freeze_inner(splits, cases, resume=True)
 
     def _write_study(self, splits: Any, cases: list[Any]) -> None:
-        if self.remote:
-            self.remote.start_fresh()
+        self.store.start_fresh()
         try:
             if self.space.path.is_file():
                 shutil.copyfile(self.space.path, self.root / SPACE_COPY)
@@ -358,11 +268,10 @@ class Study:
     @property
     def location(self) -> str:
         """Where the study lives: its folder, or ``URI/NAME`` on an object store."""
-        return self.remote.uri if self.remote else str(self.root)
+        return self.store.uri
 
     def _push(self, *names: str) -> None:
-        if self.remote:
-            self.remote.push(*names)
+        self.store.push(*names)
 
     def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
         """What every trial of a stage needs to find its data (the same for all its trials)."""
@@ -409,22 +318,15 @@ class Study:
         if self.stop_requested.is_set():
             raise StudyInterrupted(f"{experiment}: not started, the driver was asked to stop")
         path = f"{self.storage}/{self.name}/{experiment}"
-        local = self.root / experiment
         # Ray snapshots its state after trials start
-        saved = self.remote.saved(experiment) if self.remote else any(local.glob("experiment_state-*.json"))
+        saved = self.store.saved(experiment)
         if resume and saved and tune.Tuner.can_restore(path):
             # param_space again: trials the searcher creates after the restore need its constants too
             tuner = tune.Tuner.restore(path, trainable=self._trainable(), param_space=param_space,
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)  # fmt: skip
         else:
-            started = self.remote.exists(experiment) if self.remote else local.exists()
-            if started:  # started but never saved its state (driver killed early): start it over
-                if self.remote:
-                    self.remote.abandon(experiment, f"{experiment}.abandoned-{self.remote.abandoned_count()}")
-                else:
-                    local.rename(
-                        local.with_name(f"{experiment}.abandoned-{len(list(self.root.glob('*.abandoned-*')))}")
-                    )
+            if self.store.exists(experiment):  # started but never saved its state (driver killed early): start over
+                self.store.abandon(experiment, f"{experiment}.abandoned-{self.store.abandoned_count()}")
                 self._forget_optuna_study(experiment)
             tuner = make_tuner()
         try:
@@ -434,9 +336,8 @@ class Study:
             self._check_writable()  # a storage that refuses writes is the cause worth naming
             raise
         finally:  # also when the driver is interrupted: the store keeps the journal, the mirror the results
-            if self.remote:
-                self.remote.pull(experiment)
-                self._push(JOURNAL)
+            self.store.pull(experiment)
+            self._push(JOURNAL)
         statuses = list(trial_statuses(self.root / experiment).values())
         unfinished = [s for s in statuses if s not in (TERMINATED, ERROR)]
         if unfinished or ERROR in statuses:
@@ -448,16 +349,7 @@ class Study:
 
     def _check_writable(self) -> None:
         """Raise the storage error (exit 1) if the study folder no longer takes writes."""
-        if self.remote:
-            self.remote.check_writable()
-            return
-        probe = self.root / f".write-probe-{os.getpid()}"
-        try:
-            probe.write_bytes(b"ok" * 2048)
-        except OSError as err:
-            raise storage_error(self.storage, err) from None
-        finally:
-            probe.unlink(missing_ok=True)
+        self.store.check_writable()
 
     def _forget_optuna_study(self, experiment: str) -> None:
         """Drop the Optuna studies of an abandoned stage-1 run so the restarted search starts clean."""

@@ -1,4 +1,5 @@
-"""The names every layer shares: branches, the ablation arms and the question each answers, model options.
+"""The names every layer shares: branches, the ablation arms and the question each answers, model options,
+the metrics with their direction, and trial statuses.
 
 One owner per fact (DESIGN.md): config, models, losses, schedules, space and the bundle import these
 instead of spelling them again. Standard library only, so ``avn-study --help`` and space validation stay
@@ -59,3 +60,41 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "gating": ("multitask",),
     "gating_alpha": ("multitask",),
 }
+
+
+# Metrics, each with its direction ("max": higher is better). Per-case metrics (avn_study.metrics.case_metrics,
+# the statistics of the report) and trial-level ones (what a trial reports to Tune; a space may tune on the
+# ``tunable`` ones, ``full_only`` ones exist only on full validations, see RuntimeConfig.full_metrics_every).
+CASE_METRICS: dict[str, str] = {
+    "dice": "max",
+    "dice_all": "max",
+    "hd95_mm": "min",
+    "abs_volume_error_ml": "min",
+    "lesion_sensitivity": "max",
+    "lesion_fp": "min",
+    "loc_dice": "max",
+    "recon_psnr": "max",
+}
+
+
+@dataclass(frozen=True)
+class TrialMetric:
+    mode: str  # max | min
+    tunable: bool = False  # a space's ``metric`` may be this one
+    full_only: bool = False  # absent from quick validations
+
+
+TRIAL_METRICS: dict[str, TrialMetric] = {
+    "val_dice": TrialMetric("max", tunable=True),
+    "val_dice_all": TrialMetric("max", tunable=True),
+    "loc_dice": TrialMetric("max", tunable=True),
+    "hd95_mm": TrialMetric("min", tunable=True, full_only=True),
+    "abs_volume_error_ml": TrialMetric("min", tunable=True),
+    "lesion_fp": TrialMetric("min", tunable=True, full_only=True),
+    "lesion_sensitivity": TrialMetric("max", full_only=True),
+    "recon_psnr": TrialMetric("max"),
+}
+
+# Trial statuses in a study's tables (Ray Tune's TERMINATED and ERROR, and ours for a trial cut short).
+TERMINATED, ERROR, INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
+TRIAL_STATUSES = (TERMINATED, ERROR, INCOMPLETE)

@@ -18,7 +18,7 @@ from ray.tune.search import Searcher
 
 from avn_study.analysis import analyze
 from avn_study.search import FinalValueOptunaSearch, RowScheduler, RowSearch, RowSearchRun
-from avn_study.sweep import read_trials
+from avn_study.study_results import read_trials
 
 
 def _trial(trial_id: str, run: str) -> SimpleNamespace:

@@ -90,3 +90,40 @@ def test_a_wheel_runs_the_demo_outside_the_repository(tmp_path) -> None:
     assert (
         str((tmp_path / "demo" / "experiments" / "smoke").resolve()) in (report / "ablation_report.ipynb").read_text()
     )
+
+
+def test_module_level_imports_form_no_cycle() -> None:
+    """The package's layers import downwards only (imports inside functions, kept lazy on purpose, aside)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(avn_study.__file__).parent
+    names = {".".join(("avn_study", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+             for p in root.rglob("*.py")}  # fmt: skip
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("avn_study", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("avn_study"):
+                for alias in node.names:  # `from pkg import submodule` depends on the submodule, not the package
+                    sub = f"{node.module}.{alias.name}"
+                    deps.add(sub if sub in names else node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("avn_study")}
+        graph[name] = deps
+    modules = set(graph)
+    state: dict[str, int] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(d for d in graph.get(module, ()) if d in modules and d != module):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*trail, module, dep]))
+            if dep not in state:
+                visit(dep, [*trail, module])
+        state[module] = 2
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module, [])

@@ -12,7 +12,7 @@ import pytest
 from conftest import small_space
 
 from avn_study.analysis import analyze
-from avn_study.sweep import read_trials
+from avn_study.study_results import read_trials
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ import pytest
 from conftest import small_space
 
 from avn_study.cli import main
-from avn_study.sweep import read_trials
+from avn_study.study_results import read_trials
 
 IDENTITY = ("row", "arm", "schedule", "stage", "fold", "seed", "split_hash", "data_fingerprint", "node_id")
 

@@ -40,6 +40,7 @@ from avn_study.analysis.inference import (
     signed_rank_test,
     tie_rounded,
 )
+from avn_study.vocabulary import CASE_METRICS
 
 PSNR_CAP_DB = 20 * math.log10(1 / float(np.finfo(np.float32).eps))  # 138.5 dB: a one-ulp error of a unit range
 
@@ -61,16 +62,24 @@ class MetricSpec:
         return min(max(low, lo), hi), max(min(high, hi), lo)
 
 
+_UP = {name: mode == "max" for name, mode in CASE_METRICS.items()}  # directions: avn_study.vocabulary
 METRICS: dict[str, MetricSpec] = {
-    "dice": MetricSpec("dice", "necrotic", True, "Dice (cases with necrosis)", 0.0, 1.0),
-    "dice_all": MetricSpec("dice", "all", True, "Dice, all cases (empty rule)", 0.0, 1.0),
-    "hd95_mm": MetricSpec("hd95_mm", "defined", False, "HD95 (mm)"),
-    "abs_volume_error_ml": MetricSpec("abs_volume_error_ml", "all", False, "abs. volume error (ml)"),
-    "lesion_sensitivity": MetricSpec("lesion_sensitivity", "necrotic", True, "lesion sensitivity", 0.0, 1.0),
-    "lesion_fp": MetricSpec("lesion_fp", "all", False, "false-positive lesions / case"),
-    "loc_dice": MetricSpec("loc_dice", "defined", True, "localisation Dice", 0.0, 1.0),
-    "recon_psnr": MetricSpec("recon_psnr", "defined", True, "reconstruction PSNR (dB)", -math.inf, PSNR_CAP_DB),
+    "dice": MetricSpec("dice", "necrotic", _UP["dice"], "Dice (cases with necrosis)", 0.0, 1.0),
+    "dice_all": MetricSpec("dice", "all", _UP["dice_all"], "Dice, all cases (empty rule)", 0.0, 1.0),
+    "hd95_mm": MetricSpec("hd95_mm", "defined", _UP["hd95_mm"], "HD95 (mm)"),
+    "abs_volume_error_ml": MetricSpec(
+        "abs_volume_error_ml", "all", _UP["abs_volume_error_ml"], "abs. volume error (ml)"
+    ),
+    "lesion_sensitivity": MetricSpec(
+        "lesion_sensitivity", "necrotic", _UP["lesion_sensitivity"], "lesion sensitivity", 0.0, 1.0
+    ),
+    "lesion_fp": MetricSpec("lesion_fp", "all", _UP["lesion_fp"], "false-positive lesions / case"),
+    "loc_dice": MetricSpec("loc_dice", "defined", _UP["loc_dice"], "localisation Dice", 0.0, 1.0),
+    "recon_psnr": MetricSpec(
+        "recon_psnr", "defined", _UP["recon_psnr"], "reconstruction PSNR (dB)", -math.inf, PSNR_CAP_DB
+    ),
 }
+assert set(METRICS) == set(CASE_METRICS), "every per-case metric needs a spec here and a direction in vocabulary"
 RUN_KEYS = ("seed", "repeat")
 
 

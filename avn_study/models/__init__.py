@@ -1,55 +1,26 @@
-"""Model registry: ``create_model("unet")``, ``model_for_arm("seg+loc", base_channels=16)``.
+"""The models: ``create_model("unet")``, ``model_for_arm("seg+loc", base_channels=16)`` (the registry itself is
+:mod:`avn_study.models.registry`; importing this package registers every model).
 
-Every model's ``forward(x)`` takes ``(B, 1, H, W)`` slices and returns a dict whose ``"seg"`` entry
+Every model's ``forward(x)`` takes ``(B, C, H, W)`` slices and returns a dict whose ``"seg"`` entry
 is the final necrosis prediction as ``(B, 1, H, W)`` logits.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from torch import nn
 
 from avn_study.errors import UsageError, look_up
+from avn_study.models.registry import create_model, list_models, register_model
 from avn_study.vocabulary import ARMS as _ARMS
 from avn_study.vocabulary import MODEL_OPTIONS
-
-M = TypeVar("M", bound=Callable[..., nn.Module])
-
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 # Ablation arm -> (model name, branches); the arms and what each asks live in avn_study.vocabulary.
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {name: (arm.model, arm.branches) for name, arm in _ARMS.items()}
 # Options that exist only for some branches: dropped for an arm without the branch.
 _BRANCH_ONLY = {"recon": ("recon_skips",), "loc": ("loc_skips", "gating", "gating_alpha")}
-
-
-def register_model(name: str) -> Callable[[M], M]:
-    """Class decorator: make the model constructible as ``create_model(name, **cfg)``."""
-
-    def register(cls: M) -> M:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered (by {_MODELS[name]!r})")
-        _MODELS[name] = cls
-        return cls
-
-    return register
-
-
-def list_models() -> list[str]:
-    """The registered model names, sorted."""
-    return sorted(_MODELS)
-
-
-def create_model(name: str, **cfg: Any) -> nn.Module:
-    """Build the model registered as ``name`` with keyword arguments ``cfg``.
-
-    Raises:
-        UsageError: unknown ``name`` (``did you mean ...?``).
-    """
-    return _MODELS[look_up(name, _MODELS, what="model")](**cfg)
 
 
 def model_for_arm(arm: str, **cfg: Any) -> nn.Module:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from avn_study.errors import look_up
-from avn_study.models import register_model
 from avn_study.models.blocks import NORMS, SKIPS, UPSAMPLES, Decoder, Encoder, check_input, check_int
+from avn_study.models.registry import register_model
 from avn_study.vocabulary import BRANCHES, GATINGS
 
 LOGIT_LIMIT = 30.0  # gated logits are clamped to [-30, 30] (sigmoid(30) = 1 - 1e-13)

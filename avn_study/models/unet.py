@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from avn_study.errors import look_up
-from avn_study.models import register_model
 from avn_study.models.blocks import NORMS, UPSAMPLES, Decoder, Encoder, check_input, check_int
 from avn_study.models.multitask import LOGIT_LIMIT
+from avn_study.models.registry import register_model
 
 
 @register_model("unet")

@@ -179,7 +179,7 @@ def test_registry_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(create_model("unet", **TINY), UNet)
     assert isinstance(create_model("multitask", **TINY), MultitaskNet)
 
-    import avn_study.models as registry
+    import avn_study.models.registry as registry
 
     monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
 
