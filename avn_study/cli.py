@@ -260,7 +260,8 @@ def _train_parser(sub) -> None:
 
 
 def _summary_table(result, metric: str) -> str:
-    """Per row and stage: mean and SD of the final metric over finished trials (until analysis exists)."""
+    """What finished: per stage and row, the trials' own final metric (mean, SD), in the order the rows ran.
+    Not a ranking and not a verdict: per-patient statistics are ``avn-study analyze``'s."""
     import math
     import statistics
 
@@ -271,8 +272,7 @@ def _summary_table(result, metric: str) -> str:
     for o in result.outcomes:
         if o.status == TERMINATED and o.metric is not None and not math.isnan(o.metric):
             groups.setdefault((o.stage, o.row), []).append(o.metric)
-    ranked = sorted(groups.items(), key=lambda kv: (kv[0][0], -statistics.fmean(kv[1])))
-    for (stage, row), values in ranked:
+    for (stage, row), values in sorted(groups.items(), key=lambda kv: kv[0][0]):  # stable: rows as they ran
         sd = statistics.stdev(values) if len(values) > 1 else float("nan")
         lines.append(f"{stage:<6} {row:<28} {len(values):>6} {statistics.fmean(values):>14.4f} {sd:>7.4f}")
     return "\n".join(lines)
@@ -287,7 +287,7 @@ def _errored_summary(result) -> str:
 
 
 def _report(result, metric: str, where: str) -> int:
-    """The ranked table, where things are, and the errored trials (exit 1 when there are any)."""
+    """What finished, where things are, and the errored trials (exit 1 when there are any)."""
     print(_summary_table(result, metric))
     print(where)
     if result.errored:
