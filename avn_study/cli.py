@@ -19,6 +19,20 @@ from typing import Any
 from avn_study.errors import AvnError, UsageError
 
 
+def _path(text: str) -> Path:
+    """A path argument; a NUL byte (which no file system accepts) is refused here, not deep in pathlib."""
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} contains a NUL byte, which no path can hold")
+    return Path(text)
+
+
+def _text(text: str) -> str:
+    """A name or URI argument (``--name``, ``--storage``): no NUL byte either."""
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} contains a NUL byte")
+    return text
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -62,7 +76,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def _synth_parser(sub) -> None:
     """``avn-study synth``'s arguments (next to :func:`cmd_synth`)."""
     p = sub.add_parser("synth", help="write a synthetic hip-MRI phantom cohort (nnU-Net raw layout)")
-    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("out", type=_path, help="output folder")
     p.add_argument("--cases", type=_positive_int, default=20, help="number of patients (default 20)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--tiny", action="store_true", help="small, coarse volumes for smoke tests")
@@ -83,7 +97,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _verify_parser(sub) -> None:
     """``avn-study verify``'s arguments (next to :func:`cmd_verify`)."""
     p = sub.add_parser("verify", help="check a cohort's integrity; exit 2 listing every problem")
-    p.add_argument("data", type=Path, help="dataset folder (nnU-Net raw layout)")
+    p.add_argument("data", type=_path, help="dataset folder (nnU-Net raw layout)")
     p.set_defaults(func=cmd_verify)
 
 
@@ -126,15 +140,15 @@ def cmd_split(args: argparse.Namespace) -> int:
 def _split_parser(sub) -> None:
     """``avn-study split``'s arguments (next to :func:`cmd_split`)."""
     p = sub.add_parser("split", help="freeze patient-level K-fold splits in DATA/splits.json")
-    p.add_argument("data", type=Path, help="dataset folder")
+    p.add_argument("data", type=_path, help="dataset folder")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--no-stratify", action="store_true", help="do not stratify by necrosis presence")
     p.add_argument("--test-fraction", type=_fraction, default=0.0, dest="test_fraction",
                    help="share of patients held out as a test set, in no fold (stratified, default 0)")  # fmt: skip
-    p.add_argument("--out", type=Path, help="where to write (default DATA/splits.json)")
+    p.add_argument("--out", type=_path, help="where to write (default DATA/splits.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing splits file")
-    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
+    p.add_argument("--cache-dir", type=_path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.set_defaults(func=cmd_split)
 
 
@@ -224,8 +238,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_parser(sub) -> None:
     """``avn-study train``'s arguments (next to :func:`cmd_train`)."""
     p = sub.add_parser("train", help="one training run without Ray")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (nnU-Net raw layout)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--data", type=_path, required=True, help="dataset folder (nnU-Net raw layout)")
+    p.add_argument("--out", type=_path, required=True, help="output folder")
     p.add_argument("--fold", type=int, help="validation fold (default 0)")
     p.add_argument("--arm", help="unet | seg | seg+recon | seg+loc | seg+recon+loc (default seg+recon+loc)")
     p.add_argument(
@@ -250,9 +264,9 @@ def _train_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="any other config key, e.g. --set loc_margin_mm=15 --set 'schedule_params={pretrain_epochs: 3}'",
     )
-    p.add_argument("--cache-dir", type=Path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
+    p.add_argument("--cache-dir", type=_path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.add_argument(
-        "--splits", type=Path, help="frozen splits file (default: DATA/splits.json if you made one, else the cache's)"
+        "--splits", type=_path, help="frozen splits file (default: DATA/splits.json if you made one, else the cache's)"
     )
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (only a run folder)")
@@ -347,10 +361,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep_parser(sub) -> None:
     """``avn-study sweep``'s arguments (next to :func:`cmd_sweep`)."""
     p = sub.add_parser("sweep", help="run a search-space file (a sweep, a nested or a fair ablation) on Ray Tune")
-    p.add_argument("space", type=Path, help="search-space YAML file, or a shipped one by name (ablation, demo, ...)")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder, readable on every node")
-    p.add_argument("--storage", required=True, help="experiment storage: a local/shared path or a pyarrow URI")
-    p.add_argument("--name", help="study name (default: the file's name key)")
+    p.add_argument("space", type=_path, help="search-space YAML file, or a shipped one by name (ablation, demo, ...)")
+    p.add_argument("--data", type=_path, required=True, help="dataset folder, readable on every node")
+    p.add_argument(
+        "--storage", type=_text, required=True, help="experiment storage: a local/shared path or a pyarrow URI"
+    )
+    p.add_argument("--name", type=_text, help="study name (default: the file's name key)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (trusts its storage)")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
     p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs of a local Ray (default: all)")
@@ -436,10 +452,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_parser(sub) -> None:
     """``avn-study demo``'s arguments (next to :func:`cmd_demo`)."""
     p = sub.add_parser("demo", help="phantom cohort + the demo nested ablation + its report (the README's command)")
-    p.add_argument("--out", type=Path, default=Path("avn-demo"), help="output folder (default ./avn-demo)")
+    p.add_argument("--out", type=_path, default=Path("avn-demo"), help="output folder (default ./avn-demo)")
     p.add_argument("--cases", type=_positive_int, help="phantom patients (default 16; 6 with --tiny)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    p.add_argument("--space", type=Path, help="search-space file or shipped name (default demo; smoke with --tiny)")
+    p.add_argument("--space", type=_path, help="search-space file or shipped name (default demo; smoke with --tiny)")
     p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for Ray (default: all)")
     p.add_argument(
         "--tiny",
@@ -470,8 +486,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _analyze_parser(sub) -> None:
     """``avn-study analyze``'s arguments (next to :func:`cmd_analyze`)."""
     p = sub.add_parser("analyze", help="tables, paired statistics, plots and summary.md of an experiment")
-    p.add_argument("experiment", type=Path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
-    p.add_argument("--out", type=Path, help="output folder (default EXPERIMENT/analysis)")
+    p.add_argument("experiment", type=_path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
+    p.add_argument("--out", type=_path, help="output folder (default EXPERIMENT/analysis)")
     p.add_argument("--reference", help="row the others are compared with (default unet, else the first row)")
     p.add_argument("--metric", default="dice", help="metric of the paired comparison (default dice)")
     p.set_defaults(func=cmd_analyze)
@@ -514,8 +530,8 @@ def _export_parser(sub) -> None:
         description=f"Write BUNDLE: model.safetensors, config.json, metrics.json, provenance.json. {SELECTION_RULE} "
         "Only JSON and safetensors are read; Ray's pickles are never opened.",
     )
-    p.add_argument("experiment", type=Path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("experiment", type=_path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
+    p.add_argument("--out", type=_path, required=True, help="bundle folder to write")
     p.add_argument("--arm", help="export the best configuration of this row (a name from study.json 'rows')")
     p.add_argument("--metric", help="selection metric (default: the study's metric, val_dice)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch")
@@ -569,9 +585,9 @@ def _predict_parser(sub) -> None:
         "folder (every *.nii.gz / *.nii; nnU-Net names {case}_0000.nii.gz become {case}.nii.gz, others are "
         "kept; OUTPUT/volumes.json lists the volumes). The bundle is read as JSON and safetensors only.",
     )
-    p.add_argument("bundle", type=Path, help="bundle folder written by `avn-study export`")
-    p.add_argument("input", type=Path, help="a .nii/.nii.gz file or a folder of them")
-    p.add_argument("output", type=Path, help="output .nii/.nii.gz file (or folder) for a file; a folder for a folder")
+    p.add_argument("bundle", type=_path, help="bundle folder written by `avn-study export`")
+    p.add_argument("input", type=_path, help="a .nii/.nii.gz file or a folder of them")
+    p.add_argument("output", type=_path, help="output .nii/.nii.gz file (or folder) for a file; a folder for a folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=_positive_int, default=32, dest="batch_size", help="slices per batch")
     p.add_argument("--overwrite", action="store_true", help="replace label maps that an earlier predict wrote here")
@@ -601,9 +617,9 @@ def _evaluate_parser(sub) -> None:
         "reports; per hip (split at the midline of the two heads): necrotic fraction of the head with the "
         "15/30 %% staging bins and hip-level detection. Writes OUT/per_case.csv, per_hip.csv, summary.json.",
     )
-    p.add_argument("bundle", type=Path, help="bundle folder written by `avn-study export`")
-    p.add_argument("data", type=Path, help="a labelled cohort in the nnU-Net raw layout")
-    p.add_argument("--out", type=Path, required=True, help="new (or empty) folder for the tables")
+    p.add_argument("bundle", type=_path, help="bundle folder written by `avn-study export`")
+    p.add_argument("data", type=_path, help="a labelled cohort in the nnU-Net raw layout")
+    p.add_argument("--out", type=_path, required=True, help="new (or empty) folder for the tables")
     p.add_argument("--subset", default="auto", choices=("auto", "Tr", "Ts"),
                    help="which images/labels pair to score (default auto: Ts when present)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -647,7 +663,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibrate: phantom seed (default 0)")
     p.add_argument("--epochs", type=_positive_int, default=8, help="calibrate: epochs of every row (default 8)")
     p.add_argument("--tiny", action="store_true", help="calibrate: the coarse test phantom (smoke runs)")
-    p.add_argument("--work-dir", type=Path, help="where to put the bench cohorts (default: a temp folder)")
+    p.add_argument("--work-dir", type=_path, help="where to put the bench cohorts (default: a temp folder)")
     p.add_argument("--slice-size", type=int, default=128, dest="slice_size", help="train bench: slice size")
     p.add_argument("--threads", type=int, default=0, help="train bench: torch threads (default: torch's)")
     p.set_defaults(func=cmd_bench)

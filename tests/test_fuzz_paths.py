@@ -22,6 +22,14 @@ PIECES = ["a", "Z", "7", ".", "..", "/", "\\", " ", "-", "+", "_", "~", "$HOME",
           "seg+loc", "stage2", "study.json", "../", "./", "//", "run", "ab", "v2", "cohort"]  # fmt: skip
 
 
+def _exit_code(argv: list[str]) -> int:
+    """``main``'s exit code, also when argparse refuses an argument (a NUL byte in a path) by exiting."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
 def random_names(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
     names = []
@@ -84,7 +92,7 @@ def test_export_out_changes_nothing_but_its_own_folder(target: str, smoke_experi
     monkeypatch.chdir(sandbox)
     before, study_before = checksums(tmp_path), checksums(smoke_experiment)
     target = target.replace("{tmp}", str(tmp_path))
-    code = main(["export", str(smoke_experiment), "--out", target, "--overwrite"])
+    code = _exit_code(["export", str(smoke_experiment), "--out", target, "--overwrite"])
     after = checksums(tmp_path)
     assert code in (0, 1, 2) and checksums(smoke_experiment) == study_before
     written = Path(target).resolve() if code == 0 else None
@@ -114,7 +122,7 @@ def test_predict_output_changes_nothing_but_its_outputs(target: str, bundle: Pat
     before, bundle_before = checksums(tmp_path), checksums(bundle)
     target = target.replace("{tmp}", str(tmp_path))
     name = target if target.endswith((".nii", ".nii.gz")) else target + ".nii.gz"
-    code = main(["predict", str(bundle), str(scan), name, "--overwrite"])
+    code = _exit_code(["predict", str(bundle), str(scan), name, "--overwrite"])
     after = checksums(tmp_path)
     assert code in (0, 2) and checksums(bundle) == bundle_before
     for existing, digest in before.items():
