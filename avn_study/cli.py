@@ -27,7 +27,7 @@ def _path(text: str) -> Path:
 
 
 def _text(text: str) -> str:
-    """A name or URI argument (``--name``, ``--storage``): no NUL byte either."""
+    """A URI or path argument kept as text (``--storage``): no NUL byte either."""
     if "\x00" in text:
         raise argparse.ArgumentTypeError(f"{text!r} contains a NUL byte")
     return text
@@ -366,7 +366,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument(
         "--storage", type=_text, required=True, help="experiment storage: a local/shared path or a pyarrow URI"
     )
-    p.add_argument("--name", type=_text, help="study name (default: the file's name key)")
+    p.add_argument("--name", help="study name (default: the file's name key)")  # check_name refuses unsafe ones
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (trusts its storage)")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
     p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs of a local Ray (default: all)")
@@ -436,7 +436,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_cohort(cohort, cases=cases, seed=args.seed, config=PhantomConfig.tiny() if args.tiny else PhantomConfig())
     from avn_study.resources import shipped_space, space_argument
 
-    space = load_space(space_argument(args.space) if args.space else shipped_space("smoke" if args.tiny else "demo"))
+    if args.space:
+        space_file = space_argument(args.space)
+    elif args.tiny:  # the smoke space with one trial per search: a check of the install, not a study
+        import yaml
+
+        raw = {**yaml.safe_load(shipped_space("smoke").read_text()), "trials": 1}
+        out.mkdir(parents=True, exist_ok=True)
+        space_file = out / "tiny.yaml"
+        space_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    else:
+        space_file = shipped_space("demo")
+    space = load_space(space_file)
     study = Study(space, cohort, str(out / "experiments"), progress=not args.quiet)
     resume = (study.root / "study.json").is_file()
     result = run_study(study, resume, None, args.num_cpus, f"avn-study demo --out {args.out}")

@@ -75,8 +75,12 @@ def test_row_search_hands_out_trials_round_robin_and_routes_results(tmp_path: Pa
     assert restored.suggest("t5") == Searcher.FINISHED  # the budgets were spent before the save
 
 
-def test_concurrent_rows_choose_what_sequential_rows_choose(sweep_cohort: Path, tmp_path: Path) -> None:
-    """Same Optuna studies, same sampler seeds: the same configurations per row, in one experiment."""
+def test_concurrent_rows_choose_what_sequential_rows_choose(
+    sweep_cohort: Path, smoke_experiment: Path, tmp_path: Path
+) -> None:
+    """Same Optuna studies, same sampler seeds: the same configurations per row, in one experiment. The
+    sequential reference is the session's smoke study (the same space, run row after row; its seeds only
+    change stage 2)."""
     cmd = [sys.executable, "-m", "avn_study", "sweep", "--data", str(sweep_cohort), "--num-cpus", "2", "--quiet"]
 
     def lrs(root: Path, folder: str) -> dict[str, list[float]]:
@@ -85,15 +89,13 @@ def test_concurrent_rows_choose_what_sequential_rows_choose(sweep_cohort: Path, 
             out.setdefault(trial.config["_row"], []).append(trial.config["lr"])
         return {row: sorted(v) for row, v in out.items()}
 
-    studies = {}
-    for mode in (False, True):
-        (tmp_path / str(mode)).mkdir()
-        space = small_space(tmp_path / str(mode), concurrent_rows=mode)
-        storage = tmp_path / str(mode) / "storage"
-        done = subprocess.run([*cmd[:4], str(space), *cmd[4:], "--storage", str(storage)], capture_output=True,
-                              text=True, timeout=600)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        studies[mode] = storage / "smoke"
+    studies = {False: smoke_experiment}
+    space = small_space(tmp_path, concurrent_rows=True)
+    storage = tmp_path / "storage"
+    done = subprocess.run([*cmd[:4], str(space), *cmd[4:], "--storage", str(storage)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    studies[True] = storage / "smoke"
     sequential = {row: v for folder in ("stage1-unet", "stage1-seg-recon-loc")
                   for row, v in lrs(studies[False], folder).items()}  # fmt: skip
     assert lrs(studies[True], "stage1") == sequential
