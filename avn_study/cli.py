@@ -429,11 +429,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cases = args.cases or (6 if args.tiny else 16)
     if args.seed < 0:
         raise UsageError(f"--seed must be an integer >= 0, got {args.seed}")
-    if (cohort / "dataset.json").is_file():
-        print(f"reusing the phantom cohort in {cohort}", file=sys.stderr)
-    else:
-        print(f"writing a phantom cohort of {cases} patients to {cohort}", file=sys.stderr)
-        write_cohort(cohort, cases=cases, seed=args.seed, config=PhantomConfig.tiny() if args.tiny else PhantomConfig())
     from avn_study.resources import shipped_space, space_argument
 
     if args.space:
@@ -441,13 +436,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     elif args.tiny:  # the smoke space with one trial per search: a check of the install, not a study
         import yaml
 
-        raw = {**yaml.safe_load(shipped_space("smoke").read_text()), "trials": 1}
+        text = yaml.safe_dump({**yaml.safe_load(shipped_space("smoke").read_text()), "trials": 1}, sort_keys=False)
         out.mkdir(parents=True, exist_ok=True)
         space_file = out / "tiny.yaml"
-        space_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+        if space_file.exists() and space_file.read_text() != text:  # never replace a file the demo did not write
+            raise UsageError(f"{space_file}: exists and is not the tiny demo's space; choose another --out")
+        space_file.write_text(text)
     else:
         space_file = shipped_space("demo")
     space = load_space(space_file)
+    if (cohort / "dataset.json").is_file():
+        print(f"reusing the phantom cohort in {cohort}", file=sys.stderr)
+    else:
+        print(f"writing a phantom cohort of {cases} patients to {cohort}", file=sys.stderr)
+        write_cohort(cohort, cases=cases, seed=args.seed, config=PhantomConfig.tiny() if args.tiny else PhantomConfig())
     study = Study(space, cohort, str(out / "experiments"), progress=not args.quiet)
     resume = (study.root / "study.json").is_file()
     result = run_study(study, resume, None, args.num_cpus, f"avn-study demo --out {args.out}")

@@ -144,3 +144,10 @@ def test_inputs_that_once_escaped_as_value_errors_are_usage_errors(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+def test_demo_tiny_never_replaces_a_file_it_did_not_write(tmp_path: Path, capsys) -> None:
+    (tmp_path / "tiny.yaml").write_text("mine: 1\n")
+    assert main(["demo", "--tiny", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "is not the tiny demo's space" in capsys.readouterr().err
+    assert (tmp_path / "tiny.yaml").read_text() == "mine: 1\n" and not (tmp_path / "cohort").exists()

@@ -158,17 +158,21 @@ NOTEBOOK = "ablation_report.ipynb"
 
 
 def write_notebook(experiment: Path, out: Path) -> Path:
-    """The shipped report notebook, its default experiment set to ``experiment``, as ``out/ablation_report.ipynb``."""
+    """The shipped report notebook, its default experiment set to ``experiment``, as ``out/ablation_report.ipynb``.
+
+    A notebook already there is left as it is: it may hold the user's own cells and results."""
     import json
 
     from avn_study.resources import shipped_file
 
+    path = Path(out) / NOTEBOOK
+    if path.exists():
+        return path
     notebook = json.loads(shipped_file("notebooks", NOTEBOOK).read_text())
     default = 'Path(os.environ.get("AVN_EXPERIMENT", "../avn-demo/experiments/demo"))'
     mine = f'Path(os.environ.get("AVN_EXPERIMENT", {json.dumps(str(Path(experiment).resolve()))}))'
     for cell in notebook["cells"]:
         cell["source"] = [line.replace(default, mine) for line in cell["source"]]
-    path = Path(out) / NOTEBOOK
     path.write_text(json.dumps(notebook, indent=1) + "\n")
     return path
 

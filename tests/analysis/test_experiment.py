@@ -140,3 +140,15 @@ def test_damaged_results_name_the_file(smoke_experiment: Path, tmp_path: Path) -
         shutil.rmtree(stage)
     with pytest.raises(UsageError, match="no trial folders"):
         load_experiment(copy)
+
+
+def test_analyze_keeps_a_notebook_that_is_already_there(smoke_experiment: Path, tmp_path: Path) -> None:
+    from avn_study.analysis.report import write_notebook
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "ablation_report.ipynb").write_text("my own notebook")
+    write_notebook(smoke_experiment, out)
+    assert (out / "ablation_report.ipynb").read_text() == "my own notebook"
+    fresh = write_notebook(smoke_experiment, tmp_path)
+    assert str(smoke_experiment.resolve()) in fresh.read_text()
