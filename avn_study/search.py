@@ -38,6 +38,8 @@ class FinalValueOptunaSearch(OptunaSearch):
         self._reported: dict[str, set[int]] = {}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric not in result:  # an epoch without an evaluation (eval_every > 1)
+            return
         super().on_trial_result(trial_id, result)
         self._reported.setdefault(trial_id, set()).add(int(result.get("training_iteration", 0)))
 

@@ -81,6 +81,15 @@ class Scheduler:
     grace_period: int = 1  # epochs every trial runs before it may be stopped
     reduction_factor: float = 2.0  # keep the best 1/reduction_factor at each rung
 
+    def rungs(self, epochs: int) -> list[int]:
+        """The epochs (1-based, as ``training_iteration``) where ASHA compares trials, before the last:
+        Ray's milestones ``grace_period * reduction_factor**k``, each decided at the first report at or after it."""
+        out, k = [], 0
+        while (rung := math.ceil(self.grace_period * self.reduction_factor**k - 1e-9)) < epochs:
+            out.append(rung)
+            k += 1
+        return out
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -128,10 +137,7 @@ class SearchSpace:
         stage2 = len(self.arms) * len(self.folds) * len(self.seeds) * self.repeats if self.protocol in ABLATIONS else 0
         per_trial = float(epochs)
         if self.scheduler.type == "asha":
-            rungs, rung = [], self.scheduler.grace_period
-            while rung < epochs:
-                rungs.append(rung)
-                rung = math.ceil(rung * self.scheduler.reduction_factor)
+            rungs = self.scheduler.rungs(epochs)
             per_trial, previous = 0.0, 0
             for k, end in enumerate([*rungs, epochs]):
                 per_trial += (end - previous) / self.scheduler.reduction_factor**k
@@ -439,6 +445,19 @@ def _check_every_row(r: _Reader, space: SearchSpace) -> None:
             except (UsageError, ValueError) as err:
                 message = str(err)
                 raise UsageError(message if str(r.path) in message else f"{r.path}: arms.{row}: {message}") from None
+            every = config.runtime.eval_every
+            missed = (
+                [r for r in space.scheduler.rungs(config.optim.epochs) if r % every]
+                if space.scheduler.type == "asha"
+                else []
+            )
+            if missed:
+                raise r.fail(
+                    f"arms.{row}",
+                    f"ASHA compares trials at epochs {missed}, but eval_every={every} evaluates only epochs that are "
+                    f"multiples of {every}: choose a grace_period and reduction_factor whose rungs are multiples "
+                    f"of {every}, or eval_every 1",
+                )
             if space.metric in FULL_ONLY_METRICS and config.runtime.full_metrics_every > 1:
                 raise r.fail(
                     f"arms.{row}",

@@ -330,7 +330,7 @@ class Study:
                 self._forget_optuna_study(experiment)
             tuner = make_tuner()
         try:
-            with _tune_log(self.root):
+            with _tune_log(self.root), _epochs_without_metric():
                 tuner.fit()
         except Exception:
             self._check_writable()  # a storage that refuses writes is the cause worth naming
@@ -545,6 +545,24 @@ class Study:
         for experiment in stage_folders(self.root):
             result.outcomes += read_trials(experiment, self.space.metric)
         return result
+
+
+@contextlib.contextmanager
+def _epochs_without_metric():
+    """Let trials report epochs that carry no ``metric``: a run evaluates only every ``eval_every`` epochs
+    (and always at its last), an nnU-Net trial is scored by our metrics only at its end. Ray Tune refuses
+    such a result unless its strict check is off; ASHA and the searchers skip it (ASHA's rungs are
+    evaluated epochs, :func:`avn_study.space.load_space` checks)."""
+    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 @contextlib.contextmanager

@@ -75,6 +75,17 @@ def test_row_search_hands_out_trials_round_robin_and_routes_results(tmp_path: Pa
     assert restored.suggest("t5") == Searcher.FINISHED  # the budgets were spent before the save
 
 
+def test_optuna_search_skips_epochs_without_the_metric() -> None:
+    """eval_every > 1: epochs without an evaluation report no val_dice; Optuna sees only evaluated epochs."""
+    search, subs = _row_search()
+    search.suggest("t0")
+    search.on_trial_result("t0", {"loss": 0.3, "training_iteration": 1})  # used to raise KeyError
+    search.on_trial_result("t0", {"val_dice": 0.4, "training_iteration": 2})
+    search.on_trial_complete("t0", {"val_dice": 0.4, "training_iteration": 2})
+    trial = subs["stage1-unet"]._ot_study.trials[0]
+    assert trial.intermediate_values == {2: 0.4} and trial.value == 0.4
+
+
 def test_concurrent_rows_choose_what_sequential_rows_choose(
     sweep_cohort: Path, smoke_experiment: Path, tmp_path: Path
 ) -> None:

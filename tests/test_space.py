@@ -103,6 +103,17 @@ def _write(tmp_path: Path, **changes: object) -> Path:
         ),
         ({"fixed": {**BASE["fixed"], "eval_every": 0}}, "fixed: eval_every must be >= 1, got 0"),
         (
+            {"fixed": {**BASE["fixed"], "epochs": 8, "eval_every": 2}, "scheduler": {"grace_period": 1}},
+            "arms.unet: ASHA compares trials at epochs [1], but eval_every=2",
+        ),
+        (  # Ray's milestones 3, 4.5 and 6.75 are decided at epochs 3, 5 and 7
+            {
+                "fixed": {**BASE["fixed"], "epochs": 8, "eval_every": 3},
+                "scheduler": {"grace_period": 3, "reduction_factor": 1.5},
+            },
+            "ASHA compares trials at epochs [5, 7], but eval_every=3",
+        ),
+        (
             {"protocol": "nested_ablation", "inner_folds": 3, "tuning_fold": 3},
             "tuning_fold: nested_ablation: the inner fold searched on must be < inner_folds=3, got 3",
         ),
@@ -130,3 +141,9 @@ def test_rows_merge_fixed_and_overrides(tmp_path: Path) -> None:
     assert config["arm"] == "seg+recon+loc" and config["epochs"] == 4 and config["fold"] == 2
     merged = resolve_sampled({"schedule_params": {"ramp_epochs": 3}}, {"schedule_params.pretrain_epochs": 2, "lr": 1.0})
     assert merged == {"schedule_params": {"ramp_epochs": 3, "pretrain_epochs": 2}, "lr": 1.0}
+
+
+def test_asha_rungs_on_evaluated_epochs_are_accepted(tmp_path: Path) -> None:
+    space = load_space(_write(tmp_path, fixed={**BASE["fixed"], "epochs": 20, "eval_every": 2},
+                              scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 3}))  # fmt: skip
+    assert space.scheduler.rungs(20) == [2, 6, 18]
