@@ -405,7 +405,8 @@ def run_study(study, resume: bool, address: str | None, num_cpus: int | None, re
 def _plan_text(space) -> str:
     """``sweep --plan``: the trials and epochs a space will run, before anything starts."""
     plan = space.plan()
-    where = (f"{plan['searches']} searches ({plan['rows']} rows x {len(space.folds)} outer folds)"
+    searched = len(space.searched_rows)
+    where = (f"{plan['searches']} searches ({searched} rows x {len(space.folds)} outer folds)"
              if space.protocol == "nested_ablation" else f"{plan['searches']} searches (one per row)")  # fmt: skip
     lines = [
         f"{space.path}: {space.protocol}, {plan['rows']} rows",
@@ -413,8 +414,10 @@ def _plan_text(space) -> str:
         f"~{plan['stage1_epochs']:,.0f} epochs with {space.scheduler.type} (at most {plan['stage1_epochs_max']:,})",
     ]
     if plan["stage2_trials"]:
-        lines.append(f"stage 2: {plan['rows']} rows x {len(space.folds)} folds x {len(space.seeds) * space.repeats} "
+        lines.append(f"stage 2: {searched} rows x {len(space.folds)} folds x {len(space.seeds) * space.repeats} "
                      f"seeds = {plan['stage2_trials']} trials, {plan['stage2_epochs']:,} epochs")  # fmt: skip
+    if plan["nnunet_trials"]:
+        lines.append(f"stage 2, nnU-Net rows (no search: nnU-Net configures itself): {plan['nnunet_trials']} trials")
     lines.append(f"each trial: {space.cpu:g} CPU, {space.gpu:g} GPU")
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from avn_study.errors import AvnError, UsageError, look_up
 from avn_study.study_folder import TERMINATED, per_case_file
-from avn_study.vocabulary import TRIAL_METRICS
+from avn_study.vocabulary import NNUNET_ARMS, TRIAL_METRICS
 
 SELECTION_RULE = (
     "Candidates are the finished trials of stage 2 for an ablation (fair_ablation, nested_ablation), or, for a "
@@ -123,11 +123,19 @@ def resolve_metric(experiment: Any, metric: str | None) -> tuple[str, str]:
 def candidate_trials(experiment: Any, row: str | None) -> tuple[Any, int, list[str]]:
     """The finished trials that may be exported (see :data:`SELECTION_RULE`), their stage, and notes."""
     trials = experiment.trials
+    notes = []
+    nnunet = trials["arm"].isin(list(NNUNET_ARMS))
     if row is not None:
         look_up(row, experiment.rows, what="row (--arm)")
+        if nnunet[trials["row"] == row].any():
+            raise UsageError(f"row '{row}' is an nnU-Net row: its models are nnU-Net's, not a bundle's; each trial "
+                             "keeps its nnU-Net checkpoint in its Tune checkpoint (checkpoint_latest.pth) and its "
+                             "plans in nnunet/plans.json, for nnU-Net's own tools")  # fmt: skip
         trials = trials[trials["row"] == row]
+    elif nnunet.any():
+        notes.append("nnU-Net rows are not exported (their models are nnU-Net's): chosen among the other rows")
+        trials = trials[~nnunet]
     finished = trials[trials["status"] == TERMINATED]
-    notes = []
     if (finished["stage"] == 2).any():
         return finished[(finished["stage"] == 2) & ~finished["stopped_early"]], 2, notes
     if experiment.protocol in ("fair_ablation", "nested_ablation"):

@@ -46,8 +46,9 @@ import yaml
 
 from avn_study.config import ARMS, TrainConfig
 from avn_study.errors import UsageError, look_up
+from avn_study.nnunet import is_nnunet
 from avn_study.study_folder import check_name, check_rows
-from avn_study.vocabulary import TRIAL_METRICS
+from avn_study.vocabulary import NNUNET_ARMS, TRIAL_METRICS
 
 TOP_KEYS = {
     "name", "protocol", "metric", "mode", "fixed", "arms", "groups", "search", "trials", "tuning_fold", "folds",
@@ -120,6 +121,11 @@ class SearchSpace:
     concurrent_rows: bool = False  # stage 1 of every row at once, in one Ray experiment
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
+    @property
+    def searched_rows(self) -> list[str]:
+        """The rows with a stage-1 search (all but nnU-Net rows, which configure themselves)."""
+        return [row for row, overrides in self.arms.items() if not is_nnunet(overrides)]
+
     def trial_config(self, row: str, **flat: Any) -> dict[str, Any]:
         """The flat config of one trial of ``row``: fixed, then the row's overrides, then ``flat``."""
         return {**self.fixed, **self.arms[row], **flat}
@@ -132,7 +138,7 @@ class SearchSpace:
         promotes a little more while a rung is still filling, so take it as a lower estimate.
         """
         epochs = TrainConfig.from_flat(self.fixed).optim.epochs
-        searches = len(self.arms) * (len(self.folds) if self.protocol == "nested_ablation" else 1)
+        searches = len(self.searched_rows) * (len(self.folds) if self.protocol == "nested_ablation" else 1)
         stage1 = searches * self.trials
         stage2 = len(self.arms) * len(self.folds) * len(self.seeds) * self.repeats if self.protocol in ABLATIONS else 0
         per_trial = float(epochs)
@@ -142,7 +148,9 @@ class SearchSpace:
             for k, end in enumerate([*rungs, epochs]):
                 per_trial += (end - previous) / self.scheduler.reduction_factor**k
                 previous = end
-        return {"protocol": self.protocol, "rows": len(self.arms), "searches": searches,
+        nnunet = (len(self.arms) - len(self.searched_rows)) * len(self.folds) * len(self.seeds) * self.repeats
+        stage2 -= nnunet
+        return {"protocol": self.protocol, "rows": len(self.arms), "searches": searches, "nnunet_trials": nnunet,
                 "stage1_trials": stage1, "stage1_epochs": stage1 * per_trial, "stage1_epochs_max": stage1 * epochs,
                 "stage2_trials": stage2, "stage2_epochs": stage2 * epochs}  # fmt: skip
 
@@ -390,16 +398,34 @@ def _parse_arms(r: _Reader, raw: dict[str, Any], fixed: dict[str, Any]) -> dict[
     for row, overrides in arms_raw.items():
         overrides = dict(overrides or {})
         if "arm" not in overrides:
-            if row not in ARMS:
+            if row not in ARMS and row not in NNUNET_ARMS:
                 try:
-                    look_up(str(row), ARMS, what="arm")
+                    look_up(str(row), [*ARMS, *NNUNET_ARMS], what="arm")
                 except UsageError as err:
                     raise r.fail(f"arms.{row}", f"{err} (or give the row an 'arm:' override)") from None
             overrides["arm"] = row
-        _check_flat(r, {**fixed, **overrides}, f"arms.{row}")
+        if is_nnunet(overrides):
+            _check_nnunet_row(r, raw, {**fixed, **overrides}, f"arms.{row}")
+        else:
+            _check_flat(r, {**fixed, **overrides}, f"arms.{row}")
         arms[str(row)] = overrides
     check_rows(list(arms), str(r.path))
     return arms
+
+
+def _check_nnunet_row(r: _Reader, raw: dict[str, Any], flat: dict[str, Any], key: str) -> None:
+    """An nnU-Net row: valid keys, an ablation protocol (it has no search of its own), the extra installed."""
+    from avn_study.nnunet import NnUNetConfig, require_nnunet
+
+    protocol = raw.get("protocol", "sweep")
+    if protocol not in ABLATIONS:
+        raise r.fail(key, f"an nnU-Net row configures itself and runs in stage 2 only, which protocol {protocol!r} "
+                          f"does not have: use {' or '.join(ABLATIONS)}")  # fmt: skip
+    try:
+        NnUNetConfig.from_flat(flat, source=f"{r.path}: {key}")
+    except UsageError as err:
+        raise UsageError(str(err)) from None
+    require_nnunet(f"{r.path}: {key}")
 
 
 def _parse_param(r: _Reader, key: str, spec: Any) -> Param:
@@ -432,7 +458,7 @@ def _check_every_row(r: _Reader, space: SearchSpace) -> None:
     from avn_study.engine import arm_branches
     from avn_study.schedules import create_schedule
 
-    for row in space.arms:
+    for row in space.searched_rows:
         for pick in (0, -1):
             sample = {}
             for p in space.search:

@@ -138,7 +138,7 @@ class RemoteStudy:
 
     def _download(self, remote: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        with self.fs.open_input_stream(remote) as stream:
+        with self.fs.open_input_stream(remote, compression=None) as stream:
             local.write_bytes(stream.read())
 
     def _listing(self, relative: str, recursive: bool = True) -> list:
@@ -159,7 +159,7 @@ class RemoteStudy:
             for name in names:
                 local = self.mirror / name
                 if local.is_file():
-                    with self.fs.open_output_stream(f"{self.base}/{name}") as stream:
+                    with self.fs.open_output_stream(f"{self.base}/{name}", compression=None) as stream:
                         stream.write(local.read_bytes())
         except OSError as err:
             raise AvnError(f"{self.uri}: cannot write the study's files ({err})") from None
@@ -236,7 +236,7 @@ class RemoteLockFile:
 
         if self.fs.get_file_info(self.path).type == fs.FileType.NotFound:
             return None
-        with self.fs.open_input_stream(self.path) as stream:
+        with self.fs.open_input_stream(self.path, compression=None) as stream:
             return stream.read()
 
     def create(self, payload: bytes) -> bool:
@@ -247,7 +247,7 @@ class RemoteLockFile:
 
     def replace(self, payload: bytes) -> None:
         self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(self.path) as stream:
+        with self.fs.open_output_stream(self.path, compression=None) as stream:
             stream.write(payload)
 
     def delete(self) -> None:

@@ -19,8 +19,8 @@ class Selected:
     """A row's stage-1 choice and what it rests on."""
 
     config: dict[str, Any]  # the winning trial's flat config (without private keys)
-    trial_id: str
-    experiment: str
+    trial_id: str | None  # None: a row that chose nothing (nnU-Net)
+    experiment: str | None
     patients: list[str]  # every patient the search validated on: none may be reported for this choice
 
 
@@ -32,7 +32,7 @@ def validated_patients(trial_dir: Path) -> set[str]:
 
 @dataclass
 class TrialOutcome:
-    trial_id: str
+    trial_id: str | None  # None: a row that chose nothing (nnU-Net)
     row: str
     stage: int
     status: str  # TERMINATED | ERROR

@@ -36,7 +36,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from avn_study.errors import AvnError, UsageError
+from avn_study.errors import AvnError, DataError, UsageError
 from avn_study.space import ABLATIONS, SearchSpace
 from avn_study.study_folder import (
     DRIVER_LOG,
@@ -108,14 +108,16 @@ class Study:
         from avn_study.engine import cohort_split, require_head_labels
 
         self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
-        config = TrainConfig.from_flat(self.space.trial_config(next(iter(self.space.arms))))
+        searched = self.space.searched_rows
+        config = TrainConfig.from_flat(self.space.trial_config(searched[0]) if searched else self.space.fixed)
         frozen = self.root / SPLITS_COPY
         cases, splits = cohort_split(self.data, config, frozen=json.loads(frozen.read_text())
                                      if resume and frozen.is_file() else None)  # fmt: skip
         self.splits = splits
-        for row in self.space.arms:  # a +loc row on a cohort without head labels: refused before Ray starts
+        for row in searched:  # a +loc row on a cohort without head labels: refused before Ray starts
             require_head_labels(TrainConfig.from_flat(self.space.trial_config(row)).model.arm, cases,
                                 f"{self.space.path}: arms.{row}")  # fmt: skip
+        self._check_nnunet_rows(cases)
         self._check_unlabelled(cases)
         warning = crop_warning(cases, config.data.slice_size, config.data.inplane_spacing_mm)
         if warning:
@@ -136,13 +138,25 @@ class Study:
                 self.root.rmdir()  # a fresh start that failed leaves nothing behind
             raise
 
+    def _check_nnunet_rows(self, cases: list[Any]) -> None:
+        """nnU-Net rows: nnU-Net installed, and the labels they train on present, before Ray starts."""
+        from avn_study.nnunet import NnUNetConfig, require_nnunet
+
+        for row in set(self.space.arms) - set(self.space.searched_rows):
+            where = f"{self.space.path}: arms.{row}"
+            require_nnunet(where)
+            cfg = NnUNetConfig.from_flat(self.space.trial_config(row), source=where)
+            if cfg.labels == "with_head" and not all(c.has_head_labels for c in cases):
+                raise DataError(f"{where}: nnunet_labels: with_head needs femoral head labels, which the cohort "
+                                "does not have; use nnunet_labels: necrosis")  # fmt: skip
+
     def _check_unlabelled(self, cases: list[Any]) -> None:
         """Verify and cache imagesUnlabelled/ on the driver when a row will use it (a broken scan fails here,
         naming its file, not inside a trial)."""
         from avn_study.config import TrainConfig
         from avn_study.engine import arm_branches, usable_unlabelled
 
-        for row in self.space.arms:
+        for row in self.space.searched_rows:
             row_config = TrainConfig.from_flat(self.space.trial_config(row))
             if "recon" in arm_branches(row_config) and row_config.data.unlabelled_ratio > 0:
                 usable_unlabelled(self.data, row_config, None, cases, cases)
@@ -217,9 +231,10 @@ class Study:
 
     def stage1_runs(self) -> list[Stage1]:
         """The stage-1 searches in the order they run: per row, and per outer fold for nested_ablation."""
+        rows = self.space.searched_rows  # nnU-Net rows configure themselves: stage 2 only
         if self.space.protocol == "nested_ablation":
-            return [Stage1(row, outer) for outer in self.space.folds for row in self.space.arms]
-        return [Stage1(row) for row in self.space.arms]
+            return [Stage1(row, outer) for outer in self.space.folds for row in rows]
+        return [Stage1(row) for row in rows]
 
     def _freeze_inner(self, splits: Any, cases: list[Any], resume: bool) -> None:
         """nested_ablation: make (or, resuming, read back) the inner folds of every outer fold."""
@@ -494,9 +509,12 @@ class Study:
         nested = self.space.protocol == "nested_ablation"
         grid = []
         for row in self.space.arms:
-            chosen = None if nested else self.select(Stage1(row))
+            if row not in self.space.searched_rows:  # nnU-Net: nothing was chosen, on no patient
+                chosen = Selected(self.space.trial_config(row), None, None, [])
+            else:
+                chosen = None if nested else self.select(Stage1(row))
             for fold in self.space.folds:
-                sel = self.select(Stage1(row, fold)) if nested else chosen
+                sel = self.select(Stage1(row, fold)) if nested and chosen is None else chosen
                 assert sel is not None
                 for seed in self.space.seeds:
                     for repeat in range(self.space.repeats):

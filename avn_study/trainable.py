@@ -23,7 +23,10 @@ import json
 import os
 import socket
 import tempfile
+from pathlib import Path
 from typing import Any
+
+from avn_study.nnunet import is_nnunet
 
 
 def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -77,7 +80,7 @@ class TrialFiles:
     def write(self, relative: str, data: str | bytes) -> None:
         path = f"{self.root}/{relative}"
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(path) as stream:
+        with self.fs.open_output_stream(path, compression=None) as stream:  # (else a .gz name is gzipped again)
             stream.write(data.encode() if isinstance(data, str) else data)
 
     def exists(self, relative: str) -> bool:
@@ -117,6 +120,76 @@ def _maybe_inject_fault(meta: dict[str, Any], epoch: int, files: TrialFiles) -> 
         os._exit(17)  # a worker crash, not an exception: Ray sees the actor die
 
 
+def _metrics_only(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("case", "patient")}
+
+
+def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
+    """A trial of an nnU-Net row (see :mod:`avn_study.nnunet`): nnU-Net's epochs reported as they end, then
+    its validation (and test) predictions scored by our metrics in the last report."""
+    import shutil
+
+    import ray
+    import torch
+    from ray import tune
+
+    from avn_study.metrics import summarize
+    from avn_study.nnunet import EpochHooks, NnUNetConfig, run_trial
+    from avn_study.study_folder import per_case_file
+
+    cfg = NnUNetConfig.from_flat(flat, source="trial config")
+    torch.set_num_threads(cfg.base.runtime.threads)
+    files = TrialFiles()
+    files.write("resolved_config.json", json.dumps(cfg.to_flat(), indent=1))
+    identity = {
+        "row": meta["row"], "arm": cfg.arm, "schedule": "nnunet", "stage": meta["stage"], "fold": cfg.base.data.fold,
+        "seed": cfg.base.runtime.seed, "repeat": meta["repeat"], "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+    }  # fmt: skip
+
+    def report(record: dict[str, Any], checkpoint_dir: Any) -> None:
+        metrics = {**identity, **record}
+        if checkpoint_dir is None:
+            tune.report(metrics)
+        else:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    work = Path(tempfile.mkdtemp(prefix="avn-nnunet-"))
+    try:
+        resume_from = None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                resume_from = work / "resume.pth"
+                shutil.copyfile(Path(directory) / "checkpoint_latest.pth", resume_from)
+        hooks = EpochHooks(report, int(meta.get("checkpoint_frequency", 1)))
+        out = run_trial(cfg, meta["data"], meta.get("cache_dir"), meta.get("split"), work, hooks, resume_from,
+                        processes=cfg.base.runtime.threads, test=bool(meta.get("test")))  # fmt: skip
+        ids = {"split_hash": out["split_hash"], "data_fingerprint": out["data_fingerprint"],
+               "n_parameters": out["n_parameters"]}  # fmt: skip
+        identity.update(ids)
+        epoch = cfg.epochs - 1
+        files.write(per_case_file(epoch), json.dumps([{**identity, "epoch": epoch, **c} for c in out["val"]]))
+        if out["test"]:
+            rows = [{**identity, "epoch": epoch, **c} for c in out["test"]]
+            files.write(per_case_file(epoch, test=True), json.dumps(rows))
+        files.write("nnunet/splits_final.json", Path(out["splits_final"]).read_text())
+        for prediction in sorted(Path(out["predictions"]).glob("*.nii.gz")):  # what the per-case rows score
+            files.write(f"nnunet/predictions/{prediction.name}", prediction.read_bytes())
+        files.write("nnunet/plans.json", json.dumps(out["plans"], indent=1, default=str))
+        for log in sorted(Path(out["output_folder"]).glob("training_log_*.txt"))[-1:]:
+            files.write(f"nnunet/{log.name}", log.read_bytes())
+        scores = summarize([_metrics_only(c) for c in out["val"]])
+        summary = {**out["record"], **scores, "nnunet_epochs": cfg.epochs, "nnunet_configuration": cfg.configuration,
+                   "nnunet_iterations_per_epoch": cfg.iterations}  # fmt: skip
+        final = Path(out["output_folder"]) / "checkpoint_final.pth"
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(final, Path(tmp) / "checkpoint_latest.pth")
+            tune.report({**identity, **summary, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def train_trial(config: dict[str, Any]) -> None:
     """The function trainable (see module docstring)."""
     import torch
@@ -129,6 +202,8 @@ def train_trial(config: dict[str, Any]) -> None:
 
     flat, meta = split_trial_config(config)
     flat["threads"] = _threads_for_trial()
+    if is_nnunet(flat):
+        return nnunet_trial(flat, meta)
     train_config = TrainConfig.from_flat(flat, source="trial config")
     torch.set_num_threads(train_config.runtime.threads)
     data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"), meta.get("inner"),

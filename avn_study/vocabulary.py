@@ -46,6 +46,12 @@ ARMS: dict[str, Arm] = {
     ),
 }
 
+# Rows run by another tool: nnU-Net v2 (the optional extra ``avn-study[nnunet]``), arm -> nnU-Net configuration.
+# It configures itself, so such a row has no stage-1 search: it is trained in stage 2 on the same folds and
+# seeds and scored by our metrics (avn_study.nnunet).
+NNUNET_ARMS: dict[str, str] = {"nnunet_2d": "2d", "nnunet_3d_fullres": "3d_fullres"}
+NNUNET_QUESTION = "nnU-Net v2, self-configuring, on the same folds and scored by the same code: the reviewer's baseline"
+
 # Model options of the architecture (ModelConfig fields besides ``arm``) and the models that accept each;
 # a config carries all of them, and a model is built with only the ones it takes.
 MODEL_OPTIONS: dict[str, tuple[str, ...]] = {

@@ -22,6 +22,7 @@ from avn_study.analysis.stats import (
 )
 from avn_study.analysis.tables import Experiment, load_experiment, write_tables
 from avn_study.errors import UsageError, look_up
+from avn_study.vocabulary import NNUNET_ARMS
 
 # columns of the paper-style table: metric -> decimals
 SHOWN = {"dice": 3, "dice_all": 3, "hd95_mm": 1, "lesion_fp": 2, "lesion_sensitivity": 2, "abs_volume_error_ml": 2}
@@ -297,6 +298,14 @@ def protocol_lines(analysis: Analysis) -> list[str]:
             f"seeds {seeds}. The table is over the {n_patients} validation patients of those folds; the "
             f"patients of fold {tuning} chose the configurations and are not reported."
         ]
+    nnunet = sorted({str(r) for r, a in zip(exp.trials["row"], exp.trials["arm"], strict=True)
+                     if a in NNUNET_ARMS}) if len(exp.trials) else []  # fmt: skip
+    if nnunet:
+        lines.append(f"**nnU-Net rows** ({', '.join(nnunet)}): nnU-Net v2 configures itself, so these rows had no "
+                     "Optuna search and no stage 1 (they rest on no validation patient); each was trained in stage 2 "
+                     "on the same folds and seeds as the other rows, with its epochs and iterations recorded per "
+                     "trial (`nnunet_epochs`, `nnunet_iterations_per_epoch`), and its predictions were scored by the "
+                     "same metrics code on the same grid.")  # fmt: skip
     excluded = exp.excluded()
     if len(excluded):
         listed = "; ".join(f"{t.row}: {t.n_patients} ({t.patients})" for t in excluded.itertuples())

@@ -1,0 +1,172 @@
+"""nnU-Net v2 rows: our folds in nnU-Net's splits_final.json, our metrics, paired with unet; planning once per node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from avn_study.errors import UsageError
+from avn_study.space import load_space
+from tests.conftest import small_space
+
+NNUNET_ROW = {"arm": "nnunet_2d", "nnunet_epochs": 2, "nnunet_iterations": 2, "nnunet_val_iterations": 1,
+              "nnunet_tta": False}  # fmt: skip
+ARMS = {"unet": {"schedule": "constant", "schedule_params": {}}, "nnunet-2d": NNUNET_ROW}
+
+
+# ------------------------------------------------------------------ space files (no nnU-Net needed)
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"protocol": "sweep", "folds": [0]}, "an nnU-Net row configures itself and runs in stage 2 only"),
+        ({"arms": {"n": {**NNUNET_ROW, "nnunet_epoch": 3}}}, "Unknown key in"),
+        ({"arms": {"n": {**NNUNET_ROW, "nnunet_epoch": 3}}}, "did you mean 'nnunet_epochs'?"),
+        ({"arms": {"n": {**NNUNET_ROW, "nnunet_labels": "head"}}}, "nnunet_labels must be one of with_head, necrosis"),
+        ({"arms": {"n": {**NNUNET_ROW, "nnunet_iterations": 0}}}, "nnunet_iterations must be an integer >= 1, got 0"),
+        ({"arms": {"n": {**NNUNET_ROW, "lr_rate": 1}}}, "Unknown key in"),
+        ({"arms": {"nnunet_3d": {}}}, "Unknown arm 'nnunet_3d'"),
+    ],
+)
+def test_bad_nnunet_rows(tmp_path: Path, changes: dict, fragment: str) -> None:
+    path = small_space(tmp_path, **{"arms": ARMS, **changes})
+    with pytest.raises(UsageError) as info:
+        load_space(path)
+    assert str(path) in str(info.value) and fragment in str(info.value)
+
+
+def test_nnunet_row_without_the_extra_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import avn_study.nnunet
+
+    monkeypatch.setattr(avn_study.nnunet, "nnunet_installed", lambda: False)
+    with pytest.raises(UsageError, match=r"arms.nnunet-2d: nnU-Net rows need nnU-Net v2.*avn-study\[nnunet\]"):
+        load_space(small_space(tmp_path, arms=ARMS))
+
+
+def test_nnunet_rows_have_no_stage1_and_all_of_stage2(tmp_path: Path) -> None:
+    pytest.importorskip("nnunetv2", reason="the nnunet extra is not installed: pip install 'avn-study[nnunet]'")
+    space = load_space(small_space(tmp_path, arms=ARMS, seeds=[0, 1]))
+    assert space.searched_rows == ["unet"]
+    plan = space.plan()
+    assert (plan["searches"], plan["stage2_trials"], plan["nnunet_trials"]) == (1, 4, 4)
+
+
+def test_splits_final_is_our_split_patient_for_patient() -> None:
+    from avn_study.data.splits import make_splits
+    from avn_study.nnunet import splits_final
+
+    patients = {f"C{i}": f"P{i // 2}" for i in range(12)}  # two scans per patient
+    splits = make_splits(patients, k=3, seed=0, test_fraction=0.2)
+    final = splits_final(splits)
+    assert len(final) == 3
+    for k, entry in enumerate(final):
+        assert entry["val"] == sorted(splits.fold(k).val) and entry["train"] == sorted(splits.fold(k).train)
+        assert not {patients[c] for c in entry["val"]} & {patients[c] for c in entry["train"]}
+        assert not set(splits.test) & {*entry["val"], *entry["train"]}
+
+
+# ------------------------------------------------------------------ a real nnU-Net row on the CPU
+@pytest.fixture(scope="module")
+def nnunet_study(sweep_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two processes prepare nnU-Net's dataset at once on one node cache, then a fair ablation with
+    ``unet`` and a 2-epoch x 2-iteration ``nnunet_2d`` row runs on the same cache, and is analysed."""
+    pytest.importorskip("nnunetv2", reason="the nnunet extra is not installed: pip install 'avn-study[nnunet]'")
+    work = tmp_path_factory.mktemp("nnunet")
+    env = {**os.environ, "AVN_STUDY_CACHE": str(work / "cache")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    prepare = ("import sys; from avn_study.nnunet import prepare_dataset; "
+               "print(prepare_dataset(sys.argv[1], '2d', 'with_head').preprocessed)")  # fmt: skip
+    both = [subprocess.Popen([sys.executable, "-c", prepare, str(sweep_cohort)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in both]
+    assert all(p.returncode == 0 for p in both), [err[-2000:] for _, err in outputs]
+    preprocessed = {out.strip().splitlines()[-1] for out, _ in outputs}
+    space = small_space(work, name="vs", arms=ARMS, trials=1, folds=[1])
+    command = [sys.executable, "-m", "avn_study", "sweep", str(space), "--data", str(sweep_cohort),
+               "--storage", str(work / "storage"), "--num-cpus", "2", "--quiet"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = work / "storage" / "vs"
+    analysed = subprocess.run([sys.executable, "-m", "avn_study", "analyze", str(study), "--out", str(work / "report")],
+                              capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert analysed.returncode == 0, analysed.stderr[-3000:]
+    (root,) = {Path(p).parent.parent for p in preprocessed}
+    return {"study": study, "report": work / "report", "nnunet_root": root}
+
+
+def _nnunet_trial(study: Path) -> Path:
+    (trial,) = [p.parent for p in (study / "stage2").glob("*/params.json")
+                if json.loads(p.read_text())["grid"]["_row"] == "nnunet-2d"]  # fmt: skip
+    return trial
+
+
+def test_planning_runs_once_per_node(nnunet_study: dict[str, Path]) -> None:
+    """Two processes started together, then the study's trial: one layout, one planning, one preprocessing."""
+    steps = [line.split(": ", 1)[1].split(" ")[0] for line in
+             (nnunet_study["nnunet_root"] / "prepare.log").read_text().splitlines()]  # fmt: skip
+    assert steps == ["raw", "planned", "preprocessed"]
+
+
+def test_nnunet_folds_are_ours(nnunet_study: dict[str, Path], sweep_cohort: Path) -> None:
+    """nnU-Net's splits_final.json is the study's frozen split, fold for fold and patient for patient."""
+    ours = json.loads((nnunet_study["study"] / "splits.json").read_text())
+    theirs = json.loads((_nnunet_trial(nnunet_study["study"]) / "nnunet" / "splits_final.json").read_text())
+    patients = json.loads((sweep_cohort / "dataset.json").read_text())["patients"]
+    assert len(theirs) == len(ours["folds"]) == ours["k"]
+    held_out = {patients[c] for c in ours["test"]}
+    for k, (entry, fold) in enumerate(zip(theirs, ours["folds"], strict=True)):
+        assert sorted(entry["val"]) == sorted(fold["val"]) and sorted(entry["train"]) == sorted(fold["train"]), k
+        val, train = {patients[c] for c in entry["val"]}, {patients[c] for c in entry["train"]}
+        assert not val & train and not held_out & (val | train), k
+
+
+def test_nnunet_cases_are_scored_by_our_metrics(nnunet_study: dict[str, Path], sweep_cohort: Path) -> None:
+    """The per-case rows are case_metrics of the kept predictions on the cached grid, recomputed here."""
+    from avn_study.data.cache import build_cache
+    from avn_study.data.preprocess import PreprocessConfig
+    from avn_study.nnunet import score
+
+    trial = _nnunet_trial(nnunet_study["study"])
+    rows = json.loads(next((trial / "per_case").glob("epoch_*.json")).read_text())
+    config = json.loads((trial / "resolved_config.json").read_text())
+    cases = {c.case_id: c for c in build_cache(sweep_cohort, PreprocessConfig(config["inplane_spacing_mm"]),
+                                               Path(nnunet_study["nnunet_root"]).parent.parent)}  # fmt: skip
+    predictions = {p.name.removesuffix(".nii.gz"): p for p in (trial / "nnunet" / "predictions").glob("*.nii.gz")}
+    assert sorted(predictions) == sorted(r["case"] for r in rows)
+    again = score(predictions, [cases[r["case"]] for r in rows], "with_head")
+    for row, expected in zip(rows, again, strict=True):
+        for key, value in expected.items():
+            assert row[key] == value or (value != value and row[key] != row[key]), key  # NaN == NaN
+    result = json.loads((trial / "result.json").read_text().splitlines()[-1])
+    assert result["nnunet_epochs"] == 2 and result["nnunet_iterations_per_epoch"] == 2
+    assert result["training_iteration"] == 2 and result["nnunet_configuration"] == "2d"
+
+
+def test_analyze_pairs_nnunet_with_unet(nnunet_study: dict[str, Path]) -> None:
+    report = nnunet_study["report"]
+    cases = pd.read_csv(report / "cases.csv")
+    cases = cases[cases["stage"] == 2]  # (stage 1 of unet validated on the tuning fold)
+    by_row = {row: set(group["patient"]) for row, group in cases.groupby("row")}
+    assert by_row["nnunet-2d"] == by_row["unet"]  # the same patients, so every one is a pair
+    comparison = pd.read_csv(report / "comparison.csv").set_index("row")
+    assert comparison.loc["nnunet-2d", "reference"] == "unet"
+    with_necrosis = cases[(cases["row"] == "unet") & (cases["has_necrosis"] == 1)]["patient"].nunique()
+    assert comparison.loc["nnunet-2d", "n_pairs"] == with_necrosis
+    summary = (report / "summary.md").read_text()
+    assert "**nnU-Net rows** (nnunet-2d): nnU-Net v2 configures itself" in summary
+
+
+def test_export_refuses_an_nnunet_row(nnunet_study: dict[str, Path], tmp_path: Path) -> None:
+    from avn_study.analysis.tables import load_experiment
+    from avn_study.export import select
+
+    experiment = load_experiment(nnunet_study["study"])
+    with pytest.raises(UsageError, match="row 'nnunet-2d' is an nnU-Net row"):
+        select(experiment, row="nnunet-2d")
+    chosen = select(experiment)
+    assert chosen.trial["row"] == "unet" and any("nnU-Net rows are not exported" in n for n in chosen.notes)
