@@ -124,7 +124,7 @@ def candidate_trials(experiment: Any, row: str | None) -> tuple[Any, int, list[s
     """The finished trials that may be exported (see :data:`SELECTION_RULE`), their stage, and notes."""
     trials = experiment.trials
     notes = []
-    nnunet = trials["arm"].isin(list(NNUNET_ARMS))
+    nnunet = trials["arm"].isin(list(NNUNET_ARMS)) if "arm" in trials.columns else trials["row"].map(lambda _: False)
     if row is not None:
         look_up(row, experiment.rows, what="row (--arm)")
         if nnunet[trials["row"] == row].any():

@@ -50,7 +50,9 @@ class AvnNnUNetTrainer(nnUNetTrainer):
         hooks = self.avn_hooks
         if (epoch + 1) % hooks.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as tmp:
+                self.current_epoch -= 1  # nnU-Net saves "the epoch that ended + 1", as in its own on_epoch_end
                 self.save_checkpoint(str(Path(tmp) / "checkpoint_latest.pth"))
+                self.current_epoch += 1
                 hooks.report(record, Path(tmp))
         else:
             hooks.report(record, None)

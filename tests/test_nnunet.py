@@ -170,3 +170,39 @@ def test_export_refuses_an_nnunet_row(nnunet_study: dict[str, Path], tmp_path: P
         select(experiment, row="nnunet-2d")
     chosen = select(experiment)
     assert chosen.trial["row"] == "unet" and any("nnU-Net rows are not exported" in n for n in chosen.notes)
+
+
+def test_an_nnunet_trial_resumes_from_its_checkpoint(nnunet_study: dict[str, Path], sweep_cohort: Path,
+                                                     tmp_path: Path) -> None:  # fmt: skip
+    """Like nnU-Net's --c: a trial restored from its epoch-0 checkpoint runs only what is left."""
+    import shutil
+
+    from avn_study.nnunet import EpochHooks, NnUNetConfig, run_trial
+
+    cfg = NnUNetConfig.from_flat({**NNUNET_ROW, "n_folds": 3, "fold": 1, "inplane_spacing_mm": 4.0}, source="test")
+    cache = nnunet_study["nnunet_root"].parent.parent  # the module's node cache: nothing is planned again
+    saved, reported = tmp_path / "epoch0.pth", []
+
+    def keep(record: dict, checkpoint: Path | None) -> None:
+        reported.append(record["epoch"])
+        if checkpoint is not None:
+            shutil.copyfile(checkpoint / "checkpoint_latest.pth", saved)
+
+    first = run_trial(cfg, sweep_cohort, cache, None, tmp_path / "a", EpochHooks(keep), None)
+    assert reported == [0] and saved.is_file()  # the last epoch is reported by the trial, with its scores
+    reported.clear()
+    second = run_trial(cfg, sweep_cohort, cache, None, tmp_path / "b", EpochHooks(keep), saved)
+    assert reported == [] and second["record"]["epoch"] == 1  # epoch 0 was not trained again
+    assert [r["case"] for r in second["val"]] == [r["case"] for r in first["val"]]
+    steps = (nnunet_study["nnunet_root"] / "prepare.log").read_text().count("planned")
+    assert steps == 1
+
+
+def test_vs_nnunet_space_compares_on_the_same_grid() -> None:
+    pytest.importorskip("nnunetv2", reason="the nnunet extra is not installed: pip install 'avn-study[nnunet]'")
+    from avn_study.resources import shipped_space
+
+    space = load_space(shipped_space("vs_nnunet"))
+    assert {"unet", "seg+recon+loc", "nnunet-2d"} <= set(space.arms)
+    assert space.searched_rows == ["unet", "seg+recon+loc"]
+    assert space.protocol == "nested_ablation" and "inplane_spacing_mm" not in space.arms["nnunet-2d"]

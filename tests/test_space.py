@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ def test_shipped_spaces_are_valid() -> None:
     names = {p.stem for p in SPACES}
     assert {"smoke", "demo", "ablation", "tune"} <= names
     for path in SPACES:
+        if path.stem == "vs_nnunet" and importlib.util.find_spec("nnunetv2") is None:
+            continue  # needs the nnunet extra (tests/test_nnunet.py says so when it is absent)
         space = load_space(path)
         assert space.name == path.stem and space.arms
 
