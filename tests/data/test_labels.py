@@ -164,3 +164,31 @@ def test_a_study_with_a_loc_row_is_refused_before_ray_on_a_cohort_without_heads(
     with pytest.raises(DataError, match=r"arms.seg\+recon\+loc: arm 'seg\+recon\+loc' has a localisation branch"):
         study.prepare(resume=False)
     assert not (tmp_path / "storage").exists() or not any((tmp_path / "storage").rglob("study.json"))
+
+
+@pytest.mark.parametrize(("labels", "expected"), [("with_head", {0, 1, 2}), ("necrosis", {0, 1})])
+def test_nnunet_raw_labels_are_its_classes_from_any_label_map(toy_cohort: Path, tmp_path: Path, labels: str,
+                                                              expected: set[int]) -> None:  # fmt: skip
+    """nnU-Net rows train on the cohort's label map mapped to nnU-Net classes, in each label file's geometry."""
+    from avn_study.nnunet import _write_raw
+
+    reference = {p.name: np.asarray(nib.load(p).dataobj) for p in (toy_cohort / "labelsTr").glob("*.nii.gz")}
+    _relabel(
+        toy_cohort,
+        {"labels": {"background": 0, "head_left": 1, "head_right": 4, "avn": 7},
+         "avn_roles": {"necrosis": "avn", "femoral_head": ["head_left", "head_right"]}},
+        _split_heads,
+    )  # fmt: skip
+    cohort = open_cohort(toy_cohort)
+    _write_raw(cohort, cohort.cases, labels, tmp_path / "raw")
+    spec = json.loads((tmp_path / "raw" / "dataset.json").read_text())
+    assert set(spec["labels"].values()) == expected and spec["numTraining"] == len(cohort.cases)
+    for name, before in reference.items():
+        written = nib.load(tmp_path / "raw" / "labelsTr" / name)
+        values = np.asarray(written.dataobj)
+        assert set(np.unique(values)) <= expected
+        canonical = before if labels == "with_head" else (before == 2)
+        assert np.array_equal(values, canonical.astype(np.uint8)), name
+        assert np.allclose(written.affine, nib.load(toy_cohort / "labelsTr" / name).affine)
+    images = sorted((tmp_path / "raw" / "imagesTr").iterdir())
+    assert images and all(p.is_symlink() and p.name.endswith("_0000.nii.gz") for p in images)
