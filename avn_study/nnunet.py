@@ -27,7 +27,6 @@ package: ``pip install 'avn-study[nnunet]'``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -166,17 +165,6 @@ def nnunet_paths(raw: Path, preprocessed: Path, results: Path, data_workers: int
                 os.environ[key] = value
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _link(source: Path, target: Path) -> None:
     try:
         os.symlink(source.resolve(), target)
@@ -231,7 +219,7 @@ def prepare_dataset(data_root: str | Path, configuration: str, labels: str, cach
     Raises:
         DataError: ``with_head`` on a cohort without femoral head labels.
     """
-    from avn_study.data.cache import default_cache_dir
+    from avn_study.data.cache import default_cache_dir, file_lock
     from avn_study.data.layout import open_cohort
 
     cohort = open_cohort(data_root)  # (the caller has verified its cases: cohort_split)
@@ -241,7 +229,8 @@ def prepare_dataset(data_root: str | Path, configuration: str, labels: str, cach
     fingerprint = hashlib.sha256(f"{cohort_files_fingerprint(cohort)}:{labels}".encode()).hexdigest()
     root = Path(cache_dir or default_cache_dir()) / "nnunet" / f"{fingerprint[:16]}"
     dataset = NnUNetDataset(root, f"Dataset{dataset_id(fingerprint):03d}_AVN")
-    with _locked(root / ".prepare.lock"):
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / ".prepare.lock"):
         log = root / PREPARE_LOG
         if not (dataset.raw / "dataset.json").is_file():
             partial = Path(tempfile.mkdtemp(prefix=".raw-", dir=root))

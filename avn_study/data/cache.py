@@ -131,7 +131,8 @@ def cache_key(case: CaseFiles, config: PreprocessConfig, label_map: LabelMap = C
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between the processes of a node (``flock`` on ``path``, created if missing)."""
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -219,7 +220,7 @@ def cache_case(
     final = root / key
     if (final / "meta.json").is_file():
         return _with_ids(_load_entry(final), case), []
-    with _locked(root / f"{key}.lock"):
+    with file_lock(root / f"{key}.lock"):
         if (final / "meta.json").is_file():  # another process built it while we waited
             return _with_ids(_load_entry(final), case), []
         volumes, problems = check_case(case, label_map) if case.label is not None else check_unlabelled(case)

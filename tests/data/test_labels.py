@@ -100,14 +100,19 @@ def _split_heads(label: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_a_relabelled_cohort_caches_the_same_labels(toy_cohort: Path, tmp_path: Path) -> None:
-    reference = {c.case_id: np.array(c.label) for c in build_cache(toy_cohort, cache_dir=tmp_path / "c1")}
+def _relabel_heads_apart(root: Path) -> None:
+    """Left and right heads as labels 1 and 4, necrosis as 7, declared by name with avn_roles."""
     _relabel(
-        toy_cohort,
+        root,
         {"labels": {"background": 0, "head_left": 1, "head_right": 4, "avn": 7},
          "avn_roles": {"necrosis": "avn", "femoral_head": ["head_left", "head_right"]}},
         _split_heads,
     )  # fmt: skip
+
+
+def test_a_relabelled_cohort_caches_the_same_labels(toy_cohort: Path, tmp_path: Path) -> None:
+    reference = {c.case_id: np.array(c.label) for c in build_cache(toy_cohort, cache_dir=tmp_path / "c1")}
+    _relabel_heads_apart(toy_cohort)
     report = verify_dataset(toy_cohort)
     assert report.ok, report.format()
     assert "femoral head = 'head_left' (1) + 'head_right' (4)" in report.format()
@@ -173,12 +178,7 @@ def test_nnunet_raw_labels_are_its_classes_from_any_label_map(toy_cohort: Path, 
     from avn_study.nnunet import _write_raw
 
     reference = {p.name: np.asarray(nib.load(p).dataobj) for p in (toy_cohort / "labelsTr").glob("*.nii.gz")}
-    _relabel(
-        toy_cohort,
-        {"labels": {"background": 0, "head_left": 1, "head_right": 4, "avn": 7},
-         "avn_roles": {"necrosis": "avn", "femoral_head": ["head_left", "head_right"]}},
-        _split_heads,
-    )  # fmt: skip
+    _relabel_heads_apart(toy_cohort)
     cohort = open_cohort(toy_cohort)
     _write_raw(cohort, cohort.cases, labels, tmp_path / "raw")
     spec = json.loads((tmp_path / "raw" / "dataset.json").read_text())
