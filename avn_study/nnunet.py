@@ -234,11 +234,12 @@ def prepare_dataset(data_root: str | Path, configuration: str, labels: str, cach
         log = root / PREPARE_LOG
         if not (dataset.raw / "dataset.json").is_file():
             partial = Path(tempfile.mkdtemp(prefix=".raw-", dir=root))
-            _write_raw(cohort, cohort.cases, labels, partial / "d")
-            (root / "raw").mkdir(exist_ok=True)
-            shutil.rmtree(dataset.raw, ignore_errors=True)  # an interrupted earlier layout of our own
-            os.rename(partial / "d", dataset.raw)
-            partial.rmdir()
+            try:  # written aside, then renamed: a layout is complete or absent
+                _write_raw(cohort, cohort.cases, labels, partial / "d")
+                (root / "raw").mkdir(exist_ok=True)
+                os.rename(partial / "d", dataset.raw)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
             _log(log, f"raw {dataset.name} ({len(cohort.cases)} cases, labels {labels})")
         marker = dataset.preprocessed / f".avn-preprocessed-{configuration}"
         if not marker.is_file():

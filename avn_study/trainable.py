@@ -133,6 +133,7 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from avn_study.data.cache import default_cache_dir
     from avn_study.metrics import summarize
     from avn_study.nnunet import EpochHooks, NnUNetConfig, run_trial
     from avn_study.study_folder import per_case_file
@@ -154,7 +155,9 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
         else:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
-    work = Path(tempfile.mkdtemp(prefix="avn-nnunet-"))
+    scratch = Path(meta.get("cache_dir") or default_cache_dir()) / "nnunet" / "work"  # node-local, not /tmp
+    scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="trial-", dir=scratch))  # nnU-Net's checkpoints and logs; removed after
     try:
         resume_from = None
         checkpoint = tune.get_checkpoint()

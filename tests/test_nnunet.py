@@ -177,6 +177,7 @@ def test_an_nnunet_trial_resumes_from_its_checkpoint(nnunet_study: dict[str, Pat
     """Like nnU-Net's --c: a trial restored from its epoch-0 checkpoint runs only what is left."""
     import shutil
 
+    from avn_study.data.splits import make_splits
     from avn_study.nnunet import EpochHooks, NnUNetConfig, run_trial
 
     cfg = NnUNetConfig.from_flat({**NNUNET_ROW, "n_folds": 3, "fold": 1, "inplane_spacing_mm": 4.0}, source="test")
@@ -188,12 +189,15 @@ def test_an_nnunet_trial_resumes_from_its_checkpoint(nnunet_study: dict[str, Pat
         if checkpoint is not None:
             shutil.copyfile(checkpoint / "checkpoint_latest.pth", saved)
 
-    first = run_trial(cfg, sweep_cohort, cache, None, tmp_path / "a", EpochHooks(keep), None)
+    patients = json.loads((sweep_cohort / "dataset.json").read_text())["patients"]
+    split = make_splits(patients, k=3, seed=0, test_fraction=0.2)  # with a held-out test patient
+    first = run_trial(cfg, sweep_cohort, cache, split.to_dict(), tmp_path / "a", EpochHooks(keep), None, test=True)
     assert reported == [0] and saved.is_file()  # the last epoch is reported by the trial, with its scores
     reported.clear()
-    second = run_trial(cfg, sweep_cohort, cache, None, tmp_path / "b", EpochHooks(keep), saved)
+    second = run_trial(cfg, sweep_cohort, cache, split.to_dict(), tmp_path / "b", EpochHooks(keep), saved, test=True)
     assert reported == [] and second["record"]["epoch"] == 1  # epoch 0 was not trained again
-    assert [r["case"] for r in second["val"]] == [r["case"] for r in first["val"]]
+    assert [r["case"] for r in second["val"]] == [r["case"] for r in first["val"]] == sorted(split.fold(1).val)
+    assert sorted(r["case"] for r in second["test"]) == sorted(split.test) and split.test  # the test set, scored
     steps = (nnunet_study["nnunet_root"] / "prepare.log").read_text().count("planned")
     assert steps == 1
 
