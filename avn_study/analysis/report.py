@@ -186,6 +186,10 @@ def _cell(row: pd.Series, metric: str, decimals: int) -> str:
     text = f"{mean:.{decimals}f}"
     text += f" ± {sd:.{decimals}f}" if math.isfinite(sd) else ""
     text += f" [{low:.{decimals}f}, {high:.{decimals}f}]" if math.isfinite(low) else ""
+    n, patients = row.get(f"{metric}_n"), row.get("n_patients")
+    if METRICS[metric].subset == "defined" and n is not None and patients and n < patients:
+        # e.g. HD95 of a model that finds no necrosis: defined only where both masks are empty (0 mm)
+        text += f" (defined for {int(n)} of {int(patients)} patients)"
     return text
 
 
