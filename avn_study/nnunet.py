@@ -291,19 +291,30 @@ def trial_view(dataset: NnUNetDataset, splits: Any, work: Path) -> Path:
 
 # ------------------------------------------------------------------ scoring on our grid
 def prediction_on_grid(path: Path, case: Any, labels: str) -> np.ndarray:
-    """An nnU-Net segmentation file (the case's own geometry) as a necrosis mask on the case's cached grid,
-    resampled exactly as a label file is when cached (``(A, R, S)``, like ``case.label``)."""
+    """An nnU-Net segmentation file (voxel for voxel on the case's scan) as a necrosis mask on the case's
+    cached grid, resampled exactly as a label file is when cached (``(A, R, S)``, like ``case.label``).
+
+    The voxels are oriented with the geometry the cache read from the scan itself, not with the header
+    nnU-Net's writer made, so a scan whose header two readers would interpret differently is still
+    scored voxel for voxel.
+
+    Raises:
+        DataError: the prediction is not on the scan's voxel grid.
+    """
+    import nibabel as nib
+
     from avn_study.data.layout import LABELS
-    from avn_study.data.nifti import load_ras
+    from avn_study.data.nifti import Geometry
     from avn_study.data.preprocess import resample_labels
 
-    seg, _ = load_ras(path)
-    seg = np.rint(seg).astype(np.int64)
-    canonical = seg.astype(np.uint8) if labels == "with_head" else np.where(seg == 1, LABELS["necrosis"], 0)
+    source = case.meta["source"]
+    seg = np.rint(np.asarray(nib.load(path).dataobj)).astype(np.int64)
+    if tuple(seg.shape) != tuple(source["shape"]):
+        raise DataError(f"{path}: the nnU-Net prediction has shape {tuple(seg.shape)}, but the scan of case "
+                        f"{case.case_id} ({source['image']}) has {tuple(source['shape'])}")  # fmt: skip
+    seg = Geometry.of(tuple(source["shape"]), np.array(source["affine"])).to_ras(seg)
+    canonical = seg if labels == "with_head" else np.where(seg == 1, LABELS["necrosis"], 0)
     shape = (case.image.shape[1], case.image.shape[0], case.image.shape[2])
-    if canonical.shape[1] != shape[1]:
-        raise DataError(f"{path}: the nnU-Net prediction has {canonical.shape[1]} coronal slices, the case "
-                        f"{case.case_id} {shape[1]}")  # fmt: skip
     on_grid = resample_labels(canonical.astype(np.uint8), shape)
     return np.moveaxis(on_grid, 1, 0) == LABELS["necrosis"]
 
@@ -337,8 +348,10 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
     """Train and score one nnU-Net trial in ``work`` (a fresh folder of the caller's).
 
     Returns:
-        ``{"val": per-case rows, "test": per-case rows, "record": nnU-Net's last epoch, "plans": ...,
-        "n_parameters": ..., "files": {name: path}}`` (files worth keeping in the trial folder).
+        ``val`` and ``test``: per-case rows (our metrics); ``record``: nnU-Net's last epoch; ``n_parameters``;
+        ``plans``: the configuration nnU-Net planned; ``split_hash``, ``data_fingerprint``; and what is
+        worth keeping in the trial folder: ``splits_final`` (the file nnU-Net read), ``output_folder``
+        (its logs and checkpoints), ``predictions`` (a folder of ``{case}.nii.gz``).
     """
     import random
 

@@ -210,3 +210,22 @@ def test_vs_nnunet_space_compares_on_the_same_grid() -> None:
     assert {"unet", "seg+recon+loc", "nnunet-2d"} <= set(space.arms)
     assert space.searched_rows == ["unet", "seg+recon+loc"]
     assert space.protocol == "nested_ablation" and "inplane_spacing_mm" not in space.arms["nnunet-2d"]
+
+
+def test_a_perfect_prediction_scores_perfectly_in_every_orientation(sweep_cohort: Path, tmp_path: Path) -> None:
+    """The reference label files scored as if nnU-Net had written them (the phantom stores a third of its
+    scans in other orientations than RAS): Dice 1 and HD95 0 on every necrotic case."""
+    from avn_study.data.cache import build_cache
+    from avn_study.data.preprocess import PreprocessConfig
+    from avn_study.errors import DataError
+    from avn_study.nnunet import score
+
+    cases = build_cache(sweep_cohort, PreprocessConfig(inplane_spacing_mm=4.0), tmp_path / "cache")
+    assert {c.meta["source"]["axcodes"] for c in cases} != {"RAS"}
+    oracle = {c.case_id: sweep_cohort / "labelsTr" / f"{c.case_id}.nii.gz" for c in cases}
+    rows = score(oracle, cases, "with_head")
+    necrotic = [r for r in rows if r["has_necrosis"]]
+    assert necrotic and all(r["dice"] == 1.0 and r["hd95_mm"] == 0.0 for r in necrotic)
+    wrong = {c.case_id: oracle[cases[(i + 1) % len(cases)].case_id] for i, c in enumerate(cases)}
+    with pytest.raises(DataError, match="the nnU-Net prediction has shape"):
+        score(wrong, cases, "with_head")
