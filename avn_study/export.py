@@ -124,13 +124,13 @@ def candidate_trials(experiment: Any, row: str | None) -> tuple[Any, int, list[s
     """The finished trials that may be exported (see :data:`SELECTION_RULE`), their stage, and notes."""
     trials = experiment.trials
     notes = []
-    nnunet = trials["arm"].isin(list(NNUNET_ARMS)) if "arm" in trials.columns else trials["row"].map(lambda _: False)
+    nnunet = trials["arm" if "arm" in trials.columns else "row"].isin(list(NNUNET_ARMS))
     if row is not None:
         look_up(row, experiment.rows, what="row (--arm)")
         if nnunet[trials["row"] == row].any():
             raise UsageError(f"row '{row}' is an nnU-Net row: its models are nnU-Net's, not a bundle's; each trial "
-                             "keeps its nnU-Net checkpoint in its Tune checkpoint (checkpoint_latest.pth) and its "
-                             "plans in nnunet/plans.json, for nnU-Net's own tools")  # fmt: skip
+                             "keeps its weights ('network_weights' of checkpoint_latest.pth in its Tune checkpoint, "
+                             "torch.load(weights_only=True)) and nnU-Net's plans (nnunet/plans.json)")  # fmt: skip
         trials = trials[trials["row"] == row]
     elif nnunet.any():
         notes.append("nnU-Net rows are not exported (their models are nnU-Net's): chosen among the other rows")

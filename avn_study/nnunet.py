@@ -55,6 +55,7 @@ NNUNET_KEYS = {
     "nnunet_labels": (str, "with_head"),
     "nnunet_tta": (bool, True),  # nnU-Net's mirroring at prediction time
 }
+NNUNET_CHECKPOINT = "checkpoint_latest.pth"  # a trial's checkpoint file (avn_study.nnunet_trainer.save_state)
 PREPARE_LOG = "prepare.log"  # one line per planning / preprocessing actually run on this node
 
 
@@ -351,7 +352,7 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
         ``val`` and ``test``: per-case rows (our metrics); ``record``: nnU-Net's last epoch; ``n_parameters``;
         ``plans``: the configuration nnU-Net planned; ``split_hash``, ``data_fingerprint``; and what is
         worth keeping in the trial folder: ``splits_final`` (the file nnU-Net read), ``output_folder``
-        (its logs and checkpoints), ``predictions`` (a folder of ``{case}.nii.gz``).
+        (its logs), ``predictions`` (a folder of ``{case}.nii.gz``), ``checkpoint`` (the trained state).
     """
     import random
 
@@ -373,11 +374,12 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     device = resolve_device(cfg.base.runtime.device)
-    from avn_study.nnunet_trainer import build_trainer, predict_cases
+    from avn_study.nnunet_trainer import build_trainer, predict_cases, save_state
 
     with nnunet_paths(dataset.root / "raw", view.parent, work / "results", max(0, processes - 1)):
         trainer = build_trainer(view, cfg, device, hooks, resume_from)
         trainer.run_training()
+        save_state(trainer, work / NNUNET_CHECKPOINT)  # the trial's last checkpoint
         raw = dataset.raw
         images = {c: [raw / "imagesTr" / f"{c}_{k:04d}{_ending(raw)}" for k in range(by_id[c].n_channels)]
                   for c in [*fold.val, *splits.test]}  # fmt: skip
@@ -395,6 +397,7 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
         "data_fingerprint": cohort_fingerprint(cases),
         "output_folder": Path(trainer.output_folder),
         "predictions": out,
+        "checkpoint": work / NNUNET_CHECKPOINT,
         "dataset": dataset,
     }
 

@@ -1,8 +1,10 @@
 """nnU-Net's trainer with the row's epochs and iterations, reporting each epoch to the trial (imports nnU-Net).
 
 Imported only by :func:`avn_study.nnunet.run_trial`, inside a trial, with nnU-Net's folders set.
-nnU-Net's own checkpoints are pickled dicts (``torch.load(weights_only=False)``); the trial loads one
-only to resume itself from its own Tune checkpoint, like Ray's own state files.
+nnU-Net's own checkpoints are pickled objects (NumPy scalars among them) that it loads by unpickling;
+this trainer writes none of them. The trial's checkpoint (:func:`save_state`) holds tensors and plain
+Python values only, and :func:`load_state` reads it with ``weights_only=True``: resuming never runs
+code from a file.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.file_path_utilities import load_json
+
+from avn_study.nnunet import NNUNET_CHECKPOINT
 
 _CUDA = torch.device("cuda")  # nnU-Net's default (its checkpoints record these init arguments by name)
 
@@ -31,7 +35,7 @@ class AvnNnUNetTrainer(nnUNetTrainer):
 
     def on_epoch_end(self) -> None:
         epoch = self.current_epoch
-        super().on_epoch_end()  # nnU-Net's logging, its own checkpoints; advances current_epoch
+        super().on_epoch_end()  # nnU-Net's logging; advances current_epoch (its own checkpoints are off)
         log = self.logger
         record = {
             "epoch": epoch,
@@ -50,9 +54,7 @@ class AvnNnUNetTrainer(nnUNetTrainer):
         hooks = self.avn_hooks
         if (epoch + 1) % hooks.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                self.current_epoch -= 1  # nnU-Net saves "the epoch that ended + 1", as in its own on_epoch_end
-                self.save_checkpoint(str(Path(tmp) / "checkpoint_latest.pth"))
-                self.current_epoch += 1
+                save_state(self, Path(tmp) / NNUNET_CHECKPOINT)
                 hooks.report(record, Path(tmp))
         else:
             hooks.report(record, None)
@@ -69,9 +71,44 @@ def build_trainer(preprocessed: Path, cfg: Any, device: torch.device, hooks: Any
     trainer.num_iterations_per_epoch = cfg.iterations
     trainer.num_val_iterations_per_epoch = cfg.val_iterations
     trainer.avn_hooks = hooks
+    trainer.disable_checkpointing = True  # nnU-Net's pickled checkpoints: the trial keeps its own (save_state)
     if resume_from is not None:
-        trainer.load_checkpoint(str(resume_from))  # nnU-Net's --c: epoch, optimiser, logs
+        load_state(trainer, resume_from)  # like nnU-Net's --c: epoch, weights, optimiser, logs
     return trainer
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars and arrays (in nnU-Net's logs) as Python values, so ``weights_only`` can read them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, torch.Tensor) else value
+
+
+def save_state(trainer: AvnNnUNetTrainer, path: Path) -> None:
+    """What resuming needs (weights, optimiser, grad scaler, logs, the next epoch), tensors and plain values."""
+    network = getattr(trainer.network, "_orig_mod", trainer.network)
+    scaler = trainer.grad_scaler.state_dict() if trainer.grad_scaler is not None else None
+    torch.save({"network_weights": network.state_dict(), "optimizer_state": trainer.optimizer.state_dict(),
+                "grad_scaler_state": scaler, "logging": _plain(trainer.logger.get_checkpoint()),
+                "best_ema": _plain(trainer._best_ema), "current_epoch": int(trainer.current_epoch),
+                "mirroring_axes": _plain(trainer.inference_allowed_mirroring_axes)}, path)  # fmt: skip
+
+
+def load_state(trainer: AvnNnUNetTrainer, path: Path) -> None:
+    """Restore a :func:`save_state` file into a fresh trainer; tensors and plain values only (no code)."""
+    if not trainer.was_initialized:
+        trainer.initialize()
+    state = torch.load(path, map_location=trainer.device, weights_only=True)
+    getattr(trainer.network, "_orig_mod", trainer.network).load_state_dict(state["network_weights"])
+    trainer.optimizer.load_state_dict(state["optimizer_state"])
+    if trainer.grad_scaler is not None and state["grad_scaler_state"] is not None:
+        trainer.grad_scaler.load_state_dict(state["grad_scaler_state"])
+    trainer.logger.load_checkpoint(state["logging"])
+    trainer.current_epoch, trainer._best_ema = state["current_epoch"], state["best_ema"]
+    axes = state["mirroring_axes"]
+    trainer.inference_allowed_mirroring_axes = tuple(axes) if axes is not None else None
 
 
 def predict_cases(trainer: AvnNnUNetTrainer, images: dict[str, list[Path]], out: Path, tta: bool) -> dict[str, Path]:

@@ -140,7 +140,8 @@ class SearchSpace:
         epochs = TrainConfig.from_flat(self.fixed).optim.epochs
         searches = len(self.searched_rows) * (len(self.folds) if self.protocol == "nested_ablation" else 1)
         stage1 = searches * self.trials
-        stage2 = len(self.arms) * len(self.folds) * len(self.seeds) * self.repeats if self.protocol in ABLATIONS else 0
+        runs = len(self.folds) * len(self.seeds) * self.repeats if self.protocol in ABLATIONS else 0  # per row
+        stage2, nnunet = len(self.searched_rows) * runs, (len(self.arms) - len(self.searched_rows)) * runs
         per_trial = float(epochs)
         if self.scheduler.type == "asha":
             rungs = self.scheduler.rungs(epochs)
@@ -148,8 +149,6 @@ class SearchSpace:
             for k, end in enumerate([*rungs, epochs]):
                 per_trial += (end - previous) / self.scheduler.reduction_factor**k
                 previous = end
-        nnunet = (len(self.arms) - len(self.searched_rows)) * len(self.folds) * len(self.seeds) * self.repeats
-        stage2 -= nnunet
         return {"protocol": self.protocol, "rows": len(self.arms), "searches": searches, "nnunet_trials": nnunet,
                 "stage1_trials": stage1, "stage1_epochs": stage1 * per_trial, "stage1_epochs_max": stage1 * epochs,
                 "stage2_trials": stage2, "stage2_epochs": stage2 * epochs}  # fmt: skip

@@ -135,7 +135,7 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
 
     from avn_study.data.cache import default_cache_dir
     from avn_study.metrics import summarize
-    from avn_study.nnunet import EpochHooks, NnUNetConfig, run_trial
+    from avn_study.nnunet import NNUNET_CHECKPOINT, EpochHooks, NnUNetConfig, run_trial
     from avn_study.study_folder import per_case_file
 
     cfg = NnUNetConfig.from_flat(flat, source="trial config")
@@ -164,7 +164,7 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 resume_from = work / "resume.pth"
-                shutil.copyfile(Path(directory) / "checkpoint_latest.pth", resume_from)
+                shutil.copyfile(Path(directory) / NNUNET_CHECKPOINT, resume_from)
         hooks = EpochHooks(report, int(meta.get("checkpoint_frequency", 1)))
         out = run_trial(cfg, meta["data"], meta.get("cache_dir"), meta.get("split"), work, hooks, resume_from,
                         processes=cfg.base.runtime.threads, test=bool(meta.get("test")))  # fmt: skip
@@ -185,9 +185,8 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
         scores = summarize([_metrics_only(c) for c in out["val"]])
         summary = {**out["record"], **scores, "nnunet_epochs": cfg.epochs, "nnunet_configuration": cfg.configuration,
                    "nnunet_iterations_per_epoch": cfg.iterations}  # fmt: skip
-        final = Path(out["output_folder"]) / "checkpoint_final.pth"
         with tempfile.TemporaryDirectory() as tmp:
-            shutil.copyfile(final, Path(tmp) / "checkpoint_latest.pth")
+            shutil.copyfile(out["checkpoint"], Path(tmp) / Path(out["checkpoint"]).name)
             tune.report({**identity, **summary, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(tmp))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from avn_study.cli import _plan_text
 from avn_study.errors import UsageError
 from avn_study.space import load_space
-from tests.conftest import small_space
+from tests.conftest import Payload, small_space
 
 NNUNET_ROW = {"arm": "nnunet_2d", "nnunet_epochs": 2, "nnunet_iterations": 2, "nnunet_val_iterations": 1,
               "nnunet_tta": False}  # fmt: skip
@@ -54,6 +55,9 @@ def test_nnunet_rows_have_no_stage1_and_all_of_stage2(tmp_path: Path) -> None:
     assert space.searched_rows == ["unet"]
     plan = space.plan()
     assert (plan["searches"], plan["stage2_trials"], plan["nnunet_trials"]) == (1, 4, 4)
+    text = _plan_text(space)
+    assert "stage 2: 1 rows x 2 folds x 2 seeds = 4 trials" in text
+    assert "stage 2, nnU-Net rows (no search: nnU-Net configures itself): 4 trials" in text
 
 
 def test_splits_final_is_our_split_patient_for_patient() -> None:
@@ -77,6 +81,7 @@ def nnunet_study(sweep_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -
     ``unet`` and a 2-epoch x 2-iteration ``nnunet_2d`` row runs on the same cache, and is analysed."""
     pytest.importorskip("nnunetv2", reason="the nnunet extra is not installed: pip install 'avn-study[nnunet]'")
     work = tmp_path_factory.mktemp("nnunet")
+    before = _listing(sweep_cohort)
     env = {**os.environ, "AVN_STUDY_CACHE": str(work / "cache")}
     env.pop("MLFLOW_TRACKING_URI", None)
     prepare = ("import sys; from avn_study.nnunet import prepare_dataset; "
@@ -96,7 +101,19 @@ def nnunet_study(sweep_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -
                               capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert analysed.returncode == 0, analysed.stderr[-3000:]
     (root,) = {Path(p).parent.parent for p in preprocessed}
-    return {"study": study, "report": work / "report", "nnunet_root": root}
+    return {"study": study, "report": work / "report", "nnunet_root": root, "cohort_before": before,
+            "cohort_after": _listing(sweep_cohort)}  # fmt: skip
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_nnunet_never_writes_into_the_cohort(nnunet_study: dict, sweep_cohort: Path) -> None:
+    """Its dataset (links, labels, plans, preprocessed data) lives in the node cache; the cohort is untouched."""
+    assert nnunet_study["cohort_after"] == nnunet_study["cohort_before"]
+    images = list((nnunet_study["nnunet_root"] / "raw").rglob("imagesTr/*.nii.gz"))
+    assert images and all(p.is_symlink() and p.resolve().is_relative_to(sweep_cohort.resolve()) for p in images)
 
 
 def _nnunet_trial(study: Path) -> Path:
@@ -175,7 +192,10 @@ def test_export_refuses_an_nnunet_row(nnunet_study: dict[str, Path], tmp_path: P
 def test_an_nnunet_trial_resumes_from_its_checkpoint(nnunet_study: dict[str, Path], sweep_cohort: Path,
                                                      tmp_path: Path) -> None:  # fmt: skip
     """Like nnU-Net's --c: a trial restored from its epoch-0 checkpoint runs only what is left."""
+    import pickle
     import shutil
+
+    import torch
 
     from avn_study.data.splits import make_splits
     from avn_study.nnunet import EpochHooks, NnUNetConfig, run_trial
@@ -193,6 +213,12 @@ def test_an_nnunet_trial_resumes_from_its_checkpoint(nnunet_study: dict[str, Pat
     split = make_splits(patients, k=3, seed=0, test_fraction=0.2)  # with a held-out test patient
     first = run_trial(cfg, sweep_cohort, cache, split.to_dict(), tmp_path / "a", EpochHooks(keep), None, test=True)
     assert reported == [0] and saved.is_file()  # the last epoch is reported by the trial, with its scores
+    assert torch.load(saved, weights_only=True)["current_epoch"] == 1  # tensors and plain values only
+    marker = tmp_path / "unpickled"
+    torch.save({"network_weights": Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(pickle.UnpicklingError):  # a checkpoint carrying code is refused, never run
+        run_trial(cfg, sweep_cohort, cache, split.to_dict(), tmp_path / "c", EpochHooks(keep), tmp_path / "evil.pth")
+    assert not marker.exists() and reported == [0]
     reported.clear()
     second = run_trial(cfg, sweep_cohort, cache, split.to_dict(), tmp_path / "b", EpochHooks(keep), saved, test=True)
     assert reported == [] and second["record"]["epoch"] == 1  # epoch 0 was not trained again

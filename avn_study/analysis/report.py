@@ -302,8 +302,7 @@ def protocol_lines(analysis: Analysis) -> list[str]:
             f"seeds {seeds}. The table is over the {n_patients} validation patients of those folds; the "
             f"patients of fold {tuning} chose the configurations and are not reported."
         ]
-    nnunet = sorted({str(r) for r, a in zip(exp.trials["row"], exp.trials["arm"], strict=True)
-                     if a in NNUNET_ARMS}) if len(exp.trials) else []  # fmt: skip
+    nnunet = sorted(set(exp.trials.loc[exp.trials["arm"].isin(list(NNUNET_ARMS)), "row"])) if len(exp.trials) else []
     if nnunet:
         lines.append(f"**nnU-Net rows** ({', '.join(nnunet)}): nnU-Net v2 configures itself, so these rows had no "
                      "Optuna search and no stage 1 (they rest on no validation patient); each was trained in stage 2 "
