@@ -133,7 +133,7 @@ def smoke_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def nested_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished smoke *nested* ablation with a held-out test set and two seeds (study folder), run in a
+    """A finished smoke *nested* ablation (concurrent rows) with a held-out test set and two seeds, run in a
     subprocess like ``smoke_experiment``: 10 patients, 2 of them held out, 3 outer folds x 2 inner folds."""
     import subprocess
     import sys
@@ -144,8 +144,15 @@ def nested_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("nested")
     cohort = write_cohort(work / "cohort", cases=10, seed=3, config=PhantomConfig.tiny())
     assert main(["split", str(cohort), "--folds", "3", "--test-fraction", "0.2"]) == 0
-    space = small_space(work, name="nested", protocol="nested_ablation", folds=[0, 1, 2], inner_folds=2,
-                        seeds=[0, 1])  # fmt: skip
+    space = small_space(
+        work,
+        name="nested",
+        protocol="nested_ablation",
+        folds=[0, 1, 2],
+        inner_folds=2,
+        seeds=[0, 1],
+        concurrent_rows=True,
+    )  # fmt: skip (6 searches in one experiment)
     command = [sys.executable, "-m", "avn_study", "sweep", str(space), "--data", str(cohort),
                "--storage", str(work / "storage"), "--num-cpus", "2", "--quiet"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)

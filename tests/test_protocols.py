@@ -19,10 +19,21 @@ from optuna.storages.journal import JournalFileBackend
 from avn_study.analysis import analyze, load_experiment
 from avn_study.cli import main
 from avn_study.data.splits import read_nested, read_splits
+from avn_study.study_folder import STAGE1_ALL
 
 
 def _patients(path: Path) -> set[str]:
     return {str(case["patient"]) for case in json.loads(path.read_text())}
+
+
+def _search_files(root: Path, experiment: str, pattern: str) -> list[Path]:
+    """Files of one stage-1 search's trials: its own experiment folder, or (concurrent_rows) its trials
+    in the shared one, told apart by ``_run``."""
+    if (root / experiment).is_dir():
+        return sorted((root / experiment).glob(f"*/{pattern}"))
+    trials = [p.parent for p in (root / STAGE1_ALL).glob("*/params.json")
+              if json.loads(p.read_text()).get("_run") == experiment]  # fmt: skip
+    return sorted(f for t in trials for f in t.glob(pattern))
 
 
 def _stage2(root: Path) -> list[tuple[Path, dict]]:
@@ -37,11 +48,11 @@ def audit(root: Path) -> int:
     assert trials
     for trial_dir, grid in trials:
         selected = set(grid["_selected_on"])
-        searched = root / grid["_selected_in"]
-        validated = set().union(*(_patients(f) for f in searched.glob("*/per_case/epoch_*.json")))
+        searched = grid["_selected_in"]  # the search (its own experiment, or its trials in the shared one)
+        validated = set().union(*(_patients(f) for f in _search_files(root, searched, "per_case/epoch_*.json")))
         assert selected == validated and selected, trial_dir  # the record is what the search looked at
         assert grid["_selected_trial"] in {json.loads(p.read_text().splitlines()[-1])["trial_id"]
-                                           for p in searched.glob("*/result.json")}  # fmt: skip
+                                           for p in _search_files(root, searched, "result.json")}  # fmt: skip
         files = [f for f in (trial_dir / "per_case").glob("*epoch_*.json") if not f.name.startswith("calibration")]
         reported = set().union(*(_patients(f) for f in files))
         assert reported and not reported & selected, (trial_dir, reported & selected)
@@ -77,7 +88,7 @@ def test_nested_ablation_reports_every_patient_by_models_tuned_without_them(nest
         inner = read_nested(root / "nested_splits.json", splits, outer)  # frozen, hashed, checked
         outer_val = set(splits.fold(outer).val)
         for row in ("unet", "seg-recon-loc"):
-            for per_case in (root / f"stage1-{row}-outer{outer}").glob("*/per_case/epoch_*.json"):
+            for per_case in _search_files(root, f"stage1-{row}-outer{outer}", "per_case/epoch_*.json"):
                 cases = {str(c["case"]) for c in json.loads(per_case.read_text())}
                 assert cases <= set(inner.fold(0).val) and not cases & outer_val  # tuned inside the outer fold
                 assert not cases & set(splits.test)
@@ -98,7 +109,7 @@ def test_asha_stopped_trials_are_pruned_in_optuna(nested_experiment: Path) -> No
     stopped = complete = 0
     for search in manifest["stage1"]:
         study = optuna.load_study(study_name=search["optuna_study"], storage=storage)
-        epochs = [len((p).read_text().splitlines()) for p in (root / search["experiment"]).glob("*/result.json")]
+        epochs = [len(p.read_text().splitlines()) for p in _search_files(root, search["experiment"], "result.json")]
         states = [t.state for t in study.trials]
         assert states.count(optuna.trial.TrialState.COMPLETE) == epochs.count(2)  # ran every epoch
         assert states.count(optuna.trial.TrialState.PRUNED) == epochs.count(1)  # stopped by ASHA after 1
