@@ -515,9 +515,12 @@ def run(what: str, args: argparse.Namespace) -> int:
         elif what == "cluster":
             from avn_study.bench_cluster import bench_cluster, cluster_rows
 
-            results = bench_cluster(work, gpus=args.gpus, per_gpu=args.per_gpu, epoch_s=args.epoch_seconds)
-            title = (f"avn-study bench cluster (ablation.yaml's shape, {args.gpus} logical GPUs x {args.per_gpu} "
-                     f"trials, stand-in trials of {args.epoch_seconds:g} s per unet epoch)")  # fmt: skip
+            shape = {"folds": list(range(args.outer_folds))} if args.outer_folds else None
+            results = bench_cluster(work, gpus=args.gpus, per_gpu=args.per_gpu, epoch_s=args.epoch_seconds,
+                                    shape=shape)  # fmt: skip
+            folds = f", outer folds 0-{args.outer_folds - 1}" if args.outer_folds else ""
+            title = (f"avn-study bench cluster (ablation.yaml's shape{folds}, {args.gpus} logical GPUs x "
+                     f"{args.per_gpu} trials, stand-in trials of {args.epoch_seconds:g} s per unet epoch)")  # fmt: skip
             print_table(title, cluster_rows(results))
         elif what == "sweep":
             print_table("avn-study bench sweep (local Ray, 2 CPUs, tiny phantom)", bench_sweep(work))

@@ -10,7 +10,10 @@ compare.
 
 Utilisation = busy slot-seconds (the trials' sleeps) / (slots x wall), for stage 1, stage 2 and the
 whole study, for both schedulings side by side: one Ray experiment per row and outer fold one after
-another (``concurrent_rows: false``), and every stage-1 search at once (``concurrent_rows: true``).
+another, then stage 2 (``concurrent_rows: false``), and the whole study in one experiment, every
+stage-1 search at once and each row's stage 2 as soon as its search has chosen (``concurrent_rows:
+true``). A stage's wall is its span: stage 1 from the study's start to its last trial's end, stage 2
+from its first trial's start to its last trial's end (with concurrent rows they overlap).
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ def stand_in_trial(config: dict[str, Any]) -> None:
     optimum = rng.uniform(-3.5, -2.5)  # this row's best log10(lr)
     ceiling = 0.4 + 0.3 * rng.random() - 0.5 * (math.log10(float(flat.get("lr", 1e-3))) - optimum) ** 2
     epochs = int(flat["epochs"])
+    started = time.time()
     for epoch in range(epochs):
         busy = scale * rng.uniform(0.8, 1.2)
         time.sleep(busy)
         value = ceiling * (1 - math.exp(-3 * (epoch + 1) / epochs)) + rng.gauss(0, 0.01)
-        tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch})
+        tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch, "t_start": started, "t_end": time.time()})
 
 
 def _study_class():
@@ -55,11 +59,10 @@ def _study_class():
 
     from avn_study.sweep import Study
 
-    class TimedStudy(Study):
-        """The real Study with the stand-in trainable and the wall time of each stage recorded."""
+    class StandInStudy(Study):
+        """The real Study with the stand-in trainable."""
 
         epoch_s = 0.1
-        walls: dict[str, float]
 
         def _trainable(self):
             return tune.with_resources(stand_in_trial, {"cpu": self.space.cpu, "gpu": self.gpu})
@@ -67,39 +70,25 @@ def _study_class():
         def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
             return {**super()._meta(outer, test), "bench_epoch_s": self.epoch_s}
 
-        def run(self, resume: bool = False):
-            self.walls = {}
-            real1, real2 = self.run_stage1, self.run_stage1_concurrent
-
-            def timed(name, fn):
-                def wrapper(*args, **kwargs):
-                    start = time.perf_counter()
-                    try:
-                        return fn(*args, **kwargs)
-                    finally:
-                        self.walls[name] = self.walls.get(name, 0.0) + time.perf_counter() - start
-
-                return wrapper
-
-            self.run_stage1, self.run_stage1_concurrent = timed("stage 1", real1), timed("stage 1", real2)
-            self.run_stage2 = timed("stage 2", self.run_stage2)
-            return super().run(resume)
-
-    return TimedStudy
+    return StandInStudy
 
 
-def busy_seconds(root: Path) -> dict[int, float]:
-    """Stage -> the trials' summed ``busy_s`` (from their ``result.json`` files)."""
+def stage_times(root: Path) -> dict[int, dict[str, float]]:
+    """Stage -> the trials' summed ``busy_s``, the first trial's start and the last trial's end (from
+    their ``result.json`` files)."""
     from avn_study.study_folder import merge_grid, stage_folders
 
-    busy: dict[int, float] = {1: 0.0, 2: 0.0}
+    out = {s: {"busy_s": 0.0, "start": math.inf, "end": -math.inf} for s in (1, 2)}
     for experiment in stage_folders(root):
         for params in experiment.glob("*/params.json"):
             stage = int(merge_grid(json.loads(params.read_text())).get("_stage", 1))
             results = params.parent / "result.json"
-            if results.is_file():
-                busy[stage] += sum(json.loads(line)["busy_s"] for line in results.read_text().splitlines() if line)
-    return busy
+            lines = [json.loads(line) for line in results.read_text().splitlines() if line] if results.is_file() else []
+            if lines:
+                t = out[stage]
+                t["busy_s"] += sum(r["busy_s"] for r in lines)
+                t["start"], t["end"] = min(t["start"], lines[0]["t_start"]), max(t["end"], lines[-1]["t_end"])
+    return out
 
 
 def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 0.1,
@@ -136,14 +125,17 @@ def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 
             study = _study_class()(load_space(path), cohort, str(work / "storage"), progress=False)
             study.epoch_s = epoch_s
             study.prepare(resume=False)
-            start = time.perf_counter()
+            start = time.time()
             study.run()
-            wall = time.perf_counter() - start
-            busy = {f"stage {k}": v for k, v in busy_seconds(study.root).items()}
-            walls = {stage: study.walls.get(stage, 0.0) for stage in ("stage 1", "stage 2")}
-            use = {stage: busy[stage] / (slots * walls[stage]) if walls[stage] else math.nan for stage in walls}
+            wall = time.time() - start
+            times = stage_times(study.root)
+            # a stage's span: stage 1 from the study's start to its last trial's end, stage 2 from its first
+            # trial's start to its last's end (with concurrent rows the two overlap)
+            spans = {"stage 1": times[1]["end"] - start, "stage 2": max(0.0, times[2]["end"] - times[2]["start"])}
+            busy = {"stage 1": times[1]["busy_s"], "stage 2": times[2]["busy_s"]}
+            use = {k: busy[k] / (slots * spans[k]) if spans[k] > 0 else math.nan for k in spans}
             out.append({"scheduling": "concurrent rows" if concurrent else "one row at a time", "slots": slots,
-                        "wall_s": wall, "stage_wall_s": walls, "busy_s": busy,
+                        "wall_s": wall, "stage_wall_s": spans, "busy_s": busy,
                         "utilisation": {**use, "all": sum(busy.values()) / (slots * wall)}})  # fmt: skip
     finally:
         ray.shutdown()

@@ -670,7 +670,10 @@ def _bench_parser(sub) -> None:
     p.add_argument("--gpus", type=_positive_int, default=8, help="cluster bench: logical GPUs (default 8)")
     p.add_argument("--epoch-seconds", type=_positive_float, default=0.1, dest="epoch_seconds",
                    help="cluster bench: seconds of one unet epoch of the stand-in trials (default 0.1)")  # fmt: skip
-    p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu", help="gpu bench: trials per GPU")
+    p.add_argument("--outer-folds", type=_positive_int, dest="outer_folds",
+                   help="cluster bench: only the first N of ablation.yaml's outer folds (default: all)")  # fmt: skip
+    p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu",
+                   help="gpu and cluster benches: trials per GPU (default 4)")  # fmt: skip
     p.add_argument(
         "--cases",
         type=_positive_int,

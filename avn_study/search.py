@@ -1,8 +1,8 @@
-"""Ray Tune's searchers and schedulers of stage 1 (imported by the sweep driver only).
+"""Ray Tune's searchers and schedulers of a study (imported by the sweep driver only).
 
 :class:`FinalValueOptunaSearch` tells Optuna only final values; :class:`RowSearch` and
 :class:`RowScheduler` run the stage-1 searches of every row in one Ray experiment, each keeping its own
-Optuna study and its own ASHA rungs.
+Optuna study and its own ASHA rungs, and start each search's stage 2 as soon as it has chosen.
 """
 
 from __future__ import annotations
@@ -72,20 +72,48 @@ class RowSearchRun:
     budget: int
 
 
-class RowSearch(Searcher):
-    """Stage 1 of every row (and outer fold) in one Ray experiment, each search with its own Optuna study.
+@dataclass
+class FollowUp:
+    """The stage-2 trials that wait for one stage-1 search: its grid without the chosen parameters
+    (fold, seed, repeat, row, the trial's run-time meta) and the patients the search validated on."""
 
-    Trials are handed out round-robin over the searches that still have budget, so every row starts
-    at once and keeps its share of the cluster. Each trial's config carries ``_run`` (the search it
-    belongs to); its results and completion go to that search's own searcher only, so one row's
+    grid: list[dict[str, Any]]
+    patients: list[str]
+
+
+STAGE2_OWNER = "stage2"  # RowSearch's owner key of a stage-2 trial
+
+
+class RowSearch(Searcher):
+    """Every stage-1 search of a study in one Ray experiment, each with its own Optuna study, and (given
+    ``follow_ups``) each search's stage-2 trials as soon as that search has chosen.
+
+    Stage-1 trials are handed out round-robin over the searches that still have budget, so every row
+    starts at once and keeps its share of the cluster. Each trial's config carries ``_run`` (the search
+    it belongs to); its results and completion go to that search's own searcher only, so one row's
     trials never inform another row's sampler. :class:`RowScheduler` does the same for ASHA.
+
+    When a search's last trial ends, its choice is made by the protocol's one rule
+    (:func:`~avn_study.study_results.best_trial`) and its stage-2 trials join the queue, with the
+    record of what they rest on (``_selected_on``, ``_selected_trial``, ``_selected_in``). ``ready``
+    holds stage-2 trials that wait for nothing (rows that choose nothing, such as nnU-Net's). Stage 1
+    goes first; stage-2 trials fill the slots that stage 1 no longer needs, so a row's stage 2 runs
+    while other rows are still searching. A search with no finished trial releases nothing; the driver
+    names it after the run (:meth:`avn_study.sweep.Study.select`).
     """
 
-    def __init__(self, runs: dict[str, RowSearchRun], metric: str, mode: str) -> None:
+    def __init__(self, runs: dict[str, RowSearchRun], metric: str, mode: str,
+                 follow_ups: dict[str, FollowUp] | None = None,
+                 ready: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
         super().__init__(metric=metric, mode=mode)
         self._runs = runs
+        self._follow_ups = dict(follow_ups or {})
         self._started = dict.fromkeys(runs, 0)
-        self._owner: dict[str, str] = {}  # trial id -> run key
+        self._owner: dict[str, str] = {}  # trial id -> run key (or STAGE2_OWNER)
+        self._configs: dict[str, dict[str, Any]] = {}  # stage-1 trial id -> its sampled parameters
+        self._ended: dict[str, list[tuple[str, float | None, int]]] = {k: [] for k in runs}  # see best_trial
+        self._queue: list[dict[str, Any]] = list(ready or [])  # stage-2 trials released, not yet handed out
+        self._waiting = sum(len(f.grid) for f in self._follow_ups.values())  # stage-2 trials not yet released
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # metric and mode are set at construction; each run brings its own constants
@@ -93,7 +121,10 @@ class RowSearch(Searcher):
     def suggest(self, trial_id: str) -> dict | None:
         open_runs = [key for key, run in self._runs.items() if self._started[key] < run.budget]
         if not open_runs:
-            return Searcher.FINISHED
+            if self._queue:
+                self._owner[trial_id] = STAGE2_OWNER
+                return self._queue.pop(0)
+            return None if self._waiting else Searcher.FINISHED
         key = min(open_runs, key=lambda k: self._started[k])  # the first of the least-started, in run order
         run = self._runs[key]
         sampled = run.searcher.suggest(trial_id) if run.searcher is not None else {}
@@ -101,35 +132,71 @@ class RowSearch(Searcher):
             return None
         self._started[key] += 1
         self._owner[trial_id] = key
+        self._configs[trial_id] = dict(sampled)
         return {**run.constants, **sampled, "_run": key}
 
     def _searcher(self, trial_id: str) -> Searcher | None:
         key = self._owner.get(trial_id)
-        return self._runs[key].searcher if key is not None else None
+        return self._runs[key].searcher if key in self._runs else None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if (searcher := self._searcher(trial_id)) is not None:
             searcher.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if (searcher := self._searcher(trial_id)) is not None:
+        key = self._owner.get(trial_id)
+        if key not in self._runs:
+            return  # a stage-2 trial (or one this searcher never handed out)
+        if (searcher := self._runs[key].searcher) is not None:
             searcher.on_trial_complete(trial_id, result, error)
+        ended = self._ended[key]
+        if any(c[0] == trial_id for c in ended):
+            return
+        if not error and result:
+            ended.append((trial_id, result.get(self.metric), int(result.get("training_iteration", 0))))
+        else:  # an errored trial is never chosen; it still counts as ended
+            ended.append((trial_id, None, 0))
+        if len(ended) == self._runs[key].budget and key in self._follow_ups:
+            self._release(key)
+
+    def _release(self, key: str) -> None:
+        from avn_study.study_results import best_trial
+
+        follow_up = self._follow_ups.pop(key)
+        self._waiting -= len(follow_up.grid)
+        best = best_trial([c for c in self._ended[key] if c[1] is not None], self.mode)
+        if best is None:
+            return  # nothing to re-train; the driver refuses the study with the row's name
+        chosen = {k: v for k, v in {**self._runs[key].constants, **self._configs[best]}.items()
+                  if not k.startswith("_")}  # fmt: skip
+        record = {"_selected_on": follow_up.patients, "_selected_trial": best, "_selected_in": key}
+        self._queue += [{**chosen, **entry, **record} for entry in follow_up.grid]
 
     def save(self, checkpoint_path: str) -> None:
-        """The round-robin state as JSON; each search's own state as its searcher saves it (base64)."""
+        """The hand-out state as JSON; each search's own state as its searcher saves it (base64)."""
         subs = {}
         with tempfile.TemporaryDirectory() as tmp:
             for key, run in self._runs.items():
                 if run.searcher is not None:
                     run.searcher.save(f"{tmp}/sub")
                     subs[key] = base64.b64encode(Path(f"{tmp}/sub").read_bytes()).decode()
-        state = {"started": self._started, "owner": self._owner, "subs": subs}
+        released = sorted(set(self._ended) - set(self._follow_ups))
+        state = {"started": self._started, "owner": self._owner, "subs": subs, "configs": self._configs,
+                 "ended": self._ended, "queue": self._queue, "released": released,
+                 "waiting": self._waiting}  # fmt: skip
         Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
         state = json.loads(Path(checkpoint_path).read_text())
         self._started.update(state["started"])
         self._owner.update(state["owner"])
+        self._configs.update(state.get("configs", {}))
+        self._ended.update({k: [tuple(c) for c in v] for k, v in state.get("ended", {}).items()})
+        if "queue" in state:
+            self._queue = state["queue"]
+            self._waiting = state["waiting"]
+            for key in state["released"]:
+                self._follow_ups.pop(key, None)
         with tempfile.TemporaryDirectory() as tmp:
             for key, blob in state["subs"].items():
                 Path(f"{tmp}/sub").write_bytes(base64.b64decode(blob))
@@ -137,7 +204,8 @@ class RowSearch(Searcher):
 
 
 class RowScheduler(FIFOScheduler):
-    """One trial scheduler (ASHA) per stage-1 search, chosen by the trial's ``_run``.
+    """One trial scheduler (ASHA) per stage-1 search, chosen by the trial's ``_run``; stage-2 trials run
+    to the end (FIFO).
 
     ASHA's rungs compare trials by their metric at the same epoch; a ``unet`` trial must never stop a
     ``seg+recon+loc`` trial (or one of another outer fold), so every search gets its own instance.
@@ -153,9 +221,10 @@ class RowScheduler(FIFOScheduler):
         return True
 
     def _sub(self, trial: Any) -> TrialScheduler:
-        key = str(trial.config.get("_run", ""))
+        stage2 = trial.config.get("_stage") == 2  # stage 2 runs every trial to the end
+        key = STAGE2_OWNER if stage2 else str(trial.config.get("_run", ""))
         if key not in self._subs:
-            self._subs[key] = sub = self._make()
+            self._subs[key] = sub = FIFOScheduler() if stage2 else self._make()
             sub.set_search_properties(self._metric, self._mode)
         return self._subs[key]
 

@@ -14,6 +14,8 @@ depends on the standard library only::
         driver.log                  Ray Tune's log records (errored trials' tracebacks, retries)
         stage1-<slug>[-outer<k>]/   a Ray Tune experiment per search; <slug> = slug(row)
         stage2/                     a Ray Tune experiment
+        stages/                     concurrent_rows: every trial of both stages in one Ray experiment,
+                                    told apart by ``_stage`` and ``_run`` in their parameters
             trial_<id>/params.json, result.json, resolved_config.json, error.txt,
                        per_case/epoch_NNN.json, per_case/test_epoch_NNN.json
 """
@@ -43,7 +45,8 @@ LOCK_FILE = ".lock"
 DRIVER_LOG = "driver.log"  # Ray Tune's own log records of the driver (tracebacks of errored trials)
 STUDY_FILES = (MANIFEST, SPACE_COPY, JOURNAL, STAGE2_PLAN, NESTED_SPLITS, SPLITS_COPY)  # the study's own (not Ray's)
 STAGE1_PREFIX = "stage1-"
-STAGE1_ALL = "stage1"  # concurrent_rows: every stage-1 search in one Ray experiment
+STAGE1_ALL = "stage1"  # concurrent_rows, studies before 2026-11: every stage-1 search in one Ray experiment
+STAGES = "stages"  # concurrent_rows: every trial of the study (both stages) in one Ray experiment
 STAGE2 = "stage2"
 
 MAX_NAME = 100  # characters of a study name or a row's folder name (file systems allow 255 bytes)

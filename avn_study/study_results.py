@@ -7,6 +7,7 @@ uses these to select, report and resume; ``avn_study.analysis`` builds its table
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,20 @@ class Selected:
     trial_id: str | None  # None: a row that chose nothing (nnU-Net)
     experiment: str | None
     patients: list[str]  # every patient the search validated on: none may be reported for this choice
+
+
+def best_trial(candidates: list[tuple[str, float | None, int]], mode: str) -> str | None:
+    """The stage-1 choice among finished trials ``(trial_id, final metric, epochs)``: the best final metric
+    among those that ran the most epochs (ASHA-stopped trials compete only if none ran to the end), ties
+    to the smaller trial id; None when no trial has a finite metric. The one rule, for a study read back
+    from its folders (:meth:`avn_study.sweep.Study.select`) and for a live one
+    (:class:`avn_study.search.RowSearch`)."""
+    scored = sorted((t, m, e) for t, m, e in candidates if isinstance(m, int | float) and math.isfinite(m))
+    if not scored:
+        return None
+    longest = max(e for _, _, e in scored)
+    pool = [c for c in scored if c[2] == longest]
+    return (max if mode == "max" else min)(pool, key=lambda c: c[1])[0]
 
 
 def validated_patients(trial_dir: Path) -> set[str]:

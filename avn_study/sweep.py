@@ -10,6 +10,7 @@ A study lives in ``STORAGE/NAME/``::
     stage1-<row>/         Ray Tune experiment: the Optuna search of one row on the tuning fold (ASHA)
     stage1-<row>-outer<k>/  nested_ablation: the search of one row inside outer fold k
     stage2/               Ray Tune experiment: each row's best configuration on every reported fold x seed
+    stages/               concurrent_rows: both stages of every row in one Ray experiment (Study.run_concurrent)
 
 ``protocol: sweep`` runs stage 1 only. ``protocol: fair_ablation`` gives every row the same Optuna
 budget on the tuning fold (stage 1, early stopping allowed), then re-trains each row's best
@@ -28,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import shutil
 import sys
@@ -49,6 +49,7 @@ from avn_study.study_folder import (
     STAGE1_ALL,
     STAGE2,
     STAGE2_PLAN,
+    STAGES,
     TERMINATED,
     Stage1,
     StudyLock,
@@ -57,7 +58,7 @@ from avn_study.study_folder import (
     storage_error,
     trial_statuses,
 )
-from avn_study.study_results import Selected, StudyResult, read_trials, validated_patients
+from avn_study.study_results import Selected, StudyResult, best_trial, read_trials, validated_patients
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -97,6 +98,7 @@ class Study:
         self.stop_requested = threading.Event()
         self.split_hash = ""
         self.splits: Any = None  # the study's split (frozen in STUDY/splits.json), set by prepare
+        self.patients: dict[str, str] = {}  # case id -> patient id, set by prepare
         self.inner: dict[int, dict[str, Any]] = {}  # nested_ablation: outer fold -> frozen inner splits
 
     # ---------------------------------------------------------------- preparation (driver side)
@@ -114,6 +116,7 @@ class Study:
         cases, splits = cohort_split(self.data, config, frozen=json.loads(frozen.read_text())
                                      if resume and frozen.is_file() else None)  # fmt: skip
         self.splits = splits
+        self.patients = {c.case_id: c.patient_id for c in cases}
         for row in searched:  # a +loc row on a cohort without head labels: refused before Ray starts
             require_head_labels(TrainConfig.from_flat(self.space.trial_config(row)).model.arm, cases,
                                 f"{self.space.path}: arms.{row}")  # fmt: skip
@@ -372,7 +375,7 @@ class Study:
 
         if not (self.root / JOURNAL).is_file():
             return
-        if experiment == STAGE1_ALL:
+        if experiment in (STAGE1_ALL, STAGES):
             names = [run.optuna_study(self.name) for run in self.stage1_runs()]
         elif experiment.startswith("stage1-"):
             names = [f"{self.name}-{experiment.removeprefix('stage1-')}"]  # Stage1.optuna_study
@@ -453,84 +456,130 @@ class Study:
 
         self._fit(run.experiment, make_tuner, param_space, resume)
 
-    def run_stage1_concurrent(self, resume: bool) -> None:
-        """Every stage-1 search at once, in one Ray experiment (``concurrent_rows: true``).
+    def run_concurrent(self, resume: bool) -> None:
+        """The whole study in one Ray experiment (``concurrent_rows: true``): every stage-1 search at once,
+        and each search's stage-2 trials as soon as that search has chosen.
 
         Each search keeps its own Optuna study (:class:`~avn_study.search.RowSearch`) and its own ASHA
-        (:class:`~avn_study.search.RowScheduler`), so the protocol is the sequential one's; only the
-        cluster no longer idles while one row's last trials drain.
+        (:class:`~avn_study.search.RowScheduler`), and chooses by the sequential protocol's rule, so
+        the protocol is the sequential one's; only the cluster no longer idles while one row's last
+        trials drain or while the last row searches. A study started before both stages shared one
+        experiment (``stage1/`` and ``stage2/``) resumes in that layout.
         """
+        if resume and self.store.exists(STAGE1_ALL):
+            self._run_shared(STAGE1_ALL, with_stage2=False, resume=resume)
+            if self.space.protocol in ABLATIONS:
+                self.run_stage2(resume)
+            return
+        self._run_shared(STAGES, with_stage2=self.space.protocol in ABLATIONS, resume=resume)
+        if self.space.protocol in ABLATIONS:  # names a row whose search chose nothing; records the plan
+            self._write_plan(self.stage2_grid())
+
+    def _run_shared(self, experiment: str, with_stage2: bool, resume: bool) -> None:
         from ray import tune
 
-        from avn_study.search import RowScheduler, RowSearch, RowSearchRun
+        from avn_study.search import FollowUp, RowScheduler, RowSearch, RowSearchRun
 
         runs = self.stage1_runs()
-        total = len(runs) * self.space.trials
+        follow_ups, ready = {}, []
+        if with_stage2:
+            meta = {"_avn": self._meta(test=True)}
+            for run in runs:
+                folds = self.space.folds if run.outer is None else [run.outer]
+                follow_ups[run.experiment] = FollowUp([{**e, **meta} for e in self._stage2_entries(run.row, folds)],
+                                                      self._search_patients(run))  # fmt: skip
+            for row in set(self.space.arms) - set(self.space.searched_rows):  # nnU-Net: chooses nothing
+                ready += [{**e, **meta} for e in self._stage2_entries(row, self.space.folds, self._unchosen(row))]
+        total = len(runs) * self.space.trials + sum(len(f.grid) for f in follow_ups.values()) + len(ready)
 
         def make_tuner():
             search = RowSearch({run.experiment: RowSearchRun(self._stage1_constants(run),
                                                              self._optuna(run) if self.space.search else None,
                                                              self.space.trials) for run in runs},
-                               metric=self.space.metric, mode=self.space.mode)  # fmt: skip
+                               metric=self.space.metric, mode=self.space.mode, follow_ups=follow_ups,
+                               ready=ready)  # fmt: skip
             factory = self._scheduler_factory(1)
             scheduler = RowScheduler(factory) if factory is not None else None
+            label = "both stages, all rows" if with_stage2 else "stage 1, all rows"
             return tune.Tuner(self._trainable(), param_space={},
                               tune_config=self._tune_config(search, scheduler, total),
-                              run_config=self._run_config(STAGE1_ALL, "stage 1, all rows", total))  # fmt: skip
+                              run_config=self._run_config(experiment, label, total))  # fmt: skip
 
-        self._fit(STAGE1_ALL, make_tuner, {}, resume)
+        self._fit(experiment, make_tuner, {}, resume)
+
+    def _search_patients(self, run: Stage1) -> list[str]:
+        """The patients a stage-1 search validates on (its fold's validation cases), before it runs."""
+        from avn_study.data.splits import splits_from_dict
+
+        splits = self.splits if run.outer is None else splits_from_dict(self.inner[run.outer])
+        return sorted({self.patients[c] for c in splits.fold(self.space.tuning_fold).val})
 
     def select(self, run: Stage1) -> Selected:
-        """The stage-1 configuration of ``run`` with the best final metric among trials that ran to the
-        last epoch (ASHA-stopped trials are compared only if none did), and the patients it rests on."""
-        if self.space.concurrent_rows:
-            folder = self.root / STAGE1_ALL
-            trials = [o for o in read_trials(folder, self.space.metric) if o.config.get("_run") == run.experiment]
-        else:
-            folder = self.root / run.experiment
-            trials = read_trials(folder, self.space.metric)
-        outcomes = [o for o in trials if o.status == TERMINATED]
-        scored = [o for o in outcomes if o.metric is not None and not math.isnan(o.metric)]
-        if not scored:
+        """The stage-1 configuration of ``run`` (the rule of :func:`~avn_study.study_results.best_trial`),
+        read back from the study's folders, and the patients it rests on."""
+        folder = self.root / self._stage1_experiment(run)
+        trials = [o for o in read_trials(folder, self.space.metric)
+                  if o.stage == 1 and o.config.get("_run", run.experiment) == run.experiment]  # fmt: skip
+        best = best_trial([(o.trial_id, o.metric, o.epochs) for o in trials if o.status == TERMINATED], self.space.mode)
+        if best is None:
             raise AvnError(f"stage 1 of row '{run.row}' has no finished trial with a {self.space.metric}; "
                            f"see {folder}")  # fmt: skip
-        longest = max(o.epochs for o in scored)
-        pool = [o for o in scored if o.epochs == longest]
-        best = (max if self.space.mode == "max" else min)(pool, key=lambda o: o.metric)
+        chosen = next(o for o in trials if o.trial_id == best)
         patients = set().union(*(validated_patients(Path(o.path)) for o in trials))
-        config = {k: v for k, v in best.config.items() if not k.startswith("_")}
-        return Selected(config, best.trial_id, run.experiment, sorted(patients))
+        config = {k: v for k, v in chosen.config.items() if not k.startswith("_")}
+        return Selected(config, best, run.experiment, sorted(patients))
+
+    def _stage1_experiment(self, run: Stage1) -> str:
+        """The Ray experiment holding ``run``'s trials: its own, or the one shared by every search."""
+        if not self.space.concurrent_rows:
+            return run.experiment
+        return STAGE1_ALL if (self.root / STAGE1_ALL).is_dir() else STAGES
 
     def best_config(self, row: str) -> dict[str, Any]:
         """The chosen configuration of ``row`` on the tuning fold (fair_ablation, sweep)."""
         return self.select(Stage1(row)).config
 
+    def _unchosen(self, row: str) -> Selected:
+        """A row that chooses nothing (nnU-Net configures itself): its one configuration, on no patient."""
+        return Selected(self.space.trial_config(row), None, None, [])
+
+    def _stage2_entries(self, row: str, folds: list[int], chosen: Selected | None = None) -> list[dict[str, Any]]:
+        """Stage 2 of ``row`` on ``folds``: every seed and repeat of ``chosen`` (None: the parameters and
+        the record of what they rest on are added once the row's search has chosen)."""
+        config = chosen.config if chosen is not None else {}
+        record = {} if chosen is None else {"_selected_on": chosen.patients, "_selected_trial": chosen.trial_id,
+                                            "_selected_in": chosen.experiment}  # fmt: skip
+        entries = []
+        for fold in folds:
+            for seed in self.space.seeds:
+                for repeat in range(self.space.repeats):
+                    run_seed = seed + 10_007 * repeat  # repeats add seeds beyond the listed ones
+                    entries.append({**config, "fold": fold, "inner_fold": -1, "seed": run_seed, "_row": row,
+                                    "_stage": 2, "_repeat": repeat, **record})  # fmt: skip
+        return entries
+
     def stage2_grid(self) -> list[dict[str, Any]]:
-        nested = self.space.protocol == "nested_ablation"
+        """Every stage-2 trial: each row's choice (per outer fold when nested) on its folds x seeds x repeats."""
         grid = []
         for row in self.space.arms:
-            if row not in self.space.searched_rows:  # nnU-Net: nothing was chosen, on no patient
-                chosen = Selected(self.space.trial_config(row), None, None, [])
+            if row not in self.space.searched_rows:
+                grid += self._stage2_entries(row, self.space.folds, self._unchosen(row))
+            elif self.space.protocol == "nested_ablation":
+                for fold in self.space.folds:
+                    grid += self._stage2_entries(row, [fold], self.select(Stage1(row, fold)))
             else:
-                chosen = None if nested else self.select(Stage1(row))
-            for fold in self.space.folds:
-                sel = self.select(Stage1(row, fold)) if nested and chosen is None else chosen
-                assert sel is not None
-                for seed in self.space.seeds:
-                    for repeat in range(self.space.repeats):
-                        run_seed = seed + 10_007 * repeat  # repeats add seeds beyond the listed ones
-                        grid.append({**sel.config, "fold": fold, "inner_fold": -1, "seed": run_seed, "_row": row,
-                                     "_stage": 2, "_repeat": repeat, "_selected_on": sel.patients,
-                                     "_selected_trial": sel.trial_id, "_selected_in": sel.experiment})  # fmt: skip
+                grid += self._stage2_entries(row, self.space.folds, self.select(Stage1(row)))
         return grid
+
+    def _write_plan(self, grid: list[dict[str, Any]]) -> None:
+        (self.root / STAGE2_PLAN).write_text(json.dumps(grid, indent=1))
+        self._push(STAGE2_PLAN)
 
     def run_stage2(self, resume: bool) -> None:
         from ray import tune
 
         grid = self.stage2_grid()
-        (self.root / STAGE2_PLAN).write_text(json.dumps(grid, indent=1))
-        self._push(STAGE2_PLAN)
-
+        self._write_plan(grid)
         param_space = {"grid": tune.grid_search(grid), "_avn": self._meta(test=True)}
 
         def make_tuner():
@@ -548,12 +597,12 @@ class Study:
         """Every stage (after :meth:`prepare`); the lock is released at the end, however it ends."""
         try:
             if self.space.concurrent_rows:
-                self.run_stage1_concurrent(resume)
+                self.run_concurrent(resume)
             else:
                 for run in self.stage1_runs():
                     self.run_stage1(run, resume)
-            if self.space.protocol in ABLATIONS:
-                self.run_stage2(resume)
+                if self.space.protocol in ABLATIONS:
+                    self.run_stage2(resume)
             return self.result()
         finally:
             self.close()

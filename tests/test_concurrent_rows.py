@@ -17,12 +17,18 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from avn_study.analysis import analyze
-from avn_study.search import FinalValueOptunaSearch, RowScheduler, RowSearch, RowSearchRun
+from avn_study.search import FinalValueOptunaSearch, FollowUp, RowScheduler, RowSearch, RowSearchRun
 from avn_study.study_results import read_trials
 
 
 def _trial(trial_id: str, run: str) -> SimpleNamespace:
     return SimpleNamespace(trial_id=trial_id, config={"_run": run})
+
+
+def _span(trial_dir: Path) -> tuple[float, float]:
+    """A trial's start and end, from Ray's result timestamps."""
+    results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line]
+    return results[0]["timestamp"] - results[0]["time_this_iter_s"], results[-1]["timestamp"]
 
 
 def _asha() -> ASHAScheduler:
@@ -46,6 +52,9 @@ def test_asha_never_compares_trials_of_two_rows() -> None:
     assert shared[-1] == TrialScheduler.STOP  # the comparison RowScheduler exists to prevent
     per_row = _rung_one(RowScheduler(_asha), trials)
     assert per_row[-1] == TrialScheduler.CONTINUE  # alone in its row's rung
+    # stage-2 trials in the same experiment run to the end, whatever their values
+    stage2 = [(SimpleNamespace(trial_id=f"s{i}", config={"_stage": 2}), v) for i, v in enumerate([0.9, 0.8, 0.1])]
+    assert _rung_one(RowScheduler(_asha), stage2) == [TrialScheduler.CONTINUE] * 3
 
 
 def _row_search(budget: int = 2) -> tuple[RowSearch, dict[str, FinalValueOptunaSearch]]:
@@ -75,6 +84,51 @@ def test_row_search_hands_out_trials_round_robin_and_routes_results(tmp_path: Pa
     assert restored.suggest("t5") == Searcher.FINISHED  # the budgets were spent before the save
 
 
+def _study_search(budget: int = 2) -> RowSearch:
+    """Two searches of 2 trials, each followed by 2 stage-2 trials; one nnU-Net-like trial ready at once."""
+    search, subs = _row_search(budget)
+    grid = [{"fold": f, "seed": 0, "_stage": 2} for f in (1, 2)]
+    follow_ups = {key: FollowUp([{**g, "_row": key} for g in grid], [f"P{key}"]) for key in subs}
+    return RowSearch(search._runs, metric="val_dice", mode="max", follow_ups=follow_ups,
+                     ready=[{"arm": "nnunet_2d", "_stage": 2}])  # fmt: skip
+
+
+def test_a_search_hands_out_its_stage2_once_its_own_trials_have_ended(tmp_path: Path) -> None:
+    search = _study_search()
+    first = [search.suggest(f"t{i}") for i in range(4)]  # stage 1 first, every search at once
+    assert [c["_run"] for c in first] == ["stage1-unet", "stage1-seg-loc"] * 2
+    assert search.suggest("n0")["arm"] == "nnunet_2d"  # waits for nothing
+    assert search.suggest("w0") is None  # nothing released yet: wait, do not finish
+    search.on_trial_complete("t0", None, error=True)  # unet: an errored trial is never the choice
+    search.save(str(tmp_path / "state.json"))
+    restored = _study_search()
+    restored.restore(str(tmp_path / "state.json"))
+    for s in (search, restored):
+        assert s.suggest("w1") is None  # both searches still run
+        s.on_trial_complete("t1", {"val_dice": 0.3, "training_iteration": 2})
+        # seg-loc: t3, stopped by ASHA at epoch 1, loses to t1, which ran every epoch, despite its value
+        s.on_trial_complete("t3", {"val_dice": 0.9, "training_iteration": 1})
+        s.on_trial_complete("t3", {"val_dice": 0.9, "training_iteration": 1})  # (a repeat changes nothing)
+        released = [s.suggest(f"u{i}") for i in range(2)]
+        assert [(c["_row"], c["fold"], c["_selected_trial"], c["_selected_on"]) for c in released] == [
+            ("stage1-seg-loc", fold, "t1", ["Pstage1-seg-loc"]) for fold in (1, 2)]  # fmt: skip
+        assert released[0]["lr"] == first[1]["lr"] and released[0]["arm"] == "seg-loc" and "_run" not in released[0]
+        assert s.suggest("w2") is None  # unet's stage 2 still waits for its search
+        s.on_trial_complete("t2", {"val_dice": 0.2, "training_iteration": 2})
+        assert [s.suggest(f"v{i}")["_selected_trial"] for i in range(2)] == ["t2", "t2"]
+        assert s.suggest("end") == Searcher.FINISHED
+    search.on_trial_complete("never-handed-out", {"val_dice": 1.0})  # ignored
+
+
+def test_a_search_without_a_finished_trial_releases_nothing_and_the_study_ends() -> None:
+    search = _study_search(budget=1)
+    assert [search.suggest(f"t{i}")["_run"] for i in range(2)] == ["stage1-unet", "stage1-seg-loc"]
+    assert search.suggest("n0")["_stage"] == 2
+    search.on_trial_complete("t0", None, error=True)
+    search.on_trial_complete("t1", {"val_dice": float("nan"), "training_iteration": 2})
+    assert search.suggest("x") == Searcher.FINISHED  # the driver then names both rows (Study.select)
+
+
 def test_optuna_search_skips_epochs_without_the_metric() -> None:
     """eval_every > 1: epochs without an evaluation report no val_dice; Optuna sees only evaluated epochs."""
     search, subs = _row_search()
@@ -97,7 +151,8 @@ def test_concurrent_rows_choose_what_sequential_rows_choose(
     def lrs(root: Path, folder: str) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
         for trial in read_trials(root / folder):
-            out.setdefault(trial.config["_row"], []).append(trial.config["lr"])
+            if trial.stage == 1:
+                out.setdefault(trial.config["_row"], []).append(trial.config["lr"])
         return {row: sorted(v) for row, v in out.items()}
 
     studies = {False: smoke_experiment}
@@ -109,10 +164,17 @@ def test_concurrent_rows_choose_what_sequential_rows_choose(
     studies[True] = storage / "smoke"
     sequential = {row: v for folder in ("stage1-unet", "stage1-seg-recon-loc")
                   for row, v in lrs(studies[False], folder).items()}  # fmt: skip
-    assert lrs(studies[True], "stage1") == sequential
-    assert not list(studies[True].glob("stage1-*"))  # one experiment
-    stage2 = read_trials(studies[True] / "stage2")
+    assert lrs(studies[True], "stages") == sequential
+    assert [p.name for p in studies[True].glob("stage*") if p.is_dir()] == ["stages"]  # one experiment
+    trials = read_trials(studies[True] / "stages")
+    stage2 = [t for t in trials if t.stage == 2]
     assert len(stage2) == 4 and all(t.status == "TERMINATED" for t in stage2)
+    # a row's stage 2 started as soon as its own search had chosen, not when every search had
+    times = {t.trial_id: _span(Path(t.path)) for t in trials}
+    for row in ("unet", "seg+recon+loc"):
+        searched = max(times[t.trial_id][1] for t in trials if t.stage == 1 and t.row == row)
+        started = min(times[t.trial_id][0] for t in stage2 if t.row == row)
+        assert started >= searched - 1.5  # (Ray's result timestamps are whole seconds)
     plans = [json.loads((s / "stage2_plan.json").read_text()) for s in studies.values()]
     chosen = [{(g["_row"], g["fold"]): g["lr"] for g in plan} for plan in plans]
     assert chosen[0].keys() == chosen[1].keys()
@@ -122,7 +184,7 @@ def test_concurrent_rows_choose_what_sequential_rows_choose(
 
 def test_a_killed_concurrent_stage1_resumes_without_rerunning(sweep_cohort: Path, tmp_path: Path) -> None:
     space = small_space(tmp_path, concurrent_rows=True)
-    root = tmp_path / "storage" / "smoke" / "stage1"
+    root = tmp_path / "storage" / "smoke" / "stages"
     cmd = [sys.executable, "-m", "avn_study", "sweep", str(space), "--data", str(sweep_cohort),
            "--storage", str(tmp_path / "storage"), "--num-cpus", "2", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -143,9 +205,13 @@ def test_a_killed_concurrent_stage1_resumes_without_rerunning(sweep_cohort: Path
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = finished()
     assert all(after[name] == text for name, text in before.items())  # neither re-run nor lost
-    stage1 = read_trials(root)
+    trials = read_trials(root)
+    stage1 = [t for t in trials if t.stage == 1]
     assert len(stage1) == 4 and sorted(t.config["_run"] for t in stage1) == sorted(
         ["stage1-unet", "stage1-seg-recon-loc"] * 2
+    )
+    assert sorted(t.row for t in trials if t.stage == 2 and t.status == "TERMINATED") == sorted(
+        ["unet", "seg+recon+loc"] * 2
     )
 
 
@@ -155,3 +221,29 @@ def test_concurrent_rows_must_be_a_boolean(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="concurrent_rows: must be true or false, got 'yes please'"):
         load_space(small_space(tmp_path, concurrent_rows="yes please"))
+
+
+def test_a_study_from_before_both_stages_shared_one_experiment_resumes_in_its_layout(
+    sweep_cohort: Path, tmp_path: Path, ray_2cpus
+) -> None:
+    """Concurrent studies used to run stage 1 in ``stage1/`` and stage 2 after it in ``stage2/``; one
+    interrupted between the two finishes that way, without a ``stages/`` experiment."""
+    from avn_study.space import load_space
+    from avn_study.study_folder import STAGE1_ALL
+    from avn_study.sweep import Study
+
+    space = load_space(small_space(tmp_path, concurrent_rows=True, trials=1, seeds=[0]))
+    old = Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False)
+    old.prepare(resume=False)
+    old._run_shared(STAGE1_ALL, with_stage2=False, resume=False)  # what the driver used to run first
+    old.close()
+    resumed = Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False)
+    resumed.prepare(resume=True)
+    resumed.run(resume=True)
+    root = tmp_path / "storage" / "smoke"
+    assert sorted(p.name for p in root.glob("stage*") if p.is_dir()) == ["stage1", "stage2"]
+    stage2 = read_trials(root / "stage2")
+    assert len(stage2) == 4 and all(t.status == "TERMINATED" for t in stage2)
+    chosen = {t.trial_id for t in read_trials(root / "stage1")}
+    assert {t.config["_selected_trial"] for t in stage2} <= chosen
+    assert set(analyze(root, n_boot=50).ablation["row"]) == {"unet", "seg+recon+loc"}

@@ -19,11 +19,17 @@ from optuna.storages.journal import JournalFileBackend
 from avn_study.analysis import analyze, load_experiment
 from avn_study.cli import main
 from avn_study.data.splits import read_nested, read_splits
-from avn_study.study_folder import STAGE1_ALL
+from avn_study.study_folder import merge_grid, stage_folders
 
 
 def _patients(path: Path) -> set[str]:
     return {str(case["patient"]) for case in json.loads(path.read_text())}
+
+
+def _trials(root: Path) -> list[tuple[Path, dict]]:
+    """Every trial folder of a study with its parameters (stage 2's grid entry merged in)."""
+    return [(p.parent, merge_grid(json.loads(p.read_text()))) for d in stage_folders(root)
+            for p in sorted(d.glob("*/params.json"))]  # fmt: skip
 
 
 def _search_files(root: Path, experiment: str, pattern: str) -> list[Path]:
@@ -31,13 +37,12 @@ def _search_files(root: Path, experiment: str, pattern: str) -> list[Path]:
     in the shared one, told apart by ``_run``."""
     if (root / experiment).is_dir():
         return sorted((root / experiment).glob(f"*/{pattern}"))
-    trials = [p.parent for p in (root / STAGE1_ALL).glob("*/params.json")
-              if json.loads(p.read_text()).get("_run") == experiment]  # fmt: skip
+    trials = [t for t, params in _trials(root) if params.get("_run") == experiment]
     return sorted(f for t in trials for f in t.glob(pattern))
 
 
 def _stage2(root: Path) -> list[tuple[Path, dict]]:
-    return [(p.parent, json.loads(p.read_text())["grid"]) for p in sorted(root.glob("stage2/*/params.json"))]
+    return [(t, params) for t, params in _trials(root) if params.get("_stage") == 2]
 
 
 def audit(root: Path) -> int:
