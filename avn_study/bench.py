@@ -516,8 +516,9 @@ def run(what: str, args: argparse.Namespace) -> int:
             from avn_study.bench_cluster import bench_cluster, cluster_rows
 
             shape = {"folds": list(range(args.outer_folds))} if args.outer_folds else None
+            which = {"both": (False, True), "sequential": (False,), "concurrent": (True,)}[args.scheduling]
             results = bench_cluster(work, gpus=args.gpus, per_gpu=args.per_gpu, epoch_s=args.epoch_seconds,
-                                    shape=shape)  # fmt: skip
+                                    shape=shape, schedulings=which)  # fmt: skip
             folds = f", outer folds 0-{args.outer_folds - 1}" if args.outer_folds else ""
             title = (f"avn-study bench cluster (ablation.yaml's shape{folds}, {args.gpus} logical GPUs x "
                      f"{args.per_gpu} trials, stand-in trials of {args.epoch_seconds:g} s per unet epoch)")  # fmt: skip

@@ -418,6 +418,14 @@ def _plan_text(space) -> str:
                      f"seeds = {plan['stage2_trials']} trials, {plan['stage2_epochs']:,} epochs")  # fmt: skip
     if plan["nnunet_trials"]:
         lines.append(f"stage 2, nnU-Net rows (no search: nnU-Net configures itself): {plan['nnunet_trials']} trials")
+    if space.concurrent_rows:
+        lines.append(
+            "scheduling: one Ray experiment, every search at once"
+            + (", each row's stage 2 as soon as its search has chosen" if plan["stage2_trials"] else "")
+        )
+    else:
+        lines.append("scheduling: one search after another" + (", then stage 2" if plan["stage2_trials"] else "")
+                     + " (concurrent_rows: true keeps a cluster fuller)")  # fmt: skip
     lines.append(f"each trial: {space.cpu:g} CPU, {space.gpu:g} GPU")
     return "\n".join(lines)
 
@@ -670,6 +678,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--gpus", type=_positive_int, default=8, help="cluster bench: logical GPUs (default 8)")
     p.add_argument("--epoch-seconds", type=_positive_float, default=0.1, dest="epoch_seconds",
                    help="cluster bench: seconds of one unet epoch of the stand-in trials (default 0.1)")  # fmt: skip
+    p.add_argument("--scheduling", choices=["both", "sequential", "concurrent"], default="both",
+                   help="cluster bench: which scheduling(s) to run (default both, side by side)")  # fmt: skip
     p.add_argument("--outer-folds", type=_positive_int, dest="outer_folds",
                    help="cluster bench: only the first N of ablation.yaml's outer folds (default: all)")  # fmt: skip
     p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu",

@@ -36,7 +36,7 @@ from avn_study.data.slices import (
 from avn_study.data.splits import Splits, check_inner, inner_splits, resolve_splits
 from avn_study.errors import AvnError, DataError
 from avn_study.losses import LossConfig, branch_losses
-from avn_study.metrics import case_metrics, summarize
+from avn_study.metrics import case_metrics, dice_from_counts, overlap_metrics, psnr, summarize
 from avn_study.models import ARMS, model_for_arm
 from avn_study.schedules import Schedule
 from avn_study.stage_timer import NO_TIMER, Timer
@@ -380,7 +380,6 @@ def reference_losses(
     return {name: total / n for name, total in sums.items()}
 
 
-@torch.inference_mode()
 def predict_slices(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -393,8 +392,15 @@ def predict_slices(
     Returns:
         numpy float32 arrays ``(N, S, S)`` per output the model has.
     """
+    return {k: v.cpu().numpy() for k, v in _predict_on_device(model, images, device, amp_dtype, batch_size).items()}
+
+
+@torch.inference_mode()
+def _predict_on_device(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                       amp_dtype: torch.dtype | None, batch_size: int = 32) -> dict[str, torch.Tensor]:  # fmt: skip
+    """:func:`predict_slices`, left on ``device`` as float32 tensors ``(N, S, S)``."""
     model.eval()
-    chunks: dict[str, list[np.ndarray]] = defaultdict(list)
+    chunks: dict[str, list[torch.Tensor]] = defaultdict(list)
     channels_last = device.type == "cuda"
     for start in range(0, images.shape[0], batch_size):
         x = _move({"x": images[start : start + batch_size]}, device, channels_last)["x"]
@@ -404,8 +410,40 @@ def predict_slices(
             if name in outputs:
                 out = outputs[name].float()
                 out = out if name == "recon" else torch.sigmoid(out)
-                chunks[name].append(out[:, 0].cpu().numpy())
-    return {k: np.concatenate(v) for k, v in chunks.items()}
+                chunks[name].append(out[:, 0])
+    return {k: torch.cat(v) for k, v in chunks.items()}
+
+
+def _quick_case_metrics(volume: Any, out: dict[str, torch.Tensor], slice_config: SliceConfig, threshold: float,
+                        spacing: tuple[float, float, float]) -> dict[str, float]:  # fmt: skip
+    """``case_metrics(full=False)`` of one validation volume from voxel counts taken where the predictions
+    are (the GPU in a CUDA trial): only three or four integers per case cross to the host, not the
+    probability volumes. Equal to pasting the predictions and calling ``case_metrics`` (counts are exact
+    integers and :func:`~avn_study.metrics.overlap_metrics` is the formula of both)."""
+    case, (src, dst) = volume.case, volume.box
+    device = out["seg"].device
+
+    def counts(prob: torch.Tensor, cut: float, ref_full: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # what paste() keeps of the crop, against the reference in the same voxels; outside the crop
+        # nothing is predicted, so the reference counts whole
+        pred = prob[:, dst[0], dst[1]] >= cut
+        ref = torch.from_numpy(np.ascontiguousarray(ref_full[:, src[0], src[1]])).to(device, non_blocking=True)
+        return (pred & ref).sum(), pred.sum(), int(ref_full.sum())
+
+    ref_seg = np.asarray(case.label) == LABELS["necrosis"]
+    both, pred, n_ref = counts(out["seg"], threshold, ref_seg)
+    device_counts = [both, pred]
+    if "loc" in out:
+        ref_loc = np.asarray(case.head_dist) <= slice_config.loc_margin_mm
+        loc_both, loc_pred, loc_ref = counts(out["loc"], 0.5, ref_loc)
+        device_counts += [loc_both, loc_pred]
+    host = torch.stack(device_counts).tolist()  # the one sync of this case
+    metrics = overlap_metrics(host[0], host[1], n_ref, spacing)
+    if "loc" in out:
+        metrics["loc_dice"] = dice_from_counts(host[2], host[3], loc_ref)
+    if "recon" in out:
+        metrics["recon_psnr"] = psnr(out["recon"].cpu().numpy(), volume.image[:, 0].numpy())
+    return {key: float(value) for key, value in metrics.items()}
 
 
 def evaluate(
@@ -434,9 +472,16 @@ def evaluate(
     per_case, ids = [], []
     for volume in validation_volumes(list(cases), slice_config):
         case = volume.case
+        spacing = (case.spacing[1], case.spacing[0], case.spacing[2])  # cached arrays are (A, R, S)
+        ids.append({"case": case.case_id, "patient": case.patient_id})
+        if not full and extras is None:  # the cheap metrics: counted where the predictions are
+            with timer("val_predict"):
+                on_device = _predict_on_device(model, volume.image, device, amp_dtype)
+            with timer("val_metrics"):
+                per_case.append(_quick_case_metrics(volume, on_device, slice_config, threshold, spacing))
+            continue
         with timer("val_predict"):
             out = predict_slices(model, volume.image, device, amp_dtype)
-        spacing = (case.spacing[1], case.spacing[0], case.spacing[2])  # cached arrays are (A, R, S)
         kwargs: dict[str, Any] = {}
         with timer("val_paste"):
             if "loc" in out:
@@ -454,7 +499,6 @@ def evaluate(
             if extras is not None:
                 _record_extras(extras, volume, out["seg"], prob, ref)
         per_case.append(metrics)
-        ids.append({"case": case.case_id, "patient": case.patient_id})
     return summarize(per_case), [{**i, **m} for i, m in zip(ids, per_case, strict=True)]
 
 

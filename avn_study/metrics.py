@@ -106,10 +106,26 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
         TypeError: a mask is not bool or integer.
     """
     pred, ref = _mask_pair(pred, ref)
-    total = int(pred.sum()) + int(ref.sum())
+    return dice_from_counts(int(np.logical_and(pred, ref).sum()), int(pred.sum()), int(ref.sum()))
+
+
+def dice_from_counts(n_both: int, n_pred: int, n_ref: int) -> float:
+    """Dice from voxel counts (``|P & R|``, ``|P|``, ``|R|``), with the empty-mask rule: the one formula
+    of :func:`dice` and of the counts a validation gathers on the model's device (``engine.evaluate``)."""
+    total = n_pred + n_ref
     if total == 0:
         return 1.0
-    return 2.0 * int(np.logical_and(pred, ref).sum()) / total
+    return 2.0 * n_both / total
+
+
+def overlap_metrics(n_both: int, n_pred: int, n_ref: int, spacing: Sequence[float]) -> dict[str, float]:
+    """The cheap per-case metrics from voxel counts: ``dice``, the volume errors and volumes in ml, and
+    ``has_necrosis`` (the keys of ``case_metrics(full=False)`` without ``loc_dice``/``recon_psnr``)."""
+    voxel_ml = math.prod(_check_spacing(spacing)) / 1000.0
+    pred_ml, ref_ml = n_pred * voxel_ml, n_ref * voxel_ml
+    return {"dice": dice_from_counts(n_both, n_pred, n_ref), "volume_error_ml": pred_ml - ref_ml,
+            "abs_volume_error_ml": abs(pred_ml - ref_ml), "ref_volume_ml": ref_ml, "pred_volume_ml": pred_ml,
+            "has_necrosis": 1.0 if n_ref else 0.0}  # fmt: skip
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -256,21 +272,11 @@ def case_metrics(
     """
     pred, ref = _mask_pair(pred_seg, ref_seg, ndim=3)
     spacing = _check_spacing(spacing)
-    voxel_ml = math.prod(spacing) / 1000.0
-    pred_ml, ref_ml = int(pred.sum()) * voxel_ml, int(ref.sum()) * voxel_ml
-    out = {"dice": dice(pred, ref)}
-    if full:
-        out["hd95_mm"] = hd95_mm(pred, ref, spacing)
-    out.update(
-        volume_error_ml=pred_ml - ref_ml,
-        abs_volume_error_ml=abs(pred_ml - ref_ml),
-        ref_volume_ml=ref_ml,
-        pred_volume_ml=pred_ml,
-    )
+    out = overlap_metrics(int(np.logical_and(pred, ref).sum()), int(pred.sum()), int(ref.sum()), spacing)
     if full:
         sensitivity, n_fp, n_ref = lesion_detection(pred, ref)
-        out.update(lesion_sensitivity=sensitivity, lesion_fp=float(n_fp), n_ref_lesions=float(n_ref))
-    out["has_necrosis"] = 1.0 if ref.any() else 0.0
+        out.update(hd95_mm=hd95_mm(pred, ref, spacing), lesion_sensitivity=sensitivity, lesion_fp=float(n_fp),
+                   n_ref_lesions=float(n_ref))  # fmt: skip
     if _both_or_neither("pred_loc", pred_loc, "ref_loc", ref_loc):
         out["loc_dice"] = dice(pred_loc, ref_loc)  # type: ignore[arg-type]
     if _both_or_neither("recon", recon, "recon_ref", recon_ref):

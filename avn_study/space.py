@@ -118,7 +118,7 @@ class SearchSpace:
     num_to_keep: int
     max_failures: int
     sampler_seed: int
-    concurrent_rows: bool = False  # stage 1 of every row at once, in one Ray experiment
+    concurrent_rows: bool = False  # the whole study in one Ray experiment: every search at once, stage 2 per row
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property

@@ -94,3 +94,22 @@ def test_bench_cluster_runs_both_schedulings_of_the_real_study(tmp_path: Path) -
     from avn_study.bench_cluster import cluster_rows
 
     assert cluster_rows(results)[-1][0] == "concurrent rows vs one row at a time"
+
+
+def test_bench_cluster_rows_say_whether_the_target_is_met() -> None:
+    from avn_study.bench_cluster import cluster_rows
+
+    def result(name: str, wall: float, use: float) -> dict:
+        return {
+            "scheduling": name,
+            "slots": 32,
+            "wall_s": wall,
+            "stage_wall_s": {"stage 1": wall, "stage 2": 1.0},
+            "utilisation": {"stage 1": use, "stage 2": use, "all": use},
+        }
+
+    both = cluster_rows([result("one row at a time", 300.0, 0.3), result("concurrent rows", 100.0, 0.92)])
+    assert both[-1] == ("concurrent rows vs one row at a time", "3.00x faster", "target >= 0.9 overall: met")
+    alone = cluster_rows([result("concurrent rows", 100.0, 0.7)])
+    assert alone[-1][1:] == ("(run alone)", "target >= 0.9 overall: missed") and len(alone) == 2
+    assert len(cluster_rows([result("one row at a time", 300.0, 0.3)])) == 1

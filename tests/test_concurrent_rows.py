@@ -247,3 +247,14 @@ def test_a_study_from_before_both_stages_shared_one_experiment_resumes_in_its_la
     chosen = {t.trial_id for t in read_trials(root / "stage1")}
     assert {t.config["_selected_trial"] for t in stage2} <= chosen
     assert set(analyze(root, n_boot=50).ablation["row"]) == {"unet", "seg+recon+loc"}
+
+
+def test_sweep_plan_says_how_the_study_is_scheduled(tmp_path: Path) -> None:
+    from avn_study.cli import _plan_text
+    from avn_study.space import load_space
+
+    concurrent = _plan_text(load_space(small_space(tmp_path, concurrent_rows=True))).splitlines()
+    assert "scheduling: one Ray experiment, every search at once, each row's stage 2 as soon as its search " \
+           "has chosen" in concurrent  # fmt: skip
+    sequential = _plan_text(load_space(small_space(tmp_path, protocol="sweep"))).splitlines()
+    assert "scheduling: one search after another (concurrent_rows: true keeps a cluster fuller)" in sequential

@@ -6,13 +6,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from avn_study import engine
 from avn_study.cli import main
 from avn_study.config import ARMS, TrainConfig
-from avn_study.data.slices import SliceDataset
+from avn_study.data.slices import SliceDataset, validation_volumes
 from avn_study.engine import NonFiniteLossError, prepare_data
 from avn_study.schedules import create_schedule, list_schedules
 from avn_study.training import TrainingRun
@@ -514,3 +515,27 @@ def test_train_a_unet_without_naming_a_schedule(tiny_phantom: Path, shared_cache
             "--cache-dir", str(shared_cache), "--splits", str(tmp_path / "splits.json"), *TRAIN_ARGS]  # fmt: skip
     assert main(args) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["schedule"] == "constant"
+
+
+@pytest.mark.parametrize("slice_size", [64, 32])  # 32 px: the crop cuts the reference
+def test_a_quick_validation_counts_on_the_device_what_the_pasted_volumes_give(tiny_data, slice_size: int) -> None:
+    """The cheap metrics of a quick validation (voxel counts taken on the model's device, only integers
+    copied back) equal case_metrics on the pasted volumes, case by case, for every output."""
+    config = TrainConfig.from_flat({**TINY, "arm": "seg+recon+loc", "schedule": "constant", "slice_size": slice_size})
+    run = TrainingRun(config, tiny_data)
+    torch.manual_seed(0)
+    for p in run.model.parameters():  # an untrained network predicts ~0.5 everywhere: spread its outputs
+        torch.nn.init.normal_(p, std=0.3)
+    first = next(validation_volumes(list(tiny_data.val), run.slice_config))
+    probs = engine.predict_slices(run.model, first.image, torch.device("cpu"))
+    threshold = float(np.median(probs["seg"]))  # half of the voxels predicted: partial overlaps
+    args = (run.model, tiny_data.val, run.slice_config, torch.device("cpu"), None, threshold)
+    _, quick = engine.evaluate(*args, full=False)
+    _, full = engine.evaluate(*args, full=True)
+    # not trivial: predictions and references on the same cases, partial overlaps
+    assert any(c["pred_volume_ml"] > 0 and c["ref_volume_ml"] > 0 for c in full)
+    assert any(0 < c["loc_dice"] < 1 for c in full) and (slice_size == 32 or any(0 < c["dice"] < 1 for c in full))
+    for q, f in zip(quick, full, strict=True):
+        assert set(q) == {"case", "patient", "dice", "volume_error_ml", "abs_volume_error_ml", "ref_volume_ml",
+                          "pred_volume_ml", "has_necrosis", "loc_dice", "recon_psnr"}  # fmt: skip
+        assert q == {k: f[k] for k in q}  # exactly, not approximately

@@ -86,7 +86,9 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_notices_a_takeover(tmp_path: Pat
 
 def test_a_second_driver_is_refused_while_the_first_runs(sweep_cohort: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    space = small_space(tmp_path, name="one", protocol="sweep", trials=1)  # short: the lock is what is tested
+    space = small_space(
+        tmp_path, name="one", protocol="sweep", trials=1, arms={"unet": {"schedule": "constant", "schedule_params": {}}}
+    )  # short: the lock is tested
     argv = ["sweep", str(space), "--data", str(sweep_cohort), "--storage", str(tmp_path / "st"), "--quiet"]
     first = subprocess.Popen([sys.executable, "-m", "avn_study", *argv, "--num-cpus", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
