@@ -113,3 +113,27 @@ def test_bench_cluster_rows_say_whether_the_target_is_met() -> None:
     alone = cluster_rows([result("concurrent rows", 100.0, 0.7)])
     assert alone[-1][1:] == ("(run alone)", "target >= 0.9 overall: missed") and len(alone) == 2
     assert len(cluster_rows([result("one row at a time", 300.0, 0.3)])) == 1
+
+
+def test_the_cluster_model_bounds_the_scheduling(tmp_path: Path) -> None:
+    """model_utilisation: one slot is always busy; more outer folds fill 32 slots better (the tail of the
+    last searches' stage 2 is a smaller share); the model is seeded."""
+    import yaml
+
+    from avn_study.bench_cluster import model_utilisation
+    from avn_study.resources import shipped_space
+    from avn_study.space import load_space
+
+    raw = yaml.safe_load(shipped_space("ablation").read_text())
+    raw["fixed"] = {**raw["fixed"], "epochs": 20}
+    raw["scheduler"] = {**raw["scheduler"], "grace_period": 4}
+
+    def space(**changes):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({**raw, **changes}))
+        return load_space(tmp_path / "s.yaml")
+
+    one_fold, five = space(folds=[0]), space()
+    assert model_utilisation(one_fold, 1) == pytest.approx(1.0)
+    assert model_utilisation(one_fold, 32, seed=1) == model_utilisation(one_fold, 32, seed=1)
+    assert 0.5 < model_utilisation(one_fold, 32) < model_utilisation(five, 32) <= 1.0
+    assert model_utilisation(space(folds=[0], scheduler={"type": "none"}), 1) == pytest.approx(1.0)
