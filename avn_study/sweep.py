@@ -514,11 +514,15 @@ class Study:
         splits = self.splits if run.outer is None else splits_from_dict(self.inner[run.outer])
         return sorted({self.patients[c] for c in splits.fold(self.space.tuning_fold).val})
 
-    def select(self, run: Stage1) -> Selected:
+    def select(self, run: Stage1, read: dict[Path, list[Any]] | None = None) -> Selected:
         """The stage-1 configuration of ``run`` (the rule of :func:`~avn_study.study_results.best_trial`),
-        read back from the study's folders, and the patients it rests on."""
+        read back from the study's folders, and the patients it rests on. ``read``: experiment folder ->
+        its trials, filled on first use (a study with every search in one folder reads it once)."""
         folder = self.root / self._stage1_experiment(run)
-        trials = [o for o in read_trials(folder, self.space.metric)
+        read = {} if read is None else read
+        if folder not in read:
+            read[folder] = read_trials(folder, self.space.metric)
+        trials = [o for o in read[folder]
                   if o.stage == 1 and o.config.get("_run", run.experiment) == run.experiment]  # fmt: skip
         best = best_trial([(o.trial_id, o.metric, o.epochs) for o in trials if o.status == TERMINATED], self.space.mode)
         if best is None:
@@ -560,15 +564,16 @@ class Study:
 
     def stage2_grid(self) -> list[dict[str, Any]]:
         """Every stage-2 trial: each row's choice (per outer fold when nested) on its folds x seeds x repeats."""
-        grid = []
+        grid: list[dict[str, Any]] = []
+        read: dict[Path, list[Any]] = {}
         for row in self.space.arms:
             if row not in self.space.searched_rows:
                 grid += self._stage2_entries(row, self.space.folds, self._unchosen(row))
             elif self.space.protocol == "nested_ablation":
                 for fold in self.space.folds:
-                    grid += self._stage2_entries(row, [fold], self.select(Stage1(row, fold)))
+                    grid += self._stage2_entries(row, [fold], self.select(Stage1(row, fold), read))
             else:
-                grid += self._stage2_entries(row, self.space.folds, self.select(Stage1(row)))
+                grid += self._stage2_entries(row, self.space.folds, self.select(Stage1(row), read))
         return grid
 
     def _write_plan(self, grid: list[dict[str, Any]]) -> None:
