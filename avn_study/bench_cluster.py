@@ -73,13 +73,14 @@ def _study_class():
     return StandInStudy
 
 
-def model_utilisation(space: Any, slots: int, seed: int = 0) -> float:
+def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]:
     """The ceiling of ``concurrent_rows`` scheduling for ``space`` on ``slots``, with no Ray overhead at
     all: a discrete-event model of the stand-in trials (the same per-arm costs, +-20 % per epoch) under
     the study's hand-out rule (stage-1 trials round-robin over the searches with budget, each search's
     stage 2 once its trials have ended, stage 1 first) and async ASHA per search (Ray's rule: a trial
     stops at a rung when its value is below the ``1 - 1/reduction_factor`` percentile of the values
-    recorded there so far). Metric values are uniform random. Returns busy slot-time / (slots x wall).
+    recorded there so far). Metric values are uniform random. Returns ``utilisation`` (busy slot-time /
+    (slots x wall)) and ``trials`` (how many it ran: the space's plan).
     """
     import heapq
     import random
@@ -87,6 +88,7 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> float:
     import numpy as np
 
     from avn_study.config import TrainConfig
+    from avn_study.space import ABLATIONS
 
     rng = random.Random(seed)
     epochs, sched = TrainConfig.from_flat(space.fixed).optim.epochs, space.scheduler
@@ -95,20 +97,21 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> float:
     def cost(row: str) -> float:
         return ARM_COST.get(str(space.trial_config(row).get("arm", "unet")), 1.0)
 
-    searches = [(row, cost(row)) for _ in (space.folds if space.protocol == "nested_ablation" else [None])
-                for row in space.searched_rows]  # fmt: skip
-    n_stage2 = (len(space.folds) if space.protocol != "nested_ablation" else 1) * len(space.seeds) * space.repeats
+    nested = space.protocol == "nested_ablation"
+    searches = [(row, cost(row)) for _ in (space.folds if nested else [None]) for row in space.searched_rows]
+    runs = len(space.folds) * len(space.seeds) * space.repeats if space.protocol in ABLATIONS else 0  # per row
+    per_search = runs // len(space.folds) if nested else runs  # a nested search chooses for its outer fold only
     started, ended = [0] * len(searches), [0] * len(searches)
     recorded: list[dict[int, list[float]]] = [{} for _ in searches]
-    queue = [cost(r) for r in space.arms if r not in space.searched_rows for _ in range(n_stage2 * len(space.folds))]
+    queue = [cost(r) for r in space.arms if r not in space.searched_rows for _ in range(runs)]  # nothing to wait for
     events: list[tuple[float, int]] = []  # (end time, search index or -1 for stage 2)
-    now, free, busy = 0.0, slots, 0.0
+    now, free, busy, n_trials = 0.0, slots, 0.0, 0
 
     def epochs_time(c: float, n: int) -> float:
         return sum(c * rng.uniform(0.8, 1.2) for _ in range(n))
 
     def launch() -> None:
-        nonlocal free, busy
+        nonlocal free, busy, n_trials
         while free:
             open_ = [i for i in range(len(searches)) if started[i] < space.trials]
             if open_:
@@ -125,8 +128,7 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> float:
                 duration, who = epochs_time(queue.pop(0), epochs), -1
             else:
                 return
-            free -= 1
-            busy += duration
+            free, busy, n_trials = free - 1, busy + duration, n_trials + 1
             heapq.heappush(events, (now + duration, who))
 
     launch()
@@ -135,10 +137,10 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> float:
         free += 1
         if who >= 0:
             ended[who] += 1
-            if ended[who] == space.trials and space.protocol != "sweep":
-                queue += [searches[who][1]] * n_stage2
+            if ended[who] == space.trials:
+                queue += [searches[who][1]] * per_search
         launch()
-    return busy / (slots * now) if now else math.nan
+    return {"utilisation": busy / (slots * now) if now else math.nan, "trials": n_trials}
 
 
 def stage_times(root: Path) -> dict[int, dict[str, float]]:
@@ -208,7 +210,7 @@ def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 
                         "wall_s": wall, "stage_wall_s": spans, "busy_s": busy,
                         "utilisation": {**use, "all": sum(busy.values()) / (slots * wall)}})  # fmt: skip
             if concurrent:
-                out[-1]["model_ceiling"] = model_utilisation(study.space, slots)
+                out[-1]["model_ceiling"] = model_utilisation(study.space, slots)["utilisation"]
     finally:
         ray.shutdown()
     return out

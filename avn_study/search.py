@@ -113,7 +113,6 @@ class RowSearch(Searcher):
         self._configs: dict[str, dict[str, Any]] = {}  # stage-1 trial id -> its sampled parameters
         self._ended: dict[str, list[tuple[str, float | None, int]]] = {k: [] for k in runs}  # see best_trial
         self._queue: list[dict[str, Any]] = list(ready or [])  # stage-2 trials released, not yet handed out
-        self._waiting = sum(len(f.grid) for f in self._follow_ups.values())  # stage-2 trials not yet released
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # metric and mode are set at construction; each run brings its own constants
@@ -124,7 +123,7 @@ class RowSearch(Searcher):
             if self._queue:
                 self._owner[trial_id] = STAGE2_OWNER
                 return self._queue.pop(0)
-            return None if self._waiting else Searcher.FINISHED
+            return None if self._follow_ups else Searcher.FINISHED  # wait for the searches still running
         key = min(open_runs, key=lambda k: self._started[k])  # the first of the least-started, in run order
         run = self._runs[key]
         sampled = run.searcher.suggest(trial_id) if run.searcher is not None else {}
@@ -163,8 +162,7 @@ class RowSearch(Searcher):
         from avn_study.study_results import best_trial
 
         follow_up = self._follow_ups.pop(key)
-        self._waiting -= len(follow_up.grid)
-        best = best_trial([c for c in self._ended[key] if c[1] is not None], self.mode)
+        best = best_trial(self._ended[key], self.mode)
         if best is None:
             return  # nothing to re-train; the driver refuses the study with the row's name
         chosen = {k: v for k, v in {**self._runs[key].constants, **self._configs[best]}.items()
@@ -180,10 +178,8 @@ class RowSearch(Searcher):
                 if run.searcher is not None:
                     run.searcher.save(f"{tmp}/sub")
                     subs[key] = base64.b64encode(Path(f"{tmp}/sub").read_bytes()).decode()
-        released = sorted(set(self._ended) - set(self._follow_ups))
         state = {"started": self._started, "owner": self._owner, "subs": subs, "configs": self._configs,
-                 "ended": self._ended, "queue": self._queue, "released": released,
-                 "waiting": self._waiting}  # fmt: skip
+                 "ended": self._ended, "queue": self._queue, "waiting_for": sorted(self._follow_ups)}  # fmt: skip
         Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -192,11 +188,9 @@ class RowSearch(Searcher):
         self._owner.update(state["owner"])
         self._configs.update(state.get("configs", {}))
         self._ended.update({k: [tuple(c) for c in v] for k, v in state.get("ended", {}).items()})
-        if "queue" in state:
+        if "queue" in state:  # (a state saved before stage 2 joined the experiment has neither)
             self._queue = state["queue"]
-            self._waiting = state["waiting"]
-            for key in state["released"]:
-                self._follow_ups.pop(key, None)
+            self._follow_ups = {k: v for k, v in self._follow_ups.items() if k in state["waiting_for"]}
         with tempfile.TemporaryDirectory() as tmp:
             for key, blob in state["subs"].items():
                 Path(f"{tmp}/sub").write_bytes(base64.b64decode(blob))

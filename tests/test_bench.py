@@ -119,8 +119,9 @@ def test_bench_cluster_rows_say_whether_the_target_is_met() -> None:
 
 
 def test_the_cluster_model_bounds_the_scheduling(tmp_path: Path) -> None:
-    """model_utilisation: one slot is always busy; more outer folds fill 32 slots better (the tail of the
-    last searches' stage 2 is a smaller share); the model is seeded."""
+    """model_utilisation: it runs exactly the trials the space plans (every protocol, nnU-Net rows too);
+    one slot is always busy; more outer folds fill 32 slots better (the tail of the last searches'
+    stage 2 is a smaller share); the model is seeded."""
     import yaml
 
     from avn_study.bench_cluster import model_utilisation
@@ -131,12 +132,51 @@ def test_the_cluster_model_bounds_the_scheduling(tmp_path: Path) -> None:
     raw["fixed"] = {**raw["fixed"], "epochs": 20}
     raw["scheduler"] = {**raw["scheduler"], "grace_period": 4}
 
-    def space(**changes):
-        (tmp_path / "s.yaml").write_text(yaml.safe_dump({**raw, **changes}))
+    def space(base: dict = raw, **changes):
+        merged = {**base, **changes}
+        if merged["protocol"] != "nested_ablation":
+            merged.pop("inner_folds", None)
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(merged))
         return load_space(tmp_path / "s.yaml")
 
+    def utilisation(s, slots: int, seed: int = 0) -> float:
+        return model_utilisation(s, slots, seed)["utilisation"]
+
     one_fold, five = space(folds=[0]), space()
-    assert model_utilisation(one_fold, 1) == pytest.approx(1.0)
-    assert model_utilisation(one_fold, 32, seed=1) == model_utilisation(one_fold, 32, seed=1)
-    assert 0.5 < model_utilisation(one_fold, 32) < model_utilisation(five, 32) <= 1.0
-    assert model_utilisation(space(folds=[0], scheduler={"type": "none"}), 1) == pytest.approx(1.0)
+    fair = space(protocol="fair_ablation", folds=[1, 2, 3], seeds=[0, 1], tuning_fold=0)
+    sweep = space(protocol="sweep", folds=[0])
+    vs_nnunet = yaml.safe_load(shipped_space("vs_nnunet").read_text())
+    nnunet = space(vs_nnunet, folds=[0, 1])  # rows with no search
+    nnunet_fair = space(vs_nnunet, protocol="fair_ablation", folds=[1, 2], tuning_fold=0)
+    for s in (one_fold, five, fair, sweep, nnunet, nnunet_fair):
+        plan = s.plan()
+        planned = plan["stage1_trials"] + plan["stage2_trials"] + plan["nnunet_trials"]
+        assert model_utilisation(s, 32)["trials"] == planned, s.protocol
+    assert nnunet.plan()["nnunet_trials"] > 0
+    assert utilisation(one_fold, 1) == pytest.approx(1.0)
+    assert utilisation(one_fold, 32, seed=1) == utilisation(one_fold, 32, seed=1)
+    assert 0.5 < utilisation(one_fold, 32) < utilisation(five, 32) <= 1.0
+    assert utilisation(space(folds=[0], scheduler={"type": "none"}), 1) == pytest.approx(1.0)
+
+
+def test_bench_cluster_flags_choose_the_schedulings_and_the_folds(monkeypatch, capsys) -> None:
+    """``--scheduling`` and ``--outer-folds`` reach bench_cluster (which is replaced: the flags are tested)."""
+    import avn_study.bench_cluster as bench_cluster
+    from avn_study.cli import main
+
+    calls = []
+
+    def fake(work, **kwargs):
+        calls.append(kwargs)
+        return [{"scheduling": "concurrent rows", "slots": 32, "wall_s": 10.0, "model_ceiling": 0.9,
+                 "stage_wall_s": {"stage 1": 8.0, "stage 2": 4.0},
+                 "utilisation": {"stage 1": 0.9, "stage 2": 0.9, "all": 0.91}}]  # fmt: skip
+
+    monkeypatch.setattr(bench_cluster, "bench_cluster", fake)
+    assert main(["bench", "cluster", "--scheduling", "concurrent", "--outer-folds", "2", "--epoch-seconds", "2"]) == 0
+    assert calls == [{"gpus": 8, "per_gpu": 4, "epoch_s": 2.0, "shape": {"folds": [0, 1]}, "schedulings": (True,)}]
+    out = capsys.readouterr().out
+    assert "outer folds 0-1" in out and "target >= 0.9 overall: met" in out
+    assert main(["bench", "cluster", "--scheduling", "sequential"]) == 0
+    assert calls[-1]["schedulings"] == (False,) and calls[-1]["shape"] is None
+    assert main(["bench", "cluster"]) == 0 and calls[-1]["schedulings"] == (False, True)

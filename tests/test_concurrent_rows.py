@@ -176,6 +176,13 @@ def test_concurrent_rows_choose_what_sequential_rows_choose(
         started = min(times[t.trial_id][0] for t in stage2 if t.row == row)
         assert started >= searched - 1.5  # (Ray's result timestamps are whole seconds)
     plans = [json.loads((s / "stage2_plan.json").read_text()) for s in studies.values()]
+
+    # the plan, written in the study's folder after the run, is what stage 2 ran (trial for trial)
+    def key(entry: dict) -> tuple:
+        return entry["_row"], entry["fold"], entry["seed"], entry["_repeat"]
+
+    ran = sorted(({k: v for k, v in t.config.items() if k != "_avn"} for t in stage2), key=key)
+    assert sorted(plans[1], key=key) == ran
     chosen = [{(g["_row"], g["fold"]): g["lr"] for g in plan} for plan in plans]
     assert chosen[0].keys() == chosen[1].keys()
     result = analyze(studies[True], n_boot=100)
