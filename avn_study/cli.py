@@ -332,8 +332,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     space = load_space(space_argument(args.space))
     if args.plan:
-        print(_plan_text(space))
-        return 0
+        return _print_plan(space, args.data, args.allow_no_verdict, gpus_per_trial=args.gpus_per_trial)
     study = Study(
         space,
         args.data,
@@ -344,6 +343,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         force_unlock=args.force_unlock,
         track=args.track,
+        allow_no_verdict=args.allow_no_verdict,
     )
     resume_hint = (f"avn-study sweep {args.space} --data {args.data} --storage {args.storage} --name {study.name} "
                    "--resume")  # fmt: skip
@@ -375,7 +375,10 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no live progress lines")
     p.add_argument("--track", action="append", default=[], metavar="TOOL",
                    help="also log every trial to tensorboard, mlflow or wandb (repeatable; see README)")  # fmt: skip
-    p.add_argument("--plan", action="store_true", help="print the trials and epochs the space will run, and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the trials, epochs, attainable p and power of the space, and exit")  # fmt: skip
+    p.add_argument("--allow-no-verdict", action="store_true", dest="allow_no_verdict",
+                   help="run a design whose declared contrasts can never reach a verdict (see --plan)")  # fmt: skip
     p.add_argument("--force-unlock", action="store_true", dest="force_unlock",
                    help="take over the study's lock even if its driver looks alive (its host is gone)")  # fmt: skip
     p.set_defaults(func=cmd_sweep)
@@ -402,16 +405,22 @@ def run_study(study, resume: bool, address: str | None, num_cpus: int | None, re
         study.close()
 
 
-def _plan_text(space) -> str:
+def _plan_text(space, gpus_per_trial: float | None = None) -> str:
     """``sweep --plan``: the trials and epochs a space will run, before anything starts."""
     plan = space.plan()
     searched = len(space.searched_rows)
-    where = (f"{plan['searches']} searches ({searched} rows x {len(space.folds)} outer folds)"
-             if space.protocol == "nested_ablation" else f"{plan['searches']} searches (one per row)")  # fmt: skip
+    if space.protocol == "nested_ablation":
+        shape = f"{searched} rows x {len(space.folds)} outer folds" + (
+            f" x {len(space.seeds)} seeds (a search per seed)" if space.search_per_seed else "")  # fmt: skip
+    elif space.search_per_seed:
+        shape = f"{searched} rows x {len(space.folds)} reported folds x {len(space.seeds)} seeds (a search per seed)"
+    else:
+        shape = "one per row"
     lines = [
         f"{space.path}: {space.protocol}, {plan['rows']} rows",
-        f"stage 1: {where} x {space.trials} trials = {plan['stage1_trials']} trials, "
-        f"~{plan['stage1_epochs']:,.0f} epochs with {space.scheduler.type} (at most {plan['stage1_epochs_max']:,})",
+        f"stage 1: {plan['searches']} searches ({shape}) x "
+        f"{space.trials} trials = {plan['stage1_trials']} trials, ~{plan['stage1_epochs']:,.0f} epochs with "
+        f"{space.scheduler.type} (at most {plan['stage1_epochs_max']:,})",
     ]
     if plan["stage2_trials"]:
         lines.append(f"stage 2: {searched} rows x {len(space.folds)} folds x {len(space.seeds) * space.repeats} "
@@ -426,8 +435,65 @@ def _plan_text(space) -> str:
     else:
         lines.append("scheduling: one search after another" + (", then stage 2" if plan["stage2_trials"] else "")
                      + " (concurrent_rows: true keeps a cluster fuller)")  # fmt: skip
-    lines.append(f"each trial: {space.cpu:g} CPU, {space.gpu:g} GPU")
+    gpu = space.gpu if gpus_per_trial is None else gpus_per_trial
+    lines.append(f"each trial: {space.cpu:g} CPU, {gpu:g} GPU" + (" (--gpus-per-trial)" if gpus_per_trial is not None
+                                                                   else ""))  # fmt: skip
     return "\n".join(lines)
+
+
+def _cohort_patients(space, data: Path | None) -> tuple[int | None, int | None]:
+    """(reported patients the primary metric is defined on, every patient) of a cohort, or (None, None)."""
+    if data is None or not (Path(data) / "dataset.json").is_file():
+        return None, None
+    from avn_study.config import TrainConfig
+    from avn_study.engine import cohort_split
+    from avn_study.plan import reported_patients
+
+    searched = space.searched_rows
+    config = TrainConfig.from_flat(space.trial_config(searched[0]) if searched else space.fixed)
+    cases, splits = cohort_split(data, config)
+    return reported_patients(space, cases, splits), len({c.patient_id for c in cases})
+
+
+def _print_plan(space, data: Path | None, allow_no_verdict: bool, pilot: Path | None = None,
+                patients: int | None = None, gpus_per_trial: float | None = None) -> int:  # fmt: skip
+    """``sweep --plan`` and ``avn-study plan``: what the space runs and what its design can decide; exit 2
+    (with the refusal the sweep would give) when no verdict can be reached, unless allowed."""
+    from avn_study.plan import check_verdicts, plan_lines
+
+    reported, cohort = _cohort_patients(space, data)
+    if patients is not None:
+        reported, cohort = reported or patients, cohort or patients
+    components = None
+    if pilot is not None:
+        from avn_study.analysis.pilot import pilot_components
+
+        components = pilot_components(pilot, space.primary_metric)
+        print(f"pilot study {pilot}: variance components of {space.primary_metric} estimated from its stage 2")
+    print(_plan_text(space, gpus_per_trial))
+    print("\n".join(plan_lines(space, reported, cohort, components)))
+    check_verdicts(space, reported, allow_no_verdict or space.allow_no_verdict)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from avn_study.resources import space_argument
+    from avn_study.space import load_space
+
+    space = load_space(space_argument(args.space))
+    return _print_plan(space, args.data, args.allow_no_verdict, args.pilot, args.patients)
+
+
+def _plan_parser(sub) -> None:
+    """``avn-study plan``'s arguments (next to :func:`cmd_plan`)."""
+    p = sub.add_parser("plan", help="what a space's design can decide: attainable p, power, detectable effects")
+    p.add_argument("space", type=_path, help="search-space YAML file, or a shipped one by name")
+    p.add_argument("--data", type=_path, help="the cohort (for the reported patients with necrosis and the cost)")
+    p.add_argument("--patients", type=_positive_int, help="reported patients, when the cohort is not at hand")
+    p.add_argument("--pilot", type=_path, help="a finished study folder: estimate the variance components from it")
+    p.add_argument("--allow-no-verdict", action="store_true", dest="allow_no_verdict",
+                   help="exit 0 even when a contrast can never reach a verdict")  # fmt: skip
+    p.set_defaults(func=cmd_plan)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -710,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     _split_parser(sub)
     _train_parser(sub)
     _sweep_parser(sub)
+    _plan_parser(sub)
     _demo_parser(sub)
     _analyze_parser(sub)
     _export_parser(sub)

@@ -26,7 +26,13 @@ Example (all keys; see README "Search-space files")::
                                  # nested_ablation: the outer folds
     inner_folds: 3               # nested_ablation: inner folds of each outer fold's training patients
     seeds: [0, 1]
+    search_per_seed: true        # every seed is a replicate of the whole pipeline: its own stage-1 search
     repeats: 1
+    primary_metric: dice         # the verdicts' metric (a per-case metric); the others are descriptive
+    reference: unet              # default: unet, else the first row
+    groups:                      # the questions, each answered by its contrasts (Holm over all of them)
+      "Does localisation help?": [unet, seg+loc]          # each row vs the reference
+      "Is it the gate?": {rows: [seg+loc/no-gate], contrasts: [[seg+loc, seg+loc/no-gate]]}
     scheduler: {type: asha, grace_period: 2, reduction_factor: 2}   # or {type: none}
     resources: {cpu: 1, gpu: 0}
     max_concurrent: 2
@@ -38,7 +44,7 @@ Example (all keys; see README "Search-space files")::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +59,8 @@ from avn_study.vocabulary import NNUNET_ARMS, TRIAL_METRICS
 TOP_KEYS = {
     "name", "protocol", "metric", "mode", "fixed", "arms", "groups", "search", "trials", "tuning_fold", "folds",
     "inner_folds", "seeds", "repeats", "scheduler", "resources", "max_concurrent", "checkpoint", "max_failures",
-    "sampler_seed", "concurrent_rows",
+    "sampler_seed", "concurrent_rows", "search_per_seed", "primary_metric", "reference", "alpha",
+    "allow_no_verdict",
 }  # fmt: skip
 PROTOCOLS = ("sweep", "fair_ablation", "nested_ablation")
 ABLATIONS = ("fair_ablation", "nested_ablation")  # protocols with a stage 2 whose results are reported
@@ -93,6 +100,19 @@ class Scheduler:
 
 
 @dataclass(frozen=True)
+class Contrast:
+    """One comparison a study is run to make: ``row`` against ``against``, answering ``question``."""
+
+    question: str
+    row: str
+    against: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.row} vs {self.against}"
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     """A validated search-space file."""
 
@@ -119,7 +139,27 @@ class SearchSpace:
     max_failures: int
     sampler_seed: int
     concurrent_rows: bool = False  # the whole study in one Ray experiment: every search at once, stage 2 per row
+    search_per_seed: bool = False  # each stage-2 seed has its own stage-1 search (a replicate of the pipeline)
+    primary_metric: str = "dice"  # the per-case metric the verdicts are on (avn_study.analysis.stats.METRICS)
+    reference: str = ""  # the row every other row is compared with by default
+    alpha: float = 0.05  # family-wise error rate of the primary contrasts (Holm)
+    contrasts: tuple[Contrast, ...] = ()  # the primary family: what the study is run to decide
+    allow_no_verdict: bool = False  # run a design that can reach no verdict (a machinery test, not a study)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def replicates(self) -> int:
+        """Stage-2 runs per row and reported fold (seeds x repeats)."""
+        return len(self.seeds) * self.repeats
+
+    def searches_per_row(self) -> int:
+        """Stage-1 searches of one searched row."""
+        if self.protocol == "sweep":
+            return 1
+        per_fold = len(self.seeds) if self.search_per_seed else 1
+        if self.protocol == "nested_ablation" or self.search_per_seed:
+            return len(self.folds) * per_fold
+        return 1
 
     @property
     def searched_rows(self) -> list[str]:
@@ -138,7 +178,7 @@ class SearchSpace:
         promotes a little more while a rung is still filling, so take it as a lower estimate.
         """
         epochs = TrainConfig.from_flat(self.fixed).optim.epochs
-        searches = len(self.searched_rows) * (len(self.folds) if self.protocol == "nested_ablation" else 1)
+        searches = len(self.searched_rows) * self.searches_per_row()
         stage1 = searches * self.trials
         runs = len(self.folds) * len(self.seeds) * self.repeats if self.protocol in ABLATIONS else 0  # per row
         stage2, nnunet = len(self.searched_rows) * runs, (len(self.arms) - len(self.searched_rows)) * runs
@@ -293,7 +333,6 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
     fixed = r.mapping(raw, "fixed")
     _check_flat(r, fixed, "fixed")
     arms = _parse_arms(r, raw, fixed)
-    _check_groups(r, raw, arms)
     search = tuple(_parse_param(r, key, spec) for key, spec in r.mapping(raw, "search").items())
     n_folds = TrainConfig.from_flat({**fixed}).data.n_folds
     folds, tuning_fold, inner_folds = _parse_folds(r, raw, protocol, n_folds)
@@ -318,8 +357,16 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
         checkpoint_frequency=r.number(ckpt, "checkpoint.frequency", 1, low=1),
         num_to_keep=r.number(ckpt, "checkpoint.num_to_keep", 2, low=1),
         max_failures=r.number(raw, "max_failures", 1, low=0), sampler_seed=r.number(raw, "sampler_seed", 0, low=0),
-        concurrent_rows=_flag(r, raw, "concurrent_rows"), raw=raw,
+        concurrent_rows=_flag(r, raw, "concurrent_rows"), search_per_seed=_flag(r, raw, "search_per_seed"),
+        primary_metric=_primary_metric(r, raw), reference=_reference(r, raw, arms),
+        alpha=r.number(raw, "alpha", 0.05, kind=float, low=1e-6),
+        allow_no_verdict=_flag(r, raw, "allow_no_verdict"), raw=raw,
     )  # fmt: skip
+    if not space.alpha < 0.5:
+        raise r.fail("alpha", f"the family-wise error rate must be < 0.5, got {space.alpha}")
+    if space.search_per_seed and protocol == "sweep":
+        raise r.fail("search_per_seed", "a sweep has no stage 2 whose seeds could have their own searches")
+    space = replace(space, contrasts=_parse_contrasts(r, raw, arms, space.reference))
     if space.gpu > 1 and not space.gpu.is_integer():
         raise r.fail(
             "resources.gpu", f"fractions are for sharing one GPU: use a value <= 1 or an integer, got {space.gpu}"
@@ -367,14 +414,75 @@ def _parse_folds(r: _Reader, raw: dict[str, Any], protocol: str, n_folds: int) -
     return folds, tuning_fold, inner_folds
 
 
-def _check_groups(r: _Reader, raw: dict[str, Any], arms: dict[str, dict[str, Any]]) -> None:
-    """``groups``: report headings (the question a set of rows answers) -> the rows under each."""
+def _primary_metric(r: _Reader, raw: dict[str, Any]) -> str:
+    from avn_study.vocabulary import CASE_METRICS
+
+    return r.known(raw.get("primary_metric", "dice"), tuple(CASE_METRICS), "primary_metric")
+
+
+def _reference(r: _Reader, raw: dict[str, Any], arms: dict[str, dict[str, Any]]) -> str:
+    if "reference" in raw:
+        return r.known(str(raw["reference"]), tuple(arms), "reference")
+    return "unet" if "unet" in arms else next(iter(arms))
+
+
+def group_rows(groups: dict[str, Any]) -> dict[str, list[str]]:
+    """``groups`` of a space (as written) -> title: its rows, in order (both forms: a list, or ``rows:``)."""
+    return {str(t): list(g.get("rows", []) if isinstance(g, dict) else g) for t, g in (groups or {}).items()}
+
+
+def default_contrasts(rows: list[str], reference: str,
+                      arms: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, str]]:  # fmt: skip
+    """Each row vs the reference, and each control vs the row it controls: a row named ``X/...`` whose
+    arm is the row ``X`` (``seg+loc/no-gate`` is ``seg+loc`` without its gate)."""
+    pairs = [(row, reference) for row in rows if row != reference]
+    for row in rows:
+        base = (arms or {}).get(row, {}).get("arm", row.split("/", 1)[0])
+        if "/" in row and base in (arms or {}) and base != reference and base != row:
+            pairs.append((row, base))
+    return pairs
+
+
+def _parse_contrasts(r: _Reader, raw: dict[str, Any], arms: dict[str, dict[str, Any]],
+                     reference: str) -> tuple[Contrast, ...]:  # fmt: skip
+    """``groups``: the questions (report headings), each with its rows and the contrasts that answer it.
+
+    A group is a list of rows (its contrasts: each row vs the reference, and each control vs the row it
+    controls) or a mapping ``{rows: [...], contrasts: [[row, against], ...]}``. Without groups, every
+    row is compared with the reference. A contrast appears once, under the first question that asks it.
+    """
+    rows = list(arms)
     groups = r.mapping(raw, "groups")
-    for title, rows in groups.items():
-        if not isinstance(rows, list) or not rows:
-            raise r.fail(f"groups.{title}", f"expected a non-empty list of row names, got {rows!r}")
-        for row in rows:
-            r.known(str(row), tuple(arms), f"groups.{title}")
+    if not groups:
+        groups = {"Every row against the reference": rows}
+    out: dict[tuple[str, str], Contrast] = {}
+    for title, group in groups.items():
+        key = f"groups.{title}"
+        if isinstance(group, dict):
+            for sub in group:
+                r.known(sub, {"rows", "contrasts"}, f"{key}.{sub}")
+            members, pairs = group.get("rows", []), group.get("contrasts")
+        else:
+            members, pairs = group, None
+        if not isinstance(members, list) or not members:
+            raise r.fail(key, f"expected a non-empty list of row names (or {{rows: [...], contrasts: [...]}}), "
+                              f"got {group!r}")  # fmt: skip
+        members = [r.known(str(row), tuple(rows), key) for row in members]
+        if pairs is None:
+            pairs = [list(p) for p in default_contrasts(members, reference, arms)]
+            if not pairs:  # a group of the reference alone asks nothing
+                continue
+        if not isinstance(pairs, list) or not pairs:
+            raise r.fail(f"{key}.contrasts", f"expected a non-empty list of [row, against] pairs, got {pairs!r}")
+        for pair in pairs:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise r.fail(f"{key}.contrasts", f"each contrast is a pair [row, against], got {pair!r}")
+            row, against = (r.known(str(x), tuple(rows), f"{key}.contrasts") for x in pair)
+            if row == against:
+                raise r.fail(f"{key}.contrasts", f"a row cannot be compared with itself: {pair!r}")
+            if (row, against) not in out and (against, row) not in out:
+                out[(row, against)] = Contrast(str(title), row, against)
+    return tuple(out.values())
 
 
 def _check_flat(r: _Reader, flat: dict[str, Any], key: str) -> None:

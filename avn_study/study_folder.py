@@ -98,21 +98,40 @@ def check_rows(rows: list[str], source: str) -> None:
 
 @dataclass(frozen=True)
 class Stage1:
-    """One Optuna search of stage 1: a row, on the tuning fold or inside an outer fold (nested)."""
+    """One Optuna search of stage 1: a row, on the tuning fold or inside an outer fold (nested); with
+    ``search_per_seed``, one per stage-2 seed (and, in a fair ablation, per reported fold), so that every
+    seed is a replicate of the whole pipeline."""
 
     row: str
     outer: int | None = None  # nested_ablation: the outer fold searched inside
+    seed: int | None = None  # search_per_seed: the stage-2 seed (replicate) whose configuration it chooses
+    fold: int | None = None  # fair_ablation with search_per_seed: the reported fold its choice is trained on
 
     @property
     def experiment(self) -> str:
-        return f"{STAGE1_PREFIX}{slug(self.row)}" + ("" if self.outer is None else f"-outer{self.outer}")
+        name = f"{STAGE1_PREFIX}{slug(self.row)}" + ("" if self.outer is None else f"-outer{self.outer}")
+        name += "" if self.fold is None else f"-fold{self.fold}"
+        return name + ("" if self.seed is None else f"-seed{self.seed}")
 
     def optuna_study(self, study: str) -> str:
         return f"{study}-{self.experiment.removeprefix(STAGE1_PREFIX)}"
 
     @property
     def label(self) -> str:
-        return f"stage 1 {self.row}" + ("" if self.outer is None else f" (outer fold {self.outer})")
+        where = [f"outer fold {self.outer}"] if self.outer is not None else []
+        where += [f"for fold {self.fold}"] if self.fold is not None else []
+        where += [f"seed {self.seed}"] if self.seed is not None else []
+        return f"stage 1 {self.row}" + (f" ({', '.join(where)})" if where else "")
+
+    def replicate_seed(self, base: int, salt: str) -> int:
+        """A seed of this search's own (``salt``: what it seeds), the same on every run of the study and
+        independent across searches: rows, folds and replicates never share one sampler or one init."""
+        import hashlib
+
+        if self.seed is None:
+            return base  # one search shared by the seeds (studies before search_per_seed)
+        key = json.dumps([base, salt, self.row, self.outer, self.fold, self.seed]).encode()
+        return int(hashlib.sha256(key).hexdigest()[:8], 16)
 
 
 # ----------------------------------------------------------------------------------------------- paths

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import AvnError, DataError, UsageError
-from avn_study.space import ABLATIONS, SearchSpace
+from avn_study.space import ABLATIONS, SearchSpace, group_rows
 from avn_study.study_folder import (
     DRIVER_LOG,
     ERROR,
@@ -72,7 +72,7 @@ class Study:
                  max_concurrent: int | None = None, gpus_per_trial: float | None = None,
                  progress: bool = True, fault: dict[str, Any] | None = None,
                  callbacks: list[Any] | None = None, force_unlock: bool = False,
-                 track: list[str] | None = None) -> None:  # fmt: skip
+                 track: list[str] | None = None, allow_no_verdict: bool = False) -> None:  # fmt: skip
         if track:  # before anything else touches the storage
             from avn_study.tracking import check_trackers
 
@@ -86,6 +86,9 @@ class Study:
         self.store = open_study_storage(storage, self.name)
         self.storage, self.root = self.store.storage, self.store.mirror
         self.force_unlock = force_unlock
+        # a design none of whose declared contrasts can reach a verdict is refused before Ray starts
+        self.allow_no_verdict = allow_no_verdict or space.allow_no_verdict
+        self.verdict_warnings: list[str] = []
         self.lock: StudyLock | None = None
         self.max_concurrent = space.max_concurrent if max_concurrent is None else max_concurrent
         self.gpu = space.gpu if gpus_per_trial is None else gpus_per_trial
@@ -128,6 +131,10 @@ class Study:
         self.split_hash = splits.hash
         if not resume:
             self._check_tuning_sets(splits, cases)
+            from avn_study.plan import check_verdicts, reported_patients
+
+            self.verdict_warnings = check_verdicts(self.space, reported_patients(self.space, cases, splits),
+                                                   self.allow_no_verdict)  # fmt: skip
         created = self._take_lock(resume)
         try:
             self._check_exists(resume)  # again, now that no other driver can change it
@@ -224,8 +231,13 @@ class Study:
                 "name": self.name, "protocol": self.space.protocol, "metric": self.space.metric,
                 "mode": self.space.mode, "data": str(self.data), "split_hash": self.split_hash,
                 "test_cases": len(splits.test), "rows": list(self.space.arms),
-                "stage1": [{"row": s.row, "outer": s.outer, "experiment": s.experiment,
+                "stage1": [{"row": s.row, "outer": s.outer, "seed": s.seed, "fold": s.fold, "experiment": s.experiment,
                             "optuna_study": s.optuna_study(self.name)} for s in self.stage1_runs()],
+                "primary_metric": self.space.primary_metric, "alpha": self.space.alpha,
+                "reference": self.space.reference, "search_per_seed": self.space.search_per_seed,
+                "questions": group_rows(self.space.raw.get("groups") or {}),
+                "contrasts": [[c.question, c.row, c.against] for c in self.space.contrasts],
+                "resources": {"cpu": self.space.cpu, "gpu": self.gpu},
                 "space": self.space.raw,
             }, indent=1, default=str))  # fmt: skip
         except OSError as err:
@@ -233,11 +245,26 @@ class Study:
         self._push(MANIFEST, SPACE_COPY, NESTED_SPLITS, SPLITS_COPY)
 
     def stage1_runs(self) -> list[Stage1]:
-        """The stage-1 searches in the order they run: per row, and per outer fold for nested_ablation."""
+        """The stage-1 searches in the order they run: per row, per outer fold for nested_ablation, and
+        with ``search_per_seed`` per seed (and, in a fair ablation, per reported fold)."""
         rows = self.space.searched_rows  # nnU-Net rows configure themselves: stage 2 only
+        per_seed = self.space.search_per_seed and self.space.protocol in ABLATIONS
+        seeds: list[int | None] = list(self.space.seeds) if per_seed else [None]
         if self.space.protocol == "nested_ablation":
-            return [Stage1(row, outer) for outer in self.space.folds for row in rows]
+            return [Stage1(row, outer, seed) for outer in self.space.folds for row in rows for seed in seeds]
+        if per_seed:
+            return [Stage1(row, None, seed, fold) for fold in self.space.folds for row in rows for seed in seeds]
         return [Stage1(row) for row in rows]
+
+    def _replicate_of(self, run: Stage1) -> tuple[list[int], list[int]]:
+        """(folds, seeds) of the stage-2 runs trained from ``run``'s choice."""
+        if run.outer is not None:
+            folds = [run.outer]
+        elif run.fold is not None:
+            folds = [run.fold]
+        else:
+            folds = list(self.space.folds)
+        return folds, list(self.space.seeds) if run.seed is None else [run.seed]
 
     def _freeze_inner(self, splits: Any, cases: list[Any], resume: bool) -> None:
         """nested_ablation: make (or, resuming, read back) the inner folds of every outer fold."""
@@ -401,7 +428,7 @@ class Study:
 
         distributions = {p.name: _distribution(p) for p in self.space.search}
         storage = self._optuna_storage()
-        sampler = optuna.samplers.TPESampler(seed=self.space.sampler_seed)
+        sampler = optuna.samplers.TPESampler(seed=run.replicate_seed(self.space.sampler_seed, "sampler"))
         return FinalValueOptunaSearch(distributions, metric=self.space.metric, mode=self.space.mode, sampler=sampler,
                                       study_name=run.optuna_study(self.name), storage=storage,
                                       epochs=self._epochs())  # fmt: skip
@@ -427,11 +454,12 @@ class Study:
     # ---------------------------------------------------------------- stages
     def _stage1_constants(self, run: Stage1) -> dict[str, Any]:
         """What every trial of one stage-1 search shares: the row's config on its validation fold."""
+        seed = run.replicate_seed(self.space.sampler_seed, "stage1")
         if run.outer is None:
-            flat = self.space.trial_config(run.row, fold=self.space.tuning_fold, seed=self.space.sampler_seed)
+            flat = self.space.trial_config(run.row, fold=self.space.tuning_fold, seed=seed)
         else:  # nested: validate on an inner fold of the outer fold's training patients
             inner = {"inner_fold": self.space.tuning_fold, "n_inner_folds": self.space.inner_folds}
-            flat = self.space.trial_config(run.row, fold=run.outer, seed=self.space.sampler_seed, **inner)
+            flat = self.space.trial_config(run.row, fold=run.outer, seed=seed, **inner)
         return {**flat, "_row": run.row, "_stage": 1, "_avn": self._meta(run.outer)}
 
     def _tune_config(self, search: Any, scheduler: Any, num_samples: int):
@@ -485,8 +513,9 @@ class Study:
         if with_stage2:
             meta = {"_avn": self._meta(test=True)}
             for run in runs:
-                folds = self.space.folds if run.outer is None else [run.outer]
-                follow_ups[run.experiment] = FollowUp([{**e, **meta} for e in self._stage2_entries(run.row, folds)],
+                folds, seeds = self._replicate_of(run)
+                entries = self._stage2_entries(run.row, folds, seeds=seeds, run=run)
+                follow_ups[run.experiment] = FollowUp([{**e, **meta} for e in entries],
                                                       self._search_patients(run))  # fmt: skip
             for row in set(self.space.arms) - set(self.space.searched_rows):  # nnU-Net: chooses nothing
                 ready += [{**e, **meta} for e in self._stage2_entries(row, self.space.folds, self._unchosen(row))]
@@ -547,33 +576,37 @@ class Study:
         """A row that chooses nothing (nnU-Net configures itself): its one configuration, on no patient."""
         return Selected(self.space.trial_config(row), None, None, [])
 
-    def _stage2_entries(self, row: str, folds: list[int], chosen: Selected | None = None) -> list[dict[str, Any]]:
+    def _stage2_entries(self, row: str, folds: list[int], chosen: Selected | None = None,
+                        seeds: list[int] | None = None, run: Stage1 | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """Stage 2 of ``row`` on ``folds``: every seed and repeat of ``chosen`` (None: the parameters and
-        the record of what they rest on are added once the row's search has chosen)."""
+        the record of what they rest on are added once the row's search has chosen). ``run``: the search
+        whose choice it is; with ``search_per_seed`` it seeds its runs itself (:meth:`Stage1.replicate_seed`)."""
         config = chosen.config if chosen is not None else {}
         record = {} if chosen is None else {"_selected_on": chosen.patients, "_selected_trial": chosen.trial_id,
                                             "_selected_in": chosen.experiment}  # fmt: skip
         entries = []
         for fold in folds:
-            for seed in self.space.seeds:
+            for seed in self.space.seeds if seeds is None else seeds:
                 for repeat in range(self.space.repeats):
                     run_seed = seed + 10_007 * repeat  # repeats add seeds beyond the listed ones
+                    if run is not None and run.seed is not None:
+                        run_seed = run.replicate_seed(run_seed, "stage2")
                     entries.append({**config, "fold": fold, "inner_fold": -1, "seed": run_seed, "_row": row,
-                                    "_stage": 2, "_repeat": repeat, **record})  # fmt: skip
+                                    "_stage": 2, "_repeat": repeat, "_replicate": seed, **record})  # fmt: skip
         return entries
 
     def stage2_grid(self) -> list[dict[str, Any]]:
-        """Every stage-2 trial: each row's choice (per outer fold when nested) on its folds x seeds x repeats."""
+        """Every stage-2 trial: each search's choice on its folds x seeds x repeats, row by row."""
         grid: list[dict[str, Any]] = []
         read: dict[Path, list[Any]] = {}
+        runs = self.stage1_runs()
         for row in self.space.arms:
             if row not in self.space.searched_rows:
                 grid += self._stage2_entries(row, self.space.folds, self._unchosen(row))
-            elif self.space.protocol == "nested_ablation":
-                for fold in self.space.folds:
-                    grid += self._stage2_entries(row, [fold], self.select(Stage1(row, fold), read))
-            else:
-                grid += self._stage2_entries(row, self.space.folds, self.select(Stage1(row), read))
+                continue
+            for run in (r for r in runs if r.row == row):
+                folds, seeds = self._replicate_of(run)
+                grid += self._stage2_entries(row, folds, self.select(run, read), seeds=seeds, run=run)
         return grid
 
     def _write_plan(self, grid: list[dict[str, Any]]) -> None:

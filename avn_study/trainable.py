@@ -112,6 +112,18 @@ def overlay_bytes(overlays: dict[str, dict[str, Any]], keep: int = OVERLAY_CASES
     return buffer.getvalue()
 
 
+def peak_memory_mb(device: Any) -> float:
+    """The trial's peak memory so far: the GPU's allocator peak on CUDA, else the worker process's peak
+    resident set (an upper bound: Ray reuses a worker for several trials)."""
+    import resource
+
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
 def _maybe_inject_fault(meta: dict[str, Any], epoch: int, files: TrialFiles) -> None:
     """Test hook (``_avn.fault``): die once at an epoch, so the retry from a checkpoint is exercised."""
     fault = meta.get("fault") or {}
@@ -211,6 +223,8 @@ def train_trial(config: dict[str, Any]) -> None:
     data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"), meta.get("inner"),
                         meta.get("split"))  # fmt: skip
     run = TrainingRun(train_config, data)
+    if run.device.type == "cuda":  # the peak this trial reaches, not a previous trial's in a reused worker
+        torch.cuda.reset_peak_memory_stats(run.device)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -232,7 +246,7 @@ def train_trial(config: dict[str, Any]) -> None:
             _, test_cases = run.evaluate_test()
             rows = [{**identity, "epoch": epoch, **case} for case in test_cases]
             files.write(per_case_file(epoch, test=True), json.dumps(rows))
-        metrics = {**identity, **record}
+        metrics = {**identity, **record, "peak_memory_mb": peak_memory_mb(run.device)}
         if run.done or (epoch + 1) % every == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 run.save(tmp)

@@ -133,8 +133,9 @@ def smoke_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def nested_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished smoke *nested* ablation (concurrent rows) with a held-out test set and two seeds, run in a
-    subprocess like ``smoke_experiment``: 10 patients, 2 of them held out, 3 outer folds x 2 inner folds."""
+    """A finished smoke *nested* ablation (concurrent rows) with a held-out test set and two seeds, each with
+    its own search, run in a subprocess like ``smoke_experiment``: 10 patients, 2 of them held out, 3 outer
+    folds x 2 inner folds."""
     import subprocess
     import sys
 
@@ -151,8 +152,9 @@ def nested_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
         folds=[0, 1, 2],
         inner_folds=2,
         seeds=[0, 1],
+        search_per_seed=True,
         concurrent_rows=True,
-    )  # fmt: skip (6 searches in one experiment)
+    )  # fmt: skip (12 searches in one experiment: a search per row, outer fold and seed)
     command = [sys.executable, "-m", "avn_study", "sweep", str(space), "--data", str(cohort),
                "--storage", str(work / "storage"), "--num-cpus", "2", "--quiet"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)

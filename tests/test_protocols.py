@@ -130,10 +130,15 @@ def test_nested_report_says_what_it_is_and_scores_the_test_set(nested_experiment
     summary = (tmp_path / "a" / "summary.md").read_text()
     assert "**Protocol: nested cross-validation**" in summary and "inner fold 0 of 2" in summary
     assert "## Held-out test set" in summary and "**Held-out test set:** 2 patients" in summary
-    assert "both of which must reject" in summary  # the method and its limits
+    assert "both must reject" in summary and "## Questions" in summary  # the method, the questions
+    assert "seg+recon+loc vs unet:" in summary  # the question's contrast, in words
     assert (tmp_path / "a" / "test_cases.csv").is_file() and (tmp_path / "a" / "test_comparison.csv").is_file()
     analysis = analyze(nested_experiment, n_boot=200)
-    assert analysis.comparison["n_runs_row"].iloc[0] == 6 and analysis.comparison["p_runs"].notna().all()
+    # a search per row, outer fold and seed: 6 replicates per row, C(4, 2)^3 labellings within the outer folds
+    assert analysis.comparison["n_replicates_row"].iloc[0] == 6 and analysis.comparison["p_replicates"].notna().all()
+    assert analysis.comparison["p_replicates_min"].iloc[0] == pytest.approx(2 / 6**3)
+    stage2 = analysis.experiment.trials.query("stage == 2")
+    assert stage2.groupby(["row", "fold"])["unit"].nunique().eq(2).all()  # each seed its own search
     # export: a row is scored over all its outer folds; the bundle says why
     assert main(["export", str(nested_experiment), "--out", str(tmp_path / "bundle")]) == 0
     metrics = json.loads((tmp_path / "bundle" / "metrics.json").read_text())

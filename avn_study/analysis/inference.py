@@ -12,7 +12,11 @@ two rows are the same arm with different seeds).
 - :func:`run_permutation_test`: the mean paired difference with the *trained models* as the random
   unit: the row labels of runs trained on the same fold are permuted. Patients evaluated by one model share
   its luck (a good seed lifts every patient of its fold), which the signed-rank test cannot see.
-- :func:`holm`: Holm's step-down correction.
+- :class:`ShiftPermutation`: the verdict's test. The row labels of whole *pipeline replicates* (a
+  stage-1 search and the runs trained from its choice) are permuted within the folds they were
+  evaluated on, and the same test is inverted under a shift to give the interval, so the interval
+  excludes 0 exactly when the test rejects at the interval's level.
+- :func:`holm`: Holm's step-down correction; :func:`holm_levels`: the level each contrast was decided at.
 """
 
 from __future__ import annotations
@@ -219,3 +223,144 @@ def _labelled_statistics(values: np.ndarray, labellings: np.ndarray, scale: floa
         d = (row @ filled) / (row @ present) - (ref @ filled) / (ref @ present)  # (L, patients)
     keep = np.isfinite(d).all(axis=0)  # patients both rows evaluated (the same under every labelling)
     return tie_rounded(d[:, keep], scale).mean(axis=1)
+
+
+# ------------------------------------------------------------------ pipeline replicates: test and interval
+def labellings(is_row: np.ndarray, strata: np.ndarray, n_perm: int = N_PERM, seed: int = 0) -> tuple[np.ndarray, bool]:
+    """Every relabelling of units that keeps each stratum's numbers of row and reference units.
+
+    Returns:
+        ``(labellings, exact)``: a boolean ``(L, units)`` array whose first row is the observed labelling,
+        and whether it holds every labelling (at most ``n_perm`` of them) or ``n_perm`` random ones.
+    """
+    is_row = np.asarray(is_row, dtype=bool)
+    strata = np.asarray(strata)
+    groups = [np.flatnonzero(strata == s) for s in dict.fromkeys(strata.tolist())]
+    choices = [list(itertools.combinations(idx.tolist(), int(is_row[idx].sum()))) for idx in groups]
+    total = math.prod(len(c) for c in choices)
+    if total <= n_perm:
+        out = np.zeros((total, is_row.size), dtype=bool)
+        for k, combo in enumerate(itertools.product(*choices)):
+            out[k, [i for chosen in combo for i in chosen]] = True
+        observed = int(np.flatnonzero((out == is_row).all(axis=1))[0])
+        out[[0, observed]] = out[[observed, 0]]
+        return out, True
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n_perm, is_row.size), dtype=bool)
+    for idx in groups:
+        picks = np.argsort(rng.random((n_perm, idx.size)), axis=1)[:, : int(is_row[idx].sum())]
+        sub = np.zeros((n_perm, idx.size), dtype=bool)
+        np.put_along_axis(sub, picks, True, axis=1)
+        out[:, idx] = sub
+    return np.vstack([is_row[None, :], out]), False  # the observed labelling counts once
+
+
+def labelled_means(values: np.ndarray, labelling: np.ndarray) -> np.ndarray:
+    """The mean per-patient difference (row units minus reference units) under each labelling ``(L, units)``.
+
+    ``values``: ``(units, patients)``, NaN where a unit did not evaluate a patient. A patient counts
+    where both rows evaluated them; that set is the same under every labelling that keeps each
+    stratum's counts, so the statistic is linear in ``values``.
+    """
+    present = np.isfinite(values)
+    filled = np.where(present, values, 0.0)
+    row = labelling.astype(float)
+    ref = 1.0 - row
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (row @ filled) / (row @ present) - (ref @ filled) / (ref @ present)  # (L, patients)
+    keep = np.isfinite(d[0])
+    return d[:, keep].mean(axis=1) if keep.any() else np.full(labelling.shape[0], np.nan)
+
+
+@dataclass(frozen=True)
+class ShiftPermutation:
+    """A permutation test of the mean paired difference over exchangeable units, and its inversion.
+
+    Under the null hypothesis that the two rows' pipelines are exchangeable (the same arm, whatever its
+    tuning luck, run luck and patients), every labelling in :attr:`t` is as likely as the observed one,
+    so the p-value is exact. Under a shift model (every unit of the row is a reference unit plus
+    ``delta``) the statistic of labelling L at ``delta`` is ``t[L] - a[L] * delta`` (it is linear in the
+    values), and the interval is the set of shifts the test does not reject. Each ``|a| <= 1``, so the
+    p-value falls monotonically on both sides of the estimate and bisection finds the bounds exactly.
+    """
+
+    t: np.ndarray  # (L,) the statistic of each labelling; t[0] is the observed one (the estimate)
+    a: np.ndarray  # (L,) each labelling's statistic moves by -a * delta under a shift delta (a[0] = 1)
+    exact: bool
+    tolerance: float  # statistics this close count as ties
+
+    @classmethod
+    def from_units(cls, values: np.ndarray, is_row: np.ndarray, strata: np.ndarray, scale: float = 1.0,
+                   n_perm: int = N_PERM, seed: int = 0) -> ShiftPermutation:  # fmt: skip
+        """The test of ``values`` ``(units, patients)``, ``is_row`` ``(units,)`` and the ``strata`` (the
+        folds) units are exchangeable within."""
+        values = np.asarray(values, dtype=float)
+        labelling, exact = labellings(is_row, strata, n_perm, seed)
+        indicator = np.where(np.isfinite(values), np.asarray(is_row, dtype=float)[:, None], np.nan)
+        t = labelled_means(values, labelling)
+        a = labelled_means(indicator, labelling)
+        return cls(t, a, exact, TIE_TOLERANCE * max(1.0, float(scale)) * 1e3)
+
+    @property
+    def estimate(self) -> float:
+        return float(self.t[0])
+
+    @property
+    def count(self) -> int:
+        return int(self.t.size)
+
+    @property
+    def min_p(self) -> float:
+        """The smallest p this design can give, whatever the data: the labellings that move as much as the
+        observed one (``|a| = 1``: itself and its mirror) tie with it when the effect is huge."""
+        return float(np.mean(np.abs(np.abs(self.a) - 1.0) < 1e-9))
+
+    def p(self, delta: float = 0.0) -> float:
+        """Two-sided p of the null hypothesis "the row is the reference shifted by ``delta``"."""
+        if not np.isfinite(self.estimate):
+            return math.nan
+        shifted = np.abs(self.t - self.a * delta)
+        return float(np.mean(shifted >= abs(self.estimate - delta) - self.tolerance))
+
+    def interval(self, alpha: float) -> tuple[float, float]:
+        """The shifts not rejected at level ``alpha``: a ``1 - alpha`` interval of the mean difference,
+        excluding 0 exactly when :meth:`p` ``(0) <= alpha``. Unbounded sides (a design whose smallest p
+        is above ``alpha``) are infinite."""
+        estimate = self.estimate
+        if not np.isfinite(estimate):
+            return math.nan, math.nan
+        spread = float(np.nanmax(np.abs(self.t - estimate))) + 1.0
+        bounds = []
+        for side in (-1.0, 1.0):
+            far = estimate + side * spread
+            for _ in range(60):  # the rejection region may start further out: widen until it is reached
+                if self.p(far) <= alpha:
+                    break
+                far = estimate + 2 * (far - estimate)
+            else:
+                bounds.append(side * math.inf)
+                continue
+            inside, outside = estimate, far
+            for _ in range(80):
+                middle = (inside + outside) / 2
+                inside, outside = (middle, outside) if self.p(middle) > alpha else (inside, middle)
+            bounds.append(outside)
+        return bounds[0], bounds[1]
+
+
+def holm_levels(pvalues: list[float], alpha: float) -> list[float]:
+    """The level at which Holm's procedure decides each hypothesis: ``alpha / (m - j + 1)`` for the j-th
+    smallest p while every smaller one was rejected, and the level of the first acceptance for all
+    after it. An interval at ``1 - level`` then excludes its null value exactly when Holm rejects (given
+    a test whose interval is its inversion)."""
+    p = np.asarray(pvalues, dtype=float)
+    valid = np.flatnonzero(np.isfinite(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    levels = np.full(p.shape, alpha)
+    m, stopped = len(order), None
+    for j, index in enumerate(order):
+        level = alpha / (m - j) if stopped is None else stopped
+        if stopped is None and p[index] >= level:
+            stopped = level
+        levels[index] = level
+    return levels.tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -15,7 +16,7 @@ from avn_study.analysis.stats import (
     N_BOOT,
     ablation_table,
     capped_psnr_cases,
-    compare_rows,
+    compare_contrasts,
     metric_spec,
     seed_spread,
     spread_warnings,
@@ -43,6 +44,9 @@ class Analysis:
     test_comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
     calibration: pd.DataFrame | None = None  # per row: ECE over the femoral head region (when recorded)
     overlays: bool = False  # figures/overlays.png was drawn
+    primary: bool = True  # ``metric`` is the study's declared primary metric (else the verdicts are exploratory)
+    alpha: float = 0.05
+    compute: pd.DataFrame = field(default_factory=pd.DataFrame)  # per row: parameters, compute hours, peak memory
 
     @property
     def tuning_only(self) -> bool:
@@ -61,18 +65,27 @@ def default_reference(rows: list[str]) -> str:
 NO_VERDICT = "no verdict: tuning results (chosen on these patients)"
 
 
-def analyze(path: str | Path, reference: str | None = None, metric: str = "dice", alpha: float = 0.05,
+def analyze(path: str | Path, reference: str | None = None, metric: str | None = None, alpha: float | None = None,
             n_boot: int = N_BOOT) -> Analysis:  # fmt: skip
-    """Load an experiment and compute every table (nothing is written; see :func:`write_analysis`)."""
+    """Load an experiment and compute every table (nothing is written; see :func:`write_analysis`).
+
+    The verdicts are on the study's declared primary metric and contrasts (one Holm family); another
+    ``metric``, or a ``reference`` that replaces the declared contrasts by "every row against it", gives
+    exploratory verdicts, labelled so. The held-out test set is its own family.
+    """
     experiment = load_experiment(path)
+    metric = metric or experiment.primary_metric
     metric_spec(metric)  # unknown metric names fail here, with a suggestion
+    alpha = experiment.alpha if alpha is None else alpha
     cases = experiment.evaluation_cases()
     rows = [r for r in experiment.rows if r in set(cases["row"])] if len(cases) else []
     if not rows:
         raise UsageError(f"{experiment.root}: no finished trial with per-case metrics yet; nothing to analyse")
-    reference = look_up(reference, rows, what="reference row") if reference else default_reference(rows)
+    reference = look_up(reference, rows, what="reference row") if reference else None
+    contrasts = experiment.contrasts(rows, reference)
+    shown_reference = reference or (contrasts[0][2] if contrasts else default_reference(rows))
     ablation = ablation_table(cases, rows, n_boot=n_boot)
-    comparison = compare_rows(cases, rows, reference, metric, alpha, n_boot)
+    comparison = compare_contrasts(cases, contrasts, metric, alpha)
     spread = seed_spread(cases, rows, metric)
     warnings = list(experiment.notes) + spread_warnings(comparison, spread)
     test_ablation, test_comparison = pd.DataFrame(), pd.DataFrame()
@@ -84,33 +97,72 @@ def analyze(path: str | Path, reference: str | None = None, metric: str = "dice"
     else:
         test = experiment.evaluation_test_cases()
         test_rows = [r for r in rows if len(test) and r in set(test["row"])]
-        if reference in test_rows:
+        test_contrasts = [c for c in contrasts if c[1] in test_rows and c[2] in test_rows]
+        if test_contrasts:
             test_ablation = ablation_table(test, test_rows, n_boot=n_boot)
-            test_comparison = compare_rows(test, test_rows, reference, metric, alpha, n_boot)
-    warnings += _design_warnings(comparison, alpha)
+            test_comparison = compare_contrasts(test, test_contrasts, metric, alpha)
+        warnings += _design_warnings(comparison, alpha)
+    primary = metric == experiment.primary_metric and reference is None
+    if not primary:
+        warnings.append(f"exploratory verdicts: the study declared {experiment.primary_metric} and its own "
+                        f"contrasts; {metric} against {shown_reference} is a family the study was not run to "
+                        "decide")  # fmt: skip
     psnr_capped = capped_psnr_cases(cases)
     if psnr_capped:
         warnings.append(f"{psnr_capped} case(s) had a perfect reconstruction (PSNR +inf); they count as "
                         f"{stats.PSNR_CAP_DB:.1f} dB (a one-ulp float32 error)")  # fmt: skip
     importance = parameter_importance(experiment.root, experiment.manifest, experiment.rows)
-    return Analysis(experiment, reference, metric, ablation, comparison, spread, importance, warnings,
-                    test_ablation=test_ablation, test_comparison=test_comparison)  # fmt: skip
+    return Analysis(experiment, shown_reference, metric, ablation, comparison, spread, importance, warnings,
+                    test_ablation=test_ablation, test_comparison=test_comparison, primary=primary, alpha=alpha,
+                    compute=row_compute(experiment))  # fmt: skip
 
 
 def _design_warnings(comparison: pd.DataFrame, alpha: float) -> list[str]:
-    """What the design cannot show, whatever the data: too few patients or too few runs."""
-    warnings = []
-    small = comparison[comparison["n_pairs"] < 6]
+    """What the design cannot show, whatever the data: too few patients that differ, or too few replicates,
+    for the level Holm's first step asks of a family of this size."""
+    warnings, m = [], max(1, int(comparison["p"].notna().sum()))
+    level = alpha / m
+    floor = comparison["n_untied"].map(lambda n: 2.0 ** (1 - n) if n and n > 0 else 1.0)
+    small = comparison[floor >= level]
     if len(small):
-        warnings.append(f"fewer than 6 paired patients for {', '.join(small['row'])}: the Wilcoxon test cannot "
-                        "reach p < 0.05 (two-sided), whatever the effect")  # fmt: skip
-    coarse = comparison[comparison["p_runs_min"] >= alpha]
+        warnings.append(f"too few patients whose values differ for {', '.join(_labels(small))}: the Wilcoxon test "
+                        f"cannot go below p = {floor[small.index].min():.3g}, and Holm's first step over {m} "
+                        f"contrast(s) needs p < {level:.3g} (tied pairs, both rows at 0, do not count)")  # fmt: skip
+    coarse = comparison[comparison["p_replicates_min"] >= level]
     if len(coarse):
-        smallest = coarse["p_runs_min"].min()
-        warnings.append(f"too few runs per fold for {', '.join(coarse['row'])}: the run-level test (trained models "
-                        f"as the random unit) cannot go below p = {smallest:.3g}, so no verdict can be significant; "
-                        "add seeds (2 seeds x 3 folds already allow p < 0.01)")  # fmt: skip
+        smallest = coarse["p_replicates_min"].min()
+        warnings.append(f"too few pipeline replicates for {', '.join(_labels(coarse))}: the replicate test (a "
+                        f"search and its runs as the random unit) cannot go below p = {smallest:.3g}, and Holm "
+                        f"over {m} contrast(s) needs p < {level:.3g}, so no verdict can be significant; give "
+                        "every seed its own search (search_per_seed: true) with 2+ seeds and 3+ folds")  # fmt: skip
     return warnings
+
+
+def _labels(table: pd.DataFrame) -> list[str]:
+    return [f"{t.row} vs {t.reference}" for t in table.itertuples()]
+
+
+def row_compute(experiment: Experiment) -> pd.DataFrame:
+    """Per row: parameters, the training compute it used (stage 1 and stage 2, every trial that ran) and
+    its trials' peak memory, so that a row that wins only by spending more is visible."""
+    trials = experiment.trials
+    resources = (experiment.manifest.get("resources") or (experiment.manifest.get("space") or {}).get("resources")
+                 or {})  # fmt: skip
+    gpu, cpu = float(resources.get("gpu", 0) or 0), float(resources.get("cpu", 1) or 1)
+    share, unit = (gpu, "GPU-h") if gpu > 0 else (cpu, "CPU-h")
+    sizes = row_parameters(experiment)
+    out = []
+    for row, group in trials.groupby("row", sort=False):
+        seconds = pd.to_numeric(group["train_seconds"], errors="coerce").fillna(0.0)
+        memory = pd.to_numeric(group["peak_memory_mb"], errors="coerce") if "peak_memory_mb" in group else None
+        out.append({
+            "row": str(row), "parameters": sizes.get(str(row), "-"),
+            "stage1_hours": float(seconds[group["stage"] == 1].sum() * share / 3600),
+            "stage2_hours": float(seconds[group["stage"] == 2].sum() * share / 3600),
+            "unit": unit,
+            "peak_memory_mb": float(memory.max()) if memory is not None and memory.notna().any() else float("nan"),
+        })  # fmt: skip
+    return pd.DataFrame(out, columns=["row", "parameters", "stage1_hours", "stage2_hours", "unit", "peak_memory_mb"])
 
 
 def write_analysis(analysis: Analysis, out: Path) -> Analysis:
@@ -118,7 +170,7 @@ def write_analysis(analysis: Analysis, out: Path) -> Analysis:
     out = Path(out)
     exp = analysis.experiment
     files = write_tables(exp, out)
-    for name in ("ablation", "comparison", "spread", "importance", "test_ablation", "test_comparison"):
+    for name in ("ablation", "comparison", "spread", "importance", "test_ablation", "test_comparison", "compute"):
         table: pd.DataFrame = getattr(analysis, name)
         if name.startswith("test_") and table.empty:
             continue
@@ -194,17 +246,19 @@ def _cell(row: pd.Series, metric: str, decimals: int) -> str:
 
 
 def ablation_markdown(analysis: Analysis, test: bool = False) -> str:
-    """The paper-style table: per row its size, metrics and the paired comparison with the reference
-    (``test``: the same for the held-out test set), grouped as the space file's ``groups`` say."""
+    """The paper-style table: per row its size and cost, its metrics (descriptive), and its contrast with
+    the reference (``test``: the same for the held-out test set), grouped as the space file's ``groups``
+    say. The other contrasts are in :func:`questions_markdown`."""
     ablation = analysis.test_ablation if test else analysis.ablation
     comparison_table = analysis.test_comparison if test else analysis.comparison
     shown = [m for m in SHOWN if f"{m}_mean" in ablation]
-    header = ["row", "arm", "schedule", "parameters", "patients (with necrosis)", "seeds", "folds",
-              *(METRICS[m].label for m in shown), f"Δ {analysis.metric} vs {analysis.reference} [95% CI]",
-              "p (Holm)", "r", "verdict"]  # fmt: skip
+    header = ["row", "arm", "schedule", "parameters", "compute", "peak memory", "patients (with necrosis)", "seeds",
+              "folds", *(METRICS[m].label for m in shown), f"Δ {analysis.metric} vs {analysis.reference} [CI]",
+              "p (Holm)", "verdict"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    comparison = comparison_table.set_index("row")
-    sizes = row_parameters(analysis.experiment)
+    against = comparison_table[comparison_table["reference"] == analysis.reference] if len(comparison_table) else None
+    comparison = against.drop_duplicates("row").set_index("row") if against is not None else pd.DataFrame()
+    compute = analysis.compute.set_index("row") if len(analysis.compute) else pd.DataFrame()
     by_row = {str(r["row"]): r for _, r in ablation.iterrows()}
     for title, rows in row_groups(analysis.experiment, list(by_row)):
         if title:
@@ -212,22 +266,67 @@ def ablation_markdown(analysis: Analysis, test: bool = False) -> str:
         for name in rows:
             row = by_row[name]
             necrotic = f" ({row['dice_n']})" if "dice_n" in row else ""
-            cells = [f"**{name}**", str(row["arm"]), str(row["schedule"]), sizes.get(name, "-"),
+            cost = compute.loc[name] if name in compute.index else None
+            cells = [f"**{name}**", str(row["arm"]), str(row["schedule"]),
+                     str(cost["parameters"]) if cost is not None else "-", _hours(cost), _memory(cost),
                      f"{row['n_patients']}{necrotic}", str(row["n_seeds"]), str(row["n_folds"]),
                      *(_cell(row, m, SHOWN[m]) for m in shown)]  # fmt: skip
             if name in comparison.index:
                 c = comparison.loc[name]
-                ci = f" [{c.diff_ci_low:+.3f}, {c.diff_ci_high:+.3f}]" if math.isfinite(c.diff_ci_low) else ""
-                cells += [f"{c.mean_diff:+.3f}{ci}", _p(c.p_holm), f"{c.rank_biserial:+.2f}", str(c.verdict)]
+                cells += [_difference(c), _p(c.p_holm), str(c.verdict)]
             else:
-                cells += ["reference", "", "", ""]
+                cells += ["reference" if name == analysis.reference else "", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _difference(c: Any) -> str:
+    if not math.isfinite(c.mean_diff):
+        return "-"
+    text = f"{c.mean_diff:+.3f}"
+    low, high = c.diff_ci_low, c.diff_ci_high
+    if math.isfinite(low) or math.isfinite(high):
+        text += f" [{_bound(low)}, {_bound(high)}]"
+    return text + (f" ({100 * c.ci_level:.1f} %)" if math.isfinite(c.ci_level) else "")
+
+
+def _bound(value: float) -> str:
+    return f"{value:+.3f}" if math.isfinite(value) else ("-inf" if value < 0 else "+inf")
+
+
+def _hours(cost: Any) -> str:
+    if cost is None:
+        return "-"
+    total = cost["stage1_hours"] + cost["stage2_hours"]
+    return f"{total:.2f} {cost['unit']}" if total >= 0.01 else f"{total * 60:.1f} {cost['unit'][:-1]}min"
+
+
+def _memory(cost: Any) -> str:
+    if cost is None or not math.isfinite(cost["peak_memory_mb"]):
+        return "-"
+    return (
+        f"{cost['peak_memory_mb'] / 1024:.1f} GiB"
+        if cost["peak_memory_mb"] >= 1024
+        else f"{cost['peak_memory_mb']:.0f} MiB"
+    )
+
+
+def questions_markdown(analysis: Analysis, test: bool = False) -> str:
+    """Each question of the study, its contrasts and their verdicts in words (the primary family)."""
+    table = analysis.test_comparison if test else analysis.comparison
+    if table.empty:
+        return "(no contrast)"
+    lines = []
+    for question, group in table.groupby("question", sort=False):
+        lines.append(f"- **{question or 'Against the reference'}**")
+        for c in group.itertuples():
+            lines.append(f"  - {c.row} vs {c.reference}: {_difference(c)}, p = {_p(c.p_holm)} (Holm), {c.verdict}")
     return "\n".join(lines)
 
 
 def row_groups(experiment: Experiment, rows: list[str]) -> list[tuple[str, list[str]]]:
     """(title, rows) in the space file's ``groups`` order; rows in no group follow as "other rows"."""
-    groups = (experiment.manifest.get("space") or {}).get("groups") or {}
+    groups = experiment.questions()
     out, placed = [], set()
     for title, members in groups.items():
         mine = [r for r in members if r in rows and r not in placed]
@@ -324,20 +423,20 @@ def protocol_lines(analysis: Analysis) -> list[str]:
 
 
 STATISTICS_NOTE = (
-    "The unit is the patient: a patient's value is the mean over its cases in one run, then over the row's "
-    "runs (seeds). Dice is over cases with necrosis; `dice_all` uses the empty-mask rule on every case. Per "
-    "row: mean ± SD over patients [95 % studentized-bootstrap CI, 10,000 resamples]. Paired with the "
-    "reference on the patients both have: the mean difference [95 % studentized-bootstrap CI]; two tests, "
-    "both of which must reject: the Wilcoxon signed-rank test on the per-patient differences (patients as "
-    "the random unit; exact, differences rounded to 1e-12 so that ties are ties) and a permutation test of "
-    "the mean difference over the rows' runs on each fold (trained models as the random unit: a lucky seed "
-    "lifts every patient of its fold together, which the patient-level test cannot see). p is the larger "
-    "of the two, Holm-corrected across rows. *better*/*worse* is said only when that p < 0.05 and the "
-    "signed-rank statistic, the mean difference and its CI agree in sign; otherwise *not distinguishable* "
-    "or *inconclusive* with the reason. Limits: the CIs take the trained models as fixed; the run test "
-    "needs several runs per fold (with one seed and F folds, p >= 2/2^F); simulated coverage of the 95 % "
-    "CI is 94-96 % from 8 to 30 patients for skewed Dice and ~92 % for extremely heavy-tailed differences; "
-    "under 6 paired patients no two-sided Wilcoxon test reaches 0.05."
+    "The unit is the patient: a patient's value is the mean over its cases in one run, then over the runs of "
+    "a pipeline replicate (a stage-1 search and the runs trained from its choice), then over the row's "
+    "replicates. Dice is over cases with necrosis; `dice_all` uses the empty-mask rule on every case. The "
+    "study declares one primary metric and the contrasts that answer its questions: they are one family, "
+    "Holm-corrected; every other metric in the table is descriptive (mean ± SD over patients [95 % "
+    "studentized-bootstrap CI], no verdict), and the held-out test set is a family of its own. Each contrast "
+    "is tested twice, and both must reject: the row labels of whole pipeline replicates are permuted within "
+    "the folds they were evaluated on (the random unit includes the search: which configuration won, and "
+    "every seed's luck), and Wilcoxon's signed-rank test runs over the per-patient differences (patients as "
+    "the random unit). p is the larger of the two, Holm-corrected. The interval is the replicate test "
+    "inverted under a shift, at the level Holm decided the contrast at (shown beside it), so it excludes 0 "
+    "exactly when that test rejects; *better*/*worse* is said only when the corrected p < alpha and the "
+    "signed-rank statistic agrees with the mean difference's sign. A design with one replicate per row and "
+    "fold cannot go below p = 2/2^F; `avn-study sweep --plan` says what a design can reach before it runs."
 )
 
 
@@ -352,16 +451,22 @@ def summary_markdown(analysis: Analysis, figures: Path) -> str:
         f"Experiment `{exp.root}` ({exp.protocol}); split {split}; statistics on {len(evaluated)} finished "
         f"trial(s) of stage {', '.join(map(str, sorted(set(evaluated['stage']))))}.",
         "\n\n".join(protocol_lines(analysis)),
+        "## Questions" if not analysis.tuning_only else "## Questions (tuning results: no verdicts)",
+        f"The study's {'declared' if analysis.primary else 'exploratory (not declared)'} contrasts on per-patient "
+        f"{analysis.metric}, one family (Holm, alpha = {analysis.alpha:g}): mean difference [CI at the level Holm "
+        "decided it at], corrected p, verdict.",
+        questions_markdown(analysis),
         "## Ablation table (cross-validation)" if not analysis.tuning_only else "## Tuning results",
-        f"Per row: mean ± SD over patients [95% CI]. Comparison with **{analysis.reference}** on per-patient "
-        f"{analysis.metric}: mean difference [95% CI], p (patients and runs, Holm-corrected across rows), "
-        "rank-biserial r. Rows are listed in the order of the search-space file, not ranked.",
+        f"Per row: parameters, the training compute it used (stage 1 + stage 2) and its trials' peak memory; "
+        f"metrics as mean ± SD over patients [95 % CI] (descriptive); the contrast with **{analysis.reference}** "
+        "where the study asks it. Rows are listed in the order of the search-space file, not ranked.",
         ablation_markdown(analysis),
     ]
     if not analysis.test_ablation.empty:
         parts += ["## Held-out test set",
-                  "The same statistics on the test patients, which no tuning or cross-validation step saw.",
-                  ablation_markdown(analysis, test=True)]  # fmt: skip
+                  "The same statistics on the test patients, which no tuning or cross-validation step saw: the same "
+                  "contrasts as a family of their own (Holm within it).",
+                  questions_markdown(analysis, test=True), ablation_markdown(analysis, test=True)]  # fmt: skip
     if analysis.warnings:
         parts += ["## Warnings", "\n".join(f"- {w}" for w in analysis.warnings)]
     parts += [

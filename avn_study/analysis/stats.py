@@ -33,10 +33,11 @@ import pandas as pd
 from avn_study.analysis.inference import (
     N_BOOT,
     N_PERM,
+    ShiftPermutation,
     binary_ci,
     bootstrap_ci,
     holm,
-    run_permutation_test,
+    holm_levels,
     signed_rank_test,
     tie_rounded,
 )
@@ -149,13 +150,6 @@ def _paired(d: np.ndarray, n_boot: int, seed: int, spec: MetricSpec | None = Non
     }  # fmt: skip
 
 
-COMPARISON_COLUMNS = [
-    "row", "reference", "n_pairs", "mean_row", "mean_reference", "mean_diff", "diff_ci_low", "diff_ci_high",
-    "statistic", "p_patients", "n_runs_row", "n_runs_reference", "p_runs", "p_runs_min", "p", "p_holm",
-    "rank_biserial", "cohen_dz", "verdict",
-]  # fmt: skip
-
-
 def compare_paired(
     per_patient: pd.DataFrame,
     reference: str,
@@ -204,19 +198,24 @@ def _finish(out: list[dict], reference: str, higher_is_better: bool, alpha: floa
 
 
 def verdict(t: Any, reference: str, higher_is_better: bool, alpha: float) -> str:
-    """better / worse only when the corrected test, the rank statistic, the mean and its CI all agree.
+    """better / worse only when the corrected p (both tests) is below ``alpha`` and the rank statistic
+    agrees with the mean difference; the direction is the mean difference's (the replicate test's
+    statistic, whose inverted interval then excludes 0 on the same side).
 
-    The direction is the sign of the signed-rank statistic (R+ - R-), the statistic whose p-value
-    decides; a mean difference of the other sign, or a mean-difference CI that includes 0, makes the
-    verdict *inconclusive* instead, so the table can never contradict itself.
+    A contrast whose replicate interval excludes 0 while the patients' test does not reject is
+    *inconclusive*, never "not distinguishable", so the table cannot print a CI far from 0 beside a
+    verdict of no difference.
     """
-    if not (t.n_pairs and math.isfinite(t.p_holm)) or t.p_holm >= alpha:
+    significant = bool(t.n_pairs) and math.isfinite(t.p_holm) and t.p_holm < alpha
+    if not significant:
+        low, high = getattr(t, "diff_ci_low", math.nan), getattr(t, "diff_ci_high", math.nan)
+        inverted = math.isfinite(getattr(t, "p_replicates", math.nan))  # the interval is the replicate test's
+        if inverted and (low > 0 or high < 0):
+            return "inconclusive (the replicates differ, the patients' test does not agree)"
         return f"not distinguishable from {reference}"
     if np.sign(t.rank_biserial) != np.sign(t.mean_diff):
         return "inconclusive (median and mean disagree)"
-    if not (t.diff_ci_low > 0 or t.diff_ci_high < 0):
-        return "inconclusive (the CI of the mean difference includes 0)"
-    better = (t.rank_biserial > 0) == higher_is_better
+    better = (t.mean_diff > 0) == higher_is_better
     return f"{'better' if better else 'worse'} than {reference}"
 
 
@@ -264,46 +263,119 @@ def patient_matrix(cases: pd.DataFrame, metric: str, rows: list[str]) -> pd.Data
 
 
 def run_values(cases: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One value per row x run (fold, seed, repeat) x patient: the patient's cases in that run averaged."""
+    """One value per row x run (fold, seed, repeat) x patient: the patient's cases in that run averaged,
+    with the run's pipeline replicate (``unit``: the stage-1 search its configuration came from)."""
     values = case_values(cases, metric)
-    keys = ["row", "fold", *RUN_KEYS, "patient"]
+    if "unit" not in values:  # tables from before replicates were recorded: every run its own
+        values = values.assign(unit=[f"run:{f}:{s}:{r}" for f, s, r in
+                                     zip(values["fold"], values["seed"], values["repeat"], strict=True)])  # fmt: skip
+    keys = ["row", "unit", "fold", *RUN_KEYS, "patient"]
     if values.empty:
         return pd.DataFrame(columns=[*keys, "value"])
     return values.groupby(keys, sort=False)["value"].mean().reset_index()
 
 
-def compare_rows(cases: pd.DataFrame, rows: list[str], reference: str, metric: str = "dice", alpha: float = 0.05,
-                 n_boot: int = N_BOOT, seed: int = 0, n_perm: int = N_PERM) -> pd.DataFrame:  # fmt: skip
-    """Every row against ``reference`` on an experiment's per-case table, patients *and* runs as random units.
+def replicate_values(cases: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, dict[tuple[str, str], str]]:
+    """Per row x pipeline replicate x patient: the mean over the replicate's runs (its seeds, repeats).
 
     Returns:
-        :data:`COMPARISON_COLUMNS`; ``p_patients`` (Wilcoxon), ``p_runs`` (run permutation, with
-        ``p_runs_min`` the smallest p the design allows) and ``p`` = the larger of the two.
+        ``(values, strata)``: columns ``row, unit, patient, value``, and per ``(row, unit)`` its stratum
+        (the folds it was evaluated on): replicates are exchangeable only within a stratum.
+    """
+    per_run = run_values(cases, metric)
+    units = per_run.groupby(["row", "unit", "patient"], sort=False)["value"].mean().reset_index()
+    folds = per_run.groupby(["row", "unit"], sort=False)["fold"].agg(lambda f: ",".join(map(str, sorted(set(f)))))
+    return units, {key: str(value) for key, value in folds.items()}
+
+
+COMPARISON_COLUMNS = [
+    "question", "row", "reference", "n_pairs", "n_untied", "mean_row", "mean_reference", "mean_diff", "diff_ci_low",
+    "diff_ci_high", "ci_level", "statistic", "p_patients", "n_replicates_row", "n_replicates_reference",
+    "p_replicates", "p_replicates_min", "p", "p_holm", "rank_biserial", "cohen_dz", "verdict",
+]  # fmt: skip
+
+
+def compare_contrasts(cases: pd.DataFrame, contrasts: list[tuple[str, str, str]], metric: str = "dice",
+                      alpha: float = 0.05, n_perm: int = N_PERM, seed: int = 0) -> pd.DataFrame:  # fmt: skip
+    """The contrasts ``(question, row, against)`` of one family on an experiment's per-case table.
+
+    Each is tested twice, and both must reject (an intersection-union test: the larger p is valid):
+
+    - **pipeline replicates as the random unit** (the verdict's test): the row labels of whole
+      replicates (a stage-1 search and the runs trained from its choice) are permuted within the folds
+      they were evaluated on (:class:`~avn_study.analysis.inference.ShiftPermutation`). Exact whatever
+      the tuning luck, the run luck and the patients, when replicates are independent;
+    - **patients as the random unit**: Wilcoxon's signed-rank test on the per-patient differences.
+
+    ``p`` is Holm-corrected over the family. The interval is the replicate test inverted under a shift
+    at the level Holm decided the contrast at (:func:`~avn_study.analysis.inference.holm_levels`), so
+    it excludes 0 exactly when the replicate test rejects at that level.
+
+    Returns:
+        :data:`COMPARISON_COLUMNS`, one row per contrast, in the given order (``reference``: ``against``).
     """
     spec = metric_spec(metric)
-    per_run = run_values(cases, metric)
-    per_patient = per_run.groupby(["row", "patient"], sort=False)["value"].mean().unstack("row")
-    if reference not in per_patient:
-        raise KeyError(reference)
-    out = []
-    for row in [r for r in rows if r in per_patient and r != reference]:
-        pair = per_patient[[row, reference]].dropna()
-        scale = _scale(pair)
-        d = tie_rounded((pair[row] - pair[reference]).to_numpy(), scale)
-        entry = {"row": row, "reference": reference, "n_pairs": int(d.size), **_means(pair, row, reference),
-                 **_paired(d, n_boot, seed, spec)}  # fmt: skip
-        runs = per_run[per_run["row"].isin([row, reference]) & per_run["patient"].isin(pair.index)]
-        matrix = runs.pivot_table(index=["row", "fold", *RUN_KEYS], columns="patient", values="value")
-        labels = matrix.index.get_level_values("row") == row
-        entry.update(n_runs_row=int(labels.sum()), n_runs_reference=int((~labels).sum()))
-        if d.size and labels.any() and (~labels).any():
-            perm = run_permutation_test(matrix.to_numpy(), labels, matrix.index.get_level_values("fold").to_numpy(),
-                                        scale, n_perm=n_perm, seed=seed)  # fmt: skip
-            entry.update(p_runs=perm.p, p_runs_min=perm.min_p)
-        # both tests must reject (intersection-union): the larger p is a valid p-value for either null
-        entry["p"] = max(entry["p_patients"], entry["p_runs"]) if "p_runs" in entry else entry["p_patients"]
+    units, strata = replicate_values(cases, metric)
+    per_patient = units.groupby(["row", "patient"], sort=False)["value"].mean().unstack("row")
+    out, tests = [], []
+    for question, row, against in contrasts:
+        entry: dict[str, Any] = {"question": question, "row": row, "reference": against}
+        test = None
+        if row in per_patient and against in per_patient:
+            pair = per_patient[[row, against]].dropna()
+            scale = _scale(pair)
+            d = tie_rounded((pair[row] - pair[against]).to_numpy(), scale)
+            entry.update(n_pairs=int(d.size), **_means(pair, row, against), **_patient_test(d))
+            mine = units[units["row"].isin([row, against]) & units["patient"].isin(pair.index)]
+            matrix = mine.pivot_table(index=["row", "unit"], columns="patient", values="value")
+            labels = matrix.index.get_level_values("row") == row
+            entry.update(n_replicates_row=int(labels.sum()), n_replicates_reference=int((~labels).sum()))
+            if d.size and labels.any() and (~labels).any():
+                folds = np.array([strata[k] for k in matrix.index])
+                test = ShiftPermutation.from_units(matrix.to_numpy(), labels, folds, scale, n_perm=n_perm, seed=seed)
+                entry.update(p_replicates=test.p(0.0), p_replicates_min=test.min_p)
+        else:
+            entry["n_pairs"] = 0
+        entry["p"] = max(entry["p_patients"], entry["p_replicates"]) if "p_replicates" in entry else math.nan
         out.append(entry)
-    return _finish(out, reference, spec.higher_is_better, alpha)
+        tests.append(test)
+    table = pd.DataFrame(out).reindex(columns=COMPARISON_COLUMNS)
+    table["p_holm"] = holm(table["p"].astype(float).tolist())
+    table["ci_level"] = [1 - level for level in holm_levels(table["p"].astype(float).tolist(), alpha)]
+    lows, highs = [], []
+    for test, level in zip(tests, table["ci_level"], strict=True):
+        low, high = test.interval(1 - level) if test is not None else (math.nan, math.nan)
+        low, high = spec.clip(low, high, difference=True)
+        lows.append(low)
+        highs.append(high)
+    table["diff_ci_low"], table["diff_ci_high"] = lows, highs
+    table["verdict"] = [verdict(t, t.reference, spec.higher_is_better, alpha) for t in table.itertuples()]
+    return table
+
+
+def _patient_test(d: np.ndarray) -> dict[str, float]:
+    test = signed_rank_test(d)
+    sd = float(np.std(d, ddof=1)) if d.size > 1 else math.nan
+    return {
+        "mean_diff": float(d.mean()) if d.size else math.nan, "n_untied": test.n,
+        "statistic": test.statistic if d.size else math.nan, "p_patients": test.p if d.size else math.nan,
+        "rank_biserial": test.rank_biserial if d.size else math.nan,
+        "cohen_dz": float(d.mean() / sd) if sd and sd > 0 else math.nan,
+    }  # fmt: skip
+
+
+def compare_rows(cases: pd.DataFrame, rows: list[str], reference: str, metric: str = "dice", alpha: float = 0.05,
+                 n_boot: int = N_BOOT, seed: int = 0, n_perm: int = N_PERM) -> pd.DataFrame:  # fmt: skip
+    """Every row against ``reference`` (one family): :func:`compare_contrasts` with those contrasts.
+
+    ``n_boot`` is accepted for callers of the patient-bootstrap era and unused: the interval now comes
+    from the replicate test itself.
+    """
+    present = set(cases["row"]) if len(cases) else set()
+    if reference not in present:
+        raise KeyError(reference)
+    contrasts = [("", row, reference) for row in rows if row != reference and row in present]
+    return compare_contrasts(cases, contrasts, metric, alpha, n_perm=n_perm, seed=seed)
 
 
 def seed_spread(cases: pd.DataFrame, rows: list[str], metric: str = "dice") -> pd.DataFrame:

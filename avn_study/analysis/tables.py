@@ -50,7 +50,7 @@ from avn_study.study_folder import (
     trial_statuses,
 )
 
-IDENTITY = ("trial_id", "experiment", "stage", "row", "arm", "schedule", "fold", "seed", "repeat")
+IDENTITY = ("trial_id", "experiment", "stage", "row", "arm", "schedule", "fold", "seed", "repeat", "unit")
 FINISHED = TERMINATED
 # metric columns of a validation record that describe the whole trial (the per-case means and counts)
 VAL_KEYS = ("val_dice", "val_dice_all", "n_cases", "n_cases_necrosis", "n_hd95_undefined")
@@ -86,6 +86,37 @@ class Experiment:
     @property
     def protocol(self) -> str:
         return str(self.manifest.get("protocol", "sweep"))
+
+    @property
+    def primary_metric(self) -> str:
+        """The per-case metric the study declared its verdicts on (``dice`` for studies before the key)."""
+        return str(self.manifest.get("primary_metric") or "dice")
+
+    @property
+    def alpha(self) -> float:
+        return float(self.manifest.get("alpha") or 0.05)
+
+    @property
+    def reference(self) -> str | None:
+        return self.manifest.get("reference") or None
+
+    def contrasts(self, rows: list[str], reference: str | None = None) -> list[tuple[str, str, str]]:
+        """The primary family ``(question, row, against)`` among ``rows``: the study's declared contrasts
+        (``reference`` given: every row against it instead; studies before the record: against the
+        reference, ``unet`` or the first row)."""
+        declared = self.manifest.get("contrasts")
+        if reference is None and declared:
+            return [(str(q), str(r), str(a)) for q, r, a in declared if r in rows and a in rows]
+        against = reference or (self.reference if self.reference in rows else None)
+        against = against or ("unet" if "unet" in rows else rows[0])
+        return [("", row, against) for row in rows if row != against]
+
+    def questions(self) -> dict[str, list[str]]:
+        """Report headings -> their rows: the manifest's record, else the space's ``groups`` (either form)."""
+        if "questions" in self.manifest:
+            return {str(t): [str(r) for r in rows] for t, rows in self.manifest["questions"].items()}
+        groups = (self.manifest.get("space") or {}).get("groups") or {}
+        return {str(t): [str(r) for r in (g.get("rows", []) if isinstance(g, dict) else g)] for t, g in groups.items()}
 
     @property
     def rows(self) -> list[str]:
@@ -284,6 +315,9 @@ def _read_trial(
         "fold": config.get("fold", last.get("fold")),
         "seed": config.get("seed", last.get("seed")),
         "repeat": int(merged.get("_repeat", last.get("repeat", 0))),
+        # the pipeline replicate the trial belongs to: the stage-1 search whose choice it trains (a row that
+        # searches nothing, such as nnU-Net's, or a stage-1 trial: the trial itself)
+        "unit": str(merged.get("_selected_in") or f"trial:{trial_dir.name}"),
         "status": status,
         "error": _last_line(error) if status == ERROR else "",
         "recovered_failures": error.count("Traceback") if status != ERROR else 0,

@@ -87,7 +87,15 @@ def test_statistics_use_stage_two_and_both_seeds(smoke_experiment: Path) -> None
     assert analysis.reference == "unet"
     spread = analysis.spread.set_index("row")
     assert (spread["n_runs"] == 2).all()
-    assert any("fewer than 6 paired patients" in w for w in analysis.warnings)
+    assert any("too few patients whose values differ" in w for w in analysis.warnings)
+    # one search per row, shared by both folds and seeds: one pipeline replicate per row, p >= 1
+    assert any("too few pipeline replicates for seg+recon+loc vs unet" in w for w in analysis.warnings)
+    (contrast,) = analysis.comparison.itertuples()
+    assert contrast.n_replicates_row == 1 and contrast.p_replicates_min == 1.0
+    assert contrast.diff_ci_low == -1.0 and contrast.diff_ci_high == 1.0  # the interval says it: anything goes
+    compute = analysis.compute.set_index("row")
+    assert (compute["stage1_hours"] > 0).all() and (compute["stage2_hours"] > 0).all()
+    assert set(compute["unit"]) == {"CPU-h"} and (compute["peak_memory_mb"] > 100).all()
 
 
 def test_reference_row_can_be_chosen_and_typos_get_suggestions(smoke_experiment: Path, tmp_path: Path,

@@ -222,7 +222,7 @@ def test_a_real_effect_survives_both_tests() -> None:
     cases.loc[cases["row"] == "seeds 3-5", "dice"] += 0.08
     table = compare_rows(cases, ["seeds 0-2", "seeds 3-5"], "seeds 0-2", n_boot=500)
     assert table["verdict"].iloc[0] == "better than seeds 0-2"
-    assert table["p_runs"].iloc[0] <= table["p"].iloc[0] and table["p_patients"].iloc[0] <= table["p"].iloc[0]
+    assert table["p_replicates"].iloc[0] <= table["p"].iloc[0] and table["p_patients"].iloc[0] <= table["p"].iloc[0]
 
 
 # --------------------------------------------------------------------------------------- PSNR = inf

@@ -93,9 +93,9 @@ def test_a_known_effect_is_found_with_the_right_sign_size_and_correction() -> No
     expected = scipy_stats.wilcoxon(values["big"] - values["unet"]).pvalue
     assert table.loc["big", "p_patients"] == pytest.approx(expected)
     # the run-level test: 3 folds x (3 + 3 runs) = 20^3 labellings, the observed one the most extreme
-    assert table.loc["big", "p_runs"] == pytest.approx(2 / 20**3)
-    assert table.loc["big", "p"] == max(table.loc["big", "p_patients"], table.loc["big", "p_runs"])
-    assert table.loc["big", "n_pairs"] == 20 and table.loc["big", "n_runs_row"] == 9
+    assert table.loc["big", "p_replicates"] == pytest.approx(2 / 20**3)
+    assert table.loc["big", "p"] == max(table.loc["big", "p_patients"], table.loc["big", "p_replicates"])
+    assert table.loc["big", "n_pairs"] == 20 and table.loc["big", "n_replicates_row"] == 9
 
 
 def test_lower_is_better_metrics_flip_the_verdict() -> None:
