@@ -523,6 +523,12 @@ def run(what: str, args: argparse.Namespace) -> int:
             title = (f"avn-study bench cluster (ablation.yaml's shape{folds}, {args.gpus} logical GPUs x "
                      f"{args.per_gpu} trials, stand-in trials of {args.epoch_seconds:g} s per unet epoch)")  # fmt: skip
             print_table(title, cluster_rows(results))
+        elif what == "verdicts":
+            from avn_study.analysis.design import verdict_tables
+
+            studies = args.cases or 1000
+            print(f"avn-study bench verdicts ({studies} simulated studies per cell, seeded)\n")
+            print("\n".join(verdict_tables(studies)))
         elif what == "sweep":
             print_table("avn-study bench sweep (local Ray, 2 CPUs, tiny phantom)", bench_sweep(work))
         elif what == "gpu":

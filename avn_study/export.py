@@ -13,7 +13,9 @@ Selection rule (also in ``avn-study export --help`` and in each bundle's ``metri
     lower trial id). Among its trials the one with the best value is exported, from the checkpoint
     of the epoch that gave that value; if Ray did not keep that checkpoint (checkpoint.num_to_keep),
     from the kept checkpoint with the best value, and metrics.json says so. That trial's own value
-    is optimistic (the best of several); the configuration's mean is the estimate.
+    is optimistic (the best of several), and so is the configuration's mean once it was chosen as the
+    best of several rows or configurations (a winner's curse): the bundle labels it "optimistic after
+    selection"; the unbiased comparison of rows is the ablation table's (``avn-study analyze``).
 
 An ablation whose stage 2 has no finished trial falls back to the sweep rule on stage 1 (noted in
 ``metrics.json``). The bundle records the configuration's mean, SD and number of trials, every trial's
@@ -52,7 +54,8 @@ SELECTION_RULE = (
     "with the best value is exported, from the checkpoint of the epoch that gave that value; if Ray did not "
     "keep that checkpoint (checkpoint.num_to_keep), from the kept checkpoint with the best value, and "
     "metrics.json says so. That trial's own value is optimistic (the best of several); the configuration's "
-    "mean is the estimate."
+    "mean is optimistic too once it was selected as the best of several configurations (a winner's curse): "
+    "quote the ablation table's numbers, not this one."
 )
 # Config keys that vary between the trials of one configuration (identity and run-time settings).
 RUN_KEYS = ("fold", "inner_fold", "seed", "threads", "device")
@@ -184,7 +187,11 @@ def select(experiment: Any, row: str | None = None, metric: str | None = None) -
     if len(best.trials) > 1:
         notes.append(f"the exported trial's {metric} ({best.trials[0]['value']:.4f}) is the best of the "
                      f"configuration's {len(best.trials)} trials on their own validation patients, so it is "
-                     f"optimistic; the configuration's mean ({best.mean:.4f}) is the estimate to quote")  # fmt: skip
+                     f"optimistic; the configuration's mean ({best.mean:.4f}) is less so")  # fmt: skip
+    if len(ranked) > 1:
+        notes.append(f"optimistic after selection: the configuration's mean ({best.mean:.4f}) is the best of "
+                     f"{len(ranked)} configurations compared on the same patients, so it overstates what this "
+                     "model does on new ones; the ablation table (avn-study analyze) is the unbiased comparison")  # fmt: skip
     return Selection(metric, mode, stage, ranked, best.trials[0], notes)
 
 

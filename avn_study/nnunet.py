@@ -173,14 +173,23 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _write_raw(cohort: Any, cases: list[Any], labels: str, target: Path) -> None:
-    """nnU-Net's raw layout of ``cases`` (labelled cohort cases) in ``target`` (a fresh folder)."""
+def _write_raw(
+    cohort: Any, cases: list[Any], labels: str, target: Path, held_out: frozenset[str] = frozenset()
+) -> None:
+    """nnU-Net's raw layout of ``cases`` (labelled cohort cases) in ``target`` (a fresh folder); the
+    ``held_out`` cases (the split's test set) go to ``imagesTs`` without labels, so that nnU-Net's
+    fingerprint, plans and normalisation never see them."""
     import nibabel as nib
 
     (target / "imagesTr").mkdir(parents=True)
     (target / "labelsTr").mkdir()
+    (target / "imagesTs").mkdir()
     ending = cohort.file_ending
     label_map = cohort.label_map
+    for case in [c for c in cases if c.case_id in held_out]:
+        for k, image in enumerate(case.images):
+            _link(image, target / "imagesTs" / f"{case.case_id}_{k:04d}{ending}")
+    cases = [c for c in cases if c.case_id not in held_out]
     for case in cases:
         for k, image in enumerate(case.images):
             _link(image, target / "imagesTr" / f"{case.case_id}_{k:04d}{ending}")
@@ -211,11 +220,15 @@ def cohort_files_fingerprint(cohort: Any) -> str:
 
 
 def prepare_dataset(data_root: str | Path, configuration: str, labels: str, cache_dir: str | Path | None = None,
-                    processes: int = 1) -> NnUNetDataset:  # fmt: skip
+                    processes: int = 1, held_out: tuple[str, ...] = ()) -> NnUNetDataset:  # fmt: skip
     """nnU-Net's raw dataset, plans and ``configuration``'s preprocessed data for a cohort on this node.
 
-    Made once per node, cohort fingerprint and label choice, under a file lock: a second trial that
-    starts meanwhile waits and reuses them (each step run is one line of ``ROOT/prepare.log``).
+    Made once per node, cohort fingerprint, label choice and held-out set, under a file lock: a second
+    trial that starts meanwhile waits and reuses them (each step run is one line of ``ROOT/prepare.log``).
+    The ``held_out`` cases (the split's test set) are left out of what nnU-Net plans and preprocesses
+    from. Planning per outer fold is not done: nnU-Net plans once per dataset, so the reported folds'
+    patients do take part in its (label-free) intensity and spacing statistics, as in nnU-Net's own
+    cross-validation (docs/nnunet.md).
 
     Raises:
         DataError: ``with_head`` on a cohort without femoral head labels.
@@ -227,7 +240,8 @@ def prepare_dataset(data_root: str | Path, configuration: str, labels: str, cach
     if labels == "with_head" and not cohort.label_map.has_head:
         raise DataError(f"{data_root}: nnunet_labels: with_head needs femoral head labels, but the cohort labels "
                         "none (dataset.json); use nnunet_labels: necrosis")  # fmt: skip
-    fingerprint = hashlib.sha256(f"{cohort_files_fingerprint(cohort)}:{labels}".encode()).hexdigest()
+    held = sorted(held_out)
+    fingerprint = hashlib.sha256(f"{cohort_files_fingerprint(cohort)}:{labels}:{json.dumps(held)}".encode()).hexdigest()
     root = Path(cache_dir or default_cache_dir()) / "nnunet" / f"{fingerprint[:16]}"
     dataset = NnUNetDataset(root, f"Dataset{dataset_id(fingerprint):03d}_AVN")
     root.mkdir(parents=True, exist_ok=True)
@@ -236,12 +250,15 @@ def prepare_dataset(data_root: str | Path, configuration: str, labels: str, cach
         if not (dataset.raw / "dataset.json").is_file():
             partial = Path(tempfile.mkdtemp(prefix=".raw-", dir=root))
             try:  # written aside, then renamed: a layout is complete or absent
-                _write_raw(cohort, cohort.cases, labels, partial / "d")
+                _write_raw(cohort, cohort.cases, labels, partial / "d", frozenset(held))
                 (root / "raw").mkdir(exist_ok=True)
                 os.rename(partial / "d", dataset.raw)
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
-            _log(log, f"raw {dataset.name} ({len(cohort.cases)} cases, labels {labels})")
+            _log(
+                log,
+                f"raw {dataset.name} ({len(cohort.cases) - len(held)} cases, {len(held)} held out, labels {labels})",
+            )
         marker = dataset.preprocessed / f".avn-preprocessed-{configuration}"
         if not marker.is_file():
             _plan_and_preprocess(dataset, configuration, processes, log)
@@ -365,7 +382,7 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
     if cfg.base.data.inner_fold >= 0:
         raise UsageError(f"arm {cfg.arm}: nnU-Net rows run in stage 2 only (on outer folds), not on inner folds")
     cases, splits = cohort_split(data_root, cfg.base, cache_dir, None, frozen_split)
-    dataset = prepare_dataset(data_root, cfg.configuration, cfg.labels, cache_dir, processes)
+    dataset = prepare_dataset(data_root, cfg.configuration, cfg.labels, cache_dir, processes, tuple(splits.test))
     view = trial_view(dataset, splits, work)
     fold = splits.fold(cfg.base.data.fold)
     by_id = {c.case_id: c for c in cases}
@@ -381,8 +398,9 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
         trainer.run_training()
         save_state(trainer, work / NNUNET_CHECKPOINT)  # the trial's last checkpoint
         raw = dataset.raw
-        images = {c: [raw / "imagesTr" / f"{c}_{k:04d}{_ending(raw)}" for k in range(by_id[c].n_channels)]
-                  for c in [*fold.val, *splits.test]}  # fmt: skip
+        held = set(splits.test)
+        images = {c: [raw / ("imagesTs" if c in held else "imagesTr") / f"{c}_{k:04d}{_ending(raw)}"
+                      for k in range(by_id[c].n_channels)] for c in [*fold.val, *splits.test]}  # fmt: skip
         out = work / "predictions"
         val = predict_cases(trainer, {c: images[c] for c in fold.val}, out, cfg.tta)
         tests = predict_cases(trainer, {c: images[c] for c in splits.test}, out, cfg.tta) if test else {}

@@ -15,7 +15,11 @@ A study lives in ``STORAGE/NAME/``::
 ``protocol: sweep`` runs stage 1 only. ``protocol: fair_ablation`` gives every row the same Optuna
 budget on the tuning fold (stage 1, early stopping allowed), then re-trains each row's best
 configuration on the other folds and every seed to the end (stage 2), so rows are compared at their
-best and paired case by case, on patients that took no part in choosing. ``protocol:
+best and paired case by case. What holds for the reported patients: their validation results chose
+nothing (no configuration, epoch or threshold was selected on them); they did take part in training
+the stage-1 models of the search (the tuning fold's models train on every other fold), so they are
+not untouched by the search, only not selected on. ``nested_ablation`` keeps them out of the search
+entirely. ``protocol:
 nested_ablation`` does stage 1 inside every outer fold, on an inner fold of its training patients,
 and stage 2 trains each outer fold's choice on all of its training patients: every patient is
 reported, always by models tuned without them. Every stage-2 trial records the patients its

@@ -18,6 +18,7 @@ Plain numpy and the statistics module: no pandas, no Ray, no study folder.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -366,3 +367,68 @@ def _between(table: Any, keys: list[str], noise_var: float | None, offset: float
             return math.nan
         explained += noise_var * float(np.mean([float((1 / g["n"]).mean()) for g in groups]))
     return ss / df - explained
+
+
+# ------------------------------------------------------------------------- the tables of docs/analysis.md
+def verdict_tables(studies: int = 1000, seed: int = 0) -> list[str]:
+    """The A/A, power and coverage tables of docs/analysis.md (``avn-study bench verdicts``), as Markdown.
+
+    A/A: three rows of one arm, two contrasts under Holm, the share of studies with any verdict; this
+    version (a search per seed, 2 seeds) and, in brackets, the earlier verdict (one search per row and
+    fold or per row, the same 2 seeds, runs taken as independent). Power: a +0.05 row against the
+    reference with a third null row, same designs. Coverage: the 95 % interval of a planted +0.05 shift.
+    """
+    sizes, folds = (10, 30, 100), (3, 5)
+    head = (
+        "| protocol | tuning luck SD | run luck SD | "
+        + " | ".join(f"n={n}, K={k}" for n in sizes for k in folds)
+        + " |"
+    )
+    rule = "|---|---|---|" + "---|" * (len(sizes) * len(folds))
+    lines = [f"A/A: share of {studies} simulated studies with any verdict (nominal 5 %); this version [earlier]", "",
+             head, rule]  # fmt: skip
+    power_lines = [f"Power at +0.05 (share of {studies} studies that find it); this version [earlier]", "", head, rule]
+    for i, (protocol, tau, run_sd) in enumerate(itertools.product(PROTOCOLS, (0.0, 0.02, 0.05), (0.01, 0.05))):
+        components = Components(search_sd=tau, run_sd=run_sd)
+        aa, pw = [], []
+        for n, k in itertools.product(sizes, folds):
+            new, old = Design(protocol, n, k, 2, True), Design(protocol, n, k, 2, False)
+            a = simulate_verdicts(new, components, [0, 0, 0], studies, seed + i).any_rate()
+            b = simulate_verdicts(old, components, [0, 0, 0], studies, seed + i, verdict="runs").any_rate()
+            aa.append(f"{100 * a:.1f} [{100 * b:.1f}]")
+            if tau <= 0.02:
+                c = simulate_verdicts(new, components, [0, 0.05, 0], studies, seed + i).rate(0)
+                d = simulate_verdicts(old, components, [0, 0.05, 0], studies, seed + i, verdict="runs").rate(0)
+                pw.append(f"{100 * c:.0f} [{100 * d:.0f}]")
+        label = f"| {protocol} | {tau:g} | {run_sd:g} | "
+        lines.append(label + " | ".join(aa) + " |")
+        if pw:
+            power_lines.append(label + " | ".join(pw) + " |")
+    coverage = ["Coverage of the 95 % interval of a +0.05 shift (search luck 0.02, run luck 0.03, 3 folds x 2 "
+                "seeds, a search per seed)", "", "| per-patient noise | n = 8 | n = 11 | n = 20 | n = 30 |",
+                "|---|---|---|---|---|"]  # fmt: skip
+    for name, df in (("normal, SD 0.05", math.inf), ("t with 2 df, scale 0.05", 2.0)):
+        cells = [f"{100 * interval_coverage(n, df, studies // 2, seed):.1f} %" for n in (8, 11, 20, 30)]
+        coverage.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, "", *power_lines, "", *coverage]
+
+
+def interval_coverage(n: int, noise_df: float, studies: int, seed: int, effect: float = 0.05) -> float:
+    """Share of simulated studies whose 95 % replicate interval covers a planted shift ``effect``."""
+    from avn_study.analysis.inference import ShiftPermutation
+
+    design = Design("nested_ablation", n, 3, 2, True)
+    components = Components(search_sd=0.02, noise_df=noise_df, zero_fraction=0.0, mean=0.5, low=-9.0, high=9.0)
+    runs = simulate_runs(design, components, [0.0, effect], studies, np.random.default_rng(seed + n))
+    fold = _patient_folds(design)
+    strata = np.repeat(np.arange(3), 4)
+    is_row = np.tile([True, True, False, False], 3)
+    covered = 0
+    for study in runs:
+        values = np.full((12, n), np.nan)
+        for f in range(3):
+            for j, (row, s) in enumerate(itertools.product((1, 0), (0, 1))):
+                values[4 * f + j, fold == f] = study[row, s, fold == f]
+        low, high = ShiftPermutation.from_units(values, is_row, strata, n_perm=2000).interval(0.05)
+        covered += low <= effect <= high
+    return covered / studies

@@ -320,7 +320,11 @@ def questions_markdown(analysis: Analysis, test: bool = False) -> str:
     for question, group in table.groupby("question", sort=False):
         lines.append(f"- **{question or 'Against the reference'}**")
         for c in group.itertuples():
-            lines.append(f"  - {c.row} vs {c.reference}: {_difference(c)}, p = {_p(c.p_holm)} (Holm), {c.verdict}")
+            missing = (f" ({int(c.n_undefined)} patient(s) left out: {analysis.metric} undefined for them, e.g. an "
+                       "empty prediction, which favours a model that misses lesions)"
+                       if c.n_undefined == c.n_undefined and c.n_undefined else "")  # fmt: skip
+            lines.append(f"  - {c.row} vs {c.reference}: {_difference(c)}, p = {_p(c.p_holm)} (Holm), {c.verdict}"
+                         + missing)  # fmt: skip
     return "\n".join(lines)
 
 

@@ -289,7 +289,7 @@ def replicate_values(cases: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, di
 
 
 COMPARISON_COLUMNS = [
-    "question", "row", "reference", "n_pairs", "n_untied", "mean_row", "mean_reference", "mean_diff", "diff_ci_low",
+    "question", "row", "reference", "n_pairs", "n_undefined", "n_untied", "mean_row", "mean_reference", "mean_diff", "diff_ci_low",
     "diff_ci_high", "ci_level", "statistic", "p_patients", "n_replicates_row", "n_replicates_reference",
     "p_replicates", "p_replicates_min", "p", "p_holm", "rank_biserial", "cohen_dz", "verdict",
 ]  # fmt: skip
@@ -336,6 +336,9 @@ def compare_contrasts(cases: pd.DataFrame, contrasts: list[tuple[str, str, str]]
                 entry.update(p_replicates=test.p(0.0), p_replicates_min=test.min_p)
         else:
             entry["n_pairs"] = 0
+        if spec.subset == "defined" and len(cases):  # e.g. HD95 with an empty mask: left out, and counted
+            both = cases[cases["row"].isin([row, against])]
+            entry["n_undefined"] = int(both["patient"].nunique()) - int(entry["n_pairs"])
         entry["p"] = max(entry["p_patients"], entry["p_replicates"]) if "p_replicates" in entry else math.nan
         out.append(entry)
         tests.append(test)
