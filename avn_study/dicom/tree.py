@@ -128,8 +128,10 @@ class DicomTree:
         out: dict[tuple[str, str], list[Series]] = {}
         order = sorted(self.series.values(), key=lambda s: (s.patient_id, s.first.study_date, s.study_uid,
                                                             s.first.series_number or 0, s.uid))  # fmt: skip
-        for series in order:
-            out.setdefault((series.patient_id, series.study_uid), []).append(series)
+        for series in order:  # without a PatientID a visit is its own patient (never merged with others)
+            out.setdefault((series.patient_id or f"no PatientID: {series.study_uid}", series.study_uid), []).append(
+                series
+            )
         return out
 
 
