@@ -282,8 +282,10 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, *, channels: list[str],
     if labels_from is not None:
         if not labels_from.exists():
             raise UsageError(f"--labels-from {labels_from}: no such file or folder")
-        if labels_from.resolve() == dicom_dir.resolve():
-            segs = tree.segs
+        inside = labels_from.resolve() == dicom_dir.resolve() or dicom_dir.resolve() in labels_from.resolve().parents
+        if inside:  # SEG objects of the tree itself (all of them, or those under a subfolder)
+            segs = [s for s in tree.segs if s.path.resolve() == labels_from.resolve()
+                    or labels_from.resolve() in s.path.resolve().parents]  # fmt: skip
         else:
             seg_tree = scan_tree(labels_from) if labels_from.is_dir() else None
             segs = seg_tree.segs if seg_tree is not None else _single_seg(labels_from)
@@ -294,6 +296,9 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, *, channels: list[str],
     if not tree.series:
         raise DataError(format_problems(dicom_dir, [*tree.problems, Problem(dicom_dir, "no MR image series found")]))
     cases, problems = plan_import(tree, channels, patterns, plane, segs, unlabelled)
+    if labels_from is None and tree.segs:
+        problems.append(Problem(dicom_dir, f"{len(tree.segs)} DICOM SEG object(s) in the tree are not used as labels; "
+                                f"pass --labels-from {dicom_dir} to use them", "warning"))  # fmt: skip
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise DataError(format_problems(dicom_dir, errors).replace(f"see `avn-study verify {dicom_dir}`",

@@ -153,6 +153,13 @@ def test_an_existing_cohort_or_mapping_is_refused(tree, imported, tmp_path: Path
     assert main(["import-dicom", str(root), str(tmp_path / "new"), "--plane", "coronal"]) == 2
     assert "--mapping" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert (out / "dataset.json").read_bytes() == before
+    copy = tmp_path / "copy"  # --overwrite replaces an import of its own, and its mapping
+    shutil.copytree(out, copy)
+    shutil.copyfile(out.with_name("cohort.mapping.json"), tmp_path / "copy.mapping.json")
+    assert main(["import-dicom", str(root), str(copy), "--plane", "coronal", "--overwrite"]) == 0
+    assert json.loads((copy / "dataset.json").read_text())["numTraining"] == 0  # no --labels-from this time
+    assert "are not used as labels; pass --labels-from" in capsys.readouterr().err
+    assert json.loads((tmp_path / "copy.mapping.json").read_text())["cohort"] == str(copy.resolve())
 
 
 def test_two_candidates_missing_slice_and_stray_file_are_refused_together(tree, tmp_path: Path, capsys) -> None:

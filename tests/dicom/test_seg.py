@@ -120,3 +120,16 @@ def test_an_input_without_its_source_series_is_refused_before_predicting(predict
     err = capsys.readouterr().err
     assert "case_001_0000.nii.gz: no series of the DICOM folder is on this image's grid" in err
     assert not out.exists()
+
+
+def test_file_mode_and_a_model_without_localisation(predicted, tmp_path: Path) -> None:
+    root, cohort, _, series, _ = predicted
+    bundle = make_bundle(tmp_path / "unet", arm="unet")
+    out = tmp_path / "one.nii.gz"
+    argv = ["predict", str(bundle), str(cohort / "imagesTs" / "case_001_0000.nii.gz"), str(out), "--device", "cpu",
+            "--dicom-seg", str(root / "dicom")]  # fmt: skip
+    assert main(argv) == 0
+    seg = hd.seg.segread(tmp_path / "one_seg.dcm")
+    assert [(int(s.SegmentNumber), s.SegmentLabel) for s in seg.SegmentSequence] == [(1, "necrosis")]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series["case_001"].uid
+    assert json.loads((tmp_path / "one.json").read_text())["dicom_seg"] == str(tmp_path / "one_seg.dcm")
