@@ -120,6 +120,7 @@ def plan_import(
     problems: list[Problem] = list(tree.problems)
     pseudonyms: dict[str, str] = {}
     cases: list[PlannedCase] = []
+    checked: set[str] = set()  # series whose faults are reported (each once)
     for (patient_id, study_uid), visit in tree.visits().items():
         patient = pseudonyms.setdefault(patient_id, f"P{len(pseudonyms):03d}")
         n_visit = sum(c.patient == patient for c in cases) + 1
@@ -130,7 +131,9 @@ def plan_import(
             regex = patterns[channel]
             candidates = [s for s in visit if matches(s, regex, plane)]
             for series in candidates:
-                problems += [p for p in series_problems(series)]
+                if series.uid not in checked:
+                    checked.add(series.uid)
+                    problems += series_problems(series)
             if len(candidates) == 1:
                 chosen.append(candidates[0])
                 continue
@@ -188,7 +191,13 @@ def run_dcm2niix(series: Series, work: Path) -> tuple[np.ndarray, np.ndarray]:
         except OSError:
             shutil.copyfile(instance.path, link)
     args = [dcm2niix.bin, "-z", "y", "-b", "n", "-f", "image", "-x", "n", "-o", str(target), str(source)]
-    done = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=600)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=600)
+    except OSError as err:
+        raise UsageError(f"the dcm2niix binary {dcm2niix.bin} cannot be run ({err.strerror}); reinstall it: "
+                         "pip install --force-reinstall dcm2niix") from None  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise DataError(f"{series.first.path.parent}: dcm2niix took over 10 minutes on {series.label()}") from None
     written = sorted(p.name for p in target.iterdir())
     images = [name for name in written if name.endswith((".nii", ".nii.gz"))]
     if done.returncode != 0 or len(images) != 1:

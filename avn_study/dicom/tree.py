@@ -156,11 +156,15 @@ def read_instance(path: Path) -> Instance | None:
     Raises:
         pydicom's errors for a DICOM file too damaged to parse (the caller reports them).
     """
+    import warnings
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with warnings.catch_warnings():  # pydicom's warnings may quote header values (names, free text)
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         return None
     if "SOPInstanceUID" not in ds:
@@ -218,8 +222,6 @@ def scan_tree(root: str | Path) -> DicomTree:
     Hidden files (``.DS_Store``) and ``DICOMDIR`` are skipped; any other file that is not DICOM is an
     error (a DICOM export holds DICOM only: a stray file means a wrong folder or a broken copy).
     """
-    from pydicom.errors import InvalidDicomError
-
     root = Path(root)
     series: dict[str, Series] = {}
     segs: list[Instance] = []
@@ -231,7 +233,7 @@ def scan_tree(root: str | Path) -> DicomTree:
             continue
         try:
             instance = read_instance(path)
-        except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, EOFError) as err:
+        except Exception as err:  # a damaged file: pydicom raises many types (struct, value, EOF errors)
             problems.append(Problem(path, f"a damaged DICOM file that cannot be read ({type(err).__name__})"))
             continue
         if instance is None:
