@@ -28,7 +28,7 @@ FEMORAL_HEAD_CODE = ("2812003", "SCT", "Femoral head")
 NECROSIS_CODE = ("6574001", "SCT", "Necrosis")
 _ROLE_PATTERNS = {
     "necrosis": re.compile(r"necro|\bavn\b|avascular", re.IGNORECASE),
-    "femoral_head": re.compile(r"head|femoral|caput", re.IGNORECASE),
+    "femoral_head": re.compile(r"femoral[\s_-]*head|\bhead\b|caput", re.IGNORECASE),
 }
 
 

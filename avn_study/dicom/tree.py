@@ -27,6 +27,7 @@ PLANES = ("sagittal", "coronal", "axial")  # the plane across LPS axis x, y, z (
 IMAGE_MODALITIES = ("MR",)
 OBLIQUE_WARNING_DEG = 5.0  # as predict: beyond this a stack is oblique
 TILT_ERROR_DEG = 0.5  # slices offset along something else than their normal: a sheared (gantry-tilted) stack
+MIN_SLICES = 3  # fewer is a localiser or a key image, not a volume
 SPACING_RTOL = 0.01  # slice steps may differ by 1 % (rounding of positions), not by a missing slice
 _IGNORED_NAMES = {"DICOMDIR"}  # a media index: DICOM, but no image
 
@@ -297,6 +298,8 @@ def series_problems(series: Series) -> list[Problem]:
         problems.append(Problem(where, f"{name}: slices of {len(shapes)} matrix sizes or pixel spacings"))
     if len(orientations) > 1 or len(shapes) > 1:
         return problems
+    if len(series.instances) < MIN_SLICES:
+        problems.append(Problem(where, f"{name}: {len(series.instances)} slice(s) only, not a volume (a localiser?)"))
     if series.obliquity_deg > OBLIQUE_WARNING_DEG:
         problems.append(Problem(where, f"{name}: oblique stack, the slice normal is {series.obliquity_deg:.1f} "
                                 "degrees off the nearest axis", "warning"))  # fmt: skip
