@@ -195,6 +195,22 @@ def test_verify_reports_a_dicom_export(tree, tmp_path: Path, capsys) -> None:
     shutil.copyfile(broken / first.relative_to(root), broken / "export0" / "copy.dcm")
     assert main(["verify", str(broken)]) == 0
     assert "duplicate SOP instance: the same file as" in capsys.readouterr().out
+    (broken / "export1" / "S02" / "Thumbs.db").write_bytes(b"\x00" * 300)
+    assert main(["verify", str(broken)]) == 2
+    assert f"{broken / 'export1' / 'S02' / 'Thumbs.db'}: not a DICOM file" in capsys.readouterr().err
+
+
+def test_labels_from_one_seg_file_outside_the_tree(tree, tmp_path: Path, capsys) -> None:
+    root, visits = tree
+    seg = tmp_path / "labels" / "reader.dcm"
+    seg.parent.mkdir()
+    shutil.copyfile(visits[2].seg, seg)
+    out = tmp_path / "cohort"
+    assert main(["import-dicom", str(root), str(out), "--plane", "coronal", "--labels-from", str(seg)]) == 0
+    assert json.loads((out / "dataset.json").read_text())["import_dicom"]["cases"] == {
+        "case_000": "imagesTs", "case_001": "imagesTs", "case_002": "imagesTr"}  # fmt: skip
+    label, _ = load_ras(out / "labelsTr" / "case_002.nii.gz")
+    np.testing.assert_array_equal(label, visits[2].label_ras)
 
 
 def test_without_the_extra_the_commands_are_refused(monkeypatch, tmp_path: Path, capsys) -> None:
