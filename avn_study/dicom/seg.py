@@ -159,17 +159,17 @@ def write_seg(series: Series, labels: np.ndarray, affine: np.ndarray, target: Pa
         "femoral_head": ("femoral head", codes.SCT.AnatomicalStructure, Code(*FEMORAL_HEAD_CODE)),
         "necrosis": ("necrosis", codes.SCT.MorphologicallyAbnormalStructure, Code(*NECROSIS_CODE)),
     }
+    head = "femoral_head" in segments  # segment numbers run from 1: without a head, necrosis is segment 1
+    if not head:
+        stack = (stack == LABELS["necrosis"]).astype(np.uint8)
     descriptions = []
     for name in segments:
         label, category, kind = described[name]
         descriptions.append(hd.seg.SegmentDescription(
-            segment_number=LABELS[name], segment_label=label, segmented_property_category=category,
+            segment_number=LABELS[name] if head else 1, segment_label=label, segmented_property_category=category,
             segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
         ))  # fmt: skip
-    if "femoral_head" not in segments:  # segment numbers must run from 1: necrosis alone becomes segment 1
-        descriptions[0].SegmentNumber = 1
-        stack = (stack == LABELS["necrosis"]).astype(np.uint8)
     source = _source_datasets(series)
     seg = hd.seg.Segmentation(
         source_images=source, pixel_array=stack, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
