@@ -88,7 +88,16 @@ def _synth_parser(sub) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from avn_study.data.verify import verify_dataset
+    from avn_study.dicom import looks_like_dicom
 
+    data = Path(args.data)
+    if data.is_dir() and not (data / "dataset.json").exists() and looks_like_dicom(data):
+        from avn_study.dicom import require_dicom, verify_dicom_tree
+
+        require_dicom("verify of a DICOM export")
+        ok, text = verify_dicom_tree(data)
+        print(text, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 2
     report = verify_dataset(args.data)
     print(report.format(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 2
@@ -97,8 +106,63 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _verify_parser(sub) -> None:
     """``avn-study verify``'s arguments (next to :func:`cmd_verify`)."""
     p = sub.add_parser("verify", help="check a cohort's integrity; exit 2 listing every problem")
-    p.add_argument("data", type=_path, help="dataset folder (nnU-Net raw layout)")
+    p.add_argument("data", type=_path, help="dataset folder (nnU-Net raw layout), or a DICOM export to check")
     p.set_defaults(func=cmd_verify)
+
+
+def cmd_import_dicom(args: argparse.Namespace) -> int:
+    from avn_study.dicom import require_dicom
+
+    require_dicom("import-dicom")
+    from avn_study.dicom.convert import import_dicom
+
+    channels = [c.strip() for c in args.channels.split(",")]
+    if not all(channels) or len(set(channels)) != len(channels):
+        raise UsageError(f"--channels {args.channels!r}: expected distinct names separated by commas, e.g. T1,STIR")
+    result = import_dicom(args.dicom_dir, args.out, channels=channels, series=args.series, plane=args.plane,
+                          labels_from=args.labels_from, unlabelled=args.unlabelled, mapping=args.mapping,
+                          overwrite=args.overwrite, progress=_progress)  # fmt: skip
+    for warning in result.warnings:
+        print(f"warning: {warning.path}: {warning.message}", file=sys.stderr)
+    labelled = sum(c.subset == "imagesTr" for c in result.cases)
+    patients = len({c.patient for c in result.cases})
+    print(f"imported {len(result.cases)} visit(s) of {patients} patient(s) to {result.out} ({labelled} labelled in "
+          f"imagesTr/labelsTr, {len(result.cases) - labelled} in {args.unlabelled}/)")  # fmt: skip
+    for case in result.cases:
+        chosen = ", ".join(f"{ch}: series {s.first.series_number} ({s.plane}, {len(s.instances)} slices)"
+                           for ch, s in zip(channels, case.series, strict=True))  # fmt: skip
+        print(f"  {case.case_id}: patient {case.patient}, {chosen}{', labels from SEG' if case.seg else ''}")
+    print(f"private mapping to the hospital's identifiers: {result.mapping} (keep it apart from the cohort)")
+    return 0
+
+
+def _import_dicom_parser(sub) -> None:
+    """``avn-study import-dicom``'s arguments (next to :func:`cmd_import_dicom`)."""
+    p = sub.add_parser(
+        "import-dicom",
+        help="a DICOM export (patients, visits, series) to a pseudonymous cohort in the nnU-Net raw layout",
+        description="Walk DICOM_DIR, group the files into series, choose per visit one series per channel (by "
+        "SeriesDescription regex and/or plane), convert each with dcm2niix and write OUT in the nnU-Net raw layout "
+        "with dataset.json's patients map from PatientID. Cases are case_000, ...; patients P000, ...; the link to "
+        "the hospital's identifiers goes to one private mapping file (default OUT.mapping.json beside OUT). Needs "
+        "avn-study[dicom].",
+    )
+    p.add_argument("dicom_dir", type=_path, help="the DICOM export (any folder tree)")
+    p.add_argument("out", type=_path, help="the cohort folder to write")
+    p.add_argument("--channels", default="T1", help="input channels in order, e.g. T1 or T1,STIR (default T1)")
+    p.add_argument("--series", action="append", default=[], metavar="[CHANNEL=]REGEX",
+                   help="SeriesDescription regex choosing a channel's series, case-insensitive (default: the "
+                   "channel's name); repeat as CHANNEL=REGEX for several channels")  # fmt: skip
+    p.add_argument("--plane", choices=("coronal", "axial", "sagittal"),
+                   help="keep only series acquired in this plane (from the orientation vectors)")  # fmt: skip
+    p.add_argument("--labels-from", type=_path, dest="labels_from", metavar="SEG",
+                   help="a DICOM SEG file or a folder of them (may be DICOM_DIR): visits with a SEG of a chosen "
+                   "series go to imagesTr/labelsTr")  # fmt: skip
+    p.add_argument("--unlabelled", choices=("imagesTs", "imagesUnlabelled"), default="imagesTs",
+                   help="where visits without labels go (default imagesTs)")  # fmt: skip
+    p.add_argument("--mapping", type=_path, help="the private mapping file (default OUT.mapping.json beside OUT)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier import (only one) and its mapping")
+    p.set_defaults(func=cmd_import_dicom)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -655,8 +719,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from avn_study.predict import predict
 
     progress = _progress if args.input.is_dir() else None
-    records = predict(args.bundle, args.input, args.output, args.device, args.batch_size, progress, args.overwrite,
+    bundle, segs = args.bundle, None
+    if args.dicom_seg is not None:  # before any prediction: every input's source series, every SEG's path
+        from avn_study.dicom import require_dicom
+
+        require_dicom("predict --dicom-seg")
+        from avn_study.bundle import load_bundle
+        from avn_study.dicom.predict_seg import plan_segs
+
+        bundle = load_bundle(args.bundle)
+        segs = plan_segs(bundle, args.input, args.output, args.dicom_seg, args.overwrite)
+    records = predict(bundle, args.input, args.output, args.device, args.batch_size, progress, args.overwrite,
                       **_inference_args(args))  # fmt: skip
+    if segs is not None:
+        from avn_study.dicom.predict_seg import write_segs
+
+        for path in write_segs(bundle, segs, records, args.input, args.output):
+            print(f"{path}: DICOM SEG")
     for r in records:
         print(f"{r['output']}: necrosis {r['necrosis']['volume_ml']:.2f} ml ({r['necrosis']['voxels']} voxels)")
         for warning in r.get("warnings", []):
@@ -681,6 +760,10 @@ def _predict_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=_positive_int, default=32, dest="batch_size", help="slices per batch")
     p.add_argument("--overwrite", action="store_true", help="replace label maps that an earlier predict wrote here")
+    p.add_argument("--dicom-seg", type=_path, dest="dicom_seg", metavar="SOURCE_DICOM_DIR",
+                   help="also write each mask as a DICOM SEG ({case}_seg.dcm) of the series in SOURCE_DICOM_DIR "
+                   "the input was converted from (import-dicom), for PACS, 3D Slicer or OHIF; needs "
+                   "avn-study[dicom]")  # fmt: skip
     _add_inference_flags(p, "default: the bundle's setting")
     p.set_defaults(func=cmd_predict)
 
@@ -774,6 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _synth_parser(sub)
     _verify_parser(sub)
+    _import_dicom_parser(sub)
     _split_parser(sub)
     _train_parser(sub)
     _sweep_parser(sub)

@@ -16,7 +16,8 @@ def test_every_public_name_resolves() -> None:
 def test_cli_help_does_not_import_heavy_modules() -> None:
     code = (
         "import sys; from avn_study.cli import build_parser; build_parser().format_help(); "
-        "print(sorted(m for m in ('torch', 'ray', 'optuna', 'nibabel', 'scipy') if m in sys.modules))"
+        "heavy = ('torch', 'ray', 'optuna', 'nibabel', 'scipy', 'pydicom', 'highdicom'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -253,8 +253,8 @@ def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, li
         )
     patients = spec.get("patients", {}) if isinstance(spec.get("patients"), dict) else {}
     for case in sorted(set(patients) - set(images) - set(labels)) if subset == "Tr" else ():
-        if (root / UNLABELLED_DIR / f"{case}{CHANNEL_SUFFIX}{ending}").exists():
-            continue  # a patient entry of an unlabelled scan
+        if any((root / folder / f"{case}{CHANNEL_SUFFIX}{ending}").exists() for folder in (UNLABELLED_DIR, "imagesTs")):
+            continue  # a patient entry of an unlabelled or a test scan (import-dicom names every visit's patient)
         problems.append(Problem(root / "dataset.json", f"patients names case '{case}' that has no files"))
     cases = [CaseFiles(c, str(patients.get(c, c)), images[c][0], labels[c], images[c][1:]) for c in paired]
     if not cases:
