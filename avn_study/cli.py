@@ -824,7 +824,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate", "cluster", "verdicts"],
                    help="what to measure (gpu: needs CUDA; calibrate: every ablation row on the phantom; "
                         "cluster: slot utilisation of ablation.yaml on logical GPUs; "
-                        "verdicts: the simulated A/A, power and coverage tables of docs/analysis.md, --cases studies per cell)")  # fmt: skip
+                        "verdicts: the simulated A/A, power and coverage tables of docs/analysis.md, --cases "
+                        "studies per cell)")  # fmt: skip
     p.add_argument("--gpus", type=_positive_int, default=8, help="cluster bench: logical GPUs (default 8)")
     p.add_argument("--epoch-seconds", type=_positive_float, default=0.1, dest="epoch_seconds",
                    help="cluster bench: seconds of one unet epoch of the stand-in trials (default 0.1)")  # fmt: skip

@@ -189,9 +189,11 @@ def select(experiment: Any, row: str | None = None, metric: str | None = None) -
                      f"configuration's {len(best.trials)} trials on their own validation patients, so it is "
                      f"optimistic; the configuration's mean ({best.mean:.4f}) is less so")  # fmt: skip
     if len(ranked) > 1:
-        notes.append(f"optimistic after selection: the configuration's mean ({best.mean:.4f}) is the best of "
-                     f"{len(ranked)} configurations compared on the same patients, so it overstates what this "
-                     "model does on new ones; the ablation table (avn-study analyze) is the unbiased comparison")  # fmt: skip
+        notes.append(
+            f"optimistic after selection: the configuration's mean ({best.mean:.4f}) is the best of "
+            f"{len(ranked)} configurations compared on the same patients, so it overstates what this "
+            "model does on new ones; the ablation table (avn-study analyze) is the comparison to quote"
+        )
     return Selection(metric, mode, stage, ranked, best.trials[0], notes)
 
 

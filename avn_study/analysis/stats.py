@@ -289,8 +289,8 @@ def replicate_values(cases: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, di
 
 
 COMPARISON_COLUMNS = [
-    "question", "row", "reference", "n_pairs", "n_undefined", "n_untied", "mean_row", "mean_reference", "mean_diff", "diff_ci_low",
-    "diff_ci_high", "ci_level", "statistic", "p_patients", "n_replicates_row", "n_replicates_reference",
+    "question", "row", "reference", "n_pairs", "n_undefined", "n_untied", "mean_row", "mean_reference", "mean_diff",
+    "diff_ci_low", "diff_ci_high", "ci_level", "statistic", "p_patients", "n_replicates_row", "n_replicates_reference",
     "p_replicates", "p_replicates_min", "p", "p_holm", "rank_biserial", "cohen_dz", "verdict",
 ]  # fmt: skip
 
