@@ -111,6 +111,7 @@ class RowSearch(Searcher):
         self._started = dict.fromkeys(runs, 0)
         self._owner: dict[str, str] = {}  # trial id -> run key (or STAGE2_OWNER)
         self._configs: dict[str, dict[str, Any]] = {}  # stage-1 trial id -> its sampled parameters
+        self._order: dict[str, int] = {}  # stage-1 trial id -> its place in its search's sampling
         self._ended: dict[str, list[tuple[str, float | None, int]]] = {k: [] for k in runs}  # see best_trial
         self._queue: list[dict[str, Any]] = list(ready or [])  # stage-2 trials released, not yet handed out
 
@@ -132,7 +133,8 @@ class RowSearch(Searcher):
         self._started[key] += 1
         self._owner[trial_id] = key
         self._configs[trial_id] = dict(sampled)
-        return {**run.constants, **sampled, "_run": key}
+        self._order[trial_id] = self._started[key] - 1
+        return {**run.constants, **sampled, "_run": key, "_sample": self._started[key] - 1}
 
     def _searcher(self, trial_id: str) -> Searcher | None:
         key = self._owner.get(trial_id)
@@ -151,10 +153,11 @@ class RowSearch(Searcher):
         ended = self._ended[key]
         if any(c[0] == trial_id for c in ended):
             return
+        order = self._order.get(trial_id)
         if not error and result:
-            ended.append((trial_id, result.get(self.metric), int(result.get("training_iteration", 0))))
+            ended.append((trial_id, result.get(self.metric), int(result.get("training_iteration", 0)), order))
         else:  # an errored trial is never chosen; it still counts as ended
-            ended.append((trial_id, None, 0))
+            ended.append((trial_id, None, 0, order))
         if len(ended) == self._runs[key].budget and key in self._follow_ups:
             self._release(key)
 
@@ -179,6 +182,7 @@ class RowSearch(Searcher):
                     run.searcher.save(f"{tmp}/sub")
                     subs[key] = base64.b64encode(Path(f"{tmp}/sub").read_bytes()).decode()
         state = {"started": self._started, "owner": self._owner, "subs": subs, "configs": self._configs,
+                 "order": self._order,
                  "ended": self._ended, "queue": self._queue, "waiting_for": sorted(self._follow_ups)}  # fmt: skip
         Path(checkpoint_path).write_text(json.dumps(state))
 
@@ -187,6 +191,7 @@ class RowSearch(Searcher):
         self._started.update(state["started"])
         self._owner.update(state["owner"])
         self._configs.update(state.get("configs", {}))
+        self._order.update(state.get("order", {}))
         self._ended.update({k: [tuple(c) for c in v] for k, v in state.get("ended", {}).items()})
         if "queue" in state:  # (a state saved before stage 2 joined the experiment has neither)
             self._queue = state["queue"]
@@ -195,6 +200,21 @@ class RowSearch(Searcher):
             for key, blob in state["subs"].items():
                 Path(f"{tmp}/sub").write_bytes(base64.b64decode(blob))
                 self._runs[key].searcher.restore(f"{tmp}/sub")
+        self._share_storage()
+
+    def _share_storage(self) -> None:
+        """One Optuna storage object for every search again: each restored searcher unpickles its own, and
+        several journal storages on one file in one process can miss each other's writes (Optuna then
+        fails to find the trial it has just created)."""
+        shared = None
+        for run in self._runs.values():
+            study = getattr(run.searcher, "_ot_study", None)
+            if study is None:
+                continue
+            if shared is None:
+                shared = study._storage
+            else:
+                study._storage = shared
 
 
 class RowScheduler(FIFOScheduler):

@@ -164,6 +164,21 @@ def merge_grid(config: dict[str, Any]) -> dict[str, Any]:
     return {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
 
 
+def epoch_history(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A trial's reports by epoch (``training_iteration``), the last report of each epoch kept.
+
+    A trial restored from a checkpoint (a lost node, a driver's ``--resume``) reports again the epochs
+    after that checkpoint, so ``result.json`` can hold an epoch twice; read as lines, such a trial would
+    seem to have run more epochs than it did. Reports without an iteration keep their place.
+    """
+    by_epoch: dict[Any, dict[str, Any]] = {}
+    for i, record in enumerate(results):
+        key = record.get("training_iteration", ("line", i))
+        by_epoch.pop(key, None)  # a repeat replaces the earlier report, and takes its place at the end
+        by_epoch[key] = record
+    return sorted(by_epoch.values(), key=lambda r: r.get("training_iteration", 0))
+
+
 # -------------------------------------------------------------------------------------------- statuses
 def trial_statuses(experiment: Path) -> dict[str, str]:
     """Trial folder name -> Ray's status, from the newest ``experiment_state-*.json``.

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avn_study.study_folder import ERROR, TERMINATED, merge_grid, per_case_file, trial_status, trial_statuses
+from avn_study.study_folder import (
+    ERROR,
+    TERMINATED,
+    epoch_history,
+    merge_grid,
+    per_case_file,
+    trial_status,
+    trial_statuses,
+)
 
 
 @dataclass(frozen=True)
@@ -25,18 +33,22 @@ class Selected:
     patients: list[str]  # every patient the search validated on: none may be reported for this choice
 
 
-def best_trial(candidates: list[tuple[str, float | None, int]], mode: str) -> str | None:
-    """The stage-1 choice among finished trials ``(trial_id, final metric, epochs)``: the best final metric
-    among those that ran the most epochs (ASHA-stopped trials compete only if none ran to the end), ties
-    to the smaller trial id; None when no trial has a finite metric. The one rule, for a study read back
-    from its folders (:meth:`avn_study.sweep.Study.select`) and for a live one
-    (:class:`avn_study.search.RowSearch`)."""
-    scored = sorted((t, m, e) for t, m, e in candidates if isinstance(m, int | float) and math.isfinite(m))
+def best_trial(candidates: list[tuple], mode: str) -> str | None:
+    """The stage-1 choice among finished trials ``(trial_id, final metric, epochs[, order])``: the best final
+    metric among those that completed the most epochs (ASHA-stopped trials compete only if none ran to
+    the end); ties to the configuration sampled first (``order``: its place in the search's sampling,
+    ``_sample`` in its config; else the trial id, which Ray numbers in order of creation); None when no
+    trial has a finite metric. Epochs are completed epochs (:func:`~avn_study.study_folder.epoch_history`),
+    never lines of ``result.json``. The one rule, for a study read back from its folders
+    (:meth:`avn_study.sweep.Study.select`) and for a live one (:class:`avn_study.search.RowSearch`)."""
+    scored = [(c[0], c[1], c[2], c[3] if len(c) > 3 and c[3] is not None else math.inf)
+              for c in candidates if isinstance(c[1], int | float) and math.isfinite(c[1])]  # fmt: skip
     if not scored:
         return None
-    longest = max(e for _, _, e in scored)
+    longest = max(e for _, _, e, _ in scored)
     pool = [c for c in scored if c[2] == longest]
-    return (max if mode == "max" else min)(pool, key=lambda c: c[1])[0]
+    sign = -1.0 if mode == "max" else 1.0
+    return min(pool, key=lambda c: (sign * c[1], c[3], str(c[0])))[0]
 
 
 def validated_patients(trial_dir: Path) -> set[str]:
@@ -56,6 +68,12 @@ class TrialOutcome:
     epochs: int
     config: dict[str, Any]
     error: str = ""
+
+    @property
+    def order(self) -> int | None:
+        """The trial's place in its search's sampling (``_sample``), for a stable tie-break."""
+        sample = self.config.get("_sample")
+        return int(sample) if isinstance(sample, int) else None
 
 
 @dataclass
@@ -83,8 +101,8 @@ def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome
     for params in sorted(experiment.glob("*/params.json")):
         trial_dir = params.parent
         config = json.loads(params.read_text())
-        results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()] \
-            if (trial_dir / "result.json").is_file() else []  # fmt: skip
+        lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
+        results = epoch_history([json.loads(line) for line in lines if line.strip()])
         last = results[-1] if results else {}
         error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else ""
         merged = merge_grid(config)

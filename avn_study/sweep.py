@@ -355,9 +355,9 @@ class Study:
         return tune.RunConfig(
             name=experiment, storage_path=f"{self.storage}/{self.name}", verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=self.space.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=self.space.num_to_keep,
-                                                    checkpoint_score_attribute=self.space.metric,
-                                                    checkpoint_score_order=self.space.mode),
+            # the most recent checkpoints, never "the best by metric": Ray restores a trial from its latest
+            # checkpoint, which a score-ordered retention may already have deleted
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=self.space.num_to_keep),
         )  # fmt: skip
 
     def _fit(self, experiment: str, make_tuner, param_space: dict[str, Any], resume: bool) -> None:
@@ -420,10 +420,15 @@ class Study:
         self._push(JOURNAL)
 
     def _optuna_storage(self):
+        """The study's one Optuna journal storage (one object for every search: several JournalStorage
+        objects on one file in one process can miss each other's writes, and Optuna then fails to find
+        the trial it has just created)."""
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(str(self.root / JOURNAL)))
+        if getattr(self, "_journal", None) is None:
+            self._journal = JournalStorage(JournalFileBackend(str(self.root / JOURNAL)))
+        return self._journal
 
     def _optuna(self, run: Stage1):
         import optuna
@@ -557,7 +562,8 @@ class Study:
             read[folder] = read_trials(folder, self.space.metric)
         trials = [o for o in read[folder]
                   if o.stage == 1 and o.config.get("_run", run.experiment) == run.experiment]  # fmt: skip
-        best = best_trial([(o.trial_id, o.metric, o.epochs) for o in trials if o.status == TERMINATED], self.space.mode)
+        best = best_trial([(o.trial_id, o.metric, o.epochs, o.order) for o in trials if o.status == TERMINATED],
+                          self.space.mode)  # fmt: skip
         if best is None:
             raise AvnError(f"stage 1 of row '{run.row}' has no finished trial with a {self.space.metric}; "
                            f"see {folder}")  # fmt: skip

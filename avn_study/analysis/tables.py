@@ -41,6 +41,7 @@ from avn_study.study_folder import (
     MANIFEST,
     TERMINATED,
     calibration_file,
+    epoch_history,
     is_study,
     merge_grid,
     overlay_file,
@@ -297,7 +298,7 @@ def _read_trial(
 ) -> tuple[dict, list[dict], list[dict], list[dict]]:
     """(trial row, case rows, history rows, test-case rows) of one trial folder."""
     merged = merge_grid(_json(trial_dir / "params.json", "trial parameters"))
-    results = _json_lines(trial_dir / "result.json") if (trial_dir / "result.json").is_file() else []
+    results = epoch_history(_json_lines(trial_dir / "result.json")) if (trial_dir / "result.json").is_file() else []
     config = trial_config(trial_dir, merged)
     error = (trial_dir / "error.txt").read_text() if (trial_dir / "error.txt").is_file() else ""
     last = results[-1] if results else {}
@@ -313,7 +314,9 @@ def _read_trial(
         "arm": config.get("arm", last.get("arm")),
         "schedule": config.get("schedule", last.get("schedule")),
         "fold": config.get("fold", last.get("fold")),
-        "seed": config.get("seed", last.get("seed")),
+        # the listed seed (a replicate); with a search per seed the run's own torch seed is derived from it
+        "seed": merged.get("_replicate", config.get("seed", last.get("seed"))),
+        "run_seed": config.get("seed", last.get("seed")),
         "repeat": int(merged.get("_repeat", last.get("repeat", 0))),
         # the pipeline replicate the trial belongs to: the stage-1 search whose choice it trains (a row that
         # searches nothing, such as nnU-Net's, or a stage-1 trial: the trial itself)

@@ -9,7 +9,7 @@ import pytest
 from avn_study.config import TrainConfig
 from avn_study.engine import build_model
 from avn_study.models import matched_width, model_for_arm, n_parameters
-from avn_study.space import load_space
+from avn_study.space import group_rows, load_space
 from avn_study.vocabulary import ARMS
 
 ABLATION = Path(__file__).parents[2] / "search_spaces" / "ablation.yaml"
@@ -54,8 +54,11 @@ def test_the_no_gate_control_keeps_the_localisation_loss_and_drops_the_gate() ->
 def test_every_arm_says_what_it_asks_and_every_control_is_grouped() -> None:
     space = load_space(ABLATION)
     assert all(arm.question for arm in ARMS.values())
-    grouped = [row for rows in space.raw["groups"].values() for row in rows]
+    grouped = [row for rows in group_rows(space.raw["groups"]).values() for row in rows]
     assert sorted(grouped) == sorted(space.arms) and len(grouped) == len(set(grouped))
+    # every control row is in a contrast that answers its question
+    asked = {row for c in space.contrasts for row in (c.row, c.against)}
+    assert asked == set(space.arms)
 
 
 def test_head_supervised_unet_and_cascade_have_the_unet_budget_or_the_cascade_its_two() -> None:
