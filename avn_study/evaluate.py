@@ -214,7 +214,7 @@ def evaluate_bundle(
         "hips": {k: _finite(v) for k, v in hip_summary(hips).items()},
         "n_cases": len(cases),
     }
-    with staged_folder(out) as staged:
+    with staged_folder(out, is_evaluation if overwrite else None) as staged:
         _write_csv(staged / "per_case.csv", cases)
         _write_csv(staged / "per_hip.csv", hips)
         (staged / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
