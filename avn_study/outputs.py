@@ -31,6 +31,7 @@ import secrets
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -39,6 +40,7 @@ from avn_study.errors import UsageError
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+LEGACY_STALE_S = 3600.0  # an older version's temporary untouched this long is left by a killed command
 
 
 def _holds(outer: Path, inner: Path) -> bool:
@@ -110,11 +112,16 @@ def clean_stale(out: Path) -> list[Path]:
     """Remove our temporaries of ``out`` (``.NAME.tmp-*``, ``.NAME.old-*``) left by a killed process of this
     host; a set-aside old output whose swap was interrupted goes back to ``out`` when ``out`` is missing.
 
+    Folders of the naming older versions used (``.NAME.tmp-XXXXXXXX`` from ``mkdtemp``, no owner in the
+    name) are removed once nothing has written to them for :data:`LEGACY_STALE_S` (a command fills its
+    temporary in minutes at most).
+
     Returns:
         What was removed or restored.
     """
     out = Path(out)
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    legacy = re.compile(rf"\.{re.escape(out.name)}\.(tmp)-[a-z0-9_]{{8}}")  # ``mkdtemp``'s, before 2026-12
     done = []
     try:
         siblings = list(out.parent.iterdir())
@@ -122,6 +129,12 @@ def clean_stale(out: Path) -> list[Path]:
         return done
     for path in siblings:
         match = pattern.match(path.name)
+        if not match and legacy.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            with suppress(OSError):  # no owner in the name: only one no writer has touched for an hour
+                if time.time() - path.stat().st_mtime > LEGACY_STALE_S:
+                    shutil.rmtree(path)
+                    done.append(path)
+            continue
         if not match or match["host"] != _host() or _pid_alive(int(match["pid"])):
             continue
         if match.group(1) == "old" and not (out.exists() or out.is_symlink()):

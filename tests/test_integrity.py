@@ -181,11 +181,14 @@ def test_stale_temporaries_of_a_killed_run_are_cleaned_by_the_next(bundle: Path,
     stale = tmp_path / f".bundle.tmp-{host}-{dead_pid()}-0badcafe"
     live = tmp_path / f".bundle.tmp-{host}-{os.getpid()}-0000beef"  # a running export's: kept
     mine = tmp_path / ".bundle.tmp-notes"  # not our naming: kept
-    for folder in (stale, live, mine):
+    legacy, fresh = tmp_path / ".bundle.tmp-k3j_x9a2", tmp_path / ".bundle.tmp-aaaa1111"  # mkdtemp's, before
+    for folder in (stale, live, mine, legacy, fresh):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))  # an old version's, untouched for 2 hours
     make_bundle(out)
     assert not stale.exists() and live.exists() and mine.exists() and (out / "config.json").is_file()
+    assert not legacy.exists() and fresh.exists()  # (fresh: maybe an old version's export still running)
     assert clean_stale(out) == []
 
 
