@@ -143,6 +143,31 @@ def test_the_final_rename_never_removes_what_appeared_meanwhile(tmp_path: Path) 
     assert (kept / "metrics.json").read_text() == '{"history": []}' and (out / "notes.txt").read_text() == "mine"
 
 
+def test_train_never_deletes_a_file_put_into_its_output_while_it_runs(
+    toy_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from avn_study.training import TrainingRun
+
+    out = tmp_path / "run"
+    out.mkdir()
+    epoch = TrainingRun.run_epoch
+
+    def epoch_while_the_user_writes(self: TrainingRun) -> dict:
+        (out / "notes.txt").write_text("mine")
+        return epoch(self)
+
+    monkeypatch.setattr(TrainingRun, "run_epoch", epoch_while_the_user_writes)
+    argv = ["train", "--data", str(toy_cohort), "--out", str(out), "--epochs", "1", "--slice-size", "32",
+            "--base-channels", "4", "--depth", "2", "--set", "n_folds=3", "--quiet", "--arm", "unet",
+            "--schedule", "constant", "--cache-dir", str(tmp_path / "cache"), "--splits", str(tmp_path / "s.json")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: appeared while this command ran" in err and "the result is kept in" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    kept = next(tmp_path.glob("run.unplaced-*"))  # hours of training are not thrown away either
+    assert json.loads((kept / "metrics.json").read_text())["history"] and (kept / "checkpoint").is_dir()
+
+
 def test_overwrite_checks_the_kind_again_right_before_the_swap(bundle: Path, tmp_path: Path) -> None:
     from avn_study.bundle import is_bundle
 
