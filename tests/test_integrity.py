@@ -159,7 +159,8 @@ def test_train_never_deletes_a_file_put_into_its_output_while_it_runs(
     monkeypatch.setattr(TrainingRun, "run_epoch", epoch_while_the_user_writes)
     argv = ["train", "--data", str(toy_cohort), "--out", str(out), "--epochs", "1", "--slice-size", "32",
             "--base-channels", "4", "--depth", "2", "--set", "n_folds=3", "--quiet", "--arm", "unet",
-            "--schedule", "constant", "--cache-dir", str(tmp_path / "cache"), "--splits", str(tmp_path / "s.json")]  # fmt: skip
+            "--schedule", "constant", "--cache-dir", str(tmp_path / "c"),
+            "--splits", str(tmp_path / "s.json")]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{out}: appeared while this command ran" in err and "the result is kept in" in err
