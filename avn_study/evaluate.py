@@ -147,7 +147,7 @@ def evaluate_bundle(
     from avn_study.data.verify import check_case
     from avn_study.metrics import summarize
     from avn_study.outputs import check_target, staged_folder
-    from avn_study.predict import _device, resolve_options
+    from avn_study.predict import UNVERIFIED_BUNDLE, _device, resolve_options
 
     data, out = Path(data), Path(out)
     if subset not in ("auto", "Tr", "Ts"):
@@ -207,7 +207,7 @@ def evaluate_bundle(
         },
         "inference": chosen.to_json(),
         "models": len(bundle.models),
-        "warnings": _seen_by_the_model(bundle, data, subset),
+        "warnings": [*([UNVERIFIED_BUNDLE] if not bundle.verified else []), *_seen_by_the_model(bundle, data, subset)],
         "native": {k: _finite(v) for k, v in native.items()},
         "training_grid": {k: _finite(v) for k, v in grid.items()},
         "surface_dice": _finite(float(np.mean([c["surface_dice"] for c in necrotic])) if necrotic else math.nan),
