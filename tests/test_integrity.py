@@ -185,6 +185,27 @@ def test_overwrite_checks_the_kind_again_right_before_the_swap(bundle: Path, tmp
     assert [p.name for p in copy.iterdir()] == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["b", "c"]
 
 
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+def test_renames_never_replace_a_name_that_exists(renameat2: bool, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from avn_study import outputs
+
+    if not renameat2:  # another OS, or a file system without renameat2: link, exclusive mkdir, two renames
+        monkeypatch.setattr(outputs, "_renameat2", lambda *args: False)
+    for name, text in (("new.txt", "new"), ("theirs.txt", "theirs"), ("new/a", "new"), ("theirs/b", "theirs")):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = checksums(tmp_path)
+    for src, dst in (("new.txt", "theirs.txt"), ("new", "theirs"), ("new.txt", "theirs")):
+        with pytest.raises(FileExistsError):
+            outputs.rename_noreplace(tmp_path / src, tmp_path / dst)
+    assert checksums(tmp_path) == before  # nothing replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "new.txt", "theirs", "theirs.txt"]  # no placeholder
+    outputs.place(tmp_path / "new", tmp_path / "theirs", replace=lambda path: True)  # allowed: swapped whole
+    outputs.place(tmp_path / "new.txt", tmp_path / "fresh.txt")
+    assert sorted(checksums(tmp_path)) == ["fresh.txt", "theirs.txt", "theirs/a"]
+
+
 def test_two_writers_of_one_folder_give_one_success_and_one_refusal(tmp_path: Path) -> None:
     out = tmp_path / "cohort"
     command = [sys.executable, "-m", "avn_study", "synth", str(out), "--cases", "1", "--tiny"]

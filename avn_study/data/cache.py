@@ -219,7 +219,10 @@ def preprocess_case(
 
 
 def _write_entry(root: Path, final: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    from avn_study.outputs import umask
+
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:12]}-", dir=root))
+    os.chmod(tmp, 0o777 & ~umask())  # (mkdtemp makes 0700: other users of the node could not read the entry)
     try:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
