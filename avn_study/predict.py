@@ -290,12 +290,12 @@ def predict_file(bundle: Bundle, source: Path | tuple[Path, ...], target: Path, 
     """
     sources = source if isinstance(source, tuple) else (source,)
     source = sources[0]
-    image, geometry = load_ras(source)
+    image, geometry = load_ras(source, refuse_repairs=True)
     warnings = check_geometry(source, geometry, bundle)
     extra = []
     for path, arr in ((source, image), *((p, None) for p in sources[1:])):
         if arr is None:
-            arr, other = load_ras(path)
+            arr, other = load_ras(path, refuse_repairs=True)
             if other.shape != geometry.shape or not np.allclose(other.affine, geometry.affine, atol=1e-3):
                 raise DataError(f"{path}: its grid (shape {other.shape}) differs from the first channel's "
                                 f"{source.name} (shape {geometry.shape}); channels must be co-registered")  # fmt: skip

@@ -413,7 +413,7 @@ def test_verify_warns_about_an_image_constant_but_for_one_voxel(toy_cohort: Path
     assert "trained on, as all zeros" in out
 
 
-def test_a_header_repair_is_blamed_on_the_file_that_holds_it(toy_cohort: Path,
+def test_a_header_repair_is_blamed_on_the_file_that_holds_it(toy_cohort: Path, bundle: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     image = toy_cohort / "imagesTr" / "toy_000_0000.nii.gz"
     stored = nib.load(image)
@@ -426,3 +426,6 @@ def test_a_header_repair_is_blamed_on_the_file_that_holds_it(toy_cohort: Path,
     errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
     assert any(f"{image}: header field 'pixdim' holds an invalid value" in line for line in errors)
     assert not any("labelsTr" in line for line in errors), errors
+    assert main(["predict", str(bundle), str(image), str(tmp_path / "m.nii.gz")]) == 2  # not predicted at 1 mm
+    err = capsys.readouterr().err
+    assert f"{image}: header field 'pixdim' holds an invalid value" in err and not (tmp_path / "m.nii.gz").exists()
