@@ -115,8 +115,10 @@ def cmd_split(args: argparse.Namespace) -> int:
         raise UsageError(f"{target}: a frozen split (hash {held}) already exists; runs and studies recorded its "
                          "hash. Pass --overwrite to replace it (their results will then name a split that is gone), "
                          "or --out to write another file")  # fmt: skip
+    unwritable = ("the cohort folder may be read-only: pass --out FILE to freeze the split elsewhere (and --splits "
+                  "FILE to train with it)")  # fmt: skip
     check_target(target, flag="--out", kind="a splits file", is_own=is_splits_file, overwrite=args.overwrite,
-                 folder=False)  # fmt: skip
+                 folder=False, hint=unwritable)  # fmt: skip
     cases = build_cache(args.data, cache_dir=args.cache_dir, progress=_progress)
     patients = {c.case_id: c.patient_id for c in cases}
     necrosis = None if args.no_stratify else {c.case_id: c.has_necrosis for c in cases}
@@ -128,9 +130,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     try:
         out = write_splits(splits, target, is_splits_file if args.overwrite else None)
     except OSError as err:
-        raise UsageError(f"{target.parent}: cannot write {target.name} there ({err.strerror}); the cohort folder "
-                         "may be read-only: pass --out FILE to freeze the split elsewhere (and --splits FILE to "
-                         "train with it)") from None  # fmt: skip
+        raise UsageError(f"{target.parent}: cannot write {target.name} there ({err.strerror}); {unwritable}") from None
     if splits.test:
         test_patients = {patients[c] for c in splits.test}
         positive = sum(any(necrosis.get(c, False) for c in splits.test if patients[c] == p) for p in test_patients) \

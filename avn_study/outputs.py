@@ -49,7 +49,8 @@ def _holds(outer: Path, inner: Path) -> bool:
 
 
 def check_target(out: Path, *, flag: str, kind: str, is_own: Callable[[Path], bool], overwrite: bool,
-                 inputs: Iterable[Path] = (), folder: bool = True) -> None:  # fmt: skip
+                 inputs: Iterable[Path] = (), folder: bool = True,
+                 hint: str = "choose another place") -> None:  # fmt: skip
     """Refuse an output path the command may not write (see the module docstring).
 
     Args:
@@ -59,6 +60,7 @@ def check_target(out: Path, *, flag: str, kind: str, is_own: Callable[[Path], bo
         is_own: whether an existing ``out`` is of that kind.
         overwrite: the user passed ``--overwrite``.
         inputs: paths the command reads; ``out`` may not be one of them or hold one.
+        hint: what to do when the place of ``out`` cannot be written.
 
     Raises:
         UsageError: naming ``out``, what is wrong and what to do.
@@ -70,6 +72,7 @@ def check_target(out: Path, *, flag: str, kind: str, is_own: Callable[[Path], bo
     for given in inputs:
         if _holds(resolved, Path(given).resolve()):
             raise UsageError(f"{flag} {out}: is the input {given} or a folder holding it; choose another place")
+    _check_writable(out, flag, hint)
     if not (out.exists() or out.is_symlink()):
         return
     if folder and not out.is_dir():
@@ -86,6 +89,24 @@ def check_target(out: Path, *, flag: str, kind: str, is_own: Callable[[Path], bo
             f"{flag} {out}: --overwrite replaces only {kind}, and this is not one (it holds {held}); nothing was "
             "changed: choose another path"
         )
+
+
+def _check_writable(out: Path, flag: str, hint: str) -> None:
+    """The folder that will hold ``out`` (or its nearest existing parent) must take a new entry: probed with
+    a temporary folder, so a read-only or immutable place fails before any work, not after it.
+
+    Raises:
+        UsageError: naming the folder and the reason.
+    """
+    where = out.absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    probe = where / temp_name(out.name, "probe")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise UsageError(f"{flag} {out}: {where} cannot be written ({err.strerror}); {hint}") from None
 
 
 # ------------------------------------------------------------------------------------------ temporaries

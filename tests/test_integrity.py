@@ -318,10 +318,27 @@ def test_an_immutable_cohort_or_cache_folder_exits_2_naming_it(toy_cohort: Path,
     try:
         assert main(["split", str(toy_cohort), "--folds", "3", "--cache-dir", str(cache)]) == 2
         err = capsys.readouterr().err
-        assert f"{toy_cohort}: cannot write splits.json there" in err and "pass --out FILE" in err
+        assert f"{toy_cohort} cannot be written (Operation not permitted)" in err and "pass --out FILE" in err
     finally:
         chattr(toy_cohort, "-i")
     assert checksums(toy_cohort) == before
+
+
+def test_an_output_place_that_cannot_be_written_fails_before_any_work(
+    toy_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    chattr(shelf, "+i")
+    try:
+        started = time.perf_counter()
+        assert main(["train", "--data", str(toy_cohort), "--out", str(shelf / "run"), "--epochs", "1"]) == 2
+        assert f"--out {shelf / 'run'}: {shelf} cannot be written" in capsys.readouterr().err
+        assert main(["synth", str(shelf / "deep" / "c"), "--cases", "1", "--tiny"]) == 2
+        assert f"{shelf} cannot be written" in capsys.readouterr().err and time.perf_counter() - started < 10
+    finally:
+        chattr(shelf, "-i")
+    assert list(shelf.iterdir()) == []
 
 
 def test_deeply_nested_yaml_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
