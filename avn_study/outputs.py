@@ -72,7 +72,7 @@ def check_target(out: Path, *, flag: str, kind: str, is_own: Callable[[Path], bo
     for given in inputs:
         if _holds(resolved, Path(given).resolve()):
             raise UsageError(f"{flag} {out}: is the input {given} or a folder holding it; choose another place")
-    _check_writable(out, flag, hint)
+    check_writable(out, flag, hint)
     if not (out.exists() or out.is_symlink()):
         return
     if folder and not out.is_dir():
@@ -91,7 +91,7 @@ def check_target(out: Path, *, flag: str, kind: str, is_own: Callable[[Path], bo
         )
 
 
-def _check_writable(out: Path, flag: str, hint: str) -> None:
+def check_writable(out: Path, flag: str, hint: str) -> None:
     """The folder that will hold ``out`` (or its nearest existing parent) must take a new entry: probed with
     a temporary folder, so a read-only or immutable place fails before any work, not after it.
 

@@ -509,10 +509,11 @@ def predict(
         UsageError: bad paths or names (see :func:`plan`), a bad bundle.
         DataError: a bad bundle or unreadable inputs (each named).
     """
-    from avn_study.outputs import write_text_atomic
+    from avn_study.outputs import check_writable, write_text_atomic
 
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     pairs, folder = plan(Path(source), Path(target), overwrite, loaded.channels)
+    check_writable(pairs[0][1], "OUTPUT", "choose another OUTPUT")  # before any work
     chosen = resolve_options(loaded, **options)
     torch_device = _device(device)
     record = Path(target) / "volumes.json" if folder else json_path(pairs[0][1])

@@ -336,6 +336,9 @@ def test_an_output_place_that_cannot_be_written_fails_before_any_work(
         assert f"--out {shelf / 'run'}: {shelf} cannot be written" in capsys.readouterr().err
         assert main(["synth", str(shelf / "deep" / "c"), "--cases", "1", "--tiny"]) == 2
         assert f"{shelf} cannot be written" in capsys.readouterr().err and time.perf_counter() - started < 10
+        scan = _scan(tmp_path / "scan.nii.gz", CORONAL)
+        assert main(["predict", str(make_bundle(tmp_path / "b")), str(scan), str(shelf / "m.nii.gz")]) == 2
+        assert f"OUTPUT {shelf / 'm.nii.gz'}: {shelf} cannot be written" in capsys.readouterr().err
     finally:
         chattr(shelf, "-i")
     assert list(shelf.iterdir()) == []
