@@ -174,9 +174,12 @@ def evaluate_bundle(
         volumes, case_problems = check_case(case, label_map)
         errors += [p for p in case_problems if p.severity == "error"]
         if volumes is not None and not errors:
-            row, hip = score_case(bundle, volumes, torch_device, min_volume_ml=min_volume_ml, min_iou=min_iou,
-                                  tau_mm=tau_mm, has_head_labels=label_map.has_head, options=chosen,
-                                  order=order)  # fmt: skip
+            try:
+                row, hip = score_case(bundle, volumes, torch_device, min_volume_ml=min_volume_ml, min_iou=min_iou,
+                                      tau_mm=tau_mm, has_head_labels=label_map.has_head, options=chosen,
+                                      order=order)  # fmt: skip
+            except DataError as err:  # the model produced NaN for this case, say
+                raise DataError(f"{case.image}: {err}") from None
             cases.append(row)
             hips += hip
         if progress:

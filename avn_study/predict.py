@@ -19,9 +19,11 @@ kept), and ``volumes.json`` lists each case's volumes; a single file ``OUT.nii.g
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,7 +276,7 @@ def check_geometry(source: Path, geometry: Geometry, bundle: Bundle) -> list[str
 
 def predict_file(bundle: Bundle, source: Path | tuple[Path, ...], target: Path, device: torch.device,
                  batch_size: int = 32, options: InferenceOptions | None = None,
-                 replace: Any = None) -> dict:  # fmt: skip
+                 replace: Callable[[Path], bool] | None = None) -> dict:  # fmt: skip
     """Predict one case (a NIfTI file, or one file per channel) and write its label map; returns its
     volumes record (with ``warnings``).
 
@@ -471,7 +473,7 @@ def _broken_link(path: Path) -> str:
     except RuntimeError:  # Python < 3.13
         return "a symbolic link loop"
     except OSError as err:
-        if err.errno == 40:  # ELOOP
+        if err.errno == errno.ELOOP:
             return "a symbolic link loop"
         return f"a symbolic link to {os.readlink(path)}, which does not exist"
     return ""
