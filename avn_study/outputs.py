@@ -159,10 +159,10 @@ def clean_stale(out: Path) -> list[Path]:
         if not match or match["host"] != _host() or _pid_alive(int(match["pid"])):
             continue
         if match.group(1) == "old" and not (out.exists() or out.is_symlink()):
-            with suppress(OSError):
+            with suppress(OSError):  # the swap was cut between its renames: the old output goes back
                 rename_noreplace(path, out)
                 done.append(path)
-                continue
+            continue  # (restored, or left where it is: never removed while it is the only copy)
         with suppress(OSError):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

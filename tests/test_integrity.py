@@ -236,6 +236,10 @@ def test_stale_temporaries_of_a_killed_run_are_cleaned_by_the_next(bundle: Path,
     make_bundle(out)
     assert not stale.exists() and live.exists() and mine.exists() and (out / "config.json").is_file()
     assert not legacy.exists() and fresh.exists()  # (fresh: maybe an old version's export still running)
+    aside = tmp_path / f".gone.old-{host}-{dead_pid()}-0000cafe"  # a swap killed between its two renames
+    aside.mkdir()
+    (aside / "config.json").write_text("old bundle")
+    assert clean_stale(tmp_path / "gone") == [aside] and (tmp_path / "gone" / "config.json").read_text() == "old bundle"
     assert clean_stale(out) == []
 
 
