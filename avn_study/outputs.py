@@ -211,21 +211,23 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``, failing (``FileExistsError``) if ``dst`` exists: never replaces anything.
 
     Linux: ``renameat2(RENAME_NOREPLACE)``. Elsewhere, a file is hard-linked (``link`` fails if the name
-    exists) and its old name removed; a folder first claims ``dst`` with an exclusive ``mkdir`` and is then
-    renamed over that empty folder (which fails if anybody put something into it meanwhile).
+    exists) and its old name removed (on a file system without hard links, renamed after a check: the one
+    case with a window); a folder first claims ``dst`` with an exclusive ``mkdir`` and is then renamed over
+    that empty folder (which fails if anybody put something into it meanwhile).
     """
     src, dst = Path(src), Path(dst)
     if _renameat2(src, dst, _RENAME_NOREPLACE):
         return
     if not src.is_dir() or src.is_symlink():
         try:
-            os.link(src, dst, follow_symlinks=False)
+            os.link(src, dst)
         except OSError as err:
-            if err.errno == errno.EEXIST:
+            if err.errno == errno.EEXIST or os.path.lexists(dst):
                 raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
-            if os.path.lexists(dst):
-                raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
-            raise
+            if err.errno not in (*_UNSUPPORTED, errno.EPERM, errno.EMLINK):
+                raise
+            os.rename(src, dst)  # a file system without hard links: the name was free a moment ago
+            return
         os.unlink(src)
         return
     os.mkdir(dst)  # FileExistsError when taken
