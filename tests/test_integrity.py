@@ -395,7 +395,7 @@ def test_predict_reports_a_symlink_loop_in_its_input_folder(bundle: Path, tmp_pa
 
 
 # ---------------------------------------------------------------------- 5. modes, hints, odd images
-@pytest.mark.parametrize("mask", [0o022, 0o027])
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
 def test_bundles_and_run_folders_get_the_umask_modes(mask: int, tmp_path: Path) -> None:
     from avn_study.checkpoint import save_weights
 
