@@ -13,6 +13,10 @@ A bundle (written by ``avn-study export``, see :mod:`avn_study.export`) is a fol
 ``config.json`` also holds the default ``inference`` options (flip test-time augmentation,
 post-processing; ``predict``/``evaluate`` flags override them) and, for an ensemble, the members'
 files and trials. Format version 2 added both; version 1 bundles still load (one model, no options).
+Format version 3 added ``checksums``: the SHA-256 of every other file of the bundle, checked by
+:func:`load_bundle` before anything is read from it (a flipped byte in the weights is refused, naming
+the file). Bundles of versions 1 and 2 have none and still load, with ``Bundle.verified`` False, which
+``predict`` and ``evaluate`` report as a warning.
 
 :func:`write_bundle` writes one (``avn-study export`` selects what goes in, :mod:`avn_study.export`).
 A bundle is data, not code. :func:`load_bundle` reads JSON and safetensors only (no pickle, no
@@ -23,6 +27,7 @@ against the model it describes, and refuses anything else with a message naming 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,9 @@ from avn_study.data.preprocess import PreprocessConfig
 from avn_study.errors import DataError, UsageError, look_up
 
 BUNDLE_FORMAT = "avn-study-bundle"
-BUNDLE_VERSION = 2  # bump when a reader of this version could misread a newer bundle (2: inference, ensemble)
+BUNDLE_VERSION = 3  # bump when a reader of this version could misread a newer bundle (2: inference, ensemble;
+# 3: checksums)
+CHECKSUMS_SINCE = 3  # bundles of this version and later must list the SHA-256 of their files
 MODEL_FILE, CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, ONNX_FILE = (
     "model.safetensors",
     "config.json",
@@ -45,7 +52,8 @@ MODEL_FILE, CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, ONNX_FILE = (
 )
 REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, METRICS_FILE, PROVENANCE_FILE)
 CONFIG_KEYS = ("format", "format_version", "model", "preprocessing", "labels", "label_map", "threshold",
-               "loc_threshold", "amp", "train_config", "versions", "onnx", "inference", "ensemble")  # fmt: skip
+               "loc_threshold", "amp", "train_config", "versions", "onnx", "inference", "ensemble",
+               "checksums")  # fmt: skip
 ENSEMBLE_DIR = "ensemble"
 TTA_MODES = ("none", "flip")
 SLICE_AXIS = 1  # coronal slices: planes of constant A/P, RAS array axis 1
@@ -156,6 +164,7 @@ class Bundle:
     provenance: dict[str, Any]
     model: torch.nn.Module
     members: list[torch.nn.Module] | None = None  # every model of a fold ensemble (``model`` is the first)
+    verified: bool = True  # its files matched the checksums in config.json (False: a bundle from before them)
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -340,13 +349,68 @@ def _check_self_contained(path: Path) -> None:
                             "its folder (copy the file in if it is yours)")  # fmt: skip
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_checksums(path: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file of a bundle folder but ``config.json`` (which lists them)."""
+    return {str(p.relative_to(path)): file_sha256(p) for p in sorted(Path(path).rglob("*"))
+            if p.is_file() and p.relative_to(path) != Path(CONFIG_FILE)}  # fmt: skip
+
+
+def check_checksums(config: dict[str, Any], path: Path) -> bool:
+    """Every file ``config.json`` lists must have the SHA-256 it records, and the files a bundle is read from
+    must be listed; a bundle from before checksums (format version < 3) has none (returns False).
+
+    Raises:
+        DataError: a listed file missing or altered (naming it, with both digests), a file that is read but
+            not listed, or a version-3 bundle without its checksums.
+    """
+    listed = config.get("checksums")
+    version = config.get("format_version")
+    if listed is None:
+        if isinstance(version, int) and version >= CHECKSUMS_SINCE:
+            raise DataError(f"{path / CONFIG_FILE}: a format version {version} bundle lists the SHA-256 of its "
+                            "files under 'checksums', and this one has none: it was altered after export")  # fmt: skip
+        return False
+    if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+        raise DataError(f"{path / CONFIG_FILE}: 'checksums' must map file names to SHA-256 digests")
+    folder = path.resolve()
+    for name, expected in sorted(listed.items()):
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or folder not in file.resolve().parents:
+            raise DataError(f"{path / CONFIG_FILE}: 'checksums' names {name!r}, which is not a file of the bundle")
+        if not file.is_file():
+            raise DataError(f"{file}: missing; {CONFIG_FILE} records its SHA-256, so the bundle is incomplete")
+        found = file_sha256(file)
+        if found != expected:
+            raise DataError(f"{file}: SHA-256 {found[:16]}... differs from the {expected[:16]}... that {CONFIG_FILE} "
+                            "records: the file was altered or damaged after export; copy or export the bundle "
+                            "again")  # fmt: skip
+    needed = [*REQUIRED_FILES[1:], *_member_files(config, path / CONFIG_FILE)]
+    unlisted = sorted(set(needed) - set(listed))
+    if unlisted:
+        raise DataError(f"{path / unlisted[0]}: not listed in {CONFIG_FILE} 'checksums'; the bundle was altered "
+                        "after export")  # fmt: skip
+    return True
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Read and check a bundle folder; never unpickles anything.
 
     Raises:
         UsageError: not a folder, or a config naming an unknown model / arm / key.
-        DataError: a missing or unreadable file, a bundle format from a newer avn-study, weights that
-            are not safetensors or do not fit the described model.
+        DataError: a missing or unreadable file, a bundle format from a newer avn-study, a file whose
+            SHA-256 differs from the one ``config.json`` records, weights that are not safetensors or do not
+            fit the described model.
     """
     path = Path(path)
     if not path.is_dir():
@@ -359,8 +423,10 @@ def load_bundle(path: str | Path) -> Bundle:
     _check_self_contained(path)
     config = _read_json(path / CONFIG_FILE)
     _check_format(config, path / CONFIG_FILE)
+    verified = check_checksums(config, path)  # before anything else is read from the bundle's files
     model = build_bundle_model(config, path / CONFIG_FILE)
-    bundle = Bundle(path, config, _read_json(path / METRICS_FILE), _read_json(path / PROVENANCE_FILE), model)
+    bundle = Bundle(path, config, _read_json(path / METRICS_FILE), _read_json(path / PROVENANCE_FILE), model,
+                    verified=verified)  # fmt: skip
     _check_settings(bundle, path / CONFIG_FILE)
     members = []
     for name in _member_files(config, path / CONFIG_FILE):
@@ -418,7 +484,8 @@ def write_bundle(
     written to ``ensemble/member_NN.safetensors``; ``model`` is the first member.
 
     The bundle is assembled in a temporary folder next to ``out`` and moved into place at the end, so
-    an interrupted export leaves no half-written bundle.
+    an interrupted export leaves no half-written bundle (see :mod:`avn_study.outputs`); ``config.json``
+    records the SHA-256 of every other file. Files get the mode the umask gives.
 
     Returns:
         The bundle folder and the ONNX record (None without ``onnx``).
@@ -426,19 +493,21 @@ def write_bundle(
     from safetensors.torch import save_file
 
     from avn_study.onnx_export import export_onnx
-    from avn_study.outputs import staged_folder
+    from avn_study.outputs import staged_folder, umask
 
     out = Path(out)
     check_bundle_out(out, overwrite)
+    mode = 0o666 & ~umask()
     if onnx and members:
         raise UsageError("--onnx writes one model, and --ensemble asks for several; export the ensemble without --onnx")
-    with staged_folder(out) as tmp:  # an interrupted export leaves the old bundle (or none), never half
+    with staged_folder(out, is_bundle if overwrite else None) as tmp:  # the old bundle (or none), never half
         ensemble = []
         for i, (member, record) in enumerate([(model, {}), *(members or [])]):
             name = MODEL_FILE if i == 0 else f"{ENSEMBLE_DIR}/member_{i:02d}.safetensors"
             (tmp / name).parent.mkdir(exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in member.state_dict().items()}
             save_file(state, str(tmp / name), metadata={"format": "pt", "avn_study_bundle": "1"})
+            os.chmod(tmp / name, mode)  # safetensors writes 0600
             ensemble.append({"file": name, **record})
         config = bundle_config(flat, model, provenance.get("versions") or package_versions(), inference,
                                ensemble if members else None, channels)  # fmt: skip
@@ -446,8 +515,10 @@ def write_bundle(
         onnx_info = export_onnx(model, tmp / ONNX_FILE, int(flat["slice_size"]), channels=n_channels) if onnx else None
         if onnx_info:
             config["onnx"] = onnx_info
-        for name, payload in ((CONFIG_FILE, config), (METRICS_FILE, metrics), (PROVENANCE_FILE, provenance)):
+        for name, payload in ((METRICS_FILE, metrics), (PROVENANCE_FILE, provenance)):
             (tmp / name).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+        config["checksums"] = bundle_checksums(tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=_json_default) + "\n")
     return out, onnx_info
 
 

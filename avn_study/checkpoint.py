@@ -9,6 +9,7 @@ tensor leaves point into the safetensors file, so loading never executes code.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,20 @@ def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def _umask_mode(path: Path) -> None:
+    """Give a file the mode the umask gives a new file (safetensors writes 0600, unreadable by the group)."""
+    from avn_study.outputs import umask
+
+    os.chmod(path, 0o666 & ~umask())
+
+
 def save_weights(model: torch.nn.Module, directory: str | Path, config: dict[str, Any]) -> Path:
     """Write ``model.safetensors`` and ``config.json``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / MODEL_FILE))
+    _umask_mode(directory / MODEL_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -66,6 +75,7 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     tree = _split(training, "t", tensors)
     save_file(tensors, str(directory / TRAINING_FILE))
+    _umask_mode(directory / TRAINING_FILE)
     (directory / STATE_FILE).write_text(json.dumps(tree) + "\n")
     return directory
 

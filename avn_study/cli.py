@@ -67,7 +67,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed must be an integer >= 0, got {args.seed}")
     config = PhantomConfig.tiny() if args.tiny else PhantomConfig()
-    with staged_folder(args.out) as staged:  # a new cohort replaces the old one whole, never file by file
+    replace = is_phantom_cohort if args.overwrite else None  # checked again right before the swap
+    with staged_folder(args.out, replace) as staged:  # a new cohort replaces the old one whole, never file by file
         write_cohort(staged, cases=args.cases, seed=args.seed, config=config, channels=tuple(args.channels.split(",")))
     print(f"wrote a phantom cohort of {args.cases} patient(s) (seed {args.seed}) to {args.out}")
     return 0
@@ -178,8 +179,10 @@ def cmd_split(args: argparse.Namespace) -> int:
         raise UsageError(f"{target}: a frozen split (hash {held}) already exists; runs and studies recorded its "
                          "hash. Pass --overwrite to replace it (their results will then name a split that is gone), "
                          "or --out to write another file")  # fmt: skip
+    unwritable = ("the cohort folder may be read-only: pass --out FILE to freeze the split elsewhere (and --splits "
+                  "FILE to train with it)")  # fmt: skip
     check_target(target, flag="--out", kind="a splits file", is_own=is_splits_file, overwrite=args.overwrite,
-                 folder=False)  # fmt: skip
+                 folder=False, hint=unwritable)  # fmt: skip
     cases = build_cache(args.data, cache_dir=args.cache_dir, progress=_progress)
     patients = {c.case_id: c.patient_id for c in cases}
     necrosis = None if args.no_stratify else {c.case_id: c.has_necrosis for c in cases}
@@ -188,7 +191,10 @@ def cmd_split(args: argparse.Namespace) -> int:
     except ValueError as err:
         flag = "--test-fraction" if "test_fraction" in str(err) else "--folds"
         raise UsageError(f"{flag}: {err}") from None
-    out = write_splits(splits, target)
+    try:
+        out = write_splits(splits, target, is_splits_file if args.overwrite else None)
+    except OSError as err:
+        raise UsageError(f"{target.parent}: cannot write {target.name} there ({err.strerror}); {unwritable}") from None
     if splits.test:
         test_patients = {patients[c] for c in splits.test}
         positive = sum(any(necrosis.get(c, False) for c in splits.test if patients[c] == p) for p in test_patients) \
@@ -290,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         record = run.run_epoch()
         if not args.quiet:
             print(_epoch_line(record, config.optim.epochs), file=sys.stderr, flush=True)
-    out = write_run_outputs(run, args.out)
+    out = write_run_outputs(run, args.out, overwrite=args.overwrite)
     final = run.history[-1]
     print(
         f"val_dice {final['val_dice']:.4f} (mean over {int(final['n_cases_necrosis'])} validation case(s) "
@@ -593,7 +599,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_cohort(cohort, cases=cases, seed=args.seed, config=PhantomConfig.tiny() if args.tiny else PhantomConfig())
     study = Study(space, cohort, str(out / "experiments"), progress=not args.quiet)
     resume = (study.root / "study.json").is_file()
-    result = run_study(study, resume, None, args.num_cpus, f"avn-study demo --out {args.out}")
+    from avn_study.outputs import shell
+
+    result = run_study(study, resume, None, args.num_cpus, shell("avn-study", "demo", "--out", args.out))
     if result is None:
         return 130
     print(f"cohort: {cohort}\nexperiment: {study.root}")
@@ -656,7 +664,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"inference option: {err}") from None
     result = export_bundle(args.experiment, args.out, row=args.arm, metric=args.metric, onnx=args.onnx,
-                           overwrite=args.overwrite, ensemble=args.ensemble, inference=inference)  # fmt: skip
+                           overwrite=args.overwrite, ensemble=args.ensemble, inference=inference,
+                           wait=args.wait)  # fmt: skip
     sel, conf = result.selection, result.selection.best
     sd = f" (SD {conf.sd:.4f})" if conf.sd is not None else ""
     print(
@@ -690,6 +699,8 @@ def _export_parser(sub) -> None:
     p.add_argument("--metric", help="selection metric (default: the study's metric, val_dice)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--wait", action="store_true",
+                   help="if a live driver still runs the study, wait for it to finish (default: refuse)")  # fmt: skip
     p.add_argument("--ensemble", action="store_true",
                    help="put every trial of the best configuration (all folds and seeds) into the bundle; predict "
                    "averages them")  # fmt: skip

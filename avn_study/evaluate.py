@@ -147,7 +147,7 @@ def evaluate_bundle(
     from avn_study.data.verify import check_case
     from avn_study.metrics import summarize
     from avn_study.outputs import check_target, staged_folder
-    from avn_study.predict import _device, resolve_options
+    from avn_study.predict import UNVERIFIED_BUNDLE, _device, resolve_options
 
     data, out = Path(data), Path(out)
     if subset not in ("auto", "Tr", "Ts"):
@@ -174,9 +174,12 @@ def evaluate_bundle(
         volumes, case_problems = check_case(case, label_map)
         errors += [p for p in case_problems if p.severity == "error"]
         if volumes is not None and not errors:
-            row, hip = score_case(bundle, volumes, torch_device, min_volume_ml=min_volume_ml, min_iou=min_iou,
-                                  tau_mm=tau_mm, has_head_labels=label_map.has_head, options=chosen,
-                                  order=order)  # fmt: skip
+            try:
+                row, hip = score_case(bundle, volumes, torch_device, min_volume_ml=min_volume_ml, min_iou=min_iou,
+                                      tau_mm=tau_mm, has_head_labels=label_map.has_head, options=chosen,
+                                      order=order)  # fmt: skip
+            except DataError as err:  # the model produced NaN for this case, say
+                raise DataError(f"{case.image}: {err}") from None
             cases.append(row)
             hips += hip
         if progress:
@@ -207,14 +210,14 @@ def evaluate_bundle(
         },
         "inference": chosen.to_json(),
         "models": len(bundle.models),
-        "warnings": _seen_by_the_model(bundle, data, subset),
+        "warnings": [*([UNVERIFIED_BUNDLE] if not bundle.verified else []), *_seen_by_the_model(bundle, data, subset)],
         "native": {k: _finite(v) for k, v in native.items()},
         "training_grid": {k: _finite(v) for k, v in grid.items()},
         "surface_dice": _finite(float(np.mean([c["surface_dice"] for c in necrotic])) if necrotic else math.nan),
         "hips": {k: _finite(v) for k, v in hip_summary(hips).items()},
         "n_cases": len(cases),
     }
-    with staged_folder(out) as staged:
+    with staged_folder(out, is_evaluation if overwrite else None) as staged:
         _write_csv(staged / "per_case.csv", cases)
         _write_csv(staged / "per_hip.csv", hips)
         (staged / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -257,6 +257,40 @@ def git_commit() -> dict[str, Any]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+# ------------------------------------------------------------------------------------------ live driver
+LOCK_POLL_S = 10.0  # how often ``export --wait`` looks at the study's lock
+
+
+def wait_for_driver(experiment_dir: Path, wait: bool = False, notify: Any = None, poll_s: float | None = None) -> None:
+    """Refuse (or, with ``wait``, wait) while a live driver holds the study's lock (``study_folder.StudyLock``):
+    its trials are still being written, so the selection could change under the export. A stale lock
+    (its driver is gone) does not stop an export.
+
+    Raises:
+        UsageError: a live driver holds the lock and ``wait`` is off (naming its pid and host).
+    """
+    import sys
+    import time
+
+    from avn_study.study_folder import LOCK_FILE, LockFile, StudyLock
+
+    lock = StudyLock(LockFile(Path(experiment_dir) / LOCK_FILE), str(experiment_dir))
+    told = False
+    while True:
+        holder = lock.holder()
+        if holder is None or lock.stale(holder):
+            return
+        if not wait:
+            raise UsageError(f"{experiment_dir} is being run by a live driver ({lock.describe(holder)}): its trials "
+                             "are still being written, so what export would choose can change; export when it has "
+                             "finished, or pass --wait to wait for it")  # fmt: skip
+        if not told:
+            message = f"waiting for the driver of {experiment_dir} ({lock.describe(holder)}) to finish"
+            (notify or (lambda text: print(text, file=sys.stderr)))(message)
+            told = True
+        time.sleep(LOCK_POLL_S if poll_s is None else poll_s)
+
+
 # ------------------------------------------------------------------------------------------ bundle
 @dataclass
 class ExportResult:
@@ -335,15 +369,18 @@ def export_bundle(
     overwrite: bool = False,
     ensemble: bool = False,
     inference: Any = None,
+    wait: bool = False,
 ) -> ExportResult:
     """Select (see :data:`SELECTION_RULE`) and write the bundle folder ``out`` (see :func:`write_bundle`).
 
     With ``ensemble``, every trial of the winning configuration (a nested row: all its outer folds and
     seeds) goes into the bundle, each from the checkpoint :func:`choose_checkpoint` picks; ``predict``
-    averages their probabilities. ``inference`` sets the bundle's default inference options.
+    averages their probabilities. ``inference`` sets the bundle's default inference options. While a live
+    driver runs the study, export refuses, or with ``wait`` waits for it to finish (:func:`wait_for_driver`).
 
     Raises:
-        UsageError: ``out`` exists (without ``overwrite``), an unknown row or metric, a bad folder.
+        UsageError: ``out`` exists (without ``overwrite``), an unknown row or metric, a bad folder, a live
+            driver (without ``wait``).
         AvnError: nothing to export, or the checkpoint does not load.
     """
     from avn_study.analysis.tables import load_experiment
@@ -361,6 +398,7 @@ def export_bundle(
             "Export from the study folder itself: mount the store, or download it (aws s3 sync, gcloud storage "
             "rsync, ...) and run avn-study export on that folder"
         )
+    wait_for_driver(Path(experiment_dir), wait)
     experiment = load_experiment(experiment_dir)
     sel = select(experiment, row, metric)
     if ensemble and onnx:

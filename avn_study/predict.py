@@ -19,8 +19,11 @@ kept), and ``volumes.json`` lists each case's volumes; a single file ``OUT.nii.g
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,8 @@ WRITTEN_BY = "avn-study predict"  # the mark of predict's own JSON files (what i
 MAX_GRID_VOXELS = 2**28  # 268 M voxels (~1 GiB per float32 copy): no hip MRI comes near it
 OBLIQUE_WARNING_DEG = 5.0  # beyond this, coronal slices of the RAS grid cut the anatomy at an angle
 PLAUSIBLE_SPACING_MM = (0.2, 10.0)  # outside this a voxel size is a header error, not hip MRI
+UNVERIFIED_BUNDLE = ("the bundle was written before bundles recorded checksums (format version < 3): its files "
+                     "could not be checked for damage; export it again to get a checked bundle")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ prediction
@@ -176,6 +181,12 @@ def predict_volume(
         slices[:, k] = pad_value
         slices[(slice(None), k, *dst)] = channel_stack[(slice(None), *src)]
     out = slice_probabilities(bundle, torch.from_numpy(slices), device, batch_size, options.tta)
+    for name in ("seg", "loc"):
+        bad = int((~np.isfinite(out[name])).sum()) if name in out else 0
+        if bad:  # a threshold would read NaN as "no necrosis" without a word
+            raise DataError(f"the model produced NaN/Inf for {bad:,} of {out[name].size:,} '{name}' probabilities "
+                            "(its weights hold non-finite values, or the input overflowed); nothing was written "
+                            "for this case")  # fmt: skip
     grid = {}
     for name in ("seg", "loc"):
         if name in out:
@@ -264,30 +275,43 @@ def check_geometry(source: Path, geometry: Geometry, bundle: Bundle) -> list[str
 
 
 def predict_file(bundle: Bundle, source: Path | tuple[Path, ...], target: Path, device: torch.device,
-                 batch_size: int = 32, options: InferenceOptions | None = None) -> dict:  # fmt: skip
+                 batch_size: int = 32, options: InferenceOptions | None = None,
+                 replace: Callable[[Path], bool] | None = None) -> dict:  # fmt: skip
     """Predict one case (a NIfTI file, or one file per channel) and write its label map; returns its
     volumes record (with ``warnings``).
 
+    The label map is written under a temporary name and renamed into place (``replace``: whether an
+    existing ``target`` may be replaced at that moment), so a killed predict leaves no truncated mask
+    under its final name.
+
     Raises:
         DataError: an input is unreadable, not 3D, has an unusable affine, a grid too large to
-            resample, or holds non-finite voxels; channels on different grids (names the file).
+            resample, or holds non-finite voxels; channels on different grids; the model produced
+            non-finite probabilities (names the file).
+        UsageError: ``target`` appeared meanwhile and may not be replaced.
     """
     sources = source if isinstance(source, tuple) else (source,)
     source = sources[0]
-    image, geometry = load_ras(source)
+    image, geometry = load_ras(source, refuse_repairs=True)
     warnings = check_geometry(source, geometry, bundle)
     extra = []
     for path, arr in ((source, image), *((p, None) for p in sources[1:])):
         if arr is None:
-            arr, other = load_ras(path)
+            arr, other = load_ras(path, refuse_repairs=True)
             if other.shape != geometry.shape or not np.allclose(other.affine, geometry.affine, atol=1e-3):
                 raise DataError(f"{path}: its grid (shape {other.shape}) differs from the first channel's "
                                 f"{source.name} (shape {geometry.shape}); channels must be co-registered")  # fmt: skip
             extra.append(arr)
         if not np.isfinite(arr).all():
             raise DataError(f"{path}: {int((~np.isfinite(arr)).sum())} NaN/Inf voxels; all voxels must be finite")
-    prediction = predict_volume(bundle, image, geometry, device, batch_size, options, tuple(extra))
-    save_in_geometry(prediction.labels, geometry, target)
+    from avn_study.outputs import staged_file
+
+    try:
+        prediction = predict_volume(bundle, image, geometry, device, batch_size, options, tuple(extra))
+    except DataError as err:
+        raise DataError(f"{source}: {err}") from None
+    with staged_file(target, replace) as tmp:  # a killed predict leaves no truncated mask under its name
+        save_in_geometry(prediction.labels, geometry, tmp)
     margin = float(bundle.config["preprocessing"]["loc_margin_mm"])
     return {
         "input": str(source),
@@ -330,7 +354,9 @@ def _predicted(record: Path) -> set[str]:
         return set()
     data = json.loads(record.read_text())
     cases = data.get("cases", [data])
-    return {Path(str(c.get("output", ""))).name for c in cases if isinstance(c, dict)}
+    planned = data.get("planned", [])  # an interrupted predict's record lists what it was writing
+    names = {Path(str(c.get("output", ""))).name for c in cases if isinstance(c, dict)}
+    return names | {Path(str(n)).name for n in planned if isinstance(planned, list) and isinstance(n, str)}
 
 
 def _check_outputs(pairs: list[tuple[Path, Path]], record: Path, overwrite: bool) -> None:
@@ -387,7 +413,7 @@ def plan(
     channels = channels or ["T1"]
     n = len(channels)
     if not source.exists():
-        raise UsageError(f"{source}: no such file or folder")
+        raise UsageError(f"{source}: {_broken_link(source) or 'no such file or folder'}")
     if source.is_file():
         if _nifti_ending(source.name) is None:
             raise UsageError(f"{source}: not a NIfTI file (expected a .nii or .nii.gz name)")
@@ -406,6 +432,11 @@ def plan(
         return pairs, False
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target}: INPUT is a folder, so OUTPUT must be a folder too")
+    broken = [(p, _broken_link(p)) for p in sorted(source.iterdir()) if not p.name.startswith(".")
+              and _nifti_ending(p.name) and p.is_symlink() and not p.exists()]  # fmt: skip
+    if broken:
+        raise UsageError(f"{len(broken)} input(s) of {source} cannot be read: "
+                         + "; ".join(f"{p}: {why}" for p, why in broken[:5]) + "; fix or remove them")  # fmt: skip
     files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".") and _nifti_ending(p.name))
     if not files:
         raise UsageError(f"{source}: no .nii or .nii.gz files in this folder")
@@ -431,6 +462,21 @@ def plan(
         pairs.append((inputs, out))
     _check_outputs(pairs, target / "volumes.json", overwrite)
     return pairs, True
+
+
+def _broken_link(path: Path) -> str:
+    """Why a symbolic link cannot be followed ("" for a path that is no link)."""
+    if not path.is_symlink():
+        return ""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13
+        return "a symbolic link loop"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    return ""
 
 
 def _device(name: str) -> torch.device:
@@ -465,33 +511,55 @@ def predict(
         UsageError: bad paths or names (see :func:`plan`), a bad bundle.
         DataError: a bad bundle or unreadable inputs (each named).
     """
+    from avn_study.outputs import check_writable, write_text_atomic
+
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     pairs, folder = plan(Path(source), Path(target), overwrite, loaded.channels)
+    check_writable(pairs[0][1], "OUTPUT", "choose another OUTPUT")  # before any work
     chosen = resolve_options(loaded, **options)
     torch_device = _device(device)
+    record = Path(target) / "volumes.json" if folder else json_path(pairs[0][1])
+    existed = record.exists()
+    ours = _predicted(record)  # what an earlier predict here wrote (read before this run lists its own)
+    header = {"written_by": WRITTEN_BY, "bundle": str(loaded.path), "trial_id": loaded.provenance.get("trial_id"),
+              "labels": dict(LABELS), "inference": chosen.to_json(), "models": len(loaded.models)}  # fmt: skip
+
+    def replace(path: Path) -> bool:
+        return overwrite and path.name in ours
+
+    def own_record(path: Path) -> bool:
+        return written_by_predict(path)
+
+    # first the record of what this run writes: a killed predict leaves it, and --overwrite may then replace
+    # the label maps it lists (each is renamed into place whole, so none is ever truncated)
+    planned = sorted(ours | {out.name for _, out in pairs})
+    write_text_atomic(record, json.dumps({**header, "complete": False, "planned": planned, "cases": []}, indent=1)
+                      + "\n", own_record)  # fmt: skip
     records, problems = [], []
     for i, (src, dst) in enumerate(pairs):
         try:
-            records.append(predict_file(loaded, src, dst, torch_device, batch_size, chosen))
+            case = predict_file(loaded, src, dst, torch_device, batch_size, chosen, replace)
+            if not loaded.verified:
+                case["warnings"] = [UNVERIFIED_BUNDLE, *case["warnings"]]
+            records.append(case)
         except DataError as err:
             if not folder:
+                if not existed:
+                    record.unlink(missing_ok=True)  # nothing was written: no record of it either
                 raise
             problems.append(str(err))
         if progress:
             progress(i + 1, len(pairs), (src[0] if isinstance(src, tuple) else src).name)
-    header = {"written_by": WRITTEN_BY, "bundle": str(loaded.path), "trial_id": loaded.provenance.get("trial_id"),
-              "labels": dict(LABELS), "inference": chosen.to_json(), "models": len(loaded.models)}  # fmt: skip
     if folder:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        summary = {**header, "cases": records, "failed": problems}
-        (Path(target) / "volumes.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summary = {**header, "complete": True, "planned": planned, "cases": records, "failed": problems}
+        write_text_atomic(record, json.dumps(summary, indent=1) + "\n", own_record)
         if problems:
             raise DataError(
                 f"{len(problems)} of {len(pairs)} input(s) could not be predicted (the others were written):\n"
                 + "\n".join(f"  - {p}" for p in problems)
             )
     else:
-        json_path(Path(records[0]["output"])).write_text(json.dumps({**header, **records[0]}, indent=1) + "\n")
+        write_text_atomic(record, json.dumps({**header, "complete": True, **records[0]}, indent=1) + "\n", own_record)
     return records
 
 

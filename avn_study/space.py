@@ -72,6 +72,7 @@ SCHEDULE_PARAM_PREFIX = "schedule_params."
 MAX_SPACE_BYTES = 1_000_000  # a search-space file is a page of YAML; anything this large is a mistake
 MAX_MESSAGE = 600  # characters of an error message that quotes a value from the file
 MAX_YAML_VALUES = 100_000  # values YAML aliases may expand to in one file
+MAX_YAML_DEPTH = 32  # nested lists/mappings in one YAML value (a space needs 4; 500 would exhaust Python's stack)
 
 
 @dataclass(frozen=True)
@@ -246,8 +247,14 @@ class _TooLarge(Exception):
         self.line, self.anchor, self.size = line, anchor, size
 
 
+class _TooDeep(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
 class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that counts what aliases (``*name``) expand to and stops past a budget.
+    """PyYAML's safe loader that counts what aliases (``*name``) expand to and stops past a budget, and
+    bounds how deeply lists and mappings nest (its composer recurses once per level).
 
     Aliases themselves are fine (PyYAML writes them for shared objects, and a user may reuse a block);
     nested ones multiply: ten levels of nine turn a 1 kB file into 3.5 billion values ("billion laughs").
@@ -257,6 +264,7 @@ class _BoundedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._budget = MAX_YAML_VALUES
         self._sizes: dict[int, int] = {}
+        self._depth = 0
 
     def _size(self, node: yaml.Node) -> int:
         if id(node) not in self._sizes:
@@ -276,7 +284,13 @@ class _BoundedLoader(yaml.SafeLoader):
                 self._budget -= self._size(self.anchors[event.anchor])
                 if self._budget < 0:
                     raise _TooLarge(event.start_mark.line + 1, str(event.anchor), MAX_YAML_VALUES)
-        return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def safe_yaml(text: str, source: str) -> Any:
@@ -284,10 +298,15 @@ def safe_yaml(text: str, source: str) -> Any:
 
     Raises:
         UsageError: aliases that expand beyond :data:`MAX_YAML_VALUES` values (naming ``source``, the line
-            and the alias), or invalid YAML.
+            and the alias), lists or mappings nested deeper than :data:`MAX_YAML_DEPTH`, or invalid YAML.
     """
     try:
         return yaml.load(text, Loader=_BoundedLoader)
+    except _TooDeep as deep:
+        raise UsageError(
+            f"{source}: line {deep.line}: lists or mappings nested more than {MAX_YAML_DEPTH} levels deep; an "
+            "avn-study file needs a few: check the brackets"
+        ) from None
     except _TooLarge as big:
         raise UsageError(
             f"{source}: line {big.line}: YAML aliases (*{big.anchor}...) expand to more than {big.size:,} values; "

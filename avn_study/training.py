@@ -220,12 +220,18 @@ def is_run_folder(path: Path) -> bool:
     return json_marker(Path(path) / "metrics.json", "history") and (Path(path) / "checkpoint").is_dir()
 
 
-def write_run_outputs(run: TrainingRun, out: str | Path) -> Path:
+def write_run_outputs(run: TrainingRun, out: str | Path, overwrite: bool = False) -> Path:
     """``metrics.json`` (config, provenance, history), ``per_case.csv`` and ``checkpoint/``, written into a
-    staged folder that replaces ``out`` at the end (check ``out`` first: see ``avn_study.outputs``)."""
+    staged folder that becomes ``out`` at the end (check ``out`` first: see ``avn_study.outputs``). An
+    existing ``out`` is replaced only with ``overwrite`` and only if it is still a run folder then; if
+    something appeared at ``out`` while the run trained, the run is kept beside it and the error says where.
+
+    Raises:
+        UsageError: ``out`` appeared meanwhile and may not be replaced.
+    """
     from avn_study.outputs import staged_folder
 
-    with staged_folder(Path(out)) as staged:
+    with staged_folder(Path(out), is_run_folder if overwrite else None, keep_on_conflict=True) as staged:
         _write_run(run, staged)
     return Path(out)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_predict import ARCH, make_bundle
+from test_predict import ARCH, make_bundle, without_checksums
 
 from avn_study.bundle import InferenceOptions, load_bundle
 from avn_study.cli import main
@@ -92,7 +92,7 @@ def test_bundle_defaults_are_used_recorded_and_overridden(tmp_path: Path, tiny_p
     path, _ = write_bundle(tmp_path / "b", build_model(config).eval(), config.to_flat(), {}, {"trial_id": "x"},
                            inference=options)  # fmt: skip
     bundle = load_bundle(path)
-    assert bundle.inference == options and bundle.config["format_version"] == 2
+    assert bundle.inference == options and bundle.config["format_version"] >= 2  # (2 added the options)
     image = next((tiny_phantom / "imagesTr").glob("*_0000.nii.gz"))
     assert main(["predict", str(path), str(image), str(tmp_path / "a.nii.gz")]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["inference"] == options.to_json()
@@ -162,6 +162,9 @@ def test_a_tampered_ensemble_is_refused(ensemble_dir: Path, tmp_path: Path) -> N
     copy2 = Path(shutil.copytree(ensemble_dir, tmp_path / "copy2"))
     other = make_bundle(tmp_path / "wide", base_channels=8)
     shutil.copy(other / "model.safetensors", copy2 / "ensemble" / "member_01.safetensors")
+    with pytest.raises(DataError, match=r"member_01\.safetensors: SHA-256 .* differs from the"):
+        load_bundle(copy2)
+    without_checksums(copy2)  # behind the checksums: the shapes
     with pytest.raises(DataError, match=r"member_01\.safetensors: the weights do not fit the model"):
         load_bundle(copy2)
     copy3 = Path(shutil.copytree(ensemble_dir, tmp_path / "copy3"))

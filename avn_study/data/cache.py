@@ -12,6 +12,7 @@ folder that exists is complete.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -48,6 +49,32 @@ def default_cache_dir() -> Path:
     """``$AVN_STUDY_CACHE`` or ``~/.cache/avn-study``: local to the node, shared by its processes."""
     env = os.environ.get("AVN_STUDY_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "avn-study"
+
+
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def unwritable_cache(cache_dir: Path, err: OSError) -> DataError | None:
+    """The message for a cache folder that cannot be written (read-only, immutable, not ours), or None when
+    ``err`` is about something else (a file outside the cache, another kind of failure)."""
+    if err.errno not in _UNWRITABLE or not err.filename:
+        return None
+    where, root = Path(str(err.filename)).absolute(), Path(cache_dir).absolute()
+    if not (where == root or root in where.parents or where in root.parents):  # (a parent made by mkdir)
+        return None
+    return DataError(f"{cache_dir}: the preprocessing cache cannot be written ({err.strerror}: {err.filename}); set "
+                     "AVN_STUDY_CACHE (or pass --cache-dir) to a writable folder on this node")  # fmt: skip
+
+
+def _cache_case_or_explain(case: CaseFiles, config: PreprocessConfig, cache_dir: Path,
+                           label_map: LabelMap = CANONICAL) -> tuple[CachedCase | None, list[Problem]]:  # fmt: skip
+    try:
+        return cache_case(case, config, cache_dir, label_map)
+    except OSError as err:
+        explained = unwritable_cache(cache_dir, err)
+        if explained is None:
+            raise
+        raise explained from None
 
 
 @dataclass(frozen=True)
@@ -192,7 +219,10 @@ def preprocess_case(
 
 
 def _write_entry(root: Path, final: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    from avn_study.outputs import umask
+
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:12]}-", dir=root))
+    os.chmod(tmp, 0o777 & ~umask())  # (mkdtemp makes 0700: other users of the node could not read the entry)
     try:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
@@ -248,7 +278,8 @@ def build_cache(
 
     Raises:
         DataError: the layout or any case is broken; the message lists every problem with its file,
-            as ``avn-study verify`` does.
+            as ``avn-study verify`` does. Or the cache folder cannot be written (naming it and
+            ``AVN_STUDY_CACHE``).
     """
     cohort = data if isinstance(data, Cohort) else open_cohort(data)
     config = config or PreprocessConfig()
@@ -256,7 +287,7 @@ def build_cache(
     cached, errors = [], []
     label_map, channels = cohort.label_map, cohort.channels
     for i, case in enumerate(cohort.cases):
-        entry, problems = cache_case(case, config, cache_dir, label_map)
+        entry, problems = _cache_case_or_explain(case, config, cache_dir, label_map)
         errors += [p for p in problems if p.severity == "error"]
         if entry is not None:  # the names are the cohort's (an entry is keyed by file contents only)
             cached.append(CachedCase(entry.path, {**entry.meta, "channel_names": channels}))
@@ -279,7 +310,7 @@ def build_unlabelled_cache(
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cached, errors = [], []
     for case in cohort.unlabelled:
-        entry, problems = cache_case(case, config, cache_dir)
+        entry, problems = _cache_case_or_explain(case, config, cache_dir)
         errors += [p for p in problems if p.severity == "error"]
         if entry is not None:
             cached.append(CachedCase(entry.path, {**entry.meta, "channel_names": cohort.channels}))

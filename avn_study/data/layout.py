@@ -282,7 +282,9 @@ def open_cohort(root: str | Path) -> Cohort:
 
 def format_problems(root: str | Path, problems: list[Problem]) -> str:
     n_err = sum(p.severity == "error" for p in problems)
-    head = f"{root}: {n_err} problem(s) found; fix them (see `avn-study verify {root}`):"
+    import shlex
+
+    head = f"{root}: {n_err} problem(s) found; fix them (see `avn-study verify {shlex.quote(str(root))}`):"
     return "\n".join([head, *(f"  - {p}" for p in problems)])
 
 

@@ -206,9 +206,23 @@ def volume_array(image: nib.Nifti1Image) -> np.ndarray:
     return image.get_fdata(dtype=np.float32)
 
 
-def load_ras(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Read a NIfTI file whole and return its float32 array in RAS order and its original geometry."""
+def load_ras(path: str | Path, refuse_repairs: bool = False) -> tuple[np.ndarray, Geometry]:
+    """Read a NIfTI file whole and return its float32 array in RAS order and its original geometry.
+
+    ``refuse_repairs``: refuse a header field that nibabel would silently replace on load (a voxel size
+    of 0 read as 1, say; see ``verify.header_repairs``), since the geometry would then not be the file's.
+
+    Raises:
+        NiftiReadError: an unreadable or damaged file, an unusable affine, or (``refuse_repairs``) a
+            repaired header field; the message names the file.
+    """
     raw = read_nifti(path)
+    if refuse_repairs:
+        from avn_study.data.verify import header_repairs
+
+        repaired = [p.message for p in header_repairs(raw) if p.severity == "error"]
+        if repaired:
+            raise NiftiReadError(f"{raw.path}: {'; '.join(repaired)}")
     try:
         array = volume_array(raw.image)
         geometry = Geometry.of(array.shape, raw.image.affine)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,13 +167,22 @@ def inner_splits(
         raise ValueError(f"inner folds of outer fold {outer_fold}: {err}") from None
 
 
-def write_splits(splits: Splits, path: str | Path) -> Path:
-    """Write ``splits.json`` atomically (a concurrent reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(splits.to_dict(), indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+def _always(path: Path) -> bool:
+    return True
+
+
+def write_splits(splits: Splits, path: str | Path, replace: Callable[[Path], bool] | None = _always) -> Path:
+    """Write ``splits.json`` atomically (a concurrent reader never sees half a file).
+
+    ``replace``: whether an existing file may be replaced, checked right before the rename (default: yes,
+    for racing trials that compute the same split; ``avn-study split`` passes its ``--overwrite`` rule).
+
+    Raises:
+        UsageError: the file appeared meanwhile and may not be replaced.
+    """
+    from avn_study.outputs import write_text_atomic
+
+    return write_text_atomic(Path(path), json.dumps(splits.to_dict(), indent=1) + "\n", replace)
 
 
 def read_splits(path: str | Path, cases: set[str] | None = None) -> Splits:
@@ -304,9 +314,18 @@ def resolve_splits(
 
         identity = json.dumps([sorted(patients.items()), sorted(has_necrosis.items()), k, seed])
         key = hashlib.sha256(identity.encode()).hexdigest()[:20]
-        path = Path(cache_dir or default_cache_dir()) / "splits" / f"{key}-k{k}-seed{seed}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return load_or_create_splits(path, patients, has_necrosis, k=k, seed=seed)
+        from avn_study.data.cache import unwritable_cache
+
+        root = Path(cache_dir or default_cache_dir())
+        path = root / "splits" / f"{key}-k{k}-seed{seed}.json"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return load_or_create_splits(path, patients, has_necrosis, k=k, seed=seed)
+        except OSError as err:
+            explained = unwritable_cache(root, err)
+            if explained is None:
+                raise
+            raise explained from None
     if splits.k != k:
         raise DataError(f"the study's splits.json has {splits.k} folds but n_folds={k} was asked for")
     return splits

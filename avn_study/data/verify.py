@@ -19,6 +19,7 @@ from scipy import ndimage
 from avn_study.data.labels import CANONICAL, LabelMap, parse_label_map
 from avn_study.data.layout import LABELS, CaseFiles, Problem, format_problems, scan_cohort
 from avn_study.data.nifti import Geometry, NiftiReadError, RawNifti, read_nifti
+from avn_study.data.preprocess import PreprocessConfig
 from avn_study.errors import DataError
 
 AFFINE_ATOL_MM = 1e-3  # image and label affines may differ by float noise, not by geometry
@@ -300,8 +301,23 @@ def _read_channels(case: CaseFiles) -> tuple[list[tuple[RawNifti | None, np.ndar
         problems += channel_problems
         if data is not None and float(np.nanmax(data) - np.nanmin(data)) == 0.0:
             problems.append(Problem(path, f"image is constant ({float(data.flat[0])}): nothing to normalise"))
+        elif data is not None and np.isfinite(data).all():
+            problems += _nearly_constant(path, data)
         reads.append((raw, data))
     return reads, problems
+
+
+def _nearly_constant(path: Path, data: np.ndarray) -> list[Problem]:
+    """A warning when clipping to the preprocessing's percentiles leaves a constant image (all but a few
+    voxels share one value): it would be cached, and trained on, as all zeros."""
+    percentiles = PreprocessConfig().clip_percentiles
+    lo, hi = (float(v) for v in np.percentile(data, percentiles))
+    if lo != hi:
+        return []
+    differ = int(np.count_nonzero(data != lo))
+    return [Problem(path, f"image is constant but for {differ:,} of {data.size:,} voxels (value {lo:g}): clipped to "
+                    f"its {percentiles[0]:g}-{percentiles[1]:g} percentiles it is constant, so it would be "
+                    "normalised, and trained on, as all zeros; check the file", "warning")]  # fmt: skip
 
 
 def _co_registration(case: CaseFiles, reads: list) -> list[Problem]:
