@@ -415,8 +415,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         track=args.track,
         allow_no_verdict=args.allow_no_verdict,
     )
-    resume_hint = (f"avn-study sweep {args.space} --data {args.data} --storage {args.storage} --name {study.name} "
-                   "--resume")  # fmt: skip
+    from avn_study.outputs import shell
+
+    extra = ["--allow-no-verdict"] if args.allow_no_verdict else []
+    resume_hint = shell("avn-study", "sweep", args.space, "--data", args.data, "--storage", args.storage, "--name",
+                        study.name, "--resume", *extra)  # fmt: skip
     result = run_study(study, args.resume, args.address, args.num_cpus, resume_hint)
     if result is None:
         return 130
@@ -424,7 +427,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return _report(
         result,
         space.metric,
-        f"results in {study.location}{mirror}\nstatistics and report: avn-study analyze {study.root}",
+        f"results in {study.location}{mirror}\nstatistics and report: {shell('avn-study', 'analyze', study.root)}",
     )
 
 
