@@ -97,10 +97,10 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]
     def cost(row: str) -> float:
         return ARM_COST.get(str(space.trial_config(row).get("arm", "unet")), 1.0)
 
-    nested = space.protocol == "nested_ablation"
-    searches = [(row, cost(row)) for _ in (space.folds if nested else [None]) for row in space.searched_rows]
+    per_row = space.searches_per_row()  # per outer fold (nested), and per seed (and fold) with search_per_seed
+    searches = [(row, cost(row)) for _ in range(per_row) for row in space.searched_rows]
     runs = len(space.folds) * len(space.seeds) * space.repeats if space.protocol in ABLATIONS else 0  # per row
-    per_search = runs // len(space.folds) if nested else runs  # a nested search chooses for its outer fold only
+    per_search = runs // per_row  # each search chooses for its own outer fold, fold or seed only
     started, ended = [0] * len(searches), [0] * len(searches)
     recorded: list[dict[int, list[float]]] = [{} for _ in searches]
     queue = [cost(r) for r in space.arms if r not in space.searched_rows for _ in range(runs)]  # nothing to wait for
@@ -194,7 +194,9 @@ def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 
             name = f"cluster-{'concurrent' if concurrent else 'sequential'}"
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump({**raw, "name": name, "concurrent_rows": concurrent}, sort_keys=False))
-            study = _study_class()(load_space(path), cohort, str(work / "storage"), progress=False)
+            # a scheduling bench, not a study: its shapes need not reach a verdict
+            study = _study_class()(load_space(path), cohort, str(work / "storage"), progress=False,
+                                   allow_no_verdict=True)  # fmt: skip
             study.epoch_s = epoch_s
             study.prepare(resume=False)
             start = time.time()

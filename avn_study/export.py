@@ -13,9 +13,10 @@ Selection rule (also in ``avn-study export --help`` and in each bundle's ``metri
     lower trial id). Among its trials the one with the best value is exported, from the checkpoint
     of the epoch that gave that value; if Ray did not keep that checkpoint (checkpoint.num_to_keep),
     from the kept checkpoint with the best value, and metrics.json says so. That trial's own value
-    is optimistic (the best of several), and so is the configuration's mean once it was chosen as the
-    best of several rows or configurations (a winner's curse): the bundle labels it "optimistic after
-    selection"; the unbiased comparison of rows is the ablation table's (``avn-study analyze``).
+    is optimistic (the best of several); the configuration's mean is optimistic too once it was
+    selected as the best of several configurations (a winner's curse): quote the ablation table's
+    numbers, not this one. The bundle labels it "optimistic after selection"; the comparison of rows
+    is the ablation table's (``avn-study analyze``).
 
 An ablation whose stage 2 has no finished trial falls back to the sweep rule on stage 1 (noted in
 ``metrics.json``). The bundle records the configuration's mean, SD and number of trials, every trial's

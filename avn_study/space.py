@@ -383,8 +383,6 @@ def parse_space(raw: dict[str, Any], path: Path = Path("<space>")) -> SearchSpac
     )  # fmt: skip
     if not space.alpha < 0.5:
         raise r.fail("alpha", f"the family-wise error rate must be < 0.5, got {space.alpha}")
-    if space.search_per_seed and protocol == "sweep":
-        raise r.fail("search_per_seed", "a sweep has no stage 2 whose seeds could have their own searches")
     space = replace(space, contrasts=_parse_contrasts(r, raw, arms, space.reference))
     if space.gpu > 1 and not space.gpu.is_integer():
         raise r.fail(

@@ -312,7 +312,8 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, *, channels: list[str],
     if errors:
         raise DataError(format_problems(dicom_dir, errors).replace(f"see `avn-study verify {dicom_dir}`",
                                                                    "nothing was written"))  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="avn-dcm2niix-") as work, staged_folder(out) as staged:
+    replace = is_imported_cohort if overwrite else None  # checked again right before the swap
+    with tempfile.TemporaryDirectory(prefix="avn-dcm2niix-") as work, staged_folder(out, replace) as staged:
         for folder in ("imagesTr", "labelsTr", unlabelled):
             (staged / folder).mkdir(parents=True, exist_ok=True)
         for i, case in enumerate(cases):
