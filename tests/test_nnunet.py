@@ -13,8 +13,9 @@ import pytest
 
 from avn_study.cli import _plan_text, main
 from avn_study.errors import UsageError
+
 from avn_study.space import load_space
-from tests.conftest import Payload, small_space
+from tests.conftest import Payload, small_space, write_toy_cohort
 
 NNUNET_ROW = {"arm": "nnunet_2d", "nnunet_epochs": 2, "nnunet_iterations": 2, "nnunet_val_iterations": 1,
               "nnunet_tta": False}  # fmt: skip
@@ -253,3 +254,21 @@ def test_a_perfect_prediction_scores_perfectly_in_every_orientation(sweep_cohort
     wrong = {c.case_id: oracle[cases[(i + 1) % len(cases)].case_id] for i, c in enumerate(cases)}
     with pytest.raises(DataError, match="the nnU-Net prediction has shape"):
         score(wrong, cases, "with_head")
+
+
+def test_held_out_test_patients_take_no_part_in_nnunets_plans(tmp_path: Path) -> None:
+    """nnU-Net fingerprints, plans and normalises from imagesTr: the split's test cases go to imagesTs,
+    without labels, so its plans rest on no held-out patient."""
+    import json
+
+    from avn_study.data.layout import open_cohort
+    from avn_study.nnunet import _write_raw
+
+    cohort = open_cohort(write_toy_cohort(tmp_path / "cohort", n=3))
+    held = frozenset({cohort.cases[0].case_id})
+    _write_raw(cohort, cohort.cases, "with_head", tmp_path / "raw", held)
+    images = {p.name for p in (tmp_path / "raw" / "imagesTr").iterdir()}
+    assert not any(name.startswith(cohort.cases[0].case_id) for name in images) and len(images) == 2
+    assert {p.name for p in (tmp_path / "raw" / "imagesTs").iterdir()} == {f"{cohort.cases[0].case_id}_0000.nii.gz"}
+    assert len(list((tmp_path / "raw" / "labelsTr").iterdir())) == 2
+    assert json.loads((tmp_path / "raw" / "dataset.json").read_text())["numTraining"] == 2
