@@ -13,7 +13,6 @@ import pytest
 
 from avn_study.cli import _plan_text, main
 from avn_study.errors import UsageError
-
 from avn_study.space import load_space
 from tests.conftest import Payload, small_space, write_toy_cohort
 
