@@ -1,7 +1,7 @@
 """The names every layer shares: branches, the ablation arms and the question each answers, model options,
 the metrics with their direction, and trial statuses.
 
-One owner per fact (DESIGN.md): config, models, losses, schedules, space and the bundle import these
+One owner per fact (docs/architecture.md): config, models, losses, schedules, space and the bundle import these
 instead of spelling them again. Standard library only, so ``avn-study --help`` and space validation stay
 fast.
 """

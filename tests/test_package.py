@@ -128,3 +128,29 @@ def test_module_level_imports_form_no_cycle() -> None:
     for module in sorted(modules):
         if module not in state:
             visit(module, [])
+
+
+def test_the_repository_carries_its_own_contracts() -> None:
+    """Nothing in the repository points at a design file outside it; docs/architecture.md owns the contracts."""
+    from pathlib import Path
+
+    repo = Path(avn_study.__file__).parents[1]
+    files = [
+        p
+        for folder in ("avn_study", "docs", "tests", "search_spaces", "analysis", "docker")
+        for p in (repo / folder).rglob("*")
+        if p.is_file() and p.suffix in {".py", ".md", ".yaml", ".ipynb"}
+    ]
+    files += [repo / "README.md", repo / "pyproject.toml"]
+    outside = ("DESIGN" + ".md", "../" + "shared")  # (spelled apart, so this file does not match itself)
+    offenders = [str(p.relative_to(repo)) for p in files if any(o in p.read_text(errors="replace") for o in outside)]
+    assert offenders == [], offenders
+    architecture = (repo / "docs" / "architecture.md").read_text()
+    for section in (
+        "## The data flow",
+        "## Protocol rules",
+        "## The study folder",
+        "## The bundle",
+        "## CLI conventions",
+    ):
+        assert section in architecture

@@ -1,6 +1,7 @@
 """What a reported number rests on: the disjointness audit on real smoke studies of both ablation protocols.
 
-DESIGN.md: a patient whose metrics enter an ablation table must not have been in any validation set
+docs/architecture.md ("Protocol rules"): a patient whose metrics enter an ablation table must not have been in
+any validation set
 used to choose that row's configuration. Each stage-2 trial records the patients its configuration was
 selected on (``_selected_on``); these tests check the record against the study's own files.
 """
