@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from avn_study.checkpoint import load_weights
-from avn_study.data.layout import LABELS
+from avn_study.data.labels import LABELS
 from avn_study.data.preprocess import PreprocessConfig
 from avn_study.errors import DataError, UsageError, look_up
 

@@ -40,7 +40,7 @@ BASE = {  # the demo's resolution and width: a budget two CPU cores can afford f
 def shortcut_dice(train: list[Any], val: list[Any]) -> list[dict[str, Any]]:
     """Necrosis = normalised intensity below a threshold inside the *true* head, the threshold that
     maximises the mean Dice of the training cases with necrosis (grid of 41 values)."""
-    from avn_study.data.layout import LABELS
+    from avn_study.data.labels import LABELS
     from avn_study.metrics import case_metrics
 
     def predict(case: Any, t: float) -> np.ndarray:

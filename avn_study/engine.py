@@ -25,7 +25,8 @@ import torch
 
 from avn_study.config import TrainConfig
 from avn_study.data.cache import CachedCase, build_cache, cohort_fingerprint
-from avn_study.data.layout import LABELS, open_cohort
+from avn_study.data.labels import LABELS
+from avn_study.data.layout import open_cohort
 from avn_study.data.preprocess import PreprocessConfig
 from avn_study.data.slices import (
     AugmentConfig,

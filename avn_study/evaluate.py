@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from avn_study.clinical import hip_rows, hip_summary, lesion_detection_iou, surface_dice
-from avn_study.data.layout import LABELS, format_problems, scan_cohort
+from avn_study.data.labels import LABELS
+from avn_study.data.layout import scan_cohort
+from avn_study.data.problems import format_problems
 from avn_study.errors import DataError, UsageError
 
 WRITTEN_BY = "avn-study evaluate"

@@ -43,6 +43,7 @@ import numpy as np
 
 from avn_study.config import TrainConfig
 from avn_study.errors import DataError, UsageError, look_up
+from avn_study.study_folder import NNUNET_CHECKPOINT
 from avn_study.vocabulary import NNUNET_ARMS
 
 EXTRA = "pip install 'avn-study[nnunet]'"
@@ -55,7 +56,6 @@ NNUNET_KEYS = {
     "nnunet_labels": (str, "with_head"),
     "nnunet_tta": (bool, True),  # nnU-Net's mirroring at prediction time
 }
-NNUNET_CHECKPOINT = "checkpoint_latest.pth"  # a trial's checkpoint file (avn_study.nnunet_trainer.save_state)
 PREPARE_LOG = "prepare.log"  # one line per planning / preprocessing actually run on this node
 
 
@@ -321,7 +321,7 @@ def prediction_on_grid(path: Path, case: Any, labels: str) -> np.ndarray:
     """
     import nibabel as nib
 
-    from avn_study.data.layout import LABELS
+    from avn_study.data.labels import LABELS
     from avn_study.data.nifti import Geometry
     from avn_study.data.preprocess import resample_labels
 
@@ -339,7 +339,7 @@ def prediction_on_grid(path: Path, case: Any, labels: str) -> np.ndarray:
 
 def score(predictions: dict[str, Path], cases: list[Any], labels: str) -> list[dict[str, Any]]:
     """Per-case metrics of nnU-Net's predictions with our metrics module, as our trials compute them."""
-    from avn_study.data.layout import LABELS
+    from avn_study.data.labels import LABELS
     from avn_study.metrics import case_metrics
 
     rows = []

@@ -19,7 +19,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.file_path_utilities import load_json
 
-from avn_study.nnunet import NNUNET_CHECKPOINT
+from avn_study.study_folder import NNUNET_CHECKPOINT
 
 _CUDA = torch.device("cuda")  # nnU-Net's default (its checkpoints record these init arguments by name)
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from avn_study.bundle import LOC_THRESHOLD, SLICE_AXIS, Bundle, InferenceOptions, load_bundle
-from avn_study.data.layout import FILE_ENDINGS, LABELS
+from avn_study.data.labels import LABELS
+from avn_study.data.layout import FILE_ENDINGS
 from avn_study.data.nifti import Geometry, load_ras, save_in_geometry
 from avn_study.data.preprocess import (
     PreprocessConfig,

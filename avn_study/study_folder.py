@@ -48,6 +48,7 @@ STAGE1_PREFIX = "stage1-"
 STAGE1_ALL = "stage1"  # concurrent_rows, studies before 2026-11: every stage-1 search in one Ray experiment
 STAGES = "stages"  # concurrent_rows: every trial of the study (both stages) in one Ray experiment
 STAGE2 = "stage2"
+NNUNET_CHECKPOINT = "checkpoint_latest.pth"  # an nnU-Net trial's checkpoint file (nnunet_trainer.save_state)
 
 MAX_NAME = 100  # characters of a study name or a row's folder name (file systems allow 255 bytes)
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")

@@ -147,8 +147,8 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
 
     from avn_study.data.cache import default_cache_dir
     from avn_study.metrics import summarize
-    from avn_study.nnunet import NNUNET_CHECKPOINT, EpochHooks, NnUNetConfig, run_trial
-    from avn_study.study_folder import per_case_file
+    from avn_study.nnunet import EpochHooks, NnUNetConfig, run_trial
+    from avn_study.study_folder import NNUNET_CHECKPOINT, per_case_file
 
     cfg = NnUNetConfig.from_flat(flat, source="trial config")
     torch.set_num_threads(cfg.base.runtime.threads)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from avn_study.data.labels import CANONICAL, LabelMap
-from avn_study.data.layout import LABELS, CaseFiles, Cohort, Problem, format_problems, open_cohort
+from avn_study.data.labels import CANONICAL, LABELS, LabelMap
+from avn_study.data.layout import CaseFiles, Cohort, open_cohort
 from avn_study.data.preprocess import (
     PreprocessConfig,
     head_distance_mm,
@@ -38,6 +38,7 @@ from avn_study.data.preprocess import (
     resample_labels,
     resampled_affine,
 )
+from avn_study.data.problems import Problem, format_problems
 from avn_study.data.verify import CaseVolumes, check_case, check_unlabelled
 from avn_study.errors import DataError
 

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from avn_study.data.layout import LABELS, Problem
+from avn_study.data.problems import Problem
+
+LABELS: dict[str, int] = {"background": 0, "femoral_head": 1, "necrosis": 2}  # the canonical label map
 
 ROLES = ("necrosis", "femoral_head")
 

@@ -11,27 +11,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from avn_study.data.labels import LABELS, parse_label_map
+from avn_study.data.problems import Problem, format_problems
 from avn_study.errors import DataError
 
-LABELS: dict[str, int] = {"background": 0, "femoral_head": 1, "necrosis": 2}
 CHANNEL_SUFFIX = "_0000"  # the first input channel; nnU-Net numbers channels _0000, _0001, ...
 MAX_CHANNELS = 8
 FILE_ENDINGS = (".nii.gz", ".nii")
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding of a check, with the file it concerns."""
-
-    path: Path
-    message: str
-    severity: Literal["error", "warning"] = "error"
-
-    def __str__(self) -> str:
-        return f"{self.severity.upper()}: {self.path}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -72,7 +60,6 @@ class Cohort:
     @property
     def label_map(self):  # -> avn_study.data.labels.LabelMap (imported late: labels.py imports this module)
         """How the cohort's label values map to necrosis and femoral head (see ``avn_study.data.labels``)."""
-        from avn_study.data.labels import parse_label_map
 
         label_map, problems = parse_label_map(self.spec, self.root / "dataset.json")
         if label_map is None:
@@ -123,7 +110,6 @@ def _check_spec_values(path: Path, spec: dict) -> list[Problem]:
     problems = []
     if channel_names(spec)[0] is None:
         problems.append(Problem(path, channel_names(spec)[1]))
-    from avn_study.data.labels import parse_label_map
 
     problems += parse_label_map(spec, path)[1]
     ending = spec.get("file_ending", ".nii.gz")
@@ -278,14 +264,6 @@ def open_cohort(root: str | Path) -> Cohort:
     if errors or cohort is None:
         raise DataError(format_problems(root, errors))
     return cohort
-
-
-def format_problems(root: str | Path, problems: list[Problem]) -> str:
-    n_err = sum(p.severity == "error" for p in problems)
-    import shlex
-
-    head = f"{root}: {n_err} problem(s) found; fix them (see `avn-study verify {shlex.quote(str(root))}`):"
-    return "\n".join([head, *(f"  - {p}" for p in problems)])
 
 
 def write_dataset_json(root: Path, case_patients: dict[str, str], **extra: object) -> Path:

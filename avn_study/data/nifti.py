@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
+from avn_study.data.problems import Problem
 from avn_study.errors import DataError
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -210,7 +211,7 @@ def load_ras(path: str | Path, refuse_repairs: bool = False) -> tuple[np.ndarray
     """Read a NIfTI file whole and return its float32 array in RAS order and its original geometry.
 
     ``refuse_repairs``: refuse a header field that nibabel would silently replace on load (a voxel size
-    of 0 read as 1, say; see ``verify.header_repairs``), since the geometry would then not be the file's.
+    of 0 read as 1, say; see :func:`header_repairs`), since the geometry would then not be the file's.
 
     Raises:
         NiftiReadError: an unreadable or damaged file, an unusable affine, or (``refuse_repairs``) a
@@ -218,8 +219,6 @@ def load_ras(path: str | Path, refuse_repairs: bool = False) -> tuple[np.ndarray
     """
     raw = read_nifti(path)
     if refuse_repairs:
-        from avn_study.data.verify import header_repairs
-
         repaired = [p.message for p in header_repairs(raw) if p.severity == "error"]
         if repaired:
             raise NiftiReadError(f"{raw.path}: {'; '.join(repaired)}")
@@ -247,3 +246,32 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path
     image.header.set_xyzt_units("mm", "sec")
     nib.save(image, path)
     return path
+
+
+# ------------------------------------------------------------------ header fields nibabel repairs
+_REPAIRABLE = ("sizeof_hdr", "dim", "datatype", "bitpix", "pixdim", "qform_code", "sform_code", "magic")
+
+
+def header_repairs(raw: RawNifti) -> list[Problem]:
+    """Fields whose stored value nibabel replaced when loading, each with the raw and the repaired value."""
+    stored, loaded = raw.stored_header, raw.image.header
+    if type(stored) is not type(loaded):
+        return []
+    problems = []
+    for field in _REPAIRABLE:
+        before, after = np.asarray(stored[field]), np.asarray(loaded[field])
+        if before.shape == after.shape and np.array_equal(before, after, equal_nan=before.dtype.kind == "f"):
+            continue
+        if field == "pixdim" and np.array_equal(before[1:], after[1:]) and float(before[0]) == 0.0:
+            problems.append(Problem(raw.path, "header qfac (pixdim[0]) is 0; read as 1 as the NIfTI standard says",
+                                    "warning"))  # fmt: skip
+            continue
+        problems.append(Problem(
+            raw.path, f"header field '{field}' holds an invalid value {_show(before)}, which nibabel would silently "
+            f"replace by {_show(after)}; fix the header (geometry is not compared until then)",
+        ))  # fmt: skip
+    return problems
+
+
+def _show(value: np.ndarray) -> str:
+    return repr(value.item()) if value.size == 1 else str(np.round(value.astype(float), 6).tolist())

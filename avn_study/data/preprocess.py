@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from avn_study.data.layout import LABELS
+from avn_study.data.labels import LABELS
 
 
 @dataclass(frozen=True)

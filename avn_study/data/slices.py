@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from avn_study.data.cache import CachedCase
-from avn_study.data.layout import LABELS
+from avn_study.data.labels import LABELS
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from avn_study.data.labels import CANONICAL, LabelMap, parse_label_map
-from avn_study.data.layout import LABELS, CaseFiles, Problem, format_problems, scan_cohort
-from avn_study.data.nifti import Geometry, NiftiReadError, RawNifti, read_nifti
+from avn_study.data.labels import CANONICAL, LABELS, LabelMap, parse_label_map
+from avn_study.data.layout import CaseFiles, scan_cohort
+from avn_study.data.nifti import Geometry, NiftiReadError, RawNifti, header_repairs, read_nifti
 from avn_study.data.preprocess import PreprocessConfig
+from avn_study.data.problems import Problem, format_problems
 from avn_study.errors import DataError
 
 AFFINE_ATOL_MM = 1e-3  # image and label affines may differ by float noise, not by geometry
@@ -79,34 +80,6 @@ class VerifyReport:
 # and the loaded value means the file's own value is invalid, and every later comparison would use a value
 # the file does not hold. Geometry fields are errors; qfac (pixdim[0]) 0 is read as 1 by the NIfTI standard.
 # (vox_offset is not one: nibabel zeroes it in memory for every image; read_nifti checks the data's extent.)
-_REPAIRABLE = ("sizeof_hdr", "dim", "datatype", "bitpix", "pixdim", "qform_code", "sform_code", "magic")
-
-
-def header_repairs(raw: RawNifti) -> list[Problem]:
-    """Fields whose stored value nibabel replaced when loading, each with the raw and the repaired value."""
-    stored, loaded = raw.stored_header, raw.image.header
-    if type(stored) is not type(loaded):
-        return []
-    problems = []
-    for field in _REPAIRABLE:
-        before, after = np.asarray(stored[field]), np.asarray(loaded[field])
-        if before.shape == after.shape and np.array_equal(before, after, equal_nan=before.dtype.kind == "f"):
-            continue
-        if field == "pixdim" and np.array_equal(before[1:], after[1:]) and float(before[0]) == 0.0:
-            problems.append(Problem(raw.path, "header qfac (pixdim[0]) is 0; read as 1 as the NIfTI standard says",
-                                    "warning"))  # fmt: skip
-            continue
-        problems.append(Problem(
-            raw.path, f"header field '{field}' holds an invalid value {_show(before)}, which nibabel would silently "
-            f"replace by {_show(after)}; fix the header (geometry is not compared until then)",
-        ))  # fmt: skip
-    return problems
-
-
-def _show(value: np.ndarray) -> str:
-    return repr(value.item()) if value.size == 1 else str(np.round(value.astype(float), 6).tolist())
-
-
 def header_problems(raw: RawNifti) -> list[Problem]:
     """Header sanity: dimensionality, spacing, qform/sform agreement, pixdim vs affine, nibabel's diagnosis."""
     path, header = raw.path, raw.stored_header

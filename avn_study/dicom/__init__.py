@@ -53,7 +53,7 @@ def verify_dicom_tree(root: Path) -> tuple[bool, str]:
     Returns:
         Whether there is no error, and the report's text (series named without header free text).
     """
-    from avn_study.data.layout import format_problems
+    from avn_study.data.problems import format_problems
     from avn_study.dicom.tree import scan_tree, series_problems
 
     tree = scan_tree(root)

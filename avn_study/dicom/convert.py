@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from avn_study.data.layout import LABELS, Problem, format_problems
+from avn_study.data.labels import LABELS
+from avn_study.data.problems import Problem, format_problems
 from avn_study.dicom.geometry import stack_map
 from avn_study.dicom.tree import DicomTree, Instance, Series, matches, scan_tree, series_problems
 from avn_study.errors import DataError, UsageError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avn_study.data.layout import LABELS
+from avn_study.data.labels import LABELS
 from avn_study.dicom.geometry import stack_map
 from avn_study.dicom.tree import Instance, Series
 from avn_study.errors import DataError

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avn_study.data.layout import Problem
+from avn_study.data.problems import Problem
 
 PLANES = ("sagittal", "coronal", "axial")  # the plane across LPS axis x, y, z (the slice normal's axis)
 IMAGE_MODALITIES = ("MR",)
