@@ -161,8 +161,9 @@ def bench_train(
 ) -> list[tuple[str, str, str]]:
     import torch
 
-    from avn_study.config import ARMS, TrainConfig
+    from avn_study.config import TrainConfig
     from avn_study.engine import build_model
+    from avn_study.vocabulary import ARMS
 
     peak = matmul_peak_flops()
     rows = [
@@ -370,8 +371,9 @@ def _gpu_step_rows(size: int, batch: int, base_channels: int, depth: int, steps:
     """Per arm on the GPU: training slices/s in fp32 and bf16 autocast, and the peak memory of a step."""
     import torch
 
-    from avn_study.config import ARMS, TrainConfig
+    from avn_study.config import TrainConfig
     from avn_study.engine import build_model
+    from avn_study.vocabulary import ARMS
 
     rows = []
     for arm in ARMS:

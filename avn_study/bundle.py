@@ -38,6 +38,7 @@ from avn_study.checkpoint import load_weights
 from avn_study.data.labels import LABELS
 from avn_study.data.preprocess import PreprocessConfig
 from avn_study.errors import DataError, UsageError, look_up
+from avn_study.vocabulary import LOC_THRESHOLD
 
 BUNDLE_FORMAT = "avn-study-bundle"
 BUNDLE_VERSION = 3  # bump when a reader of this version could misread a newer bundle (2: inference, ensemble;
@@ -57,7 +58,6 @@ CONFIG_KEYS = ("format", "format_version", "model", "preprocessing", "labels", "
 ENSEMBLE_DIR = "ensemble"
 TTA_MODES = ("none", "flip")
 SLICE_AXIS = 1  # coronal slices: planes of constant A/P, RAS array axis 1
-LOC_THRESHOLD = 0.5  # localisation probability threshold (as in validation)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def bundle_config(
     (``ensemble``: one record per member, the first being ``model.safetensors``)."""
     from avn_study.config import ModelConfig, TrainConfig
     from avn_study.data.cache import CACHE_VERSION
-    from avn_study.models import ARMS
+    from avn_study.vocabulary import ARMS
 
     config = TrainConfig.from_flat(flat, source="checkpoint config")
     pre = PreprocessConfig(inplane_spacing_mm=config.data.inplane_spacing_mm)
@@ -122,7 +122,7 @@ def bundle_config(
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
         "model": {
-            "name": ARMS[config.model.arm][0],  # the model registry name (create_model)
+            "name": ARMS[config.model.arm].model,  # the model registry name (create_model)
             "arm": config.model.arm,
             "branches": list(model.branches),
             "config": {f: getattr(config.model, f) for f in ModelConfig.__dataclass_fields__},
@@ -143,7 +143,10 @@ def bundle_config(
             "cache_version": CACHE_VERSION,
         },
         "labels": dict(LABELS),
-        "label_map": {"2": "necrosis (seg >= threshold)", "1": "localisation region (loc >= 0.5), if predicted"},
+        "label_map": {
+            "2": "necrosis (seg >= threshold)",
+            "1": f"localisation region (loc >= {LOC_THRESHOLD:g}), if predicted",
+        },
         "threshold": config.runtime.threshold,
         "loc_threshold": LOC_THRESHOLD,
         "amp": config.runtime.amp,
@@ -253,7 +256,8 @@ def build_bundle_model(config: dict[str, Any], path: Path) -> torch.nn.Module:
     """
     from avn_study.config import TrainConfig
     from avn_study.engine import build_model
-    from avn_study.models import ARMS, list_models
+    from avn_study.models import list_models
+    from avn_study.vocabulary import ARMS
 
     name, arm = _key(config, "model.name", path), _key(config, "model.arm", path)
     for key, value, options, what in (("model.name", name, list_models(), "model"), ("model.arm", arm, ARMS, "arm")):
@@ -261,8 +265,8 @@ def build_bundle_model(config: dict[str, Any], path: Path) -> torch.nn.Module:
             look_up(str(value), options, what=what)
         except UsageError as err:
             raise UsageError(f"{path}: key '{key}': {err}") from None
-    if ARMS[arm][0] != name:
-        raise UsageError(f"{path}: 'model.arm' {arm!r} is built by model {ARMS[arm][0]!r}, not {name!r}")
+    if ARMS[arm].model != name:
+        raise UsageError(f"{path}: 'model.arm' {arm!r} is built by model {ARMS[arm].model!r}, not {name!r}")
     architecture = _key(config, "model.config", path)
     if not isinstance(architecture, dict):
         raise DataError(f"{path}: 'model.config' must be an object, got {architecture!r}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import AvnError, UsageError
+from avn_study.vocabulary import AMP_MODES, ARMS
 
 
 def _path(text: str) -> Path:
@@ -311,7 +312,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--data", type=_path, required=True, help="dataset folder (nnU-Net raw layout)")
     p.add_argument("--out", type=_path, required=True, help="output folder")
     p.add_argument("--fold", type=int, help="validation fold (default 0)")
-    p.add_argument("--arm", help="unet | seg | seg+recon | seg+loc | seg+recon+loc (default seg+recon+loc)")
+    p.add_argument("--arm", help=f"{' | '.join(ARMS)} (default seg+recon+loc)")
     p.add_argument(
         "--schedule",
         help="loss-adaptation schedule (default: recon_dependent for arms with a recon branch, else constant)",
@@ -325,7 +326,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--gating", help="multiply | residual | none")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", help="auto | bf16 | off")
+    p.add_argument("--amp", help=" | ".join(AMP_MODES))
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--set",

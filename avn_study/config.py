@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from avn_study.errors import UsageError, look_up
-from avn_study.vocabulary import ARMS as _ARMS
-from avn_study.vocabulary import GATINGS, NORMS, SKIPS, UPSAMPLES
+from avn_study.vocabulary import AMP_MODES, ARMS, GATINGS, NORMS, RECON_KINDS, SKIPS, UPSAMPLES
 
-ARMS = tuple(_ARMS)  # the ablation arms (avn_study.vocabulary.ARMS says what each row asks)
 # Sane maxima, checked before a model is built (a config or bundle asking for more would allocate for minutes
 # or fail deep in torch): 512 x 2**3 = 4096 channels at the bottom is ~10x the paper's network.
 MAX_DEPTH = 8
@@ -116,12 +114,11 @@ class OptimConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay=}")
         if not 0.0 <= self.seg_dice_weight <= 1.0:
             raise ValueError(f"seg_dice_weight must be in [0, 1], got {self.seg_dice_weight=}")
-        look_up(self.recon_kind, ("l1", "mse"), what="recon_kind")
+        look_up(self.recon_kind, RECON_KINDS, what="recon_kind")
         if not isinstance(self.schedule_params, dict):
             raise ValueError(f"schedule_params must be a mapping, got {self.schedule_params!r}")
 
 
-AMP_MODES = ("auto", "bf16", "off")
 RESIDENT_MODES = ("auto", "on", "off")
 
 
@@ -155,7 +152,7 @@ class RuntimeConfig:
 
 def default_schedule(arm: str) -> str:
     """``recon_dependent`` (the paper's adaptation) for an arm with a reconstruction branch, else ``constant``."""
-    return "recon_dependent" if "recon" in _ARMS[arm].branches else "constant"
+    return "recon_dependent" if "recon" in ARMS[arm].branches else "constant"
 
 
 @dataclass(frozen=True)
@@ -171,7 +168,7 @@ class TrainConfig:
         from avn_study.schedules import create_schedule  # (late: schedules import torch)
 
         # the schedule's name, its parameters and the branches it needs, checked now rather than in a trial
-        create_schedule(self.optim.schedule, _ARMS[self.model.arm].branches or ("seg",), **self.optim.schedule_params)
+        create_schedule(self.optim.schedule, ARMS[self.model.arm].branches or ("seg",), **self.optim.schedule_params)
         multiple = 2**self.model.depth
         if self.data.slice_size % multiple:
             raise ValueError(f"slice_size={self.data.slice_size} must be divisible by 2**depth={multiple}")

@@ -38,10 +38,10 @@ from avn_study.data.splits import Splits, check_inner, inner_splits, resolve_spl
 from avn_study.errors import AvnError, DataError
 from avn_study.losses import LossConfig, branch_losses
 from avn_study.metrics import case_metrics, dice_from_counts, overlap_metrics, psnr, summarize
-from avn_study.models import ARMS, model_for_arm
+from avn_study.models import model_for_arm
 from avn_study.schedules import Schedule
 from avn_study.stage_timer import NO_TIMER, Timer
-from avn_study.vocabulary import MODEL_OPTIONS
+from avn_study.vocabulary import ARMS, LOC_THRESHOLD, MODEL_OPTIONS
 
 
 class NonFiniteLossError(AvnError):
@@ -100,7 +100,7 @@ def require_head_labels(arm: str, cases: Sequence[CachedCase], where: str) -> No
     Raises:
         DataError: names the arm, the missing label role and how to declare it.
     """
-    if "loc" in ARMS[arm][1] and not all(c.has_head_labels for c in cases):
+    if "loc" in ARMS[arm].branches and not all(c.has_head_labels for c in cases):
         raise DataError(
             f"{where}: arm '{arm}' has a localisation branch, whose target is the femoral head, but the cohort "
             "labels no femoral head (dataset.json has no 'femoral_head' label and avn_roles.femoral_head is not "
@@ -205,7 +205,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def arm_branches(config: TrainConfig) -> tuple[str, ...]:
     """The branches the arm's model has, without building it (``unet`` has only ``seg``)."""
-    return ARMS[config.model.arm][1] or ("seg",)
+    return ARMS[config.model.arm].branches or ("seg",)
 
 
 def build_model(config: TrainConfig) -> torch.nn.Module:
@@ -436,7 +436,7 @@ def _quick_case_metrics(volume: Any, out: dict[str, torch.Tensor], slice_config:
     device_counts = [both, pred]
     if "loc" in out:
         ref_loc = np.asarray(case.head_dist) <= slice_config.loc_margin_mm
-        loc_both, loc_pred, loc_ref = counts(out["loc"], 0.5, ref_loc)
+        loc_both, loc_pred, loc_ref = counts(out["loc"], LOC_THRESHOLD, ref_loc)
         device_counts += [loc_both, loc_pred]
     host = torch.stack(device_counts).tolist()  # the one sync of this case
     metrics = overlap_metrics(host[0], host[1], n_ref, spacing)
@@ -487,7 +487,7 @@ def evaluate(
         with timer("val_paste"):
             if "loc" in out:
                 kwargs.update(
-                    pred_loc=volume.paste(out["loc"]) >= 0.5,
+                    pred_loc=volume.paste(out["loc"]) >= LOC_THRESHOLD,
                     ref_loc=np.asarray(case.head_dist) <= slice_config.loc_margin_mm,
                 )
             if "recon" in out:

@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from avn_study.errors import look_up
-
-BRANCHES = ("seg", "recon", "loc")  # canonical order, as in avn_study.models.multitask
-RECON_KINDS = ("l1", "mse")
+from avn_study.vocabulary import RECON_KINDS
 
 
 @dataclass(frozen=True)
@@ -165,7 +163,6 @@ def branch_losses(
 
 
 __all__ = [
-    "BRANCHES",
     "LossConfig",
     "branch_losses",
     "loc_loss",

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avn_study.bundle import LOC_THRESHOLD, SLICE_AXIS, Bundle, InferenceOptions, load_bundle
+from avn_study.bundle import SLICE_AXIS, Bundle, InferenceOptions, load_bundle
 from avn_study.data.labels import LABELS
 from avn_study.data.layout import FILE_ENDINGS
 from avn_study.data.nifti import Geometry, load_ras, save_in_geometry
@@ -44,6 +44,7 @@ from avn_study.data.preprocess import (
 )
 from avn_study.data.slices import crop_box
 from avn_study.errors import AvnError, DataError, UsageError
+from avn_study.vocabulary import LOC_THRESHOLD
 
 _CHANNEL = re.compile(r"_(\d{4})$")  # nnU-Net channel suffix of an image file name
 WRITTEN_BY = "avn-study predict"  # the mark of predict's own JSON files (what it may replace)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from avn_study.errors import look_up
-from avn_study.losses import BRANCHES
+from avn_study.vocabulary import BRANCHES
 
 History = Sequence[Mapping[str, Any]]
 S = TypeVar("S", bound="type[Schedule]")

@@ -50,11 +50,11 @@ from typing import Any
 
 import yaml
 
-from avn_study.config import ARMS, TrainConfig
+from avn_study.config import TrainConfig
 from avn_study.errors import UsageError, look_up
 from avn_study.nnunet import is_nnunet
 from avn_study.study_folder import check_name, check_rows
-from avn_study.vocabulary import NNUNET_ARMS, TRIAL_METRICS
+from avn_study.vocabulary import ARMS, NNUNET_ARMS, TRIAL_METRICS
 
 TOP_KEYS = {
     "name", "protocol", "metric", "mode", "fixed", "arms", "groups", "search", "trials", "tuning_fold", "folds",

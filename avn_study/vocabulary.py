@@ -15,6 +15,9 @@ NORMS = ("batch", "instance", "group", "none")
 UPSAMPLES = ("transpose", "bilinear")
 SKIPS = ("all", "deepest", "none")
 GATINGS = ("multiply", "residual", "none")
+RECON_KINDS = ("l1", "mse")  # reconstruction losses: mean absolute error | mean squared error
+AMP_MODES = ("auto", "bf16", "off")  # autocast: bf16 on CUDA and off on the CPU | bf16 | off
+LOC_THRESHOLD = 0.5  # localisation probability threshold: validation, prediction and the bundle alike
 
 
 @dataclass(frozen=True)

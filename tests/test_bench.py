@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from avn_study.bench import bench_data, bench_train
-from avn_study.config import ARMS
+from avn_study.vocabulary import ARMS
 
 
 def test_bench_data_smoke(tmp_path: Path) -> None:

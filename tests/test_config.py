@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from avn_study.config import ARMS, TrainConfig
+from avn_study.config import TrainConfig
 from avn_study.errors import UsageError
+from avn_study.vocabulary import ARMS
 
 
 def test_round_trip() -> None:

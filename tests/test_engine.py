@@ -12,11 +12,12 @@ import torch
 
 from avn_study import engine
 from avn_study.cli import main
-from avn_study.config import ARMS, TrainConfig
+from avn_study.config import TrainConfig
 from avn_study.data.slices import SliceDataset, validation_volumes
 from avn_study.engine import NonFiniteLossError, prepare_data
 from avn_study.schedules import create_schedule, list_schedules
 from avn_study.training import TrainingRun
+from avn_study.vocabulary import ARMS
 
 # small enough for seconds per run on 2 CPU cores; 4 mm x 64 px still holds both hips
 TINY = {

@@ -14,11 +14,9 @@ from torch import nn
 
 from avn_study.errors import UsageError, look_up
 from avn_study.models.registry import create_model, list_models, register_model
-from avn_study.vocabulary import ARMS as _ARMS
-from avn_study.vocabulary import MODEL_OPTIONS
+from avn_study.vocabulary import ARMS, MODEL_OPTIONS
 
 # Ablation arm -> (model name, branches); the arms and what each asks live in avn_study.vocabulary.
-ARMS: dict[str, tuple[str, tuple[str, ...]]] = {name: (arm.model, arm.branches) for name, arm in _ARMS.items()}
 # Options that exist only for some branches: dropped for an arm without the branch.
 _BRANCH_ONLY = {"recon": ("recon_skips",), "loc": ("loc_skips", "gating", "gating_alpha")}
 
@@ -33,7 +31,8 @@ def model_for_arm(arm: str, **cfg: Any) -> nn.Module:
     Raises:
         UsageError: unknown ``arm`` (with a suggestion), or ``branches`` given (the arm fixes them).
     """
-    model, branches = ARMS[look_up(arm, ARMS, what="arm")]
+    spec = ARMS[look_up(arm, ARMS, what="arm")]
+    model, branches = spec.model, spec.branches
     if "branches" in cfg:
         raise UsageError(f"model_for_arm: the arm {arm!r} fixes the branches; do not pass branches=")
     drop = {k for k, models in MODEL_OPTIONS.items() if model not in models}
@@ -72,7 +71,6 @@ from avn_study.models.multitask import MultitaskNet, gate_logits  # noqa: E402  
 from avn_study.models.unet import CascadeNet, UNet  # noqa: E402  (registers "unet", "cascade")
 
 __all__ = [
-    "ARMS",
     "CascadeNet",
     "MultitaskNet",
     "UNet",

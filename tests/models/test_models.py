@@ -10,7 +10,6 @@ from torch import nn
 
 from avn_study.errors import UsageError
 from avn_study.models import (
-    ARMS,
     MultitaskNet,
     UNet,
     create_model,
@@ -19,6 +18,7 @@ from avn_study.models import (
     model_for_arm,
     register_model,
 )
+from avn_study.vocabulary import ARMS
 
 TINY = {"base_channels": 4, "depth": 2}
 SIZE = 32
@@ -28,11 +28,11 @@ def _input(batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-GATED = [a for a, (model, branches) in ARMS.items() if model == "multitask" and "loc" in branches]
+GATED = [a for a, spec in ARMS.items() if spec.model == "multitask" and "loc" in spec.branches]
 
 
 def _expected_keys(arm: str) -> set[str]:
-    model, branches = ARMS[arm]
+    model, branches = ARMS[arm].model, ARMS[arm].branches
     keys = set(branches)
     return keys | {"seg_raw"} if arm in GATED or model == "cascade" else keys
 
@@ -44,7 +44,7 @@ def test_arm_outputs_and_gradients_reach_every_parameter(arm: str) -> None:
     assert set(out) == _expected_keys(arm)
     for name, value in out.items():
         assert value.shape == (2, 1, SIZE, SIZE), name
-    assert model.branches == ARMS[arm][1]
+    assert model.branches == ARMS[arm].branches
     targets = torch.Generator().manual_seed(1)
     loss = sum((v - torch.randn(v.shape, generator=targets)).pow(2).mean() for v in out.values())
     loss.backward()
