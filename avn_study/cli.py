@@ -467,14 +467,14 @@ def run_study(study, resume: bool, address: str | None, num_cpus: int | None, re
     Returns the result, or None when interrupted (having said how to continue)."""
     from avn_study.sweep import init_ray
 
-    cases = study.check(resume=resume)  # bad --resume/--name, broken cohorts: before Ray starts, nothing written
+    cases = study.check(resume=resume)  # bad --resume/--name, a live driver, broken cohorts: nothing written
     try:
         init_ray(address, num_cpus, connect_timeout_s=connect_timeout)  # unreachable, refused: no study files
     except KeyboardInterrupt:
         print(f"interrupted while waiting for Ray{f' at {address}' if address else ''}; nothing was written",
               file=sys.stderr)  # fmt: skip
         return None
-    study.claim(resume=resume, cases=cases)  # a live driver is refused here; the lock and study.json
+    study.claim(resume=resume, cases=cases)  # only now the lock and study.json (a racing driver: refused)
     space = study.space
     try:
         _stop_on_sigterm(study)  # after ray.init, which installs its own SIGTERM handler

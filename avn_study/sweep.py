@@ -846,14 +846,18 @@ def _reach(address: str, timeout_s: float) -> str:
 
     from ray._private.services import canonicalize_bootstrap_address
 
-    try:
-        resolved = canonicalize_bootstrap_address(address)
-    except (ConnectionError, ValueError) as err:
+    try:  # a Ray Client URI (ray://HOST:PORT) is probed at its HOST:PORT
+        resolved = address.split("://", 1)[1] if "://" in address else canonicalize_bootstrap_address(address)
+    except ValueError:
+        raise UsageError(f"--address {address}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)") from None
+    except ConnectionError as err:  # auto, and no cluster found
         raise AvnError(f"--address {address}: {err}") from None
     if resolved is None:
         raise AvnError(f"--address {address}: no running Ray cluster found on this machine (start one with "
                        "`ray start --head`, or give HOST:PORT)")  # fmt: skip
     host, _, port = resolved.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)")
     shown = address if resolved == address else f"{address} ({resolved})"
     deadline = time.monotonic() + timeout_s
     last = "no attempt"
@@ -963,7 +967,8 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
             f"(token authentication is on there, RAY_AUTH_MODE=token); give this machine the cluster's token in "
             f"{AUTH_VARIABLES} (`ray get-auth-token` on the head prints it), see docs/cluster.md"
         )
-        if _probe_auth(resolved, timeout_s):  # at once, where ray.init would retry for 20 s first
+        # at once, where ray.init would retry for 20 s first (a Ray Client URI is left to ray.init)
+        if "://" not in address and _probe_auth(resolved, timeout_s):
             raise refused
         try:
             ray.init(address=address, **kwargs)

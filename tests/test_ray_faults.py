@@ -68,6 +68,9 @@ def test_the_connect_timeout_variable_is_read_and_checked(no_ray, sweep_cohort: 
     monkeypatch.setenv("AVN_STUDY_CONNECT_TIMEOUT", "soon")
     assert main(_argv(tmp_path, sweep_cohort, "--address", "127.0.0.1:1")) == 2
     assert "AVN_STUDY_CONNECT_TIMEOUT='soon': expected a positive number of seconds" in capsys.readouterr().err
+    monkeypatch.delenv("AVN_STUDY_CONNECT_TIMEOUT")
+    assert main(_argv(tmp_path, sweep_cohort, "--address", "nonsense")) == 2
+    assert "--address nonsense: expected auto or HOST:PORT" in capsys.readouterr().err
     _no_study(tmp_path)
 
 
