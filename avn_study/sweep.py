@@ -904,15 +904,17 @@ def _enable_token_if_available(address: str) -> None:
         UsageError: a token source is set but unreadable (``RAY_AUTH_TOKEN_PATH`` naming a missing file).
     """
     try:
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
         from ray._raylet import AuthenticationTokenLoader
     except ImportError:  # a Ray without token authentication
         return
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        return
     try:
-        if "RAY_AUTH_MODE" not in os.environ:
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        elif os.environ["RAY_AUTH_MODE"].lower() == "token":
-            AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+        found = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+        if found and mode is None:
+            _enable_token_auth()  # what Ray does for `auto` (without its "enabled for this cluster" warning)
     except Exception as err:  # Ray's AuthenticationError: a token source that cannot be read
         if not _is_auth_error(err):
             raise
