@@ -421,7 +421,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     extra = ["--allow-no-verdict"] if args.allow_no_verdict else []
     resume_hint = shell("avn-study", "sweep", args.space, "--data", args.data, "--storage", args.storage, "--name",
                         study.name, "--resume", *extra)  # fmt: skip
-    result = run_study(study, args.resume, args.address, args.num_cpus, resume_hint)
+    result = run_study(study, args.resume, args.address, args.num_cpus, resume_hint, args.connect_timeout)
     if result is None:
         return 130
     mirror = f" (JSON mirror: {study.root})" if study.remote else ""
@@ -443,6 +443,9 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--name", help="study name (default: the file's name key)")  # check_name refuses unsafe ones
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (trusts its storage)")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
+    p.add_argument("--connect-timeout", type=_positive_float, dest="connect_timeout", metavar="SECONDS",
+                   help="how long to wait for --address before giving up with exit 1 (default "
+                   "$AVN_STUDY_CONNECT_TIMEOUT, else 30)")  # fmt: skip
     p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs of a local Ray (default: all)")
     p.add_argument("--max-concurrent", type=int, dest="max_concurrent", help="trials at once (default: the file's)")
     p.add_argument("--gpus-per-trial", type=float, dest="gpus_per_trial", help="GPU share per trial, e.g. 0.25")
@@ -458,16 +461,23 @@ def _sweep_parser(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
-def run_study(study, resume: bool, address: str | None, num_cpus: int | None, resume_hint: str):
-    """What ``sweep`` and ``demo`` share: check everything before Ray starts, start (or join) Ray, stop
-    cleanly on SIGTERM, run the stages, release the study. Returns the result, or None when interrupted
-    (having said how to continue)."""
+def run_study(study, resume: bool, address: str | None, num_cpus: int | None, resume_hint: str,
+              connect_timeout: float | None = None):  # fmt: skip
+    """What ``sweep`` and ``demo`` share: check everything before Ray starts, start (or join) Ray, then
+    take the study's lock and write its files, stop cleanly on SIGTERM, run the stages, release the study.
+    Returns the result, or None when interrupted (having said how to continue)."""
     from avn_study.sweep import init_ray
 
-    study.prepare(resume=resume)  # bad --resume/--name, a live driver, broken cohorts: before Ray starts
+    cases = study.check(resume=resume)  # bad --resume/--name, a live driver, broken cohorts: nothing written
+    try:
+        init_ray(address, num_cpus, connect_timeout_s=connect_timeout)  # unreachable, refused: no study files
+    except KeyboardInterrupt:
+        print(f"interrupted while waiting for Ray{f' at {address}' if address else ''}; nothing was written",
+              file=sys.stderr)  # fmt: skip
+        return None
+    study.claim(resume=resume, cases=cases)  # only now the lock and study.json (a racing driver: refused)
     space = study.space
     try:
-        init_ray(address, num_cpus)
         _stop_on_sigterm(study)  # after ray.init, which installs its own SIGTERM handler
         print(f"{'resuming' if resume else 'running'} study {study.location} ({space.protocol}, rows: "
               f"{', '.join(space.arms)}; split {study.split_hash[:12]})", file=sys.stderr)  # fmt: skip

@@ -298,16 +298,25 @@ class StudyLock:
             UsageError: another live driver holds it (or a stale one, without ``takeover_stale``).
         """
         if not self.where.create(self._payload()):
-            holder = self.holder() or {}
-            if not self._mine(holder):
-                why = self.stale(holder)
-                if not (force or (why and takeover_stale)):
-                    hint = (f"it looks stale ({why}): --resume takes it over" if why else
-                            "if that driver is gone (its host lost), pass --force-unlock")  # fmt: skip
-                    raise UsageError(f"{self.location} is being run by another driver: {self.describe(holder)}; {hint}")
+            self.check_free(takeover_stale, force)
             self.where.replace(self._payload())
         self._thread = threading.Thread(target=self._beat, name="avn-study-lock", daemon=True)
         self._thread.start()
+
+    def check_free(self, takeover_stale: bool = False, force: bool = False) -> None:
+        """Refuse, writing nothing, if another driver holds the lock (as :meth:`acquire` would).
+
+        Raises:
+            UsageError: naming the holder, and how to take a stale or orphaned lock over.
+        """
+        holder = self.holder()
+        if holder is None or self._mine(holder):
+            return
+        why = self.stale(holder)
+        if not (force or (why and takeover_stale)):
+            hint = (f"it looks stale ({why}): --resume takes it over" if why else
+                    "if that driver is gone (its host lost), pass --force-unlock")  # fmt: skip
+            raise UsageError(f"{self.location} is being run by another driver: {self.describe(holder)}; {hint}")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

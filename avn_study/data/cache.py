@@ -52,7 +52,7 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "avn-study"
 
 
-_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC)  # ENOTDIR: a file on its path
 
 
 def unwritable_cache(cache_dir: Path, err: OSError) -> DataError | None:
