@@ -53,16 +53,20 @@ from avn_study.study_folder import (
     STAGE1_ALL,
     STAGE2,
     STAGE2_PLAN,
+    STAGE2_REPAIR,
     STAGES,
     TERMINATED,
     Stage1,
     StudyLock,
     check_name,
+    repair_folders,
     stage_folders,
     storage_error,
+    trial_folders,
     trial_statuses,
 )
 from avn_study.study_results import Selected, StudyResult, best_trial, read_trials, validated_patients
+from avn_study.vocabulary import DAMAGED
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -223,6 +227,38 @@ class Study:
             raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
                              f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
         self._freeze_inner(splits, cases, resume=True)
+        self._check_search_files()
+
+    def _check_search_files(self) -> None:
+        """Before a resume: every searcher state Ray would restore and Optuna's journal are whole, and the
+        journal holds the Optuna study of every search that has trials (a garbage or missing one would
+        make Ray or Optuna silently start that search again, past its budget).
+
+        Raises:
+            DamagedFile: naming the file, what was expected and a way out (exit 2).
+        """
+        from avn_study.study_check import DamagedFile, check_journal, check_searcher_state
+
+        if not self.space.search:
+            return  # no searcher, no journal
+        expected: list[str] = []
+        for run in self.stage1_runs():
+            folder = self.root / self._stage1_experiment(run)
+            if not any(folder.glob("experiment_state-*.json")):
+                continue  # never saved: the search starts afresh (and its abandoned trials are set aside)
+            if self.space.concurrent_rows or trial_folders(folder):
+                expected.append(run.optuna_study(self.name))
+        folders = {self.root / self._stage1_experiment(run) for run in self.stage1_runs()}
+        for folder in sorted(f for f in folders if any(f.glob("experiment_state-*.json"))):
+            states = sorted(folder.glob("searcher-state-*.pkl"))
+            if not states:
+                raise DamagedFile(folder, "has no searcher-state-*.pkl, expected Ray's saved searcher next to its "
+                                          "experiment state. Restore it from a copy, or start the study again "
+                                          "under another --name")  # fmt: skip
+            check_searcher_state(states[-1])
+            for state in sorted(folder.glob("search_gen_state-*.json"))[-1:]:
+                check_searcher_state(state)
+        check_journal(self.root / JOURNAL, expected)
 
     def _write_study(self, splits: Any, cases: list[Any]) -> None:
         self.store.start_fresh()
@@ -568,7 +604,8 @@ class Study:
             raise AvnError(f"stage 1 of row '{run.row}' has no finished trial with a {self.space.metric}; "
                            f"see {folder}")  # fmt: skip
         chosen = next(o for o in trials if o.trial_id == best)
-        patients = set().union(*(validated_patients(Path(o.path)) for o in trials))
+        # (a damaged trial validated on the same fold; its per-case files may be what is damaged)
+        patients = set().union(*(validated_patients(Path(o.path)) for o in trials if o.status != DAMAGED))
         config = {k: v for k, v in chosen.config.items() if not k.startswith("_")}
         return Selected(config, best, run.experiment, sorted(patients))
 
@@ -641,6 +678,63 @@ class Study:
 
         self._fit(STAGE2, make_tuner, param_space, resume)
 
+    def repair_stage2(self) -> None:
+        """Re-run the stage-2 trials of the plan whose folder is missing or damaged.
+
+        Every stage-2 trial folder (``stage2/``, ``stages/``, earlier ``stage2-repair-N/``) is checked
+        (:func:`~avn_study.study_check.trial_damage`); a damaged one is set aside as ``NAME.damaged-K``
+        (never deleted). The plan's entries that then have no trial folder that ended (TERMINATED or
+        ERROR: errored trials are not re-run, as ``--resume`` never re-runs them) run in a new Ray
+        experiment ``stage2-repair-N``, which the analysis reads like stage 2. Ray's own state of the
+        stage-2 experiment is not edited: a restored ``stage2/`` (or the RowSearch of ``stages/``)
+        would not run a trial it saved as finished again.
+        """
+        from ray import tune
+
+        from avn_study.study_check import read_plan, stage2_key, trial_damage, trial_key
+
+        plan = read_plan(self.root)
+        if plan is None:
+            return
+        holders = [p for p in (self.root / STAGE2, self.root / STAGES) if p.is_dir()] + repair_folders(self.root)
+        ended: set[tuple[str, int, int, int]] = set()
+        for experiment in holders:
+            statuses = trial_statuses(experiment)
+            for trial_dir in trial_folders(experiment):
+                key = trial_key(trial_dir)
+                damage = trial_damage(trial_dir, finished=statuses.get(trial_dir.name) == TERMINATED)
+                if damage and (key is not None or experiment.name != STAGES):
+                    self._set_aside(trial_dir, damage)
+                elif key is not None and statuses.get(trial_dir.name) in (TERMINATED, ERROR):
+                    ended.add(key)
+        missing = [e for e in plan if stage2_key(e) not in ended]
+        if not missing:
+            return
+        name = f"{STAGE2_REPAIR}-{len(repair_folders(self.root)) + 1}"
+        print(f"stage 2: {len(missing)} trial(s) of {STAGE2_PLAN} missing or damaged, re-run in {name}",
+              file=sys.stderr)  # fmt: skip
+        param_space = {"grid": tune.grid_search(missing), "_avn": self._meta(test=True)}
+
+        def make_tuner():
+            return tune.Tuner(
+                self._trainable(), param_space=param_space,
+                tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode,
+                                            max_concurrent_trials=self.max_concurrent or None,
+                                            trial_dirname_creator=_trial_dirname, reuse_actors=True),
+                run_config=self._run_config(name, "stage 2 (repair)", len(missing)),
+            )  # fmt: skip
+
+        self._fit(name, make_tuner, param_space, resume=False)
+
+    def _set_aside(self, trial_dir: Path, why: str) -> None:
+        """Move a damaged trial folder to ``NAME.damaged-K`` next to it (never deleted), saying why."""
+        k = 0
+        while trial_dir.with_name(f"{trial_dir.name}.damaged-{k}").exists():
+            k += 1
+        aside = trial_dir.with_name(f"{trial_dir.name}.damaged-{k}")
+        trial_dir.rename(aside)
+        print(f"warning: {why}; the trial is set aside as {aside} and runs again", file=sys.stderr)
+
     def run(self, resume: bool = False) -> StudyResult:
         """Every stage (after :meth:`prepare`); the lock is released at the end, however it ends."""
         try:
@@ -651,6 +745,8 @@ class Study:
                     self.run_stage1(run, resume)
                 if self.space.protocol in ABLATIONS:
                     self.run_stage2(resume)
+            if self.space.protocol in ABLATIONS:
+                self.repair_stage2()
             return self.result()
         finally:
             self.close()
