@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from avn_study.errors import UsageError
+from avn_study.errors import DataError, UsageError
 from avn_study.study_check import (
     DamagedFile,
     describe_entry,
@@ -391,6 +391,7 @@ def load_experiment(path: str | Path) -> Experiment:
     damaged: list[str] = []
     gone_stage2: list[str] = []  # trial folders Ray's state lists in experiments that hold stage 2
     damaged_keys: set[Any] = set()
+    unkeyed: list[int] = []  # damaged trials (in experiments holding stage 2) whose entry cannot be told
     for experiment in experiments:
         statuses = _statuses(experiment)
         gone = [
@@ -410,7 +411,10 @@ def load_experiment(path: str | Path) -> Experiment:
                 row, cases, history, tests = _read_trial(trial_dir, experiment.name, statuses.get(trial_dir.name))
             except DamagedFile as error:
                 damaged.append(f"{experiment.name}/{trial_dir.name}: {error.problem}")
-                damaged_keys.add(trial_key(trial_dir))  # named here, not again as missing from the plan
+                key = trial_key(trial_dir)  # named here, not again as missing from the plan
+                damaged_keys.add(key)
+                if key is None and not experiment.name.startswith(STAGE1_PREFIX):
+                    unkeyed.append(len(damaged) - 1)  # unreadable parameters: which entry is it?
                 continue
             trial_rows.append(row)
             case_rows += cases
@@ -418,14 +422,19 @@ def load_experiment(path: str | Path) -> Experiment:
             test_rows += tests
     trials = pd.DataFrame(trial_rows)
     if trials.empty:
+        if damaged:
+            raise DataError(f"{root}: every trial folder is damaged: {'; '.join(damaged)}")
         raise UsageError(f"{root}: no trial folders (*/params.json) found; has the sweep started?")
     cases = pd.DataFrame(case_rows)
     experiment = Experiment(
         root, manifest, trials, cases, pd.DataFrame(history_rows), test_cases=pd.DataFrame(test_rows)
     )
     experiment.selection = _selection(trials, cases)
-    experiment.damaged = damaged + (_missing_from_plan(root, trials, gone_stage2, damaged_keys)
-                                     if is_study(root) else [])  # fmt: skip
+    missing = _missing_from_plan(root, trials, gone_stage2, damaged_keys) if is_study(root) else []
+    for index in unkeyed:  # one trial, named once: its folder, and the plan entry it may have held
+        if missing and not missing[0].startswith(STAGE2_PLAN):
+            damaged[index] += f" (perhaps the trial of {missing.pop(0).split(': ')[0]})"
+    experiment.damaged = damaged + missing
     experiment.notes += _notes(experiment)
     return experiment
 
