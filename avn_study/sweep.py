@@ -248,7 +248,8 @@ class Study:
                 continue  # never saved: the search starts afresh (and its abandoned trials are set aside)
             if self.space.concurrent_rows or trial_folders(folder):
                 expected.append(run.optuna_study(self.name))
-        folders = {self.root / self._stage1_experiment(run) for run in self.stage1_runs()}
+        # an object store's mirror holds JSON only: Ray's pickled searcher states stay in the store, unchecked
+        folders = {self.root / self._stage1_experiment(run) for run in self.stage1_runs()} if not self.remote else {}
         for folder in sorted(f for f in folders if any(f.glob("experiment_state-*.json"))):
             states = sorted(folder.glob("searcher-state-*.pkl"))
             if not states:
