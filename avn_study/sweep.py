@@ -11,6 +11,7 @@ A study lives in ``STORAGE/NAME/``::
     stage1-<row>-outer<k>/  nested_ablation: the search of one row inside outer fold k
     stage2/               Ray Tune experiment: each row's best configuration on every reported fold x seed
     stages/               concurrent_rows: both stages of every row in one Ray experiment (Study.run_concurrent)
+    stage2-repair-<n>/    --resume: stage-2 trials re-run because theirs was missing or damaged (Study.repair_stage2)
 
 ``protocol: sweep`` runs stage 1 only. ``protocol: fair_ablation`` gives every row the same Optuna
 budget on the tuning fold (stage 1, early stopping allowed), then re-trains each row's best
@@ -249,7 +250,7 @@ class Study:
             if self.space.concurrent_rows or trial_folders(folder):
                 expected.append(run.optuna_study(self.name))
         # an object store's mirror holds JSON only: Ray's pickled searcher states stay in the store, unchecked
-        folders = {self.root / self._stage1_experiment(run) for run in self.stage1_runs()} if not self.remote else {}
+        folders = {self.root / self._stage1_experiment(run) for run in self.stage1_runs()} if not self.remote else set()
         for folder in sorted(f for f in folders if any(f.glob("experiment_state-*.json"))):
             states = sorted(folder.glob("searcher-state-*.pkl"))
             if not states:
@@ -728,12 +729,14 @@ class Study:
         self._fit(name, make_tuner, param_space, resume=False)
 
     def _set_aside(self, trial_dir: Path, why: str) -> None:
-        """Move a damaged trial folder to ``NAME.damaged-K`` next to it (never deleted), saying why."""
+        """Move a damaged trial folder to ``NAME.damaged-K`` next to it (never deleted; in the store too, for
+        an object-store ``--storage``), saying why."""
         k = 0
         while trial_dir.with_name(f"{trial_dir.name}.damaged-{k}").exists():
             k += 1
         aside = trial_dir.with_name(f"{trial_dir.name}.damaged-{k}")
-        trial_dir.rename(aside)
+        where = trial_dir.parent.name
+        self.store.abandon(f"{where}/{trial_dir.name}", f"{where}/{aside.name}")  # (in an object store too)
         print(f"warning: {why}; the trial is set aside as {aside} and runs again", file=sys.stderr)
 
     def run(self, resume: bool = False) -> StudyResult:
