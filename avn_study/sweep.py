@@ -120,12 +120,13 @@ class Study:
         from avn_study.config import TrainConfig
         from avn_study.data.slices import crop_warning
         from avn_study.engine import cohort_split, require_head_labels
+        from avn_study.study_check import read_json
 
         self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
         searched = self.space.searched_rows
         config = TrainConfig.from_flat(self.space.trial_config(searched[0]) if searched else self.space.fixed)
         frozen = self.root / SPLITS_COPY
-        cases, splits = cohort_split(self.data, config, frozen=json.loads(frozen.read_text())
+        cases, splits = cohort_split(self.data, config, frozen=read_json(frozen, "the study's frozen split")
                                      if resume and frozen.is_file() else None)  # fmt: skip
         self.splits = splits
         self.patients = {c.case_id: c.patient_id for c in cases}
@@ -220,7 +221,12 @@ class Study:
 
     def _check_resume(self, splits: Any, cases: list[Any]) -> None:
         self.store.pull_study()
-        stored = json.loads((self.root / MANIFEST).read_text())
+        from avn_study.study_check import DamagedFile, read_json
+
+        stored = read_json(self.root / MANIFEST, "the study's manifest")
+        if not isinstance(stored, dict) or not {"space", "split_hash"} <= set(stored):
+            raise DamagedFile(self.root / MANIFEST, "expected the study's manifest (a JSON object with space and "
+                                                    "split_hash)")  # fmt: skip
         if stored["space"] != self.space.raw:
             raise UsageError(f"--resume: {self.space.path} differs from the space this study was started with "
                              f"({self.root / SPACE_COPY}); resume with that file")  # fmt: skip

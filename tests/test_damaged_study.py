@@ -180,6 +180,13 @@ def test_resume_refuses_a_garbage_or_incomplete_journal(nested_experiment: Path,
     assert f"{state}: neither a pickle nor RowSearch's JSON state" in err, err
 
 
+def test_resume_refuses_a_damaged_manifest(smoke_experiment: Path, tmp_path: Path, capsys) -> None:
+    copy, space, cohort = _copy(smoke_experiment, tmp_path)
+    _truncate(copy / "study.json")
+    err = _refused(copy, space, cohort, capsys)
+    assert f"{copy / 'study.json'}: not valid JSON" in err and "the study's manifest" in err, err
+
+
 # ------------------------------------------------------------------------------------------- units
 def test_the_readers_refuse_what_the_sweep_did_not_write(tmp_path: Path) -> None:
     results = tmp_path / "result.json"
