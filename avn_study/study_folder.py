@@ -14,6 +14,8 @@ depends on the standard library only::
         driver.log                  Ray Tune's log records (errored trials' tracebacks, retries)
         stage1-<slug>[-outer<k>]/   a Ray Tune experiment per search; <slug> = slug(row)
         stage2/                     a Ray Tune experiment
+        stage2-repair-<n>/          --resume: re-runs of stage-2 trials whose folder or result was missing
+                                    or damaged (the damaged folder kept as trial_<id>.damaged-<k>)
         stages/                     concurrent_rows: every trial of both stages in one Ray experiment,
                                     told apart by ``_stage`` and ``_run`` in their parameters
             trial_<id>/params.json, result.json, resolved_config.json, error.txt,
@@ -49,6 +51,8 @@ STAGE1_ALL = "stage1"  # concurrent_rows, studies before 2026-11: every stage-1 
 STAGES = "stages"  # concurrent_rows: every trial of the study (both stages) in one Ray experiment
 STAGE2 = "stage2"
 NNUNET_CHECKPOINT = "checkpoint_latest.pth"  # an nnU-Net trial's checkpoint file (nnunet_trainer.save_state)
+STAGE2_REPAIR = "stage2-repair"  # --resume: stage-2 trials re-run because theirs was missing or damaged (-1, -2, ...)
+DAMAGED = ".damaged-"  # a damaged trial folder set aside by --resume: trial_<id>.damaged-N (never deleted)
 
 MAX_NAME = 100  # characters of a study name or a row's folder name (file systems allow 255 bytes)
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -158,6 +162,18 @@ def is_study(path: Path) -> bool:
 def stage_folders(root: Path) -> list[Path]:
     """The Ray experiments of a study, in name order (set-aside ``*.abandoned-N`` folders excluded)."""
     return sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("stage") and "." not in p.name)
+
+
+def trial_folders(experiment: Path) -> list[Path]:
+    """The trial folders of one Ray experiment (those with ``params.json``), in name order; folders that
+    ``--resume`` set aside as damaged (``*.damaged-N``) are not trials any more."""
+    return sorted(p.parent for p in Path(experiment).glob("*/params.json") if DAMAGED not in p.parent.name)
+
+
+def repair_folders(root: Path) -> list[Path]:
+    """The study's ``stage2-repair-N`` experiments, in order of N."""
+    found = [p for p in Path(root).glob(f"{STAGE2_REPAIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def merge_grid(config: dict[str, Any]) -> dict[str, Any]:

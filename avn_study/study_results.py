@@ -18,9 +18,11 @@ from avn_study.study_folder import (
     epoch_history,
     merge_grid,
     per_case_file,
+    trial_folders,
     trial_status,
     trial_statuses,
 )
+from avn_study.vocabulary import DAMAGED
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,10 @@ def best_trial(candidates: list[tuple], mode: str) -> str | None:
 
 def validated_patients(trial_dir: Path) -> set[str]:
     """Patients in a trial's per-case validation files (any epoch: a trial validates on one fixed set)."""
+    from avn_study.study_check import read_per_case
+
     files = sorted((trial_dir / per_case_file(0)).parent.glob("epoch_*.json"))
-    return {str(case["patient"]) for case in json.loads(files[-1].read_text())} if files else set()
+    return {str(case["patient"]) for case in read_per_case(files[-1])} if files else set()
 
 
 @dataclass
@@ -62,7 +66,7 @@ class TrialOutcome:
     trial_id: str | None  # None: a row that chose nothing (nnU-Net)
     row: str
     stage: int
-    status: str  # TERMINATED | ERROR
+    status: str  # TERMINATED | ERROR | DAMAGED (a file that is not what the sweep wrote; ``error`` says which)
     path: str
     metric: float | None
     epochs: int
@@ -94,15 +98,29 @@ def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome
     """Trials of one Ray experiment folder from JSON and text files only (no pickle is opened).
 
     A trial's status is Ray's (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` for an interrupted
-    run); ``error`` holds ``error.txt``, which also survives a failure that a retry later recovered.
+    run); ``error`` holds ``error.txt``, which also survives a failure that a retry later recovered. A
+    trial whose files are damaged (:func:`~avn_study.study_check.trial_damage`) is ``DAMAGED``, with
+    what is wrong in ``error``: it is never chosen, and ``--resume`` re-runs it in stage 2.
     """
+    from avn_study.study_check import read_results, trial_damage
+
     statuses = trial_statuses(experiment)
     outcomes = []
-    for params in sorted(experiment.glob("*/params.json")):
-        trial_dir = params.parent
-        config = json.loads(params.read_text())
-        lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
-        results = epoch_history([json.loads(line) for line in lines if line.strip()])
+    for trial_dir in trial_folders(experiment):
+        damage = trial_damage(trial_dir, finished=statuses.get(trial_dir.name) == TERMINATED)
+        if damage:
+            try:
+                merged = merge_grid(json.loads((trial_dir / "params.json").read_text()))
+            except (ValueError, TypeError, AttributeError):
+                merged = {}
+            outcomes.append(TrialOutcome(trial_id=trial_dir.name.removeprefix("trial_"),
+                                         row=str(merged.get("_row", "?")), stage=int(merged.get("_stage", 1)),
+                                         status=DAMAGED, path=str(trial_dir), metric=None, epochs=0, config=merged,
+                                         error=damage))  # fmt: skip
+            continue
+        config = json.loads((trial_dir / "params.json").read_text())
+        result_file = trial_dir / "result.json"
+        results = epoch_history(read_results(result_file) if result_file.is_file() else [])
         last = results[-1] if results else {}
         error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else ""
         merged = merge_grid(config)

@@ -11,6 +11,7 @@ A study lives in ``STORAGE/NAME/``::
     stage1-<row>-outer<k>/  nested_ablation: the search of one row inside outer fold k
     stage2/               Ray Tune experiment: each row's best configuration on every reported fold x seed
     stages/               concurrent_rows: both stages of every row in one Ray experiment (Study.run_concurrent)
+    stage2-repair-<n>/    --resume: stage-2 trials re-run because theirs was missing or damaged (Study.repair_stage2)
 
 ``protocol: sweep`` runs stage 1 only. ``protocol: fair_ablation`` gives every row the same Optuna
 budget on the tuning fold (stage 1, early stopping allowed), then re-trains each row's best
@@ -53,16 +54,20 @@ from avn_study.study_folder import (
     STAGE1_ALL,
     STAGE2,
     STAGE2_PLAN,
+    STAGE2_REPAIR,
     STAGES,
     TERMINATED,
     Stage1,
     StudyLock,
     check_name,
+    repair_folders,
     stage_folders,
     storage_error,
+    trial_folders,
     trial_statuses,
 )
 from avn_study.study_results import Selected, StudyResult, best_trial, read_trials, validated_patients
+from avn_study.vocabulary import DAMAGED
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -124,13 +129,14 @@ class Study:
         from avn_study.config import TrainConfig
         from avn_study.data.slices import crop_warning
         from avn_study.engine import cohort_split, require_head_labels
+        from avn_study.study_check import read_json
 
         self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
         self._check_not_running(resume)  # a live driver too (read only: the lock is taken once Ray is up)
         searched = self.space.searched_rows
         config = TrainConfig.from_flat(self.space.trial_config(searched[0]) if searched else self.space.fixed)
         frozen = self.root / SPLITS_COPY
-        cases, splits = cohort_split(self.data, config, frozen=json.loads(frozen.read_text())
+        cases, splits = cohort_split(self.data, config, frozen=read_json(frozen, "the study's frozen split")
                                      if resume and frozen.is_file() else None)  # fmt: skip
         self.splits = splits
         self.patients = {c.case_id: c.patient_id for c in cases}
@@ -244,7 +250,12 @@ class Study:
 
     def _check_resume(self, splits: Any, cases: list[Any]) -> None:
         self.store.pull_study()
-        stored = json.loads((self.root / MANIFEST).read_text())
+        from avn_study.study_check import DamagedFile, read_json
+
+        stored = read_json(self.root / MANIFEST, "the study's manifest")
+        if not isinstance(stored, dict) or not {"space", "split_hash"} <= set(stored):
+            raise DamagedFile(self.root / MANIFEST, "expected the study's manifest (a JSON object with space and "
+                                                    "split_hash)")  # fmt: skip
         if stored["space"] != self.space.raw:
             raise UsageError(f"--resume: {self.space.path} differs from the space this study was started with "
                              f"({self.root / SPACE_COPY}); resume with that file")  # fmt: skip
@@ -252,6 +263,39 @@ class Study:
             raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
                              f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
         self._freeze_inner(splits, cases, resume=True)
+        self._check_search_files()
+
+    def _check_search_files(self) -> None:
+        """Before a resume: every searcher state Ray would restore and Optuna's journal are whole, and the
+        journal holds the Optuna study of every search that has trials (a garbage or missing one would
+        make Ray or Optuna silently start that search again, past its budget).
+
+        Raises:
+            DamagedFile: naming the file, what was expected and a way out (exit 2).
+        """
+        from avn_study.study_check import DamagedFile, check_journal, check_searcher_state
+
+        if not self.space.search:
+            return  # no searcher, no journal
+        expected: list[str] = []
+        for run in self.stage1_runs():
+            folder = self.root / self._stage1_experiment(run)
+            if not any(folder.glob("experiment_state-*.json")):
+                continue  # never saved: the search starts afresh (and its abandoned trials are set aside)
+            if self.space.concurrent_rows or trial_folders(folder):
+                expected.append(run.optuna_study(self.name))
+        # an object store's mirror holds JSON only: Ray's pickled searcher states stay in the store, unchecked
+        folders = {self.root / self._stage1_experiment(run) for run in self.stage1_runs()} if not self.remote else set()
+        for folder in sorted(f for f in folders if any(f.glob("experiment_state-*.json"))):
+            states = sorted(folder.glob("searcher-state-*.pkl"))
+            if not states:
+                raise DamagedFile(folder, "has no searcher-state-*.pkl, expected Ray's saved searcher next to its "
+                                          "experiment state. Restore it from a copy, or start the study again "
+                                          "under another --name")  # fmt: skip
+            check_searcher_state(states[-1])
+            for state in sorted(folder.glob("search_gen_state-*.json"))[-1:]:
+                check_searcher_state(state)
+        check_journal(self.root / JOURNAL, expected)
 
     def _write_study(self, splits: Any, cases: list[Any]) -> None:
         self.store.start_fresh()
@@ -597,7 +641,8 @@ class Study:
             raise AvnError(f"stage 1 of row '{run.row}' has no finished trial with a {self.space.metric}; "
                            f"see {folder}")  # fmt: skip
         chosen = next(o for o in trials if o.trial_id == best)
-        patients = set().union(*(validated_patients(Path(o.path)) for o in trials))
+        # (a damaged trial validated on the same fold; its per-case files may be what is damaged)
+        patients = set().union(*(validated_patients(Path(o.path)) for o in trials if o.status != DAMAGED))
         config = {k: v for k, v in chosen.config.items() if not k.startswith("_")}
         return Selected(config, best, run.experiment, sorted(patients))
 
@@ -670,6 +715,65 @@ class Study:
 
         self._fit(STAGE2, make_tuner, param_space, resume)
 
+    def repair_stage2(self) -> None:
+        """Re-run the stage-2 trials of the plan whose folder is missing or damaged.
+
+        Every stage-2 trial folder (``stage2/``, ``stages/``, earlier ``stage2-repair-N/``) is checked
+        (:func:`~avn_study.study_check.trial_damage`); a damaged one is set aside as ``NAME.damaged-K``
+        (never deleted). The plan's entries that then have no trial folder that ended (TERMINATED or
+        ERROR: errored trials are not re-run, as ``--resume`` never re-runs them) run in a new Ray
+        experiment ``stage2-repair-N``, which the analysis reads like stage 2. Ray's own state of the
+        stage-2 experiment is not edited: a restored ``stage2/`` (or the RowSearch of ``stages/``)
+        would not run a trial it saved as finished again.
+        """
+        from ray import tune
+
+        from avn_study.study_check import read_plan, stage2_key, trial_damage, trial_key
+
+        plan = read_plan(self.root)
+        if plan is None:
+            return
+        holders = [p for p in (self.root / STAGE2, self.root / STAGES) if p.is_dir()] + repair_folders(self.root)
+        ended: set[tuple[str, int, int, int]] = set()
+        for experiment in holders:
+            statuses = trial_statuses(experiment)
+            for trial_dir in trial_folders(experiment):
+                key = trial_key(trial_dir)
+                damage = trial_damage(trial_dir, finished=statuses.get(trial_dir.name) == TERMINATED)
+                if damage and (key is not None or experiment.name != STAGES):
+                    self._set_aside(trial_dir, damage)
+                elif key is not None and statuses.get(trial_dir.name) in (TERMINATED, ERROR):
+                    ended.add(key)
+        missing = [e for e in plan if stage2_key(e) not in ended]
+        if not missing:
+            return
+        name = f"{STAGE2_REPAIR}-{len(repair_folders(self.root)) + 1}"
+        print(f"stage 2: {len(missing)} trial(s) of {STAGE2_PLAN} missing or damaged, re-run in {name}",
+              file=sys.stderr)  # fmt: skip
+        param_space = {"grid": tune.grid_search(missing), "_avn": self._meta(test=True)}
+
+        def make_tuner():
+            return tune.Tuner(
+                self._trainable(), param_space=param_space,
+                tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode,
+                                            max_concurrent_trials=self.max_concurrent or None,
+                                            trial_dirname_creator=_trial_dirname, reuse_actors=True),
+                run_config=self._run_config(name, "stage 2 (repair)", len(missing)),
+            )  # fmt: skip
+
+        self._fit(name, make_tuner, param_space, resume=False)
+
+    def _set_aside(self, trial_dir: Path, why: str) -> None:
+        """Move a damaged trial folder to ``NAME.damaged-K`` next to it (never deleted; in the store too, for
+        an object-store ``--storage``), saying why."""
+        k = 0
+        while trial_dir.with_name(f"{trial_dir.name}.damaged-{k}").exists():
+            k += 1
+        aside = trial_dir.with_name(f"{trial_dir.name}.damaged-{k}")
+        where = trial_dir.parent.name
+        self.store.abandon(f"{where}/{trial_dir.name}", f"{where}/{aside.name}")  # (in an object store too)
+        print(f"warning: {why}; the trial is set aside as {aside} and runs again", file=sys.stderr)
+
     def run(self, resume: bool = False) -> StudyResult:
         """Every stage (after :meth:`prepare`); the lock is released at the end, however it ends."""
         try:
@@ -680,6 +784,8 @@ class Study:
                     self.run_stage1(run, resume)
                 if self.space.protocol in ABLATIONS:
                     self.run_stage2(resume)
+            if self.space.protocol in ABLATIONS:
+                self.repair_stage2()
             return self.result()
         finally:
             self.close()

@@ -106,4 +106,5 @@ TRIAL_METRICS: dict[str, TrialMetric] = {
 
 # Trial statuses in a study's tables (Ray Tune's TERMINATED and ERROR, and ours for a trial cut short).
 TERMINATED, ERROR, INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
-TRIAL_STATUSES = (TERMINATED, ERROR, INCOMPLETE)
+DAMAGED = "DAMAGED"  # a trial whose files are not what the sweep wrote (avn_study.study_check)
+TRIAL_STATUSES = (TERMINATED, ERROR, INCOMPLETE, DAMAGED)

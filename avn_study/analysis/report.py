@@ -111,10 +111,25 @@ def analyze(path: str | Path, reference: str | None = None, metric: str | None =
     if psnr_capped:
         warnings.append(f"{psnr_capped} case(s) had a perfect reconstruction (PSNR +inf); they count as "
                         f"{stats.PSNR_CAP_DB:.1f} dB (a one-ulp float32 error)")  # fmt: skip
-    importance = parameter_importance(experiment.root, experiment.manifest, experiment.rows)
+    importance = _importance(experiment, warnings)
     return Analysis(experiment, shown_reference, metric, ablation, comparison, spread, importance, warnings,
                     test_ablation=test_ablation, test_comparison=test_comparison, primary=primary, alpha=alpha,
                     compute=row_compute(experiment))  # fmt: skip
+
+
+def _importance(experiment: Experiment, warnings: list[str]) -> pd.DataFrame:
+    """Parameter importance from the study's Optuna journal, checked first: a damaged journal is a warning
+    (the rest of the report stands), not Optuna's traceback."""
+    from avn_study.analysis.importance import COLUMNS
+    from avn_study.study_check import DamagedFile, check_journal
+    from avn_study.study_folder import JOURNAL
+
+    try:
+        check_journal(experiment.root / JOURNAL, [])
+    except DamagedFile as error:
+        warnings.append(f"{error.path}: {error.problem.split('. ')[0]}; parameter importance is not computed")
+        return pd.DataFrame(columns=COLUMNS)
+    return parameter_importance(experiment.root, experiment.manifest, experiment.rows)
 
 
 def _design_warnings(comparison: pd.DataFrame, alpha: float) -> list[str]:
@@ -453,7 +468,8 @@ def summary_markdown(analysis: Analysis, figures: Path) -> str:
     parts = [
         f"# Ablation report: {exp.manifest.get('name', exp.root.name)}",
         f"Experiment `{exp.root}` ({exp.protocol}); split {split}; statistics on {len(evaluated)} finished "
-        f"trial(s) of stage {', '.join(map(str, sorted(set(evaluated['stage']))))}.",
+        f"trial(s) of stage {', '.join(map(str, sorted(set(evaluated['stage']))))}; "
+        f"{len(exp.damaged)} damaged or missing trial(s) excluded" + (" (**see Warnings**)." if exp.damaged else "."),
         "\n\n".join(protocol_lines(analysis)),
         "## Questions" if not analysis.tuning_only else "## Questions (tuning results: no verdicts)",
         f"The study's {'declared' if analysis.primary else 'exploratory (not declared)'} contrasts on per-patient "

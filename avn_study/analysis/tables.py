@@ -35,10 +35,21 @@ from typing import Any
 
 import pandas as pd
 
-from avn_study.errors import UsageError
+from avn_study.errors import DataError, UsageError
+from avn_study.study_check import (
+    DamagedFile,
+    describe_entry,
+    read_per_case,
+    read_plan,
+    read_results,
+    stage2_key,
+    trial_key,
+)
 from avn_study.study_folder import (
     ERROR,
     MANIFEST,
+    STAGE1_PREFIX,
+    STAGE2_PLAN,
     TERMINATED,
     calibration_file,
     epoch_history,
@@ -47,6 +58,7 @@ from avn_study.study_folder import (
     overlay_file,
     per_case_file,
     stage_folders,
+    trial_folders,
     trial_status,
     trial_statuses,
 )
@@ -75,6 +87,8 @@ class Experiment:
     notes: list[str] = field(default_factory=list)
     test_cases: pd.DataFrame = field(default_factory=pd.DataFrame)
     selection: dict[str, frozenset[str]] = field(default_factory=dict)  # stage-2 trial id -> patients
+    # damaged or missing trials, one line each (the trial, the file, what was expected): not in the tables
+    damaged: list[str] = field(default_factory=list)
 
     @property
     def metric(self) -> str:
@@ -232,21 +246,6 @@ def _json(path: Path, what: str) -> Any:
         raise UsageError(f"{path}: not valid JSON ({error}); expected Ray Tune's {what}") from None
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # a driver killed mid-write leaves a torn last line; anything earlier is corruption
-            if number < len(lines):
-                raise UsageError(f"{path}, line {number}: not valid JSON; the results file is damaged") from None
-    return records
-
-
 def _statuses(experiment: Path) -> dict[str, str]:
     try:
         return trial_statuses(experiment)
@@ -298,7 +297,7 @@ def _read_trial(
 ) -> tuple[dict, list[dict], list[dict], list[dict]]:
     """(trial row, case rows, history rows, test-case rows) of one trial folder."""
     merged = merge_grid(_json(trial_dir / "params.json", "trial parameters"))
-    results = epoch_history(_json_lines(trial_dir / "result.json")) if (trial_dir / "result.json").is_file() else []
+    results = epoch_history(read_results(trial_dir / "result.json")) if (trial_dir / "result.json").is_file() else []
     config = trial_config(trial_dir, merged)
     error = (trial_dir / "error.txt").read_text() if (trial_dir / "error.txt").is_file() else ""
     last = results[-1] if results else {}
@@ -363,9 +362,7 @@ def _case_rows(path: Path, identity: dict[str, Any]) -> list[dict]:
     if not path.is_file():
         return []
     drop = {*IDENTITY, "split_hash", "data_fingerprint", "node_id", "hostname", "n_parameters"}
-    return [
-        {**identity, **{k: v for k, v in case.items() if k not in drop}} for case in _json(path, "per-case metrics")
-    ]
+    return [{**identity, **{k: v for k, v in case.items() if k not in drop}} for case in read_per_case(path)]
 
 
 def _finite(value: Any) -> bool:
@@ -381,30 +378,83 @@ def load_experiment(path: str | Path) -> Experiment:
     """Read a study folder (or one Ray experiment folder) into tidy tables; see the module docstring.
 
     Errored and unfinished trials stay in ``trials`` with their status and reason; :attr:`Experiment.notes`
-    says how many there are and that statistics leave them out.
+    says how many there are and that statistics leave them out. A trial whose files are damaged
+    (:func:`~avn_study.study_check.trial_damage`), and a stage-2 trial that ``stage2_plan.json`` lists
+    but no folder holds, is in no table: :attr:`Experiment.damaged` names each with what was expected,
+    and a note says the statistics exclude them.
     """
+    from avn_study.study_check import trial_damage
+
     root = Path(path)
     manifest, experiments = experiment_folders(root)
     trial_rows, case_rows, history_rows, test_rows = [], [], [], []
+    damaged: list[str] = []
+    gone_stage2: list[str] = []  # trial folders Ray's state lists in experiments that hold stage 2
+    damaged_keys: set[Any] = set()
+    unkeyed: list[int] = []  # damaged trials (in experiments holding stage 2) whose entry cannot be told
     for experiment in experiments:
         statuses = _statuses(experiment)
-        for params in sorted(experiment.glob("*/params.json")):
-            trial_dir = params.parent
-            row, cases, history, tests = _read_trial(trial_dir, experiment.name, statuses.get(trial_dir.name))
+        gone = [
+            f"{experiment.name}/{name}"
+            for name in sorted(statuses)
+            if not (experiment / name / "params.json").is_file() and not any(experiment.glob(f"{name}.damaged-*"))
+        ]
+        if experiment.name.startswith(STAGE1_PREFIX):  # (a stage-2 trial's absence is found against the plan)
+            damaged += [f"{name}: listed by Ray's experiment state, but its folder is gone" for name in gone]
+        else:
+            gone_stage2 += gone
+        for trial_dir in trial_folders(experiment):
+            damage = trial_damage(trial_dir, finished=statuses.get(trial_dir.name) == TERMINATED)
+            try:
+                if damage:
+                    raise DamagedFile(trial_dir, damage)
+                row, cases, history, tests = _read_trial(trial_dir, experiment.name, statuses.get(trial_dir.name))
+            except DamagedFile as error:
+                damaged.append(f"{experiment.name}/{trial_dir.name}: {error.problem}")
+                key = trial_key(trial_dir)  # named here, not again as missing from the plan
+                damaged_keys.add(key)
+                if key is None and not experiment.name.startswith(STAGE1_PREFIX):
+                    unkeyed.append(len(damaged) - 1)  # unreadable parameters: which entry is it?
+                continue
             trial_rows.append(row)
             case_rows += cases
             history_rows += history
             test_rows += tests
     trials = pd.DataFrame(trial_rows)
     if trials.empty:
+        if damaged:
+            raise DataError(f"{root}: every trial folder is damaged: {'; '.join(damaged)}")
         raise UsageError(f"{root}: no trial folders (*/params.json) found; has the sweep started?")
     cases = pd.DataFrame(case_rows)
     experiment = Experiment(
         root, manifest, trials, cases, pd.DataFrame(history_rows), test_cases=pd.DataFrame(test_rows)
     )
     experiment.selection = _selection(trials, cases)
+    missing = _missing_from_plan(root, trials, gone_stage2, damaged_keys) if is_study(root) else []
+    for index in unkeyed:  # one trial, named once: its folder, and the plan entry it may have held
+        if missing and not missing[0].startswith(STAGE2_PLAN):
+            damaged[index] += f" (perhaps the trial of {missing.pop(0).split(': ')[0]})"
+    experiment.damaged = damaged + missing
     experiment.notes += _notes(experiment)
     return experiment
+
+
+def _missing_from_plan(root: Path, trials: pd.DataFrame, gone: list[str], damaged: set[Any]) -> list[str]:
+    """Entries of ``stage2_plan.json`` that no stage-2 trial folder holds (or the plan's own damage);
+    ``gone``: trial folders that Ray's state lists in the experiments holding stage 2, named with them;
+    ``damaged``: keys of damaged trial folders, already named."""
+    try:
+        plan = read_plan(root)
+    except DamagedFile as error:
+        return [f"{error.path.name}: {error.problem}; stage 2 cannot be checked for completeness"]
+    if plan is None:
+        return []
+    stage2 = trials[trials["stage"] == 2]
+    have = {(str(t.row), int(t.fold), int(t.run_seed), int(t.repeat)) for t in stage2.itertuples()} | damaged
+    where = f" (Ray's experiment state lists trial folders that are gone: {', '.join(gone)})" if gone else ""
+    return [f"stage 2 {describe_entry(e)} (entry {i} of {STAGE2_PLAN}): no trial folder holds it{where}; "
+            "expected a stage-2 trial (`avn-study sweep ... --resume` runs it)"
+            for i, e in enumerate(plan) if stage2_key(e) not in have]  # fmt: skip
 
 
 def _selection(trials: pd.DataFrame, cases: pd.DataFrame) -> dict[str, frozenset[str]]:
@@ -428,6 +478,10 @@ def _selection(trials: pd.DataFrame, cases: pd.DataFrame) -> dict[str, frozenset
 
 def _notes(experiment: Experiment) -> list[str]:
     notes = []
+    if experiment.damaged:
+        notes.append(f"{len(experiment.damaged)} damaged or missing trial(s) are excluded from the statistics "
+                     "(`avn-study sweep ... --resume` re-runs stage-2 ones): "
+                     f"{'; '.join(experiment.damaged)}")  # fmt: skip
     trials = experiment.trials
     errored = trials[trials["status"] == ERROR]
     if len(errored):
