@@ -99,7 +99,7 @@ class OptimConfig:
     batch_size: int = 16
     lr: float = 1e-3  # AdamW learning rate, cosine-annealed to lr * 0.01
     weight_decay: float = 1e-4
-    schedule: str = "auto"  # loss schedule (avn_study.schedules); auto: recon_dependent with recon, else constant
+    schedule: str = "auto"  # loss schedule (training.schedules); auto: recon_dependent with recon, else constant
     schedule_params: dict[str, Any] = field(default_factory=dict)  # the schedule's own parameters
     seg_dice_weight: float = 0.5  # seg loss = w * soft Dice + (1 - w) * BCE
     recon_kind: str = "l1"  # l1 | mse
@@ -165,7 +165,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optim.schedule == "auto":  # the default follows the arm (a frozen field, set once here)
             object.__setattr__(self.optim, "schedule", default_schedule(self.model.arm))
-        from avn_study.schedules import create_schedule  # (late: schedules import torch)
+        from avn_study.training.schedules import create_schedule  # (late: schedules import torch)
 
         # the schedule's name, its parameters and the branches it needs, checked now rather than in a trial
         create_schedule(self.optim.schedule, ARMS[self.model.arm].branches or ("seg",), **self.optim.schedule_params)

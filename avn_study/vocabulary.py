@@ -51,7 +51,7 @@ ARMS: dict[str, Arm] = {
 
 # Rows run by another tool: nnU-Net v2 (the optional extra ``avn-study[nnunet]``), arm -> nnU-Net configuration.
 # It configures itself, so such a row has no stage-1 search: it is trained in stage 2 on the same folds and
-# seeds and scored by our metrics (avn_study.nnunet).
+# seeds and scored by our metrics (avn_study.baselines.nnunet.run).
 NNUNET_ARMS: dict[str, str] = {"nnunet_2d": "2d", "nnunet_3d_fullres": "3d_fullres"}
 NNUNET_QUESTION = "nnU-Net v2, self-configuring, on the same folds and scored by the same code: the reviewer's baseline"
 
@@ -71,7 +71,7 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Metrics, each with its direction ("max": higher is better). Per-case metrics (avn_study.metrics.case_metrics,
+# Metrics, each with its direction ("max": higher is better). Per-case metrics (avn_study.metrics.case.case_metrics,
 # the statistics of the report) and trial-level ones (what a trial reports to Tune; a space may tune on the
 # ``tunable`` ones, ``full_only`` ones exist only on full validations, see RuntimeConfig.full_metrics_every).
 CASE_METRICS: dict[str, str] = {
@@ -106,5 +106,5 @@ TRIAL_METRICS: dict[str, TrialMetric] = {
 
 # Trial statuses in a study's tables (Ray Tune's TERMINATED and ERROR, and ours for a trial cut short).
 TERMINATED, ERROR, INCOMPLETE = "TERMINATED", "ERROR", "INCOMPLETE"
-DAMAGED = "DAMAGED"  # a trial whose files are not what the sweep wrote (avn_study.study_check)
+DAMAGED = "DAMAGED"  # a trial whose files are not what the sweep wrote (avn_study.study.check)
 TRIAL_STATUSES = (TERMINATED, ERROR, INCOMPLETE, DAMAGED)

@@ -83,7 +83,7 @@ def ray_2cpus():
     """A local Ray with 2 CPUs for one test module (shut down after it, so other modules can start a cluster)."""
     import ray
 
-    from avn_study.sweep import init_ray
+    from avn_study.study.driver import init_ray
 
     init_ray(None, num_cpus=2)
     yield ray
@@ -139,7 +139,7 @@ def nested_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import subprocess
     import sys
 
-    from avn_study.cli import main
+    from avn_study.cli.commands import main
     from avn_study.data.phantom import PhantomConfig, write_cohort
 
     work = tmp_path_factory.mktemp("nested")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from avn_study.bench import bench_data, bench_train
+from avn_study.bench.benches import bench_data, bench_train
 from avn_study.vocabulary import ARMS
 
 
@@ -31,7 +31,7 @@ def test_bench_gpu_without_cuda_is_a_usage_error(tmp_path: Path, capsys) -> None
     import pytest
     import torch
 
-    from avn_study.cli import main
+    from avn_study.cli.commands import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal path does not apply")
@@ -41,7 +41,7 @@ def test_bench_gpu_without_cuda_is_a_usage_error(tmp_path: Path, capsys) -> None
 
 def test_bench_calibrate_smoke(tmp_path: Path) -> None:
     """Every row alike on one cohort, plus the shortcut that knows where the head is."""
-    from avn_study.calibrate import ROWS, calibrate, table_rows
+    from avn_study.bench.calibrate import ROWS, calibrate, table_rows
 
     rows = {row: ROWS[row] for row in ("unet", "unet/wide", "cascade")}
     summary = {s["row"]: s for s in calibrate(tmp_path, cases=6, epochs=1, rows=rows, tiny=True)}
@@ -57,7 +57,7 @@ def test_bench_calibrate_smoke(tmp_path: Path) -> None:
 
 
 def test_loop_profile_times_every_stage_outside_the_model(tmp_path: Path) -> None:
-    from avn_study.loop_profile import STAGES, profile_loop, profile_rows
+    from avn_study.bench.loop_profile import STAGES, profile_loop, profile_rows
 
     p = profile_loop(tmp_path, cases=4, size=64, epochs=1, base_channels=4, depth=2, tiny=True, n_folds=2)
     assert set(p["ms_per_slice"]) == set(STAGES) and all(ms > 0 for ms in p["ms_per_slice"].values())
@@ -79,7 +79,7 @@ def test_bench_cluster_runs_both_schedulings_of_the_real_study(tmp_path: Path) -
              "inplane_spacing_mm": 4.0, "schedule_params": {}}, "scheduler": {"type": "asha", "grace_period": 1,
              "reduction_factor": 3}}  # fmt: skip
     code = (
-        "import json, sys; from pathlib import Path; from avn_study.bench_cluster import bench_cluster; "
+        "import json, sys; from pathlib import Path; from avn_study.bench.cluster import bench_cluster; "
         f"print(json.dumps(bench_cluster(Path(sys.argv[1]), gpus=2, per_gpu=2, epoch_s=0.02, shape={shape!r})))"
     )
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600)
@@ -92,7 +92,7 @@ def test_bench_cluster_runs_both_schedulings_of_the_real_study(tmp_path: Path) -
     assert (tmp_path / "storage" / "cluster-concurrent" / "stages").is_dir()
     # ablation.yaml gives every seed its own search
     assert (tmp_path / "storage" / "cluster-sequential" / "stage1-seg-loc-outer0-seed0").is_dir()
-    from avn_study.bench_cluster import cluster_rows
+    from avn_study.bench.cluster import cluster_rows
 
     rows = cluster_rows(results)
     assert [r[0] for r in rows[-2:]] == ["concurrent rows vs one row at a time",
@@ -101,7 +101,7 @@ def test_bench_cluster_runs_both_schedulings_of_the_real_study(tmp_path: Path) -
 
 
 def test_bench_cluster_rows_say_whether_the_target_is_met() -> None:
-    from avn_study.bench_cluster import cluster_rows
+    from avn_study.bench.cluster import cluster_rows
 
     def result(name: str, wall: float, use: float) -> dict:
         return {
@@ -125,9 +125,9 @@ def test_the_cluster_model_bounds_the_scheduling(tmp_path: Path) -> None:
     stage 2 is a smaller share); the model is seeded."""
     import yaml
 
-    from avn_study.bench_cluster import model_utilisation
+    from avn_study.bench.cluster import model_utilisation
     from avn_study.resources import shipped_space
-    from avn_study.space import load_space
+    from avn_study.study.space import load_space
 
     raw = yaml.safe_load(shipped_space("ablation").read_text())
     raw["fixed"] = {**raw["fixed"], "epochs": 20}
@@ -162,8 +162,8 @@ def test_the_cluster_model_bounds_the_scheduling(tmp_path: Path) -> None:
 
 def test_bench_cluster_flags_choose_the_schedulings_and_the_folds(monkeypatch, capsys) -> None:
     """``--scheduling`` and ``--outer-folds`` reach bench_cluster (which is replaced: the flags are tested)."""
-    import avn_study.bench_cluster as bench_cluster
-    from avn_study.cli import main
+    import avn_study.bench.cluster as bench_cluster
+    from avn_study.cli.commands import main
 
     calls = []
 

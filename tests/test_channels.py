@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_predict import ARCH
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.data.cache import build_cache
 from avn_study.data.verify import verify_dataset
 from avn_study.errors import DataError
@@ -50,8 +50,8 @@ def test_a_two_channel_cohort_is_verified_cached_and_sliced(two_channel: Path, t
 
 def test_training_follows_the_cohorts_channels(two_channel: Path, tmp_path: Path) -> None:
     from avn_study.config import TrainConfig
-    from avn_study.engine import prepare_data
-    from avn_study.training import TrainingRun
+    from avn_study.training.engine import prepare_data
+    from avn_study.training.run import TrainingRun
 
     config = TrainConfig.from_flat({**BASE, "arm": "seg+recon+loc"})
     data = prepare_data(two_channel, config, tmp_path / "cache", tmp_path / "splits.json")
@@ -82,9 +82,9 @@ def test_layout_problems_of_channels_are_named(two_channel: Path, tmp_path: Path
 
 
 def _bundle(out: Path) -> Path:
-    from avn_study.bundle import write_bundle
+    from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.engine import build_model
+    from avn_study.training.engine import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none", "in_channels": 2})
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def _bundle(out: Path) -> Path:
 
 
 def test_predict_reads_every_channel_of_a_case(two_channel: Path, tmp_path: Path, capsys) -> None:
-    from avn_study.bundle import load_bundle
+    from avn_study.bundle.format import load_bundle
 
     bundle = _bundle(tmp_path / "bundle")
     assert load_bundle(bundle).channels == ["T1", "STIR"]
@@ -136,9 +136,9 @@ def test_evaluate_matches_channels_by_name(two_channel: Path, tmp_path: Path, ca
 
 def test_onnx_of_a_two_channel_model_takes_two_channels(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from avn_study.bundle.onnx import export_onnx
     from avn_study.config import TrainConfig
-    from avn_study.engine import build_model
-    from avn_study.onnx_export import export_onnx
+    from avn_study.training.engine import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "unet", "in_channels": 2})
     info = export_onnx(build_model(config).eval(), tmp_path / "m.onnx", 64, channels=2)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from avn_study.checkpoint import MODEL_FILE, load_config, load_training_state, load_weights, save_checkpoint
 from avn_study.errors import DataError
+from avn_study.training.checkpoint import MODEL_FILE, load_config, load_training_state, load_weights, save_checkpoint
 
 
 def test_round_trip_of_nested_training_state(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_bad_usage_exits_2(argv: list[str], fragment: str, capsys: pytest.Captur
 
 
 def test_bench_refuses_a_work_dir_holding_files_it_did_not_make(tmp_path: Path, capsys) -> None:
-    from avn_study.bench import BENCH_MARKER, work_folder
+    from avn_study.bench.benches import BENCH_MARKER, work_folder
 
     mine = tmp_path / "results"
     mine.mkdir()
@@ -108,7 +108,7 @@ def test_verify_of_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys) -> None:
     """Only the project's own errors are messages (exit 2/1); anything else is a bug: traceback, exit 3."""
-    from avn_study import cli
+    from avn_study.cli import commands as cli
 
     def broken(args):
         raise ValueError("an internal invariant broke")

@@ -9,8 +9,8 @@ import pytest
 from conftest import small_space
 from ray import tune
 
-from avn_study.space import load_space
-from avn_study.sweep import Study
+from avn_study.study.driver import Study
+from avn_study.study.space import load_space
 
 _LIVE: dict = {}  # the cluster objects hold locks: Tune pickles callbacks, so they are looked up here
 

@@ -17,8 +17,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from avn_study.analysis import analyze
-from avn_study.search import FinalValueOptunaSearch, FollowUp, RowScheduler, RowSearch, RowSearchRun
-from avn_study.study_results import read_trials
+from avn_study.study.results import read_trials
+from avn_study.study.search import FinalValueOptunaSearch, FollowUp, RowScheduler, RowSearch, RowSearchRun
 
 
 def _trial(trial_id: str, run: str) -> SimpleNamespace:
@@ -224,7 +224,7 @@ def test_a_killed_concurrent_stage1_resumes_without_rerunning(sweep_cohort: Path
 
 def test_concurrent_rows_must_be_a_boolean(tmp_path: Path) -> None:
     from avn_study.errors import UsageError
-    from avn_study.space import load_space
+    from avn_study.study.space import load_space
 
     with pytest.raises(UsageError, match="concurrent_rows: must be true or false, got 'yes please'"):
         load_space(small_space(tmp_path, concurrent_rows="yes please"))
@@ -235,9 +235,9 @@ def test_a_study_from_before_both_stages_shared_one_experiment_resumes_in_its_la
 ) -> None:
     """Concurrent studies used to run stage 1 in ``stage1/`` and stage 2 after it in ``stage2/``; one
     interrupted between the two finishes that way, without a ``stages/`` experiment."""
-    from avn_study.space import load_space
-    from avn_study.study_folder import STAGE1_ALL
-    from avn_study.sweep import Study
+    from avn_study.study.driver import Study
+    from avn_study.study.folder import STAGE1_ALL
+    from avn_study.study.space import load_space
 
     space = load_space(small_space(tmp_path, concurrent_rows=True, trials=1, seeds=[0]))
     old = Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False)
@@ -257,8 +257,8 @@ def test_a_study_from_before_both_stages_shared_one_experiment_resumes_in_its_la
 
 
 def test_sweep_plan_says_how_the_study_is_scheduled(tmp_path: Path) -> None:
-    from avn_study.cli import _plan_text
-    from avn_study.space import load_space
+    from avn_study.cli.commands import _plan_text
+    from avn_study.study.space import load_space
 
     concurrent = _plan_text(load_space(small_space(tmp_path, concurrent_rows=True))).splitlines()
     assert "scheduling: one Ray experiment, every search at once, each row's stage 2 as soon as its search " \

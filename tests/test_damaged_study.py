@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from avn_study.cli import main
-from avn_study.study_check import (
+from avn_study.cli.commands import main
+from avn_study.study.check import (
     DamagedFile,
     check_journal,
     check_searcher_state,
@@ -40,7 +40,7 @@ def _sums(root: Path) -> dict[str, str]:
 
 
 def _stage2_trials(experiment: Path) -> list[Path]:
-    from avn_study.study_folder import merge_grid
+    from avn_study.study.folder import merge_grid
 
     return [p.parent for p in sorted(experiment.glob("trial_*/params.json"))
             if merge_grid(json.loads(p.read_text())).get("_stage") == 2]  # fmt: skip

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from avn_study import engine
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.config import TrainConfig
 from avn_study.data.slices import SliceDataset, validation_volumes
-from avn_study.engine import NonFiniteLossError, prepare_data
-from avn_study.schedules import create_schedule, list_schedules
-from avn_study.training import TrainingRun
+from avn_study.training import engine as engine
+from avn_study.training.engine import NonFiniteLossError, prepare_data
+from avn_study.training.run import TrainingRun
+from avn_study.training.schedules import create_schedule, list_schedules
 from avn_study.vocabulary import ARMS
 
 # small enough for seconds per run on 2 CPU cores; 4 mm x 64 px still holds both hips
@@ -389,7 +389,7 @@ def test_epoch_loop_gives_the_numbers_of_the_per_step_loop(tiny_data, arm: str) 
 
 
 def test_stage_timer_names_every_stage_of_a_real_epoch(tiny_data) -> None:
-    from avn_study.stage_timer import MODEL_STAGES, StageTimer
+    from avn_study.training.stage_timer import MODEL_STAGES, StageTimer
 
     run = TrainingRun(TrainConfig.from_flat({**TINY, "arm": "seg+recon+loc", "epochs": 1}), tiny_data)
     run.timer = StageTimer(run.device)

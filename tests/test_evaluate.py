@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from test_predict import make_bundle
 
-from avn_study.cli import main
-from avn_study.clinical import (
+from avn_study.cli.commands import main
+from avn_study.metrics.case import dice
+from avn_study.metrics.clinical import (
     fraction_bin,
     hip_midline,
     hip_rows,
@@ -22,7 +23,6 @@ from avn_study.clinical import (
     lesion_detection_iou,
     surface_dice,
 )
-from avn_study.metrics import dice
 
 SPACING = (1.0, 1.0, 1.0)
 
@@ -128,7 +128,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_evaluate_scores_what_predict_writes_in_the_scans_own_grid(
     bundle: Path, tiny_phantom: Path, tmp_path: Path, capsys
 ) -> None:
-    from avn_study.metrics import case_metrics
+    from avn_study.metrics.case import case_metrics
 
     out = tmp_path / "eval"
     assert main(["evaluate", str(bundle), str(tiny_phantom), "--out", str(out), "--device", "cpu"]) == 0
@@ -155,9 +155,9 @@ def test_evaluate_scores_what_predict_writes_in_the_scans_own_grid(
 
 def test_a_perfect_prediction_scores_perfectly(bundle: Path, tiny_phantom: Path, tmp_path: Path, monkeypatch) -> None:
     """The reference as the prediction: every overlap 1, every fraction exact, every hip right."""
-    from avn_study import predict as predict_module
+    from avn_study.bundle import predict as predict_module
+    from avn_study.bundle.evaluate import evaluate_bundle
     from avn_study.data.preprocess import inplane_shape, resample_labels
-    from avn_study.evaluate import evaluate_bundle
 
     real = predict_module.predict_volume
     truth: dict[str, np.ndarray] = {}

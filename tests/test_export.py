@@ -19,10 +19,10 @@ import pytest
 import torch
 from conftest import malicious_pickle
 
-from avn_study import export
-from avn_study.cli import main
+from avn_study.bundle import export as export
+from avn_study.bundle.export import SELECTION_RULE, choose_checkpoint, select
+from avn_study.cli.commands import main
 from avn_study.errors import AvnError, UsageError
-from avn_study.export import SELECTION_RULE, choose_checkpoint, select
 
 
 def words(text: str) -> str:
@@ -142,7 +142,7 @@ def test_sweep_rule_skips_asha_stopped_trials(tmp_path: Path) -> None:
 
 
 def test_checkpoint_of_the_final_epoch_or_the_best_kept(tmp_path: Path) -> None:
-    from avn_study.checkpoint import save_checkpoint
+    from avn_study.training.checkpoint import save_checkpoint
 
     model = torch.nn.Linear(1, 1)
     for index, history in enumerate([[{"epoch": 0, "val_dice": 0.4}], [{"epoch": 0}, {"epoch": 1, "val_dice": 0.3}]]):
@@ -207,7 +207,7 @@ def test_export_never_opens_ray_pickles(smoke_experiment: Path, tmp_path: Path) 
 def test_onnx_matches_pytorch(exported_multitask: Path) -> None:
     import onnxruntime
 
-    from avn_study.bundle import load_bundle
+    from avn_study.bundle.format import load_bundle
 
     bundle = load_bundle(exported_multitask)
     info = bundle.config["onnx"]
@@ -232,11 +232,11 @@ def test_bundle_reproduces_the_trial_validation_metrics(
     the training spacing), so that is where the bundle must reproduce them, from the raw NIfTI files;
     the native-space label maps that ``predict`` writes are that prediction resampled back to each
     input's grid, whose Dice against the native label files differs by the resampling."""
-    from avn_study.bundle import load_bundle
+    from avn_study.bundle.format import load_bundle
+    from avn_study.bundle.predict import predict_volume
     from avn_study.data.cache import build_cache
     from avn_study.data.nifti import load_ras
-    from avn_study.metrics import case_metrics
-    from avn_study.predict import predict_volume
+    from avn_study.metrics.case import case_metrics
 
     bundle_dir = request.getfixturevalue(which)
     bundle = load_bundle(bundle_dir)

@@ -15,7 +15,7 @@ import pytest
 from conftest import small_space
 from test_safety import _scan, checksums
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.errors import UsageError
 
 PIECES = ["a", "Z", "7", ".", "..", "/", "\\", " ", "-", "+", "_", "~", "$HOME", "*", "é", "\x00", "\n", "x" * 40,
@@ -40,8 +40,8 @@ def random_names(seed: int, count: int) -> list[str]:
 
 @pytest.mark.parametrize("name", random_names(1, 60))
 def test_study_names_stay_inside_the_storage(name: str, tmp_path: Path) -> None:
-    from avn_study.space import load_space
-    from avn_study.sweep import Study
+    from avn_study.study.driver import Study
+    from avn_study.study.space import load_space
 
     storage = tmp_path / "storage"
     space = load_space(small_space(tmp_path))
@@ -55,8 +55,8 @@ def test_study_names_stay_inside_the_storage(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_row_names_become_one_safe_folder_each_or_are_refused(seed: int, tmp_path: Path) -> None:
-    from avn_study.space import load_space
-    from avn_study.study_folder import Stage1
+    from avn_study.study.folder import Stage1
+    from avn_study.study.space import load_space
 
     rows = {name: {"arm": "unet", "schedule": "constant", "schedule_params": {}} for name in random_names(seed, 4)}
     try:

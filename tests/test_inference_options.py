@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_predict import ARCH, make_bundle, without_checksums
 
-from avn_study.bundle import InferenceOptions, load_bundle
-from avn_study.cli import main
+from avn_study.bundle.format import InferenceOptions, load_bundle
+from avn_study.bundle.predict import postprocess, resolve_options, slice_probabilities
+from avn_study.cli.commands import main
 from avn_study.errors import DataError, UsageError
-from avn_study.predict import postprocess, resolve_options, slice_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def _slices(seed: int = 0) -> torch.Tensor:
 
 
 def test_flip_tta_is_the_mean_with_the_mirrored_prediction(bundle_dir: Path) -> None:
-    from avn_study.engine import predict_slices
+    from avn_study.training.engine import predict_slices
 
     bundle = load_bundle(bundle_dir)
     x, cpu = _slices(), torch.device("cpu")
@@ -82,9 +82,9 @@ def test_restrict_to_head_needs_a_loc_branch(tmp_path: Path, tiny_phantom: Path,
 
 
 def test_bundle_defaults_are_used_recorded_and_overridden(tmp_path: Path, tiny_phantom: Path) -> None:
-    from avn_study.bundle import write_bundle
+    from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.engine import build_model
+    from avn_study.training.engine import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none"})
     torch.manual_seed(0)
@@ -121,9 +121,9 @@ def test_a_version_1_bundle_still_loads(bundle_dir: Path, tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------------------ ensembles
 @pytest.fixture(scope="module")
 def ensemble_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from avn_study.bundle import write_bundle
+    from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.engine import build_model
+    from avn_study.training.engine import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none"})
     models = []
@@ -137,7 +137,7 @@ def ensemble_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_an_ensemble_predicts_the_mean_of_its_members(ensemble_dir: Path) -> None:
-    from avn_study.engine import predict_slices
+    from avn_study.training.engine import predict_slices
 
     bundle = load_bundle(ensemble_dir)
     assert len(bundle.models) == 3 and (ensemble_dir / "ensemble" / "member_02.safetensors").is_file()

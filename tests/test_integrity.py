@@ -27,7 +27,7 @@ import torch
 from test_predict import make_bundle, without_checksums
 from test_safety import _scan, checksums
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.errors import DataError, UsageError
 from avn_study.outputs import clean_stale, shell, staged_folder, temp_name
 
@@ -81,14 +81,14 @@ def test_a_flipped_weight_byte_is_refused_naming_the_file(bundle_copy: Path, tmp
     assert checksums(bundle_copy) | {"scan": checksums(tmp_path)["scan.nii.gz"]} == before
     (bundle_copy / "metrics.json").write_text("{}")  # any listed file, not only weights
     with pytest.raises(DataError, match=r"metrics\.json: SHA-256"):
-        from avn_study.bundle import load_bundle
+        from avn_study.bundle.format import load_bundle
 
         load_bundle(bundle_copy)
 
 
 def test_a_bundle_from_before_checksums_loads_with_a_warning(bundle_copy: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    from avn_study.bundle import load_bundle
+    from avn_study.bundle.format import load_bundle
 
     edit = json.loads((bundle_copy / "config.json").read_text())
     edit.pop("checksums")
@@ -107,9 +107,9 @@ def test_a_bundle_from_before_checksums_loads_with_a_warning(bundle_copy: Path, 
 def test_non_finite_probabilities_are_refused_naming_the_case(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from test_predict import ARCH
 
-    from avn_study.bundle import write_bundle
+    from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.engine import build_model
+    from avn_study.training.engine import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none"})
     model = build_model(config).eval()
@@ -146,7 +146,7 @@ def test_the_final_rename_never_removes_what_appeared_meanwhile(tmp_path: Path) 
 def test_train_never_deletes_a_file_put_into_its_output_while_it_runs(
     toy_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from avn_study.training import TrainingRun
+    from avn_study.training.run import TrainingRun
 
     out = tmp_path / "run"
     out.mkdir()
@@ -170,7 +170,7 @@ def test_train_never_deletes_a_file_put_into_its_output_while_it_runs(
 
 
 def test_overwrite_checks_the_kind_again_right_before_the_swap(bundle: Path, tmp_path: Path) -> None:
-    from avn_study.bundle import is_bundle
+    from avn_study.bundle.format import is_bundle
 
     out = Path(shutil.copytree(bundle, tmp_path / "b"))
     with pytest.raises(UsageError, match="appeared while"), staged_folder(out, is_bundle) as staged:
@@ -246,7 +246,7 @@ def test_stale_temporaries_of_a_killed_run_are_cleaned_by_the_next(bundle: Path,
 PREDICT_AND_HANG = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import avn_study.predict as predict
+    import avn_study.bundle.predict as predict
 
     original, calls = predict.save_in_geometry, []
 
@@ -259,7 +259,7 @@ PREDICT_AND_HANG = textwrap.dedent("""
         return original(labels, geometry, path)
 
     predict.save_in_geometry = write
-    from avn_study.cli import main
+    from avn_study.cli.commands import main
     sys.exit(main(["predict", sys.argv[1], sys.argv[2], sys.argv[3], "--device", "cpu"]))
 """)
 
@@ -363,7 +363,7 @@ def test_deeply_nested_yaml_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
 # ------------------------------------------------------------------------- 4. live driver, link loops
 def test_export_refuses_a_live_driver_or_waits_for_it(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from avn_study import export
+    from avn_study.bundle import export as export
 
     study = tmp_path / "study"
     study.mkdir()
@@ -397,7 +397,7 @@ def test_predict_reports_a_symlink_loop_in_its_input_folder(bundle: Path, tmp_pa
 # ---------------------------------------------------------------------- 5. modes, hints, odd images
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
 def test_bundles_and_run_folders_get_the_umask_modes(mask: int, tmp_path: Path) -> None:
-    from avn_study.checkpoint import save_weights
+    from avn_study.training.checkpoint import save_weights
 
     old = os.umask(mask)
     try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from avn_study.errors import UsageError
-from avn_study.losses import LossConfig, branch_losses, loc_loss, recon_loss, seg_loss, soft_dice_loss
+from avn_study.training.losses import LossConfig, branch_losses, loc_loss, recon_loss, seg_loss, soft_dice_loss
 
 
 def _t(values: list[float]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from avn_study.metrics import (
+from avn_study.metrics.case import (
     EMPTY_RULE,
     case_metrics,
     dice,
@@ -438,7 +438,7 @@ def test_bad_inputs_say_what_is_wrong(call, error: type[Exception], message: str
 
 
 def test_calibration_counts_bin_the_probabilities_exactly() -> None:
-    from avn_study.metrics import calibration_counts
+    from avn_study.metrics.case import calibration_counts
 
     prob = np.array([0.0, 0.05, 0.15, 0.95, 1.0, 0.55])
     ref = np.array([0, 0, 1, 1, 1, 0], bool)

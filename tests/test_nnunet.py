@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from avn_study.cli import _plan_text, main
+from avn_study.cli.commands import _plan_text, main
 from avn_study.errors import UsageError
-from avn_study.space import load_space
+from avn_study.study.space import load_space
 from tests.conftest import Payload, small_space, write_toy_cohort
 
 NNUNET_ROW = {"arm": "nnunet_2d", "nnunet_epochs": 2, "nnunet_iterations": 2, "nnunet_val_iterations": 1,
@@ -42,9 +42,9 @@ def test_bad_nnunet_rows(tmp_path: Path, changes: dict, fragment: str) -> None:
 
 
 def test_nnunet_row_without_the_extra_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import avn_study.nnunet
+    import avn_study.baselines.nnunet.run
 
-    monkeypatch.setattr(avn_study.nnunet, "nnunet_installed", lambda: False)
+    monkeypatch.setattr(avn_study.baselines.nnunet.run, "nnunet_installed", lambda: False)
     with pytest.raises(UsageError, match=r"arms.nnunet-2d: nnU-Net rows need nnU-Net v2.*avn-study\[nnunet\]"):
         load_space(small_space(tmp_path, arms=ARMS))
 
@@ -61,8 +61,8 @@ def test_nnunet_rows_have_no_stage1_and_all_of_stage2(tmp_path: Path) -> None:
 
 
 def test_splits_final_is_our_split_patient_for_patient() -> None:
+    from avn_study.baselines.nnunet.run import splits_final
     from avn_study.data.splits import make_splits
-    from avn_study.nnunet import splits_final
 
     patients = {f"C{i}": f"P{i // 2}" for i in range(12)}  # two scans per patient
     splits = make_splits(patients, k=3, seed=0, test_fraction=0.2)
@@ -84,7 +84,7 @@ def nnunet_study(sweep_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -
     before = _listing(sweep_cohort)
     env = {**os.environ, "AVN_STUDY_CACHE": str(work / "cache")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    prepare = ("import sys; from avn_study.nnunet import prepare_dataset; "
+    prepare = ("import sys; from avn_study.baselines.nnunet.run import prepare_dataset; "
                "print(prepare_dataset(sys.argv[1], '2d', 'with_head').preprocessed)")  # fmt: skip
     both = [subprocess.Popen([sys.executable, "-c", prepare, str(sweep_cohort)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
@@ -142,9 +142,9 @@ def test_nnunet_folds_are_ours(nnunet_study: dict[str, Path], sweep_cohort: Path
 
 def test_nnunet_cases_are_scored_by_our_metrics(nnunet_study: dict[str, Path], sweep_cohort: Path) -> None:
     """The per-case rows are case_metrics of the kept predictions on the cached grid, recomputed here."""
+    from avn_study.baselines.nnunet.run import score
     from avn_study.data.cache import build_cache
     from avn_study.data.preprocess import PreprocessConfig
-    from avn_study.nnunet import score
 
     trial = _nnunet_trial(nnunet_study["study"])
     rows = json.loads(next((trial / "per_case").glob("epoch_*.json")).read_text())
@@ -178,7 +178,7 @@ def test_analyze_pairs_nnunet_with_unet(nnunet_study: dict[str, Path]) -> None:
 
 def test_export_refuses_an_nnunet_row(nnunet_study: dict[str, Path], tmp_path: Path) -> None:
     from avn_study.analysis.tables import load_experiment
-    from avn_study.export import select
+    from avn_study.bundle.export import select
 
     experiment = load_experiment(nnunet_study["study"])
     with pytest.raises(UsageError, match="row 'nnunet-2d' is an nnU-Net row"):
@@ -195,8 +195,8 @@ def test_an_nnunet_trial_resumes_from_its_checkpoint(nnunet_study: dict[str, Pat
 
     import torch
 
+    from avn_study.baselines.nnunet.run import EpochHooks, NnUNetConfig, run_trial
     from avn_study.data.splits import make_splits
-    from avn_study.nnunet import EpochHooks, NnUNetConfig, run_trial
 
     cfg = NnUNetConfig.from_flat({**NNUNET_ROW, "n_folds": 3, "fold": 1, "inplane_spacing_mm": 4.0}, source="test")
     cache = nnunet_study["nnunet_root"].parent.parent  # the module's node cache: nothing is planned again
@@ -239,10 +239,10 @@ def test_vs_nnunet_space_compares_on_the_same_grid() -> None:
 def test_a_perfect_prediction_scores_perfectly_in_every_orientation(sweep_cohort: Path, tmp_path: Path) -> None:
     """The reference label files scored as if nnU-Net had written them (the phantom stores a third of its
     scans in other orientations than RAS): Dice 1 and HD95 0 on every necrotic case."""
+    from avn_study.baselines.nnunet.run import score
     from avn_study.data.cache import build_cache
     from avn_study.data.preprocess import PreprocessConfig
     from avn_study.errors import DataError
-    from avn_study.nnunet import score
 
     cases = build_cache(sweep_cohort, PreprocessConfig(inplane_spacing_mm=4.0), tmp_path / "cache")
     assert {c.meta["source"]["axcodes"] for c in cases} != {"RAS"}
@@ -260,8 +260,8 @@ def test_held_out_test_patients_take_no_part_in_nnunets_plans(tmp_path: Path) ->
     without labels, so its plans rest on no held-out patient."""
     import json
 
+    from avn_study.baselines.nnunet.run import _write_raw
     from avn_study.data.layout import open_cohort
-    from avn_study.nnunet import _write_raw
 
     cohort = open_cohort(write_toy_cohort(tmp_path / "cohort", n=3))
     held = frozenset({cohort.cases[0].case_id})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import avn_study
 
@@ -15,7 +16,7 @@ def test_every_public_name_resolves() -> None:
 
 def test_cli_help_does_not_import_heavy_modules() -> None:
     code = (
-        "import sys; from avn_study.cli import build_parser; build_parser().format_help(); "
+        "import sys; from avn_study.cli.commands import build_parser; build_parser().format_help(); "
         "heavy = ('torch', 'ray', 'optuna', 'nibabel', 'scipy', 'pydicom', 'highdicom'); "
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
@@ -155,3 +156,49 @@ def test_the_repository_carries_its_own_contracts() -> None:
         "## CLI conventions",
     ):
         assert section in architecture
+
+
+def test_the_layer_picture_is_the_import_graphs() -> None:
+    repo = Path(avn_study.__file__).parents[1]
+    done = subprocess.run([sys.executable, str(repo / "docs" / "layers.py"), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_package_is_stage_shaped() -> None:
+    root = Path(avn_study.__file__).parent
+    top = sorted(p.name for p in root.glob("*.py"))
+    assert len(top) <= 10, top  # the rest lives in stage subpackages
+    stages = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    assert {
+        "data",
+        "models",
+        "metrics",
+        "training",
+        "study",
+        "analysis",
+        "bundle",
+        "baselines",
+        "bench",
+        "cli",
+    } <= stages
+
+
+def test_every_public_name_is_the_object_it_documents_not_a_module() -> None:
+    import importlib
+    import types
+
+    for name, module in avn_study._EXPORTS.items():
+        importlib.import_module(module)  # (also imports submodules of the same name, which must not shadow)
+        obj = getattr(avn_study, name)
+        assert not isinstance(obj, types.ModuleType), name
+        assert obj is getattr(importlib.import_module(module), name)
+
+
+def test_old_module_paths_still_import_with_a_warning() -> None:
+    import importlib
+    import warnings
+
+    for old, new in avn_study._MOVED.items():
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            assert importlib.import_module(old) is importlib.import_module(new), old

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.errors import UsageError
-from avn_study.plan import check_verdicts, floors
-from avn_study.space import load_space, parse_space
+from avn_study.study.plan import check_verdicts, floors
+from avn_study.study.space import load_space, parse_space
 
 SPACES = Path(__file__).parents[1] / "search_spaces"
 

@@ -17,20 +17,20 @@ import torch
 from conftest import malicious_pickle
 from nibabel import orientations as nio
 
-from avn_study.bundle import BUNDLE_VERSION, load_bundle
-from avn_study.cli import main
+from avn_study.bundle.format import BUNDLE_VERSION, load_bundle
+from avn_study.bundle.predict import output_name, predict
+from avn_study.cli.commands import main
 from avn_study.data.nifti import write_nifti
 from avn_study.errors import DataError, UsageError
-from avn_study.predict import output_name, predict
 
 ARCH = {"base_channels": 4, "depth": 2, "slice_size": 64, "inplane_spacing_mm": 4.0}
 
 
 def make_bundle(out: Path, arm: str = "seg+loc", seed: int = 0, **flat: object) -> Path:
     """A bundle of a randomly initialised model (gating off, so seg and loc both predict something)."""
-    from avn_study.bundle import write_bundle
+    from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.engine import build_model
+    from avn_study.training.engine import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": arm, "gating": "none", **flat})
     torch.manual_seed(seed)

@@ -18,9 +18,9 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from avn_study.analysis import analyze, load_experiment
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.data.splits import read_nested, read_splits
-from avn_study.study_folder import merge_grid, stage_folders
+from avn_study.study.folder import merge_grid, stage_folders
 
 
 def _patients(path: Path) -> set[str]:
@@ -173,8 +173,8 @@ def test_a_nested_study_freezes_its_inner_folds_and_resume_checks_them(sweep_coh
     from conftest import small_space
 
     from avn_study.errors import AvnError
-    from avn_study.space import load_space
-    from avn_study.sweep import Study
+    from avn_study.study.driver import Study
+    from avn_study.study.space import load_space
 
     space = load_space(small_space(tmp_path, protocol="nested_ablation", folds=[0, 2], inner_folds=2))
     study = Study(space, sweep_cohort, str(tmp_path / "storage"), progress=False)
@@ -200,8 +200,8 @@ def test_a_tuning_set_without_necrosis_is_refused_before_ray_starts(tmp_path: Pa
 
     from avn_study.data.layout import write_dataset_json
     from avn_study.errors import UsageError
-    from avn_study.space import load_space
-    from avn_study.sweep import Study
+    from avn_study.study.driver import Study
+    from avn_study.study.space import load_space
 
     cohort = tmp_path / "toy"
     for i in range(6):  # one patient with necrosis: some tuning set must lack it

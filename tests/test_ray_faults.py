@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import small_space
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -123,7 +123,7 @@ def test_address_joins_a_cluster_with_token_auth_when_the_token_is_at_hand(auth_
     address after 20 s ("Failed to connect to Ray cluster"); init_ray turns token mode on and joins."""
     token = tmp_path / "token"
     token.write_text(TOKEN)
-    code = (f"from avn_study.sweep import init_ray; init_ray({auth_head!r}, connect_timeout_s=20); import ray; "
+    code = (f"from avn_study.study.driver import init_ray; init_ray({auth_head!r}, connect_timeout_s=20); import ray; "
             "print('CPU', ray.cluster_resources().get('CPU'))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=_client_env(RAY_AUTH_TOKEN_PATH=str(token)))  # fmt: skip

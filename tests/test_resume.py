@@ -12,7 +12,7 @@ import pytest
 from conftest import small_space
 
 from avn_study.analysis import analyze
-from avn_study.study_results import read_trials
+from avn_study.study.results import read_trials
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -52,14 +52,14 @@ def test_interrupted_driver_resumes_without_rerunning(sweep_cohort: Path, tmp_pa
 
 
 def test_resume_needs_an_existing_study(sweep_cohort: Path, tmp_path: Path) -> None:
-    from avn_study.cli import main
+    from avn_study.cli.commands import main
 
     space = small_space(tmp_path)
     assert main(["sweep", str(space), "--data", str(sweep_cohort), "--storage", str(tmp_path), "--resume"]) == 2
 
 
 def test_a_storage_uri_pyarrow_cannot_open_is_a_usage_error(sweep_cohort: Path, tmp_path: Path, capsys) -> None:
-    from avn_study.cli import main
+    from avn_study.cli.commands import main
 
     space = small_space(tmp_path)
     assert main(["sweep", str(space), "--data", str(sweep_cohort), "--storage", "nosuch://bucket/studies"]) == 2
@@ -69,8 +69,8 @@ def test_a_storage_uri_pyarrow_cannot_open_is_a_usage_error(sweep_cohort: Path, 
 
 def test_a_stop_request_ends_the_study_before_the_next_run(sweep_cohort: Path, tmp_path: Path) -> None:
     """SIGTERM marks the study; a run that Ray Tune finished anyway must not be followed by another."""
-    from avn_study.space import load_space
-    from avn_study.sweep import Study, StudyInterrupted
+    from avn_study.study.driver import Study, StudyInterrupted
+    from avn_study.study.space import load_space
 
     study = Study(load_space(small_space(tmp_path)), sweep_cohort, str(tmp_path / "storage"), progress=False)
     study.stop_requested.set()

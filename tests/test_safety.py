@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import small_space
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 
 
 def checksums(root: Path) -> dict[str, str]:
@@ -121,7 +121,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(where: str, tmp_path: Path, capsys
 
 
 def test_yaml_aliases_within_the_budget_are_fine(tmp_path: Path) -> None:
-    from avn_study.space import load_space
+    from avn_study.study.space import load_space
 
     shared = {"schedule": "constant", "schedule_params": {}}  # PyYAML writes &id001 / *id001 for these
     path = small_space(tmp_path, arms={"a": {**shared, "arm": "unet"}, "b": {**shared, "arm": "seg"}})
@@ -349,7 +349,7 @@ def test_a_tampered_bundle_is_refused_before_building_anything(
 
 
 def test_a_bundle_file_linked_outside_the_bundle_is_refused(bundle: Path, tmp_path: Path) -> None:
-    from avn_study.bundle import load_bundle
+    from avn_study.bundle.format import load_bundle
     from avn_study.errors import DataError
 
     copy = Path(shutil.copytree(bundle, tmp_path / "b"))
@@ -378,7 +378,7 @@ def test_a_cohort_without_necrosis_is_refused_before_ray(tmp_path: Path, capsys:
 
 def test_the_space_file_name_key_is_a_safe_name_too(tmp_path: Path) -> None:
     from avn_study.errors import UsageError
-    from avn_study.space import load_space
+    from avn_study.study.space import load_space
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({**yaml.safe_load(small_space(tmp_path).read_text()), "name": "../up"}))

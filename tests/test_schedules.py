@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from avn_study.errors import UsageError
-from avn_study.schedules import Schedule, create_schedule, list_schedules
+from avn_study.training.schedules import Schedule, create_schedule, list_schedules
 
 BRANCH_SETS = [("seg",), ("seg", "loc"), ("seg", "recon"), ("seg", "recon", "loc")]
 EPOCHS = 30
@@ -67,7 +67,7 @@ def test_weights_have_exactly_the_active_branches(name, branches):
 
 @pytest.mark.parametrize(("name", "branches"), [c for c in CASES if "recon" in c[1]])
 def test_state_dict_round_trip_continues_identically(name, branches, tmp_path):
-    from avn_study.checkpoint import load_training_state, save_checkpoint
+    from avn_study.training.checkpoint import load_training_state, save_checkpoint
 
     history = synthetic_history()
     first = create_schedule(name, branches)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from avn_study.errors import UsageError
-from avn_study.space import load_space, resolve_sampled
+from avn_study.study.space import load_space, resolve_sampled
 
 SPACES = sorted(Path(__file__).parents[1].joinpath("search_spaces").glob("*.yaml"))
 BASE = {

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import small_space
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.errors import UsageError
-from avn_study.space import parse_space
-from avn_study.study_folder import LOCK_FILE, LockFile, StudyLock
-from avn_study.sweep import Study
+from avn_study.study.driver import Study
+from avn_study.study.folder import LOCK_FILE, LockFile, StudyLock
+from avn_study.study.space import parse_space
 
 
 def _copy_study(smoke_experiment: Path, tmp_path: Path) -> tuple[Path, Study]:

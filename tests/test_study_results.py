@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from avn_study.analysis.tables import load_experiment
-from avn_study.study_folder import epoch_history
-from avn_study.study_results import best_trial, read_trials
+from avn_study.study.folder import epoch_history
+from avn_study.study.results import best_trial, read_trials
 
 
 def _results(iterations: list[int], values: list[float]) -> list[dict]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import small_space
 
-from avn_study.cli import main
-from avn_study.study_results import read_trials
+from avn_study.cli.commands import main
+from avn_study.study.results import read_trials
 
 IDENTITY = ("row", "arm", "schedule", "stage", "fold", "seed", "split_hash", "data_fingerprint", "node_id")
 
@@ -75,8 +75,8 @@ def test_best_stage1_config_is_retrained(smoke_study: tuple[int, Path]) -> None:
 
 
 def test_worker_crash_is_retried_from_checkpoint(ray_2cpus, sweep_cohort: Path, tmp_path: Path) -> None:
-    from avn_study.space import load_space
-    from avn_study.sweep import Study
+    from avn_study.study.driver import Study
+    from avn_study.study.space import load_space
 
     unet = {"unet": {"schedule": "constant", "schedule_params": {}}}
     space = load_space(small_space(tmp_path, protocol="sweep", arms=unet, search={}, trials=1, max_failures=1,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 
 
 def _event_tags(path: Path) -> set[str]:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.config import TrainConfig
 from avn_study.data.verify import verify_dataset
-from avn_study.engine import prepare_data
 from avn_study.errors import DataError
-from avn_study.training import TrainingRun
+from avn_study.training.engine import prepare_data
+from avn_study.training.run import TrainingRun
 
 BASE = {"n_folds": 3, "slice_size": 64, "depth": 2, "base_channels": 4, "inplane_spacing_mm": 4.0, "epochs": 2,
         "threads": 1, "batch_size": 8, "schedule": "constant", "schedule_params": {}}  # fmt: skip
@@ -97,8 +97,8 @@ def test_a_broken_unlabelled_scan_stops_training_naming_it(cohorts, tmp_path: Pa
 def test_a_study_checks_unlabelled_scans_before_ray(cohorts, tmp_path: Path) -> None:
     from conftest import small_space
 
-    from avn_study.space import load_space
-    from avn_study.sweep import Study
+    from avn_study.study.driver import Study
+    from avn_study.study.space import load_space
 
     _, extra = cohorts
     broken = Path(shutil.copytree(extra, tmp_path / "broken", ignore=shutil.ignore_patterns("splits.json")))

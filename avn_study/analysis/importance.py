@@ -3,7 +3,7 @@
 Honest by construction:
 
 - Only **fully trained** trials count. The sweep tells Optuna a trial's value only when it ran every
-  epoch; a trial that ASHA stopped is PRUNED (see :mod:`avn_study.search`), so a value after a few
+  epoch; a trial that ASHA stopped is PRUNED (see :mod:`avn_study.study.search`), so a value after a few
   epochs is never ranked against one after the last. (Studies run before that rule recorded stopped
   trials as COMPLETE; their importance mixes both, and the report says so.)
 - PED-ANOVA compares the trials in the top ``target_quantile`` with all of them. Optuna advises at
@@ -29,7 +29,7 @@ def searches(manifest: dict[str, Any], rows: list[str]) -> list[dict[str, Any]]:
     """The stage-1 Optuna studies of a study: ``row``, ``outer`` fold (nested) and ``optuna_study`` name."""
     if manifest.get("stage1"):
         return list(manifest["stage1"])
-    from avn_study.study_folder import Stage1  # studies from before the manifest listed its searches
+    from avn_study.study.folder import Stage1  # studies from before the manifest listed its searches
 
     prefix = str(manifest.get("name", ""))
     return [{"row": row, "outer": None, "optuna_study": Stage1(row).optuna_study(prefix)} for row in rows]
@@ -47,7 +47,7 @@ def parameter_importance(root: Path, manifest: dict[str, Any], rows: list[str]) 
     from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
 
-    from avn_study.study_folder import JOURNAL
+    from avn_study.study.folder import JOURNAL
 
     journal = root / JOURNAL
     if not journal.is_file():

@@ -121,8 +121,8 @@ def _importance(experiment: Experiment, warnings: list[str]) -> pd.DataFrame:
     """Parameter importance from the study's Optuna journal, checked first: a damaged journal is a warning
     (the rest of the report stands), not Optuna's traceback."""
     from avn_study.analysis.importance import COLUMNS
-    from avn_study.study_check import DamagedFile, check_journal
-    from avn_study.study_folder import JOURNAL
+    from avn_study.study.check import DamagedFile, check_journal
+    from avn_study.study.folder import JOURNAL
 
     try:
         check_journal(experiment.root / JOURNAL, [])

@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 from avn_study.errors import DataError, UsageError
-from avn_study.study_check import (
+from avn_study.study.check import (
     DamagedFile,
     describe_entry,
     read_per_case,
@@ -45,7 +45,7 @@ from avn_study.study_check import (
     stage2_key,
     trial_key,
 )
-from avn_study.study_folder import (
+from avn_study.study.folder import (
     ERROR,
     MANIFEST,
     STAGE1_PREFIX,
@@ -379,11 +379,11 @@ def load_experiment(path: str | Path) -> Experiment:
 
     Errored and unfinished trials stay in ``trials`` with their status and reason; :attr:`Experiment.notes`
     says how many there are and that statistics leave them out. A trial whose files are damaged
-    (:func:`~avn_study.study_check.trial_damage`), and a stage-2 trial that ``stage2_plan.json`` lists
+    (:func:`~avn_study.study.check.trial_damage`), and a stage-2 trial that ``stage2_plan.json`` lists
     but no folder holds, is in no table: :attr:`Experiment.damaged` names each with what was expected,
     and a note says the statistics exclude them.
     """
-    from avn_study.study_check import trial_damage
+    from avn_study.study.check import trial_damage
 
     root = Path(path)
     manifest, experiments = experiment_folders(root)

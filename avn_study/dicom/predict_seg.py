@@ -35,13 +35,13 @@ def seg_path(mask: Path) -> Path:
 
 
 def _record(output: Path, folder: bool, mask: Path) -> Path:
-    from avn_study.predict import json_path
+    from avn_study.bundle.predict import json_path
 
     return output / "volumes.json" if folder else json_path(mask)
 
 
 def _listed_segs(record: Path) -> set[str]:
-    from avn_study.predict import written_by_predict
+    from avn_study.bundle.predict import written_by_predict
 
     if not written_by_predict(record):
         return set()
@@ -57,9 +57,9 @@ def plan_segs(bundle, source: Path, output: Path, dicom_dir: Path, overwrite: bo
             write).
         DataError: inputs without (or with several) source series, each named.
     """
+    from avn_study.bundle.predict import plan
     from avn_study.dicom.seg import match_series
     from avn_study.dicom.tree import scan_tree
-    from avn_study.predict import plan
 
     if not Path(dicom_dir).is_dir():
         raise UsageError(f"--dicom-seg {dicom_dir}: no such folder")

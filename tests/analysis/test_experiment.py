@@ -11,7 +11,7 @@ import pytest
 from conftest import malicious_pickle
 
 from avn_study.analysis import analyze, load_experiment, write_analysis
-from avn_study.cli import main
+from avn_study.cli.commands import main
 
 
 def test_tables_have_one_row_per_trial_case_and_epoch(smoke_experiment: Path) -> None:

@@ -133,7 +133,7 @@ def test_undeclared_values_are_refused_with_the_declared_map(toy_cohort: Path) -
 
 def test_necrosis_only_cohort_trains_seg_and_refuses_loc(toy_cohort: Path, tmp_path: Path) -> None:
     from avn_study.config import TrainConfig
-    from avn_study.engine import prepare_data
+    from avn_study.training.engine import prepare_data
 
     _relabel(toy_cohort, {"labels": {"background": 0, "necrosis": 1}}, lambda lab: (lab == 2).astype(np.uint8))
     report = verify_dataset(toy_cohort)
@@ -158,8 +158,8 @@ def test_a_study_with_a_loc_row_is_refused_before_ray_on_a_cohort_without_heads(
 
     from conftest import small_space
 
-    from avn_study.space import load_space
-    from avn_study.sweep import Study
+    from avn_study.study.driver import Study
+    from avn_study.study.space import load_space
 
     cohort = tmp_path / "necrosis-only"
     shutil.copytree(sweep_cohort, cohort, ignore=shutil.ignore_patterns("splits.json"))
@@ -175,7 +175,7 @@ def test_a_study_with_a_loc_row_is_refused_before_ray_on_a_cohort_without_heads(
 def test_nnunet_raw_labels_are_its_classes_from_any_label_map(toy_cohort: Path, tmp_path: Path, labels: str,
                                                               expected: set[int]) -> None:  # fmt: skip
     """nnU-Net rows train on the cohort's label map mapped to nnU-Net classes, in each label file's geometry."""
-    from avn_study.nnunet import _write_raw
+    from avn_study.baselines.nnunet.run import _write_raw
 
     reference = {p.name: np.asarray(nib.load(p).dataobj) for p in (toy_cohort / "labelsTr").glob("*.nii.gz")}
     _relabel_heads_apart(toy_cohort)

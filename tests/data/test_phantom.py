@@ -345,9 +345,9 @@ def test_label_noise_is_off_by_default_and_bounded_when_on() -> None:
 def test_a_cohort_written_before_the_harder_phantom_still_verifies_and_trains(tmp_path) -> None:
     from pathlib import Path
 
-    from avn_study.cli import main
+    from avn_study.cli.commands import main
     from avn_study.config import TrainConfig
-    from avn_study.engine import prepare_data
+    from avn_study.training.engine import prepare_data
 
     legacy = Path(__file__).parent / "legacy_phantom"
     assert main(["verify", str(legacy)]) == 0

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.data.cache import build_cache
 from avn_study.data.nifti import write_nifti
 from avn_study.data.verify import verify_dataset

@@ -18,7 +18,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from avn_study.space import SearchSpace, load_space
+from avn_study.study.space import SearchSpace, load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

@@ -33,7 +33,7 @@ from deploy_files import (
 )
 from packaging.requirements import Requirement
 
-from avn_study.cli import build_parser
+from avn_study.cli.commands import build_parser
 
 NEVER_PUBLISHED = {6379, 10001}  # the GCS and the Ray client port
 SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"  # see docker/README.md

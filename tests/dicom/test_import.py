@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from dicom_writer import PLANTED, WrittenSeries, write_seg, write_series
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.data.nifti import Geometry, load_ras
 from avn_study.data.phantom import PhantomConfig, synth_case
 

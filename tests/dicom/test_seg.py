@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from dicom_writer import write_series
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 from avn_study.data.nifti import Geometry
 from avn_study.data.phantom import PhantomConfig, synth_case
 
@@ -21,9 +21,9 @@ def make_bundle(out: Path, arm: str = "seg+loc") -> Path:
     """A bundle of a randomly initialised small model (gating off: both branches predict something)."""
     import torch
 
-    from avn_study.bundle import write_bundle
+    from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.engine import build_model
+    from avn_study.training.engine import build_model
 
     flat = {"base_channels": 4, "depth": 2, "slice_size": 64, "inplane_spacing_mm": 4.0, "arm": arm, "gating": "none"}
     config = TrainConfig.from_flat(flat)

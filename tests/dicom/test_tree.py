@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from dicom_writer import write_series
 
-from avn_study.cli import main
+from avn_study.cli.commands import main
 
 pydicom = pytest.importorskip("pydicom")
 

@@ -1,0 +1,1 @@
+"""Other tools' rows on our folds, scored by our metrics."""

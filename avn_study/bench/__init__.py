@@ -1,0 +1,31 @@
+"""``avn-study bench``: throughput, calibration, cluster scheduling and the verdict's simulations.
+
+The public names of ``avn_study.bench.benches`` are importable from here too, as they were before the package
+existed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULE = "avn_study.bench.benches"
+_NAMES = (
+    "BENCH_MARKER",
+    "TARGET_PEAK_RSS_GB",
+    "TARGET_SLICES_PER_S_PER_CORE",
+    "bench_data",
+    "bench_gpu",
+    "bench_sweep",
+    "bench_train",
+    "matmul_peak_flops",
+    "print_table",
+    "run",
+    "work_folder",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(importlib.import_module(_MODULE), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,241 @@
+"""``avn-study bench cluster``: how full a protocol keeps a cluster, on Ray's logical resources.
+
+Runs the *real* :class:`~avn_study.study.driver.Study` (protocol, Optuna, ASHA, stage-2 grid, resume files)
+of ``search_spaces/ablation.yaml``'s shape on a local Ray that pretends to have ``gpus`` GPUs, with a
+stand-in trainable that sleeps through each epoch instead of training. Epoch durations per arm come
+from this machine's measured step rates (``bench train``, relative to ``unet``), +-20 % per epoch
+(seeded by the trial's configuration), scaled so one ``unet`` epoch lasts ``epoch_s`` seconds. The
+metric follows a seeded learning curve of the learning rate, so ASHA and Optuna have something to
+compare.
+
+Utilisation = busy slot-seconds (the trials' sleeps) / (slots x wall), for stage 1, stage 2 and the
+whole study, for both schedulings side by side: one Ray experiment per row and outer fold one after
+another, then stage 2 (``concurrent_rows: false``), and the whole study in one experiment, every
+stage-1 search at once and each row's stage 2 as soon as its search has chosen (``concurrent_rows:
+true``). A stage's wall is its span: stage 1 from the study's start to its last trial's end, stage 2
+from its first trial's start to its last trial's end (with concurrent rows they overlap).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+# train slices/s of each arm relative to unet, measured here by `avn-study bench train` (1 thread, 128 px)
+ARM_COST = {"unet": 1.0, "seg": 1.2, "unet+head": 1.17, "seg+recon": 1.67, "seg+loc": 1.43,
+            "seg+recon+loc": 2.02, "cascade": 2.05}  # fmt: skip
+
+
+def stand_in_trial(config: dict[str, Any]) -> None:
+    """A trial that sleeps through its epochs (see the module docstring); reports like the real one."""
+    import random
+
+    from ray import tune
+
+    from avn_study.study.trainable import split_trial_config
+
+    flat, meta = split_trial_config(config)
+    key = json.dumps({"row": meta["row"], **{k: flat.get(k) for k in ("fold", "inner_fold", "seed", "lr")}},
+                     sort_keys=True)  # fmt: skip
+    rng = random.Random(zlib.crc32(key.encode()))
+    scale = float(meta["bench_epoch_s"]) * ARM_COST.get(str(flat.get("arm", "unet")), 1.0)
+    optimum = rng.uniform(-3.5, -2.5)  # this row's best log10(lr)
+    ceiling = 0.4 + 0.3 * rng.random() - 0.5 * (math.log10(float(flat.get("lr", 1e-3))) - optimum) ** 2
+    epochs = int(flat["epochs"])
+    started = time.time()
+    for epoch in range(epochs):
+        busy = scale * rng.uniform(0.8, 1.2)
+        time.sleep(busy)
+        value = ceiling * (1 - math.exp(-3 * (epoch + 1) / epochs)) + rng.gauss(0, 0.01)
+        tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch, "t_start": started, "t_end": time.time()})
+
+
+def _study_class():
+    from ray import tune
+
+    from avn_study.study.driver import Study
+
+    class StandInStudy(Study):
+        """The real Study with the stand-in trainable."""
+
+        epoch_s = 0.1
+
+        def _trainable(self):
+            return tune.with_resources(stand_in_trial, {"cpu": self.space.cpu, "gpu": self.gpu})
+
+        def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
+            return {**super()._meta(outer, test), "bench_epoch_s": self.epoch_s}
+
+    return StandInStudy
+
+
+def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]:
+    """The ceiling of ``concurrent_rows`` scheduling for ``space`` on ``slots``, with no Ray overhead at
+    all: a discrete-event model of the stand-in trials (the same per-arm costs, +-20 % per epoch) under
+    the study's hand-out rule (stage-1 trials round-robin over the searches with budget, each search's
+    stage 2 once its trials have ended, stage 1 first) and async ASHA per search (Ray's rule: a trial
+    stops at a rung when its value is below the ``1 - 1/reduction_factor`` percentile of the values
+    recorded there so far). Metric values are uniform random. Returns ``utilisation`` (busy slot-time /
+    (slots x wall)) and ``trials`` (how many it ran: the space's plan).
+    """
+    import heapq
+    import random
+
+    import numpy as np
+
+    from avn_study.config import TrainConfig
+    from avn_study.study.space import ABLATIONS
+
+    rng = random.Random(seed)
+    epochs, sched = TrainConfig.from_flat(space.fixed).optim.epochs, space.scheduler
+    rungs = sched.rungs(epochs) if sched.type != "none" else []
+
+    def cost(row: str) -> float:
+        return ARM_COST.get(str(space.trial_config(row).get("arm", "unet")), 1.0)
+
+    per_row = space.searches_per_row()  # per outer fold (nested), and per seed (and fold) with search_per_seed
+    searches = [(row, cost(row)) for _ in range(per_row) for row in space.searched_rows]
+    runs = len(space.folds) * len(space.seeds) * space.repeats if space.protocol in ABLATIONS else 0  # per row
+    per_search = runs // per_row  # each search chooses for its own outer fold, fold or seed only
+    started, ended = [0] * len(searches), [0] * len(searches)
+    recorded: list[dict[int, list[float]]] = [{} for _ in searches]
+    queue = [cost(r) for r in space.arms if r not in space.searched_rows for _ in range(runs)]  # nothing to wait for
+    events: list[tuple[float, int]] = []  # (end time, search index or -1 for stage 2)
+    now, free, busy, n_trials = 0.0, slots, 0.0, 0
+
+    def epochs_time(c: float, n: int) -> float:
+        return sum(c * rng.uniform(0.8, 1.2) for _ in range(n))
+
+    def launch() -> None:
+        nonlocal free, busy, n_trials
+        while free:
+            open_ = [i for i in range(len(searches)) if started[i] < space.trials]
+            if open_:
+                i = min(open_, key=lambda k: (started[k], k))
+                started[i] += 1
+                value, run = rng.random(), epochs
+                for rung in rungs:
+                    recorded[i].setdefault(rung, []).append(value)
+                    if value < np.percentile(recorded[i][rung], (1 - 1 / sched.reduction_factor) * 100):
+                        run = rung
+                        break
+                duration, who = epochs_time(searches[i][1], run), i
+            elif queue:
+                duration, who = epochs_time(queue.pop(0), epochs), -1
+            else:
+                return
+            free, busy, n_trials = free - 1, busy + duration, n_trials + 1
+            heapq.heappush(events, (now + duration, who))
+
+    launch()
+    while events:
+        now, who = heapq.heappop(events)
+        free += 1
+        if who >= 0:
+            ended[who] += 1
+            if ended[who] == space.trials:
+                queue += [searches[who][1]] * per_search
+        launch()
+    return {"utilisation": busy / (slots * now) if now else math.nan, "trials": n_trials}
+
+
+def stage_times(root: Path) -> dict[int, dict[str, float]]:
+    """Stage -> the trials' summed ``busy_s``, the first trial's start and the last trial's end (from
+    their ``result.json`` files)."""
+    from avn_study.study.folder import merge_grid, stage_folders
+
+    out = {s: {"busy_s": 0.0, "start": math.inf, "end": -math.inf} for s in (1, 2)}
+    for experiment in stage_folders(root):
+        for params in experiment.glob("*/params.json"):
+            stage = int(merge_grid(json.loads(params.read_text())).get("_stage", 1))
+            results = params.parent / "result.json"
+            lines = [json.loads(line) for line in results.read_text().splitlines() if line] if results.is_file() else []
+            if lines:
+                t = out[stage]
+                t["busy_s"] += sum(r["busy_s"] for r in lines)
+                t["start"], t["end"] = min(t["start"], lines[0]["t_start"]), max(t["end"], lines[-1]["t_end"])
+    return out
+
+
+def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 0.1,
+                  shape: dict[str, Any] | None = None,
+                  schedulings: tuple[bool, ...] = (False, True)) -> list[dict[str, Any]]:  # fmt: skip
+    """Both schedulings (``schedulings``: ``concurrent_rows`` values) of one study shape on ``gpus x per_gpu``
+    logical slots; one dict per scheduling.
+
+    ``shape`` overrides keys of ``ablation.yaml`` (default: its rows, folds and trials, with 20 epochs
+    and ASHA grace 4 standing in for 100 and 20, the same rung ratios at a fifth of the reports).
+    """
+    import ray
+    import yaml
+
+    from avn_study.data.phantom import PhantomConfig, write_cohort
+    from avn_study.resources import shipped_space
+    from avn_study.study.driver import init_ray
+    from avn_study.study.space import load_space
+
+    raw = yaml.safe_load(shipped_space("ablation").read_text())
+    raw["fixed"] = {**raw["fixed"], "epochs": 20}
+    raw["scheduler"] = {**raw["scheduler"], "grace_period": 4}
+    raw.update({"resources": {"cpu": 1, "gpu": 1 / per_gpu}, "max_concurrent": 0, "checkpoint": {"frequency": 1000}})
+    raw.update(shape or {})
+    cohort = work / "cohort"
+    if not (cohort / "dataset.json").is_file():
+        write_cohort(cohort, cases=40, seed=0, config=PhantomConfig.tiny())
+    slots = gpus * per_gpu
+    init_ray(None, num_cpus=slots, num_gpus=gpus)
+    out = []
+    try:
+        for concurrent in schedulings:
+            name = f"cluster-{'concurrent' if concurrent else 'sequential'}"
+            path = work / f"{name}.yaml"
+            path.write_text(yaml.safe_dump({**raw, "name": name, "concurrent_rows": concurrent}, sort_keys=False))
+            # a scheduling bench, not a study: its shapes need not reach a verdict
+            study = _study_class()(load_space(path), cohort, str(work / "storage"), progress=False,
+                                   allow_no_verdict=True)  # fmt: skip
+            study.epoch_s = epoch_s
+            study.prepare(resume=False)
+            start = time.time()
+            study.run()
+            wall = time.time() - start
+            times = stage_times(study.root)
+            # a stage's span: stage 1 from the study's start to its last trial's end, stage 2 from its first
+            # trial's start to its last's end (with concurrent rows the two overlap)
+            spans = {"stage 1": times[1]["end"] - start, "stage 2": max(0.0, times[2]["end"] - times[2]["start"])}
+            busy = {"stage 1": times[1]["busy_s"], "stage 2": times[2]["busy_s"]}
+            use = {k: busy[k] / (slots * spans[k]) if spans[k] > 0 else math.nan for k in spans}
+            out.append({"scheduling": "concurrent rows" if concurrent else "one row at a time", "slots": slots,
+                        "wall_s": wall, "stage_wall_s": spans, "busy_s": busy,
+                        "utilisation": {**use, "all": sum(busy.values()) / (slots * wall)}})  # fmt: skip
+            if concurrent:
+                out[-1]["model_ceiling"] = model_utilisation(study.space, slots)["utilisation"]
+    finally:
+        ray.shutdown()
+    return out
+
+
+def cluster_rows(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Rows for :func:`avn_study.bench.benches.print_table` (``results`` as :func:`bench_cluster` returns them)."""
+    rows = []
+    for r in results:
+        u, w = r["utilisation"], r["stage_wall_s"]
+        rows.append((f"{r['scheduling']}: utilisation stage 1 / stage 2 / all",
+                     f"{u['stage 1']:.2f} / {u['stage 2']:.2f} / {u['all']:.2f}",
+                     f"{r['slots']} slots, wall {r['wall_s']:.0f} s (stage 1 {w['stage 1']:.0f} s, "
+                     f"stage 2 {w['stage 2']:.0f} s)"))  # fmt: skip
+    by = {r["scheduling"]: r for r in results}
+    if "concurrent rows" in by:
+        concurrent = by["concurrent rows"]
+        ok = concurrent["utilisation"]["all"] >= 0.9
+        speed = (f"{by['one row at a time']['wall_s'] / concurrent['wall_s']:.2f}x faster"
+                 if "one row at a time" in by else "(run alone)")  # fmt: skip
+        rows.append(("concurrent rows vs one row at a time", speed,
+                     f"target >= 0.9 overall: {'met' if ok else 'missed'}"))  # fmt: skip
+        if "model_ceiling" in concurrent:
+            rows.append(("concurrent rows without any Ray overhead (model)", f"{concurrent['model_ceiling']:.2f}",
+                         "the scheduling's own ceiling for this shape: see model_utilisation"))  # fmt: skip
+    return rows
