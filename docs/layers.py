@@ -2,8 +2,8 @@
 
 ``python docs/layers.py`` rewrites the picture between the markers in docs/architecture.md;
 ``python docs/layers.py --check`` exits 1 when the picture there is not the one the code draws (a test runs it).
-A node is a stage: a subpackage, or ``names`` for the small top-level modules; an arrow ``a --> b`` says that some module of ``a``
-imports one of ``b``.
+A node is a stage: a subpackage, or ``names`` for the small top-level modules; an arrow ``a --> b``
+says that some module of ``a`` imports one of ``b``.
 """
 
 from __future__ import annotations

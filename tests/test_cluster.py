@@ -77,3 +77,58 @@ def test_trials_finish_when_a_worker_node_is_removed(two_nodes, sweep_cohort: Pa
     moved = [o for o in outcomes if len(set(_nodes(o.path))) == 2]
     assert moved, "the trial on the removed node should have finished on the head node"
     assert _nodes(moved[0].path)[-1] == cluster.head_node.node_id
+
+
+class RemoveWorkerAtIteration(tune.Callback):
+    """Removes the worker node once a trial on it has reported ``iteration``: Ray then restores that trial
+    on the head node from its last checkpoint, which reports the epochs after the checkpoint again."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        worker = _LIVE["worker"]
+        if (
+            not _LIVE["removed"]
+            and result["node_id"] == worker.node_id
+            and result["training_iteration"] == self.iteration
+        ):
+            _LIVE["removed"] = True
+            _LIVE["cluster"].remove_node(worker)
+
+
+def test_a_lost_node_changes_neither_the_choice_nor_the_numbers(two_nodes, sweep_cohort: Path, tmp_path: Path) -> None:
+    """The issue's fault: a 4-epoch trial checkpointed every 2 epochs loses its node after epoch 3 and reports
+    epoch 3 twice. Read by its epochs, it is the trial an uninterrupted run trains, and the search chooses
+    what the uninterrupted run chooses."""
+    from avn_study.study.folder import Stage1
+    from avn_study.study.results import read_trials
+
+    cluster, _ = two_nodes
+    runs = {}
+    for name, fault in (("clean", False), ("lost-node", True)):
+        worker = cluster.add_node(num_cpus=1)  # (the earlier test removed its worker)
+        cluster.wait_for_nodes()
+        _LIVE.update(cluster=cluster, worker=worker, removed=False)
+        space = load_space(small_space(
+            tmp_path / name, protocol="sweep", arms={"unet": {"schedule": "constant", "schedule_params": {}}},
+            fixed={**load_space(small_space(tmp_path)).fixed, "epochs": 4}, trials=2, max_concurrent=2,
+            max_failures=3, scheduler={"type": "none"}, checkpoint={"frequency": 2, "num_to_keep": 1},
+        ))  # fmt: skip
+        callbacks = [RemoveWorkerAtIteration(3)] if fault else []
+        study = Study(space, sweep_cohort, str(tmp_path / name / "storage"), progress=False, callbacks=callbacks)
+        study.prepare(resume=False)
+        outcomes = study.run().outcomes
+        assert _LIVE["removed"] == fault
+        if not fault:
+            cluster.remove_node(worker)
+        assert [o.status for o in outcomes] == ["TERMINATED", "TERMINATED"]
+        runs[name] = (study, {round(o.config["lr"], 12): o for o in read_trials(Path(outcomes[0].path).parent)})
+    (clean, by_lr), (faulty, by_lr_faulty) = runs["clean"], runs["lost-node"]
+    lines = [len((Path(o.path) / "result.json").read_text().splitlines()) for o in by_lr_faulty.values()]
+    assert max(lines) > 4  # the restored trial reported an epoch twice
+    assert set(by_lr) == set(by_lr_faulty)  # the same configurations, sampled in the same order
+    for lr, o in by_lr.items():
+        assert by_lr_faulty[lr].epochs == o.epochs == 4
+        assert by_lr_faulty[lr].metric == pytest.approx(o.metric, abs=1e-6)
+    assert clean.select(Stage1("unet")).config["lr"] == faulty.select(Stage1("unet")).config["lr"]

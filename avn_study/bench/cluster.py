@@ -36,9 +36,11 @@ def stand_in_trial(config: dict[str, Any]) -> None:
 
     from ray import tune
 
-    from avn_study.study.trainable import split_trial_config
+    from avn_study.study.folder import per_case_file
+    from avn_study.study.trainable import TrialFiles, split_trial_config
 
     flat, meta = split_trial_config(config)
+    files = TrialFiles()
     key = json.dumps({"row": meta["row"], **{k: flat.get(k) for k in ("fold", "inner_fold", "seed", "lr")}},
                      sort_keys=True)  # fmt: skip
     rng = random.Random(zlib.crc32(key.encode()))
@@ -51,6 +53,10 @@ def stand_in_trial(config: dict[str, Any]) -> None:
         busy = scale * rng.uniform(0.8, 1.2)
         time.sleep(busy)
         value = ceiling * (1 - math.exp(-3 * (epoch + 1) / epochs)) + rng.gauss(0, 0.01)
+        # per-case records like a real trial's (three stand-in cases), so the study reads back as a real one
+        cases = [{"case": f"bench_{k}", "patient": f"bench_{k}", "epoch": epoch, "dice": value, "has_necrosis": 1}
+                 for k in range(3)]  # fmt: skip
+        files.write(per_case_file(epoch), json.dumps(cases))
         tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch, "t_start": started, "t_end": time.time()})
 
 
