@@ -40,6 +40,18 @@ _EXPORTS = {  # what a script or notebook needs; everything else is imported fro
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
+def lazy_exports(module: str, names: tuple[str, ...]) -> Any:
+    """A module-level ``__getattr__`` (PEP 562) that imports ``module`` only when one of ``names`` is used:
+    a package re-exports its main module's names without importing it (and its torch) with the package."""
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+        raise AttributeError(f"module {module.rsplit('.', 1)[0]!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -182,30 +182,12 @@ def run_permutation_test(values: np.ndarray, is_row: np.ndarray, strata: np.ndar
     """
     values = np.asarray(values, dtype=float)
     is_row = np.asarray(is_row, dtype=bool)
-    strata = np.asarray(strata)
-    groups = [np.flatnonzero(strata == s) for s in dict.fromkeys(strata.tolist())]
-    choices = [list(itertools.combinations(idx.tolist(), int(is_row[idx].sum()))) for idx in groups]
-    total = math.prod(len(c) for c in choices)
-    exact = total <= n_perm
-    if exact:
-        labellings = np.zeros((total, len(is_row)), dtype=bool)
-        for k, combo in enumerate(itertools.product(*choices)):
-            labellings[k, [i for chosen in combo for i in chosen]] = True
-    else:
-        rng = np.random.default_rng(seed)
-        labellings = np.zeros((n_perm, len(is_row)), dtype=bool)
-        for idx in groups:
-            k = int(is_row[idx].sum())
-            picks = np.argsort(rng.random((n_perm, idx.size)), axis=1)[:, :k]
-            sub = np.zeros((n_perm, idx.size), dtype=bool)
-            np.put_along_axis(sub, picks, True, axis=1)
-            labellings[:, idx] = sub
-        labellings = np.vstack([is_row[None, :], labellings])  # the observed labelling counts once
-    statistics = _labelled_statistics(values, labellings, scale)
+    labelled, exact = labellings(is_row, strata, n_perm, seed)
+    statistics = _labelled_statistics(values, labelled, scale)
     observed = _labelled_statistics(values, is_row[None, :], scale)[0]
     at_least = int((np.abs(statistics) >= abs(observed) - 1e-9).sum())
     smallest = int((np.abs(statistics) >= np.abs(statistics).max() - 1e-9).sum())
-    count = labellings.shape[0]
+    count = labelled.shape[0]
     return RunPermutation(at_least / count, count, exact, smallest / count)
 
 

@@ -6,26 +6,21 @@ existed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from avn_study import lazy_exports
 
-_MODULE = "avn_study.bench.benches"
-_NAMES = (
-    "BENCH_MARKER",
-    "TARGET_PEAK_RSS_GB",
-    "TARGET_SLICES_PER_S_PER_CORE",
-    "bench_data",
-    "bench_gpu",
-    "bench_sweep",
-    "bench_train",
-    "matmul_peak_flops",
-    "print_table",
-    "run",
-    "work_folder",
+__getattr__ = lazy_exports(
+    "avn_study.bench.benches",
+    (
+        "BENCH_MARKER",
+        "TARGET_PEAK_RSS_GB",
+        "TARGET_SLICES_PER_S_PER_CORE",
+        "bench_data",
+        "bench_gpu",
+        "bench_sweep",
+        "bench_train",
+        "matmul_peak_flops",
+        "print_table",
+        "run",
+        "work_folder",
+    ),
 )
-
-
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(importlib.import_module(_MODULE), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,35 +7,30 @@ existed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from avn_study import lazy_exports
 
-_MODULE = "avn_study.bundle.format"
-_NAMES = (
-    "BUNDLE_FORMAT",
-    "BUNDLE_VERSION",
-    "Bundle",
-    "CHECKSUMS_SINCE",
-    "CONFIG_KEYS",
-    "ENSEMBLE_DIR",
-    "InferenceOptions",
-    "REQUIRED_FILES",
-    "SLICE_AXIS",
-    "TTA_MODES",
-    "build_bundle_model",
-    "bundle_checksums",
-    "bundle_config",
-    "check_bundle_out",
-    "check_checksums",
-    "file_sha256",
-    "is_bundle",
-    "load_bundle",
-    "package_versions",
-    "write_bundle",
+__getattr__ = lazy_exports(
+    "avn_study.bundle.format",
+    (
+        "BUNDLE_FORMAT",
+        "BUNDLE_VERSION",
+        "Bundle",
+        "CHECKSUMS_SINCE",
+        "CONFIG_KEYS",
+        "ENSEMBLE_DIR",
+        "InferenceOptions",
+        "REQUIRED_FILES",
+        "SLICE_AXIS",
+        "TTA_MODES",
+        "build_bundle_model",
+        "bundle_checksums",
+        "bundle_config",
+        "check_bundle_out",
+        "check_checksums",
+        "file_sha256",
+        "is_bundle",
+        "load_bundle",
+        "package_versions",
+        "write_bundle",
+    ),
 )
-
-
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(importlib.import_module(_MODULE), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -698,22 +698,23 @@ class Study:
         self._push(STAGE2_PLAN)
 
     def run_stage2(self, resume: bool) -> None:
-        from ray import tune
 
         grid = self.stage2_grid()
         self._write_plan(grid)
+        self._run_grid(STAGE2, "stage 2", grid, resume)
+
+    def _run_grid(self, experiment: str, label: str, grid: list[dict[str, Any]], resume: bool) -> None:
+        """One Ray experiment of stage-2 trials: every entry of ``grid`` to the end (no search, no ASHA)."""
+        from ray import tune
+
         param_space = {"grid": tune.grid_search(grid), "_avn": self._meta(test=True)}
 
         def make_tuner():
-            return tune.Tuner(
-                self._trainable(), param_space=param_space,
-                tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode,
-                                            max_concurrent_trials=self.max_concurrent or None,
-                                            trial_dirname_creator=_trial_dirname, reuse_actors=True),
-                run_config=self._run_config(STAGE2, "stage 2", len(grid)),
-            )  # fmt: skip
+            return tune.Tuner(self._trainable(), param_space=param_space,
+                              tune_config=self._tune_config(None, None, 1),
+                              run_config=self._run_config(experiment, label, len(grid)))  # fmt: skip
 
-        self._fit(STAGE2, make_tuner, param_space, resume)
+        self._fit(experiment, make_tuner, param_space, resume)
 
     def repair_stage2(self) -> None:
         """Re-run the stage-2 trials of the plan whose folder is missing or damaged.
@@ -726,7 +727,6 @@ class Study:
         stage-2 experiment is not edited: a restored ``stage2/`` (or the RowSearch of ``stages/``)
         would not run a trial it saved as finished again.
         """
-        from ray import tune
 
         from avn_study.study.check import read_plan, stage2_key, trial_damage, trial_key
 
@@ -750,18 +750,7 @@ class Study:
         name = f"{STAGE2_REPAIR}-{len(repair_folders(self.root)) + 1}"
         print(f"stage 2: {len(missing)} trial(s) of {STAGE2_PLAN} missing or damaged, re-run in {name}",
               file=sys.stderr)  # fmt: skip
-        param_space = {"grid": tune.grid_search(missing), "_avn": self._meta(test=True)}
-
-        def make_tuner():
-            return tune.Tuner(
-                self._trainable(), param_space=param_space,
-                tune_config=tune.TuneConfig(metric=self.space.metric, mode=self.space.mode,
-                                            max_concurrent_trials=self.max_concurrent or None,
-                                            trial_dirname_creator=_trial_dirname, reuse_actors=True),
-                run_config=self._run_config(name, "stage 2 (repair)", len(missing)),
-            )  # fmt: skip
-
-        self._fit(name, make_tuner, param_space, resume=False)
+        self._run_grid(name, "stage 2 (repair)", missing, resume=False)
 
     def _set_aside(self, trial_dir: Path, why: str) -> None:
         """Move a damaged trial folder to ``NAME.damaged-K`` next to it (never deleted; in the store too, for

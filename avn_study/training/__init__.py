@@ -7,19 +7,14 @@ existed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from avn_study import lazy_exports
 
-_MODULE = "avn_study.training.run"
-_NAMES = (
-    "TrainingRun",
-    "is_run_folder",
-    "resolve_channels",
-    "write_run_outputs",
+__getattr__ = lazy_exports(
+    "avn_study.training.run",
+    (
+        "TrainingRun",
+        "is_run_folder",
+        "resolve_channels",
+        "write_run_outputs",
+    ),
 )
-
-
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(importlib.import_module(_MODULE), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
