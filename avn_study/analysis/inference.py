@@ -48,7 +48,7 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, confidence: float = 0
     ``tests/analysis/test_inference.py``. All-equal values give the degenerate interval ``(mean, mean)``;
     fewer than 2 values give ``(nan, nan)``.
     """
-    values = np.asarray(values, dtype=float)
+    values = np.sort(np.asarray(values, dtype=float))  # sorted: the seeded resamples do not depend on row order
     n = values.size
     if n < 2:
         return math.nan, math.nan
