@@ -119,7 +119,10 @@ def temp_name(name: str, tag: str = "tmp") -> str:
     return f".{name}.{tag}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether a process of this host with id ``pid`` is alive (a non-positive or non-integer id is not)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -133,8 +136,8 @@ def clean_stale(out: Path) -> list[Path]:
     """Remove our temporaries of ``out`` (``.NAME.tmp-*``, ``.NAME.old-*``) left by a killed process of this
     host; a set-aside old output whose swap was interrupted goes back to ``out`` when ``out`` is missing.
 
-    Folders of the naming older versions used (``.NAME.tmp-XXXXXXXX`` from ``mkdtemp``, no owner in the
-    name) are removed once nothing has written to them for :data:`LEGACY_STALE_S` (a command fills its
+    Folders of the naming older versions used (``.NAME.tmp-`` and 8 random characters, from ``mkdtemp``, no
+    owner in the name) are removed once nothing has written to them for :data:`LEGACY_STALE_S` (a command fills its
     temporary in minutes at most).
 
     Returns:
@@ -156,7 +159,7 @@ def clean_stale(out: Path) -> list[Path]:
                     shutil.rmtree(path)
                     done.append(path)
             continue
-        if not match or match["host"] != _host() or _pid_alive(int(match["pid"])):
+        if not match or match["host"] != _host() or pid_alive(int(match["pid"])):
             continue
         if match.group(1) == "old" and not (out.exists() or out.is_symlink()):
             with suppress(OSError):  # the swap was cut between its renames: the old output goes back

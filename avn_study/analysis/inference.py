@@ -197,14 +197,20 @@ def _labelled_statistics(values: np.ndarray, labellings: np.ndarray, scale: floa
     The mean, not the signed-rank statistic: ranks saturate once every patient improves, so every
     relabelling that keeps all differences positive would tie with the observed one.
     """
-    present = np.isfinite(values)
-    filled = np.where(present, values, 0.0)
-    row = labellings.astype(float)
-    ref = 1.0 - row
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = (row @ filled) / (row @ present) - (ref @ filled) / (ref @ present)  # (L, patients)
+    d = _patient_differences(values, labellings)
     keep = np.isfinite(d).all(axis=0)  # patients both rows evaluated (the same under every labelling)
     return tie_rounded(d[:, keep], scale).mean(axis=1)
+
+
+def _patient_differences(values: np.ndarray, labelling: np.ndarray) -> np.ndarray:
+    """``(L, patients)``: per patient, the mean over the units labelled row minus the mean over the others
+    (NaN where one side evaluated no unit)."""
+    present = np.isfinite(values)
+    filled = np.where(present, values, 0.0)
+    row = labelling.astype(float)
+    ref = 1.0 - row
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (row @ filled) / (row @ present) - (ref @ filled) / (ref @ present)
 
 
 # ------------------------------------------------------------------ pipeline replicates: test and interval
@@ -244,12 +250,7 @@ def labelled_means(values: np.ndarray, labelling: np.ndarray) -> np.ndarray:
     where both rows evaluated them; that set is the same under every labelling that keeps each
     stratum's counts, so the statistic is linear in ``values``.
     """
-    present = np.isfinite(values)
-    filled = np.where(present, values, 0.0)
-    row = labelling.astype(float)
-    ref = 1.0 - row
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = (row @ filled) / (row @ present) - (ref @ filled) / (ref @ present)  # (L, patients)
+    d = _patient_differences(values, labelling)
     keep = np.isfinite(d[0])
     return d[:, keep].mean(axis=1) if keep.any() else np.full(labelling.shape[0], np.nan)
 

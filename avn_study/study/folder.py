@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import UsageError
+from avn_study.outputs import pid_alive
 from avn_study.vocabulary import ERROR, INCOMPLETE, TERMINATED  # (the statuses' one owner)
 
 MANIFEST = "study.json"
@@ -293,7 +294,7 @@ class StudyLock:
         """Why ``holder`` is stale ("" if it looks alive)."""
         if holder.get("unreadable"):
             return "the lock file is unreadable"
-        if holder.get("host") == self.me["host"] and not _pid_alive(holder.get("pid")):
+        if holder.get("host") == self.me["host"] and not pid_alive(holder.get("pid")):
             return f"process {holder.get('pid')} no longer runs on {holder.get('host')}"
         age = time.time() - float(holder.get("heartbeat", 0) or 0)
         if age > self.stale_after_s:
@@ -350,18 +351,6 @@ class StudyLock:
             self._thread.join(timeout=5)
         if self._mine(self.holder()):
             self.where.delete()
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def storage_error(location: str, err: OSError) -> Exception:
