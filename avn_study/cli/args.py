@@ -26,6 +26,7 @@ def _text(text: str) -> str:
 
 
 def _positive_int(text: str) -> int:
+    """A count (``--cases``, ``--batch-size``): an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -33,6 +34,7 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
+    """A duration in seconds: finite and above 0 (``nan`` and ``inf`` are refused too)."""
     value = float(text)
     if not (value > 0.0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
@@ -40,6 +42,7 @@ def _positive_float(text: str) -> float:
 
 
 def _fraction(text: str) -> float:
+    """A share in [0, 1) (``--test-fraction``): 1 would leave no patient for the folds."""
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
@@ -47,5 +50,6 @@ def _fraction(text: str) -> float:
 
 
 def _progress(done: int, total: int, name: str) -> None:
+    """One progress line on stderr, rewritten in place until the last item."""
     end = "\n" if done == total else "\r"
     print(f"  [{done}/{total}] {name}", end=end, file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ from avn_study.cli.args import _path, _positive_float, _positive_int
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``avn-study bench WHAT``: hand over to :func:`avn_study.bench.run`."""
     from avn_study import bench
 
     return bench.run(args.what, args)

@@ -11,6 +11,7 @@ from avn_study.errors import UsageError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``avn-study export``: select the best configuration, write its bundle and say what was chosen."""
     from avn_study.bundle.export import export_bundle
     from avn_study.bundle.format import InferenceOptions
 
@@ -64,6 +65,7 @@ def _export_parser(sub) -> None:
 
 
 def _add_inference_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """The inference options export, predict and evaluate share; ``what`` says what their default is."""
     p.add_argument("--tta", choices=("none", "flip"), default=None,
                    help=f"test-time augmentation: flip = mean with the left-right mirror ({what})")  # fmt: skip
     p.add_argument(
@@ -78,10 +80,12 @@ def _add_inference_flags(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _inference_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The inference flags as keyword arguments (None: the bundle's own setting)."""
     return {"tta": args.tta, "restrict_to_head": args.restrict_to_head, "min_component_ml": args.min_component_ml}
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``avn-study predict``: label maps (and, with ``--dicom-seg``, DICOM SEGs planned before any prediction)."""
     from avn_study.bundle.predict import predict
 
     progress = _progress if args.input.is_dir() else None
@@ -135,6 +139,7 @@ def _predict_parser(sub) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``avn-study evaluate``: score a bundle on a labelled cohort and print the summary."""
     from avn_study.bundle.evaluate import evaluate_bundle, summary_lines
 
     summary = evaluate_bundle(args.bundle, args.data, args.out, subset=args.subset, device=args.device,

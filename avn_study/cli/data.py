@@ -12,6 +12,7 @@ from avn_study.errors import UsageError
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    """``avn-study synth``: write a phantom cohort, replacing only an earlier phantom cohort whole."""
     from avn_study.data.phantom import PhantomConfig, is_phantom_cohort, write_cohort
     from avn_study.outputs import check_target, staged_folder
 
@@ -40,6 +41,7 @@ def _synth_parser(sub) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """``avn-study verify``: check a cohort (or a DICOM export); exit 2 listing every problem."""
     from avn_study.data.verify import verify_dataset
     from avn_study.dicom import looks_like_dicom
 
@@ -64,6 +66,7 @@ def _verify_parser(sub) -> None:
 
 
 def cmd_import_dicom(args: argparse.Namespace) -> int:
+    """``avn-study import-dicom``: convert a DICOM export and list the series chosen for each visit."""
     from avn_study.dicom import require_dicom
 
     require_dicom("import-dicom")
@@ -119,18 +122,14 @@ def _import_dicom_parser(sub) -> None:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    """``avn-study split``: freeze patient-level folds; a frozen split is replaced only with ``--overwrite``."""
     from avn_study.data.cache import build_cache
     from avn_study.data.splits import SPLITS_FILE, is_splits_file, make_splits, write_splits
     from avn_study.outputs import check_target
 
     target = args.out or Path(args.data) / SPLITS_FILE
     if target.is_file() and not args.overwrite:
-        from avn_study.outputs import json_marker
-
-        held = json.loads(target.read_text()).get("hash", "?")[:12] if json_marker(target, "hash") else "?"
-        raise UsageError(f"{target}: a frozen split (hash {held}) already exists; runs and studies recorded its "
-                         "hash. Pass --overwrite to replace it (their results will then name a split that is gone), "
-                         "or --out to write another file")  # fmt: skip
+        _refuse_a_frozen_split(target)
     unwritable = ("the cohort folder may be read-only: pass --out FILE to freeze the split elsewhere (and --splits "
                   "FILE to train with it)")  # fmt: skip
     check_target(target, flag="--out", kind="a splits file", is_own=is_splits_file, overwrite=args.overwrite,
@@ -147,6 +146,23 @@ def cmd_split(args: argparse.Namespace) -> int:
         out = write_splits(splits, target, is_splits_file if args.overwrite else None)
     except OSError as err:
         raise UsageError(f"{target.parent}: cannot write {target.name} there ({err.strerror}); {unwritable}") from None
+    _print_splits(splits, patients, necrosis)
+    print(f"wrote {out} (hash {splits.hash[:12]})")
+    return 0
+
+
+def _refuse_a_frozen_split(target: Path) -> None:
+    """Refuse to replace a frozen split without ``--overwrite``: runs and studies recorded its hash."""
+    from avn_study.outputs import json_marker
+
+    held = json.loads(target.read_text()).get("hash", "?")[:12] if json_marker(target, "hash") else "?"
+    raise UsageError(f"{target}: a frozen split (hash {held}) already exists; runs and studies recorded its "
+                     "hash. Pass --overwrite to replace it (their results will then name a split that is gone), "
+                     "or --out to write another file")  # fmt: skip
+
+
+def _print_splits(splits, patients: dict[str, str], necrosis: dict[str, bool] | None) -> None:
+    """The held-out test set (patients, with necrosis) and each fold's train and validation cases."""
     if splits.test:
         test_patients = {patients[c] for c in splits.test}
         positive = sum(any(necrosis.get(c, False) for c in splits.test if patients[c] == p) for p in test_patients) \
@@ -155,8 +171,6 @@ def cmd_split(args: argparse.Namespace) -> int:
               "held out of every fold")  # fmt: skip
     for i, fold in enumerate(splits.folds):
         print(f"fold {i}: {len(fold.train)} train / {len(fold.val)} val cases")
-    print(f"wrote {out} (hash {splits.hash[:12]})")
-    return 0
 
 
 def _split_parser(sub) -> None:

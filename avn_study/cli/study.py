@@ -35,6 +35,7 @@ def _summary_table(result, metric: str) -> str:
 
 
 def _errored_summary(result) -> str:
+    """The trials that errored after their retries, each with the last line of its error and its log."""
     lines = [f"{len(result.errored)} trial(s) errored after their retries:"]
     for o in result.errored:
         reason = next((line for line in reversed(o.error.splitlines()) if line.strip()), "unknown")
@@ -53,6 +54,7 @@ def _report(result, metric: str, where: str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """``avn-study sweep``: run a search-space file (or print its ``--plan``) and report what finished."""
     from avn_study.resources import space_argument
     from avn_study.study.driver import Study
     from avn_study.study.space import load_space
@@ -139,6 +141,7 @@ def _print_plan(space, data: Path | None, allow_no_verdict: bool, pilot: Path | 
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """``avn-study plan``: what a space runs and what its design can decide."""
     from avn_study.resources import space_argument
     from avn_study.study.space import load_space
 
@@ -159,6 +162,7 @@ def _plan_parser(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``avn-study demo``: a phantom cohort, the demo study on it and its report, resumed when run again."""
     from avn_study.data.phantom import PhantomConfig, write_cohort
     from avn_study.study.driver import Study
     from avn_study.study.space import load_space
@@ -168,22 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cases = args.cases or (6 if args.tiny else 16)
     if args.seed < 0:
         raise UsageError(f"--seed must be an integer >= 0, got {args.seed}")
-    from avn_study.resources import shipped_space, space_argument
-
-    if args.space:
-        space_file = space_argument(args.space)
-    elif args.tiny:  # the smoke space with one trial per search: a check of the install, not a study
-        import yaml
-
-        text = yaml.safe_dump({**yaml.safe_load(shipped_space("smoke").read_text()), "trials": 1}, sort_keys=False)
-        out.mkdir(parents=True, exist_ok=True)
-        space_file = out / "tiny.yaml"
-        if space_file.exists() and space_file.read_text() != text:  # never replace a file the demo did not write
-            raise UsageError(f"{space_file}: exists and is not the tiny demo's space; choose another --out")
-        space_file.write_text(text)
-    else:
-        space_file = shipped_space("demo")
-    space = load_space(space_file)
+    space = load_space(_demo_space(args, out))
     if (cohort / "dataset.json").is_file():
         print(f"reusing the phantom cohort in {cohort}", file=sys.stderr)
     else:
@@ -201,6 +190,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(_errored_summary(result), file=sys.stderr)
     code = _analyze_and_print(study.root, out / "report")
     return 1 if result.errored else code
+
+
+def _demo_space(args: argparse.Namespace, out: Path) -> Path:
+    """The demo's search-space file: ``--space``, the tiny smoke space written into ``out``, or the shipped demo."""
+    from avn_study.resources import shipped_space, space_argument
+
+    if args.space:
+        return space_argument(args.space)
+    if args.tiny:  # the smoke space with one trial per search: a check of the install, not a study
+        import yaml
+
+        text = yaml.safe_dump({**yaml.safe_load(shipped_space("smoke").read_text()), "trials": 1}, sort_keys=False)
+        out.mkdir(parents=True, exist_ok=True)
+        space_file = out / "tiny.yaml"
+        if space_file.exists() and space_file.read_text() != text:  # never replace a file the demo did not write
+            raise UsageError(f"{space_file}: exists and is not the tiny demo's space; choose another --out")
+        space_file.write_text(text)
+        return space_file
+    return shipped_space("demo")
 
 
 def _demo_parser(sub) -> None:
@@ -221,6 +229,7 @@ def _demo_parser(sub) -> None:
 
 
 def _analyze_and_print(experiment: Path, out: Path, reference: str | None = None, metric: str = "dice") -> int:
+    """Analyse an experiment into ``out`` and print the ablation table, the warnings and where the report is."""
     from avn_study.analysis import analyze, write_analysis
     from avn_study.analysis.report import ablation_markdown
 
@@ -233,6 +242,7 @@ def _analyze_and_print(experiment: Path, out: Path, reference: str | None = None
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    """``avn-study analyze``: tables, statistics, figures and summary.md of a study."""
     out = args.out or args.experiment / "analysis"
     return _analyze_and_print(args.experiment, out, args.reference, args.metric)
 

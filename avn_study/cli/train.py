@@ -42,6 +42,7 @@ _TRAIN_FLAGS = (
 
 
 def train_config_from_args(args: argparse.Namespace):
+    """The typed config of ``train``'s flags and ``--set`` pairs, validated as any config is."""
     from avn_study.config import TrainConfig
 
     flat = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
@@ -50,6 +51,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _epoch_line(record: dict, epochs: int) -> str:
+    """One epoch's progress line: losses per branch, their weights, validation Dice and time."""
     losses = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss_") and k != "loss_total")
     weights = " ".join(f"{k[2:]} {v:.2f}" for k, v in record.items() if k.startswith("w_"))
     line = f"epoch {record['epoch'] + 1:>3}/{epochs}  loss {record['loss_total']:.3f} ({losses})  w ({weights})"
@@ -59,6 +61,7 @@ def _epoch_line(record: dict, epochs: int) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``avn-study train``: one run without Ray; ``--out`` is checked before any training."""
     from avn_study.outputs import check_target
     from avn_study.training.engine import prepare_data
     from avn_study.training.run import TrainingRun, is_run_folder, write_run_outputs
