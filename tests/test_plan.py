@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from avn_study.cli.commands import main
+from avn_study.cli.parser import main
 from avn_study.errors import UsageError
 from avn_study.study.plan import check_verdicts, floors
 from avn_study.study.space import load_space, parse_space

@@ -6,14 +6,15 @@ searches; Wilcoxon's from the reported patients with necrosis, when the cohort i
 with Holm's first step, ``alpha / m``. ``avn-study sweep`` refuses a design that can reach no verdict
 (unless ``--allow-no-verdict``); ``sweep --plan`` and ``avn-study plan`` print the floors, the power for
 planted effects and the smallest effect found at 80 % power, for the design and a few cheaper or larger
-ones, with their GPU-hours from :data:`COST_MODEL`. The simulation is :mod:`avn_study.analysis.design`'s,
-which also proves the verdict's false-positive rate.
+ones, with their GPU-hours from :data:`COST_MODEL`, after :func:`plan_text`'s trials and epochs. The
+simulation is :mod:`avn_study.analysis.design`'s, which also proves the verdict's false-positive rate.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from avn_study.errors import UsageError
@@ -129,6 +130,65 @@ def check_verdicts(space: SearchSpace, patients: int | None = None, allow_no_ver
 
 
 # ------------------------------------------------------------------------------------------ the plan
+def plan_text(space: SearchSpace, gpus_per_trial: float | None = None) -> str:
+    """``sweep --plan``: the trials and epochs a space will run, before anything starts.
+
+    Args:
+        space: the search space.
+        gpus_per_trial: ``--gpus-per-trial``, which overrides the space's GPU share (None: the space's).
+    """
+    plan = space.plan()
+    searched = len(space.searched_rows)
+    lines = [
+        f"{space.path}: {space.protocol}, {plan['rows']} rows",
+        f"stage 1: {plan['searches']} searches ({_search_shape(space)}) x "
+        f"{space.trials} trials = {plan['stage1_trials']} trials, ~{plan['stage1_epochs']:,.0f} epochs with "
+        f"{space.scheduler.type} (at most {plan['stage1_epochs_max']:,})",
+    ]
+    if plan["stage2_trials"]:
+        lines.append(f"stage 2: {searched} rows x {len(space.folds)} folds x {len(space.seeds) * space.repeats} "
+                     f"seeds = {plan['stage2_trials']} trials, {plan['stage2_epochs']:,} epochs")  # fmt: skip
+    if plan["nnunet_trials"]:
+        lines.append(f"stage 2, nnU-Net rows (no search: nnU-Net configures itself): {plan['nnunet_trials']} trials")
+    if space.concurrent_rows:
+        lines.append(
+            "scheduling: one Ray experiment, every search at once"
+            + (", each row's stage 2 as soon as its search has chosen" if plan["stage2_trials"] else "")
+        )
+    else:
+        lines.append("scheduling: one search after another" + (", then stage 2" if plan["stage2_trials"] else "")
+                     + " (concurrent_rows: true keeps a cluster fuller)")  # fmt: skip
+    gpu = space.gpu if gpus_per_trial is None else gpus_per_trial
+    lines.append(f"each trial: {space.cpu:g} CPU, {gpu:g} GPU" + (" (--gpus-per-trial)" if gpus_per_trial is not None
+                                                                   else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _search_shape(space: SearchSpace) -> str:
+    """How stage 1's searches multiply out: rows x folds (x seeds), or one per row."""
+    searched = len(space.searched_rows)
+    if space.protocol == "nested_ablation":
+        return f"{searched} rows x {len(space.folds)} outer folds" + (
+            f" x {len(space.seeds)} seeds (a search per seed)" if space.search_per_seed else "")  # fmt: skip
+    if space.search_per_seed:
+        return f"{searched} rows x {len(space.folds)} reported folds x {len(space.seeds)} seeds (a search per seed)"
+    return "one per row"
+
+
+def cohort_sizes(space: SearchSpace, data: Path | None) -> tuple[int | None, int | None]:
+    """(reported patients the primary metric is defined on, every patient) of a cohort, or (None, None)
+    when there is no cohort at ``data``: the plan then shows the replicate floors only."""
+    if data is None or not (Path(data) / "dataset.json").is_file():
+        return None, None
+    from avn_study.config import TrainConfig
+    from avn_study.training.engine import cohort_split
+
+    searched = space.searched_rows
+    config = TrainConfig.from_flat(space.trial_config(searched[0]) if searched else space.fixed)
+    cases, splits = cohort_split(data, config)
+    return reported_patients(space, cases, splits), len({c.patient_id for c in cases})
+
+
 def alternatives(space: SearchSpace) -> list[tuple[str, SearchSpace, float]]:
     """The design and a few cheaper or larger ones: (label, space, patient factor)."""
     out = [("this design", space, 1.0)]
