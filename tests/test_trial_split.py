@@ -86,7 +86,7 @@ def test_an_outer_fold_without_inner_folds_is_refused(study) -> None:
 
 
 def test_an_inline_split_of_an_older_study_folder_is_used_as_it_is(study) -> None:
-    root, splits, read, reads = study
+    root, _, read, reads = study
     meta = {"split": {"hash": "old"}, "inner": {"k": 2}}
     assert trial_split.trial_split(meta, str(root), read) == ({"hash": "old"}, {"k": 2})
     assert trial_split.trial_split({}, str(root), read) == (None, None)

@@ -52,8 +52,11 @@ def trial_split(
     if meta.get("outer") is None:
         return split, None
     outer = str(int(meta["outer"]))
-    nested = _cached(study, NESTED_SPLITS, read,
-                     lambda n: isinstance(n, dict) and n.get("outer_hash") == expected and outer in n.get("inner", {}))  # fmt: skip
+
+    def fits(n: Any) -> bool:
+        return isinstance(n, dict) and n.get("outer_hash") == expected and outer in n.get("inner", {})
+
+    nested = _cached(study, NESTED_SPLITS, read, fits)
     entry = nested.get("inner", {}).get(outer) if isinstance(nested, dict) else None
     if not isinstance(nested, dict) or nested.get("outer_hash") != expected or not isinstance(entry, dict):
         raise DataError(f"{study}/{NESTED_SPLITS}: no inner folds of outer fold {outer} made from split "
