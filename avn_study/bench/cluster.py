@@ -60,6 +60,20 @@ def stand_in_trial(config: dict[str, Any]) -> None:
         tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch, "t_start": started, "t_end": time.time()})
 
 
+def _asha_epochs(recorded: dict[int, list[float]], value: float, rungs: list[int], reduction_factor: float,
+                 epochs: int) -> int:  # fmt: skip
+    """The epochs a trial of final ``value`` runs under async ASHA (Ray's rule: it stops at the first rung
+    where it is below the ``1 - 1/reduction_factor`` percentile of the values recorded there so far, its
+    own included); records ``value`` at every rung it reaches."""
+    import numpy as np
+
+    for rung in rungs:
+        recorded.setdefault(rung, []).append(value)
+        if value < np.percentile(recorded[rung], (1 - 1 / reduction_factor) * 100):
+            return rung
+    return epochs
+
+
 def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]:
     """The ceiling of ``concurrent_rows`` scheduling for ``space`` on ``slots``, with no Ray overhead at
     all: a discrete-event model of the stand-in trials (the same per-arm costs, +-20 % per epoch) under
@@ -71,8 +85,6 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]
     """
     import heapq
     import random
-
-    import numpy as np
 
     from avn_study.config import TrainConfig
     from avn_study.study.space import ABLATIONS
@@ -104,12 +116,7 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]
             if open_:
                 i = min(open_, key=lambda k: (started[k], k))
                 started[i] += 1
-                value, run = rng.random(), epochs
-                for rung in rungs:
-                    recorded[i].setdefault(rung, []).append(value)
-                    if value < np.percentile(recorded[i][rung], (1 - 1 / sched.reduction_factor) * 100):
-                        run = rung
-                        break
+                run = _asha_epochs(recorded[i], rng.random(), rungs, sched.reduction_factor, epochs)
                 duration, who = epochs_time(searches[i][1], run), i
             elif queue:
                 duration, who = epochs_time(queue.pop(0), epochs), -1

@@ -258,36 +258,10 @@ class Study:
         self._check_search_files()
 
     def _check_search_files(self) -> None:
-        """Before a resume: every searcher state Ray would restore and Optuna's journal are whole, and the
-        journal holds the Optuna study of every search that has trials (a garbage or missing one would
-        make Ray or Optuna silently start that search again, past its budget).
-
-        Raises:
-            DamagedFile: naming the file, what was expected and a way out (exit 2).
-        """
-        from avn_study.study.check import DamagedFile, check_journal, check_searcher_state
-
-        if not self.space.search:
-            return  # no searcher, no journal
-        expected: list[str] = []
-        for run in self.stage1_runs():
-            folder = self.root / self._stage1_experiment(run)
-            if not any(folder.glob("experiment_state-*.json")):
-                continue  # never saved: the search starts afresh (and its abandoned trials are set aside)
-            if self.space.concurrent_rows or trial_folders(folder):
-                expected.append(run.optuna_study(self.name))
-        # an object store's mirror holds JSON only: Ray's pickled searcher states stay in the store, unchecked
-        folders = {self.root / self._stage1_experiment(run) for run in self.stage1_runs()} if not self.remote else set()
-        for folder in sorted(f for f in folders if any(f.glob("experiment_state-*.json"))):
-            states = sorted(folder.glob("searcher-state-*.pkl"))
-            if not states:
-                raise DamagedFile(folder, "has no searcher-state-*.pkl, expected Ray's saved searcher next to its "
-                                          "experiment state. Restore it from a copy, or start the study again "
-                                          "under another --name")  # fmt: skip
-            check_searcher_state(states[-1])
-            for state in sorted(folder.glob("search_gen_state-*.json"))[-1:]:
-                check_searcher_state(state)
-        check_journal(self.root / JOURNAL, expected)
+        """Before a resume: the searchers' saved states and Optuna's journal are whole
+        (:func:`~avn_study.study.preflight.check_search_files`)."""
+        searches = [(run, self.root / self._stage1_experiment(run)) for run in self.stage1_runs()]
+        preflight.check_search_files(self.space, self.name, self.root / JOURNAL, searches, pickles=not self.remote)
 
     def _write_study(self, splits: Any, cases: list[Any]) -> None:
         self.store.start_fresh()

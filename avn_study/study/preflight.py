@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import DataError, UsageError
-from avn_study.study.folder import MANIFEST, SPACE_COPY
+from avn_study.study.folder import MANIFEST, SPACE_COPY, Stage1, trial_folders
 from avn_study.study.space import SearchSpace
 
 
@@ -74,3 +74,43 @@ def check_manifest(root: Path, space: SearchSpace, split_hash: str) -> None:
     if stored["split_hash"] != split_hash:
         raise UsageError(f"--resume: the cohort's split changed (hash {split_hash[:12]} vs "
                          f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
+
+
+def check_search_files(space: SearchSpace, name: str, journal: Path, searches: list[tuple[Stage1, Path]],
+                       pickles: bool = True) -> None:  # fmt: skip
+    """Before a resume: every searcher state Ray would restore and Optuna's journal are whole, and the
+    journal holds the Optuna study of every search that has trials (a garbage or missing one would
+    make Ray or Optuna silently start that search again, past its budget).
+
+    Args:
+        space: the study's search space.
+        name: the study's name (its searches' Optuna studies are named after it).
+        journal: the study's Optuna journal.
+        searches: every stage-1 search and the experiment folder holding its trials.
+        pickles: whether Ray's pickled searcher states are at hand (an object store's mirror holds JSON only:
+            they stay in the store, unchecked).
+
+    Raises:
+        DamagedFile: naming the file, what was expected and a way out (exit 2).
+    """
+    from avn_study.study.check import DamagedFile, check_journal, check_searcher_state
+
+    if not space.search:
+        return  # no searcher, no journal
+    expected: list[str] = []
+    for run, folder in searches:
+        if not any(folder.glob("experiment_state-*.json")):
+            continue  # never saved: the search starts afresh (and its abandoned trials are set aside)
+        if space.concurrent_rows or trial_folders(folder):
+            expected.append(run.optuna_study(name))
+    folders = {folder for _, folder in searches} if pickles else set()
+    for folder in sorted(f for f in folders if any(f.glob("experiment_state-*.json"))):
+        states = sorted(folder.glob("searcher-state-*.pkl"))
+        if not states:
+            raise DamagedFile(folder, "has no searcher-state-*.pkl, expected Ray's saved searcher next to its "
+                                      "experiment state. Restore it from a copy, or start the study again "
+                                      "under another --name")  # fmt: skip
+        check_searcher_state(states[-1])
+        for state in sorted(folder.glob("search_gen_state-*.json"))[-1:]:
+            check_searcher_state(state)
+    check_journal(journal, expected)
