@@ -27,6 +27,11 @@ reported, always by models tuned without them. Every stage-2 trial records the p
 configuration was selected on (``_selected_on`` in its parameters). Each stage folder is Ray Tune's
 own format (``ExperimentAnalysis``, ``Tuner.restore``). ``--resume`` restores unfinished stages with
 ``Tuner.restore``, which unpickles Ray's state files: resume only experiments whose storage you trust.
+
+:class:`Study` runs what :mod:`avn_study.study.protocol` decides (which searches, what each chooses on, the
+stage-2 grid), after the checks of :mod:`avn_study.study.preflight`, on the Ray session of
+:mod:`avn_study.study.ray_session` and the searchers of :mod:`avn_study.study.optuna_setup`. ``_asha`` and
+``_trial_dirname`` stay here: Ray pickles them by this import path into every study folder.
 """
 
 from __future__ import annotations
