@@ -2,11 +2,11 @@
 
 Runs the *real* :class:`~avn_study.study.driver.Study` (protocol, Optuna, ASHA, stage-2 grid, resume files)
 of ``search_spaces/ablation.yaml``'s shape on a local Ray that pretends to have ``gpus`` GPUs, with a
-stand-in trainable that sleeps through each epoch instead of training. Epoch durations per arm come
-from this machine's measured step rates (``bench train``, relative to ``unet``), +-20 % per epoch
-(seeded by the trial's configuration), scaled so one ``unet`` epoch lasts ``epoch_s`` seconds. The
-metric follows a seeded learning curve of the learning rate, so ASHA and Optuna have something to
-compare.
+stand-in trainable (``Study(trainable=stand_in_trial)``) that sleeps through each epoch instead of
+training. Epoch durations per arm come from this machine's measured step rates (``bench train``,
+relative to ``unet``), +-20 % per epoch (seeded by the trial's configuration), scaled so one ``unet``
+epoch lasts ``epoch_s`` seconds. The metric follows a seeded learning curve of the learning rate, so
+ASHA and Optuna have something to compare.
 
 Utilisation = busy slot-seconds (the trials' sleeps) / (slots x wall), for stage 1, stage 2 and the
 whole study, for both schedulings side by side: one Ray experiment per row and outer fold one after
@@ -60,23 +60,18 @@ def stand_in_trial(config: dict[str, Any]) -> None:
         tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch, "t_start": started, "t_end": time.time()})
 
 
-def _study_class():
-    from ray import tune
+def _asha_epochs(recorded: dict[int, list[float]], value: float, rungs: list[int], reduction_factor: float,
+                 epochs: int) -> int:  # fmt: skip
+    """The epochs a trial of final ``value`` runs under async ASHA (Ray's rule: it stops at the first rung
+    where it is below the ``1 - 1/reduction_factor`` percentile of the values recorded there so far, its
+    own included); records ``value`` at every rung it reaches."""
+    import numpy as np
 
-    from avn_study.study.driver import Study
-
-    class StandInStudy(Study):
-        """The real Study with the stand-in trainable."""
-
-        epoch_s = 0.1
-
-        def _trainable(self):
-            return tune.with_resources(stand_in_trial, {"cpu": self.space.cpu, "gpu": self.gpu})
-
-        def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
-            return {**super()._meta(outer, test), "bench_epoch_s": self.epoch_s}
-
-    return StandInStudy
+    for rung in rungs:
+        recorded.setdefault(rung, []).append(value)
+        if value < np.percentile(recorded[rung], (1 - 1 / reduction_factor) * 100):
+            return rung
+    return epochs
 
 
 def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]:
@@ -90,8 +85,6 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]
     """
     import heapq
     import random
-
-    import numpy as np
 
     from avn_study.config import TrainConfig
     from avn_study.study.space import ABLATIONS
@@ -123,12 +116,7 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]
             if open_:
                 i = min(open_, key=lambda k: (started[k], k))
                 started[i] += 1
-                value, run = rng.random(), epochs
-                for rung in rungs:
-                    recorded[i].setdefault(rung, []).append(value)
-                    if value < np.percentile(recorded[i][rung], (1 - 1 / sched.reduction_factor) * 100):
-                        run = rung
-                        break
+                run = _asha_epochs(recorded[i], rng.random(), rungs, sched.reduction_factor, epochs)
                 duration, who = epochs_time(searches[i][1], run), i
             elif queue:
                 duration, who = epochs_time(queue.pop(0), epochs), -1
@@ -181,7 +169,7 @@ def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 
 
     from avn_study.data.phantom import PhantomConfig, write_cohort
     from avn_study.resources import shipped_space
-    from avn_study.study.driver import init_ray
+    from avn_study.study.driver import Study, init_ray
     from avn_study.study.space import load_space
 
     raw = yaml.safe_load(shipped_space("ablation").read_text())
@@ -201,9 +189,8 @@ def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump({**raw, "name": name, "concurrent_rows": concurrent}, sort_keys=False))
             # a scheduling bench, not a study: its shapes need not reach a verdict
-            study = _study_class()(load_space(path), cohort, str(work / "storage"), progress=False,
-                                   allow_no_verdict=True)  # fmt: skip
-            study.epoch_s = epoch_s
+            study = Study(load_space(path), cohort, str(work / "storage"), progress=False, allow_no_verdict=True,
+                          trainable=stand_in_trial, trial_meta={"bench_epoch_s": epoch_s})  # fmt: skip
             study.prepare(resume=False)
             start = time.time()
             study.run()

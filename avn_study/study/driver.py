@@ -27,23 +27,28 @@ reported, always by models tuned without them. Every stage-2 trial records the p
 configuration was selected on (``_selected_on`` in its parameters). Each stage folder is Ray Tune's
 own format (``ExperimentAnalysis``, ``Tuner.restore``). ``--resume`` restores unfinished stages with
 ``Tuner.restore``, which unpickles Ray's state files: resume only experiments whose storage you trust.
+
+:class:`Study` runs what :mod:`avn_study.study.protocol` decides (which searches, what each chooses on, the
+stage-2 grid), after the checks of :mod:`avn_study.study.preflight`, on the Ray session of
+:mod:`avn_study.study.ray_session` and the searchers of :mod:`avn_study.study.optuna_setup`. ``_asha`` and
+``_trial_dirname`` stay here: Ray pickles them by this import path into every study folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from avn_study.errors import AvnError, DataError, UsageError
+from avn_study.errors import UsageError
+from avn_study.study import preflight, protocol
 from avn_study.study.folder import (
-    DRIVER_LOG,
     ERROR,
     JOURNAL,
     MANIFEST,
@@ -65,9 +70,31 @@ from avn_study.study.folder import (
     trial_folders,
     trial_statuses,
 )
-from avn_study.study.results import Selected, StudyResult, best_trial, read_trials, validated_patients
+from avn_study.study.ray_session import (
+    AUTH_VARIABLES,
+    CONNECT_TIMEOUT_ENV,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    MIN_TMP_FREE_BYTES,
+    check_ray_tmpdir,
+    connect_timeout,
+    epochs_without_metric,
+    init_ray,
+    tune_log,
+)
+from avn_study.study.results import Selected, StudyResult, read_trials
 from avn_study.study.space import ABLATIONS, SearchSpace, group_rows
-from avn_study.vocabulary import DAMAGED
+
+__all__ = [  # (the Ray session's names too: cli/, bench/ and old code import them from here)
+    "AUTH_VARIABLES",
+    "CONNECT_TIMEOUT_ENV",
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "MIN_TMP_FREE_BYTES",
+    "Study",
+    "StudyInterrupted",
+    "check_ray_tmpdir",
+    "connect_timeout",
+    "init_ray",
+]
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -81,7 +108,12 @@ class Study:
                  max_concurrent: int | None = None, gpus_per_trial: float | None = None,
                  progress: bool = True, fault: dict[str, Any] | None = None,
                  callbacks: list[Any] | None = None, force_unlock: bool = False,
-                 track: list[str] | None = None, allow_no_verdict: bool = False) -> None:  # fmt: skip
+                 track: list[str] | None = None, allow_no_verdict: bool = False,
+                 trainable: Callable[[dict[str, Any]], None] | None = None,
+                 trial_meta: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """``trainable``: the function every trial runs (default
+        :func:`~avn_study.study.trainable.train_trial`; ``bench cluster`` gives a stand-in that sleeps), and
+        ``trial_meta``: constants added to what every trial is given (``_avn`` in its parameters)."""
         if track:  # before anything else touches the storage
             from avn_study.study.tracking import check_trackers
 
@@ -105,6 +137,8 @@ class Study:
         self.fault = fault or {}  # test hook, see avn_study.study.trainable._maybe_inject_fault
         self.callbacks = list(callbacks or [])  # extra ray.tune.Callback objects for every stage
         self.track = list(track or [])  # trackers (avn_study.study.tracking): tensorboard, mlflow, wandb
+        self.trainable = trainable  # None: avn_study.study.trainable.train_trial
+        self.trial_meta = dict(trial_meta or {})
         # set by the driver's SIGTERM handler: a stop Ray Tune may not see (all trials of a run had just
         # finished, or it was still setting up) must still end the study instead of starting the next run
         self.stop_requested = threading.Event()
@@ -129,7 +163,7 @@ class Study:
         from avn_study.config import TrainConfig
         from avn_study.data.slices import crop_warning
         from avn_study.study.check import read_json
-        from avn_study.training.engine import cohort_split, require_head_labels
+        from avn_study.training.engine import cohort_split
 
         self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
         self._check_not_running(resume)  # a live driver too (read only: the lock is taken once Ray is up)
@@ -140,17 +174,15 @@ class Study:
                                      if resume and frozen.is_file() else None)  # fmt: skip
         self.splits = splits
         self.patients = {c.case_id: c.patient_id for c in cases}
-        for row in searched:  # a +loc row on a cohort without head labels: refused before Ray starts
-            require_head_labels(TrainConfig.from_flat(self.space.trial_config(row)).model.arm, cases,
-                                f"{self.space.path}: arms.{row}")  # fmt: skip
-        self._check_nnunet_rows(cases)
-        self._check_unlabelled(cases)
+        preflight.check_head_labels(self.space, cases)
+        preflight.check_nnunet_rows(self.space, cases)
+        preflight.check_unlabelled(self.space, self.data, cases)
         warning = crop_warning(cases, config.data.slice_size, config.data.inplane_spacing_mm)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         self.split_hash = splits.hash
         if not resume:
-            self._check_tuning_sets(splits, cases)
+            protocol.check_tuning_sets(self.space, splits, cases)
             from avn_study.study.plan import check_verdicts, reported_patients
 
             self.verdict_warnings = check_verdicts(self.space, reported_patients(self.space, cases, splits),
@@ -172,30 +204,6 @@ class Study:
             if created and self.root.is_dir() and not any(self.root.iterdir()):
                 self.root.rmdir()  # a fresh start that failed leaves nothing behind
             raise
-
-    def _check_nnunet_rows(self, cases: list[Any]) -> None:
-        """nnU-Net rows: nnU-Net installed, and the labels they train on present, before Ray starts."""
-        from avn_study.baselines.nnunet.run import NnUNetConfig, require_nnunet
-
-        for row in set(self.space.arms) - set(self.space.searched_rows):
-            where = f"{self.space.path}: arms.{row}"
-            require_nnunet(where)
-            cfg = NnUNetConfig.from_flat(self.space.trial_config(row), source=where)
-            if cfg.labels == "with_head" and not all(c.has_head_labels for c in cases):
-                raise DataError(f"{where}: nnunet_labels: with_head needs femoral head labels, which the cohort "
-                                "does not have; use nnunet_labels: necrosis")  # fmt: skip
-
-    def _check_unlabelled(self, cases: list[Any]) -> None:
-        """Verify and cache imagesUnlabelled/ on the driver when a row will use it (a broken scan fails here,
-        naming its file, not inside a trial)."""
-        from avn_study.config import TrainConfig
-        from avn_study.training.engine import arm_branches, usable_unlabelled
-
-        for row in self.space.searched_rows:
-            row_config = TrainConfig.from_flat(self.space.trial_config(row))
-            if "recon" in arm_branches(row_config) and row_config.data.unlabelled_ratio > 0:
-                usable_unlabelled(self.data, row_config, None, cases, cases)
-                return
 
     def _check_exists(self, resume: bool) -> None:
         exists = self.store.exists(MANIFEST)
@@ -250,52 +258,15 @@ class Study:
 
     def _check_resume(self, splits: Any, cases: list[Any]) -> None:
         self.store.pull_study()
-        from avn_study.study.check import DamagedFile, read_json
-
-        stored = read_json(self.root / MANIFEST, "the study's manifest")
-        if not isinstance(stored, dict) or not {"space", "split_hash"} <= set(stored):
-            raise DamagedFile(self.root / MANIFEST, "expected the study's manifest (a JSON object with space and "
-                                                    "split_hash)")  # fmt: skip
-        if stored["space"] != self.space.raw:
-            raise UsageError(f"--resume: {self.space.path} differs from the space this study was started with "
-                             f"({self.root / SPACE_COPY}); resume with that file")  # fmt: skip
-        if stored["split_hash"] != self.split_hash:
-            raise UsageError(f"--resume: the cohort's split changed (hash {self.split_hash[:12]} vs "
-                             f"{stored['split_hash'][:12]}); a resumed study must use the same split")  # fmt: skip
+        preflight.check_manifest(self.root, self.space, self.split_hash)
         self._freeze_inner(splits, cases, resume=True)
         self._check_search_files()
 
     def _check_search_files(self) -> None:
-        """Before a resume: every searcher state Ray would restore and Optuna's journal are whole, and the
-        journal holds the Optuna study of every search that has trials (a garbage or missing one would
-        make Ray or Optuna silently start that search again, past its budget).
-
-        Raises:
-            DamagedFile: naming the file, what was expected and a way out (exit 2).
-        """
-        from avn_study.study.check import DamagedFile, check_journal, check_searcher_state
-
-        if not self.space.search:
-            return  # no searcher, no journal
-        expected: list[str] = []
-        for run in self.stage1_runs():
-            folder = self.root / self._stage1_experiment(run)
-            if not any(folder.glob("experiment_state-*.json")):
-                continue  # never saved: the search starts afresh (and its abandoned trials are set aside)
-            if self.space.concurrent_rows or trial_folders(folder):
-                expected.append(run.optuna_study(self.name))
-        # an object store's mirror holds JSON only: Ray's pickled searcher states stay in the store, unchecked
-        folders = {self.root / self._stage1_experiment(run) for run in self.stage1_runs()} if not self.remote else set()
-        for folder in sorted(f for f in folders if any(f.glob("experiment_state-*.json"))):
-            states = sorted(folder.glob("searcher-state-*.pkl"))
-            if not states:
-                raise DamagedFile(folder, "has no searcher-state-*.pkl, expected Ray's saved searcher next to its "
-                                          "experiment state. Restore it from a copy, or start the study again "
-                                          "under another --name")  # fmt: skip
-            check_searcher_state(states[-1])
-            for state in sorted(folder.glob("search_gen_state-*.json"))[-1:]:
-                check_searcher_state(state)
-        check_journal(self.root / JOURNAL, expected)
+        """Before a resume: the searchers' saved states and Optuna's journal are whole
+        (:func:`~avn_study.study.preflight.check_search_files`)."""
+        searches = [(run, self.root / self._stage1_experiment(run)) for run in self.stage1_runs()]
+        preflight.check_search_files(self.space, self.name, self.root / JOURNAL, searches, pickles=not self.remote)
 
     def _write_study(self, splits: Any, cases: list[Any]) -> None:
         self.store.start_fresh()
@@ -322,30 +293,12 @@ class Study:
         self._push(MANIFEST, SPACE_COPY, NESTED_SPLITS, SPLITS_COPY)
 
     def stage1_runs(self) -> list[Stage1]:
-        """The stage-1 searches in the order they run: per row, per outer fold for nested_ablation, and
-        with ``search_per_seed`` per seed (and, in a fair ablation, per reported fold)."""
-        rows = self.space.searched_rows  # nnU-Net rows configure themselves: stage 2 only
-        per_seed = self.space.search_per_seed and self.space.protocol in ABLATIONS
-        seeds: list[int | None] = list(self.space.seeds) if per_seed else [None]
-        if self.space.protocol == "nested_ablation":
-            return [Stage1(row, outer, seed) for outer in self.space.folds for row in rows for seed in seeds]
-        if per_seed:
-            return [Stage1(row, None, seed, fold) for fold in self.space.folds for row in rows for seed in seeds]
-        return [Stage1(row) for row in rows]
-
-    def _replicate_of(self, run: Stage1) -> tuple[list[int], list[int]]:
-        """(folds, seeds) of the stage-2 runs trained from ``run``'s choice."""
-        if run.outer is not None:
-            folds = [run.outer]
-        elif run.fold is not None:
-            folds = [run.fold]
-        else:
-            folds = list(self.space.folds)
-        return folds, list(self.space.seeds) if run.seed is None else [run.seed]
+        """The stage-1 searches in the order they run (:func:`~avn_study.study.protocol.stage1_runs`)."""
+        return protocol.stage1_runs(self.space)
 
     def _freeze_inner(self, splits: Any, cases: list[Any], resume: bool) -> None:
         """nested_ablation: make (or, resuming, read back) the inner folds of every outer fold."""
-        from avn_study.data.splits import inner_splits, read_nested, write_nested
+        from avn_study.data.splits import read_nested, write_nested
 
         if self.space.protocol != "nested_ablation":
             return
@@ -353,39 +306,12 @@ class Study:
         if resume:
             inner = {k: read_nested(path, splits, k) for k in self.space.folds}
         else:
-            patients = {c.case_id: c.patient_id for c in cases}
-            necrosis = {c.case_id: c.has_necrosis for c in cases}
             try:
-                inner = {
-                    k: inner_splits(splits, k, patients, necrosis, self.space.inner_folds) for k in self.space.folds
-                }
+                inner = protocol.inner_folds(self.space, splits, cases)
             except ValueError as err:
                 raise UsageError(f"{self.space.path}: inner_folds: {err}") from None
             write_nested(splits, inner, path)
         self.inner = {k: v.to_dict() for k, v in inner.items()}
-
-    def _check_tuning_sets(self, splits: Any, cases: list[Any]) -> None:
-        """Refuse, before Ray starts, a tuning validation set on which the tuning metric is undefined."""
-        from avn_study.data.splits import inner_splits
-
-        if self.space.metric not in ("val_dice", "lesion_sensitivity"):
-            return  # defined on every validation set
-        necrotic = {c.case_id for c in cases if c.has_necrosis}
-        if self.space.protocol == "nested_ablation":
-            patients = {c.case_id: c.patient_id for c in cases}
-            flags = {c.case_id: c.has_necrosis for c in cases}
-            sets = {f"inner fold {self.space.tuning_fold} of outer fold {k}":
-                    inner_splits(splits, k, patients, flags, self.space.inner_folds).fold(self.space.tuning_fold).val
-                    for k in self.space.folds}  # fmt: skip
-        else:
-            sets = {f"tuning fold {self.space.tuning_fold}": splits.fold(self.space.tuning_fold).val}
-        for name, val in sets.items():
-            if not necrotic & set(val):
-                raise UsageError(
-                    f"{self.space.path}: {name} has no case with necrosis, so {self.space.metric} (the tuning "
-                    f"metric) is undefined on it: the cohort has {len(necrotic)} case(s) with necrosis; use fewer "
-                    "folds, another split seed, or a metric defined on every case (val_dice_all)"
-                )
 
     @property
     def location(self) -> str:
@@ -402,7 +328,7 @@ class Study:
                 "checkpoint_frequency": self.space.checkpoint_frequency, "fault": self.fault, "test": test}  # fmt: skip
         if outer is not None:
             meta["inner"] = self.inner[outer]  # in the trial's parameters: readable on any node and storage
-        return meta
+        return {**meta, **self.trial_meta}
 
     # ---------------------------------------------------------------- Ray pieces
     def _trainable(self):
@@ -410,7 +336,7 @@ class Study:
 
         from avn_study.study.trainable import train_trial
 
-        return tune.with_resources(train_trial, {"cpu": self.space.cpu, "gpu": self.gpu})
+        return tune.with_resources(self.trainable or train_trial, {"cpu": self.space.cpu, "gpu": self.gpu})
 
     def _run_config(self, experiment: str, label: str, total: int):
         from ray import tune
@@ -452,7 +378,7 @@ class Study:
                 self._forget_optuna_study(experiment)
             tuner = make_tuner()
         try:
-            with _tune_log(self.root), _epochs_without_metric():
+            with tune_log(self.root), epochs_without_metric():
                 tuner.fit()
         except Exception:
             self._check_writable()  # a storage that refuses writes is the cause worth naming
@@ -475,7 +401,7 @@ class Study:
 
     def _forget_optuna_study(self, experiment: str) -> None:
         """Drop the Optuna studies of an abandoned stage-1 run so the restarted search starts clean."""
-        import optuna
+        from avn_study.study.optuna_setup import delete_studies
 
         if not (self.root / JOURNAL).is_file():
             return
@@ -485,35 +411,21 @@ class Study:
             names = [f"{self.name}-{experiment.removeprefix('stage1-')}"]  # Stage1.optuna_study
         else:
             return
-        storage = self._optuna_storage()
-        existing = set(optuna.get_all_study_names(storage))
-        for name in names:
-            if name in existing:
-                optuna.delete_study(study_name=name, storage=storage)
+        delete_studies(self._optuna_storage(), names)
         self._push(JOURNAL)
 
     def _optuna_storage(self):
-        """The study's one Optuna journal storage (one object for every search: several JournalStorage
-        objects on one file in one process can miss each other's writes, and Optuna then fails to find
-        the trial it has just created)."""
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        """The study's one Optuna journal storage (:func:`~avn_study.study.optuna_setup.journal_storage`)."""
+        from avn_study.study.optuna_setup import journal_storage
 
         if getattr(self, "_journal", None) is None:
-            self._journal = JournalStorage(JournalFileBackend(str(self.root / JOURNAL)))
+            self._journal = journal_storage(self.root / JOURNAL)
         return self._journal
 
     def _optuna(self, run: Stage1):
-        import optuna
+        from avn_study.study.optuna_setup import optuna_search
 
-        from avn_study.study.search import FinalValueOptunaSearch
-
-        distributions = {p.name: _distribution(p) for p in self.space.search}
-        storage = self._optuna_storage()
-        sampler = optuna.samplers.TPESampler(seed=run.replicate_seed(self.space.sampler_seed, "sampler"))
-        return FinalValueOptunaSearch(distributions, metric=self.space.metric, mode=self.space.mode, sampler=sampler,
-                                      study_name=run.optuna_study(self.name), storage=storage,
-                                      epochs=self._epochs())  # fmt: skip
+        return optuna_search(self.space, run, self.name, self._optuna_storage(), self._epochs())
 
     def _epochs(self) -> int:
         from avn_study.config import TrainConfig
@@ -536,13 +448,7 @@ class Study:
     # ---------------------------------------------------------------- stages
     def _stage1_constants(self, run: Stage1) -> dict[str, Any]:
         """What every trial of one stage-1 search shares: the row's config on its validation fold."""
-        seed = run.replicate_seed(self.space.sampler_seed, "stage1")
-        if run.outer is None:
-            flat = self.space.trial_config(run.row, fold=self.space.tuning_fold, seed=seed)
-        else:  # nested: validate on an inner fold of the outer fold's training patients
-            inner = {"inner_fold": self.space.tuning_fold, "n_inner_folds": self.space.inner_folds}
-            flat = self.space.trial_config(run.row, fold=run.outer, seed=seed, **inner)
-        return {**flat, "_row": run.row, "_stage": 1, "_avn": self._meta(run.outer)}
+        return {**protocol.stage1_config(self.space, run), "_avn": self._meta(run.outer)}
 
     def _tune_config(self, search: Any, scheduler: Any, num_samples: int):
         from ray import tune
@@ -595,12 +501,12 @@ class Study:
         if with_stage2:
             meta = {"_avn": self._meta(test=True)}
             for run in runs:
-                folds, seeds = self._replicate_of(run)
-                entries = self._stage2_entries(run.row, folds, seeds=seeds, run=run)
+                entries = protocol.run_entries(self.space, run)
                 follow_ups[run.experiment] = FollowUp([{**e, **meta} for e in entries],
                                                       self._search_patients(run))  # fmt: skip
             for row in set(self.space.arms) - set(self.space.searched_rows):  # nnU-Net: chooses nothing
-                ready += [{**e, **meta} for e in self._stage2_entries(row, self.space.folds, self._unchosen(row))]
+                entries = protocol.stage2_entries(self.space, row, self.space.folds, protocol.unchosen(self.space, row))
+                ready += [{**e, **meta} for e in entries]
         total = len(runs) * self.space.trials + sum(len(f.grid) for f in follow_ups.values()) + len(ready)
 
         def make_tuner():
@@ -619,32 +525,18 @@ class Study:
         self._fit(experiment, make_tuner, {}, resume)
 
     def _search_patients(self, run: Stage1) -> list[str]:
-        """The patients a stage-1 search validates on (its fold's validation cases), before it runs."""
-        from avn_study.data.splits import splits_from_dict
-
-        splits = self.splits if run.outer is None else splits_from_dict(self.inner[run.outer])
-        return sorted({self.patients[c] for c in splits.fold(self.space.tuning_fold).val})
+        """The patients a stage-1 search validates on (:func:`~avn_study.study.protocol.search_patients`)."""
+        return protocol.search_patients(self.space, run, self.splits, self.inner, self.patients)
 
     def select(self, run: Stage1, read: dict[Path, list[Any]] | None = None) -> Selected:
-        """The stage-1 configuration of ``run`` (the rule of :func:`~avn_study.study.results.best_trial`),
-        read back from the study's folders, and the patients it rests on. ``read``: experiment folder ->
-        its trials, filled on first use (a study with every search in one folder reads it once)."""
+        """The stage-1 configuration of ``run`` (:func:`~avn_study.study.protocol.select`), read back from
+        the study's folders, and the patients it rests on. ``read``: experiment folder -> its trials, filled
+        on first use (a study with every search in one folder reads it once)."""
         folder = self.root / self._stage1_experiment(run)
         read = {} if read is None else read
         if folder not in read:
             read[folder] = read_trials(folder, self.space.metric)
-        trials = [o for o in read[folder]
-                  if o.stage == 1 and o.config.get("_run", run.experiment) == run.experiment]  # fmt: skip
-        best = best_trial([(o.trial_id, o.metric, o.epochs, o.order) for o in trials if o.status == TERMINATED],
-                          self.space.mode)  # fmt: skip
-        if best is None:
-            raise AvnError(f"stage 1 of row '{run.row}' has no finished trial with a {self.space.metric}; "
-                           f"see {folder}")  # fmt: skip
-        chosen = next(o for o in trials if o.trial_id == best)
-        # (a damaged trial validated on the same fold; its per-case files may be what is damaged)
-        patients = set().union(*(validated_patients(Path(o.path)) for o in trials if o.status != DAMAGED))
-        config = {k: v for k, v in chosen.config.items() if not k.startswith("_")}
-        return Selected(config, best, run.experiment, sorted(patients))
+        return protocol.select(run, read[folder], self.space.mode, self.space.metric, folder)
 
     def _stage1_experiment(self, run: Stage1) -> str:
         """The Ray experiment holding ``run``'s trials: its own, or the one shared by every search."""
@@ -656,42 +548,11 @@ class Study:
         """The chosen configuration of ``row`` on the tuning fold (fair_ablation, sweep)."""
         return self.select(Stage1(row)).config
 
-    def _unchosen(self, row: str) -> Selected:
-        """A row that chooses nothing (nnU-Net configures itself): its one configuration, on no patient."""
-        return Selected(self.space.trial_config(row), None, None, [])
-
-    def _stage2_entries(self, row: str, folds: list[int], chosen: Selected | None = None,
-                        seeds: list[int] | None = None, run: Stage1 | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        """Stage 2 of ``row`` on ``folds``: every seed and repeat of ``chosen`` (None: the parameters and
-        the record of what they rest on are added once the row's search has chosen). ``run``: the search
-        whose choice it is; with ``search_per_seed`` it seeds its runs itself (:meth:`Stage1.replicate_seed`)."""
-        config = chosen.config if chosen is not None else {}
-        record = {} if chosen is None else {"_selected_on": chosen.patients, "_selected_trial": chosen.trial_id,
-                                            "_selected_in": chosen.experiment}  # fmt: skip
-        entries = []
-        for fold in folds:
-            for seed in self.space.seeds if seeds is None else seeds:
-                for repeat in range(self.space.repeats):
-                    run_seed = seed + 10_007 * repeat  # repeats add seeds beyond the listed ones
-                    if run is not None and run.seed is not None:
-                        run_seed = run.replicate_seed(run_seed, "stage2")
-                    entries.append({**config, "fold": fold, "inner_fold": -1, "seed": run_seed, "_row": row,
-                                    "_stage": 2, "_repeat": repeat, "_replicate": seed, **record})  # fmt: skip
-        return entries
-
     def stage2_grid(self) -> list[dict[str, Any]]:
-        """Every stage-2 trial: each search's choice on its folds x seeds x repeats, row by row."""
-        grid: list[dict[str, Any]] = []
+        """Every stage-2 trial (:func:`~avn_study.study.protocol.stage2_grid`), each search's choice read
+        back from the study's folders."""
         read: dict[Path, list[Any]] = {}
-        runs = self.stage1_runs()
-        for row in self.space.arms:
-            if row not in self.space.searched_rows:
-                grid += self._stage2_entries(row, self.space.folds, self._unchosen(row))
-                continue
-            for run in (r for r in runs if r.row == row):
-                folds, seeds = self._replicate_of(run)
-                grid += self._stage2_entries(row, folds, self.select(run, read), seeds=seeds, run=run)
-        return grid
+        return protocol.stage2_grid(self.space, lambda run: self.select(run, read))
 
     def _write_plan(self, grid: list[dict[str, Any]]) -> None:
         (self.root / STAGE2_PLAN).write_text(json.dumps(grid, indent=1))
@@ -786,51 +647,6 @@ class Study:
         return result
 
 
-@contextlib.contextmanager
-def _epochs_without_metric():
-    """Let trials report epochs that carry no ``metric``: a run evaluates only every ``eval_every`` epochs
-    (and always at its last), an nnU-Net trial is scored by our metrics only at its end. Ray Tune refuses
-    such a result unless its strict check is off; ASHA and the searchers skip it (ASHA's rungs are
-    evaluated epochs, :func:`avn_study.study.space.load_space` checks)."""
-    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-
-
-@contextlib.contextmanager
-def _tune_log(root: Path):
-    """Ray Tune's own log records (errored trials' tracebacks, retries) go to ``ROOT/driver.log``, not
-    the terminal: the live view and the errored-trial summary say what happened and where to look."""
-    import logging
-
-    class _QuietFileHandler(logging.FileHandler):
-        def handleError(self, record: logging.LogRecord) -> None:
-            pass  # a full or read-only storage: the sweep names that itself, the log must not shout it
-
-    loggers = [logging.getLogger(name) for name in ("ray.tune", "ray.train", "ray.air")]
-    try:
-        handler: logging.Handler = _QuietFileHandler(root / DRIVER_LOG, delay=True)
-    except OSError:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    saved = [(lg.propagate, list(lg.handlers)) for lg in loggers]
-    for lg in loggers:
-        lg.handlers, lg.propagate = [handler], False
-    try:
-        yield
-    finally:
-        for lg, (propagate, handlers) in zip(loggers, saved, strict=True):
-            lg.handlers, lg.propagate = handlers, propagate
-        handler.close()
-
-
 def _asha(max_t: int, grace_period: int, reduction_factor: float):
     from ray.tune.schedulers import ASHAScheduler
 
@@ -841,241 +657,3 @@ def _asha(max_t: int, grace_period: int, reduction_factor: float):
 def _trial_dirname(trial: Any) -> str:
     """Short trial folder names (Ray's default embeds the whole config)."""
     return f"trial_{trial.trial_id}"
-
-
-def _distribution(p: Any):
-    """An Optuna distribution for a search-space parameter."""
-    from optuna import distributions as d
-
-    low, high = p.values[0], p.values[-1]
-    if p.kind == "loguniform":
-        return d.FloatDistribution(low, high, log=True)
-    if p.kind == "uniform":
-        return d.FloatDistribution(low, high)
-    if p.kind == "int":
-        return d.IntDistribution(int(low), int(high))
-    return d.CategoricalDistribution(list(p.values))
-
-
-CONNECT_TIMEOUT_ENV = "AVN_STUDY_CONNECT_TIMEOUT"  # seconds a sweep waits for --address (default 30)
-DEFAULT_CONNECT_TIMEOUT_S = 30.0
-MIN_TMP_FREE_BYTES = 100 * 2**20  # a local Ray's session folder (sockets, logs, the GCS's files) needs room
-AUTH_VARIABLES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
-
-
-def connect_timeout(seconds: float | None = None) -> float:
-    """How long to wait for a cluster: ``seconds`` (``--connect-timeout``), else ``$AVN_STUDY_CONNECT_TIMEOUT``,
-    else 30 s.
-
-    Raises:
-        UsageError: the variable is not a positive number of seconds.
-    """
-    if seconds is not None:
-        return float(seconds)
-    text = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_CONNECT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0.0 < value < float("inf")):
-        raise UsageError(f"{CONNECT_TIMEOUT_ENV}={text!r}: expected a positive number of seconds, e.g. 30")
-    return value
-
-
-def check_ray_tmpdir(min_free: int = MIN_TMP_FREE_BYTES) -> None:
-    """The folder a local Ray puts its session in (``$RAY_TMPDIR``, else ``$TMPDIR``, else ``/tmp``) must
-    take a new folder and have ``min_free`` bytes free; Ray itself would time out after 45 s waiting for
-    its GCS ("timed out waiting for gcs_server_port") and leave a traceback.
-
-    Raises:
-        UsageError: naming the folder, what is wrong, and the variable that moves it.
-    """
-    import tempfile
-
-    variable = "RAY_TMPDIR" if "RAY_TMPDIR" in os.environ else "TMPDIR" if "TMPDIR" in os.environ else None
-    folder = Path(os.environ[variable]) if variable else Path("/tmp")
-    where = f"{variable}={folder}" if variable else f"{folder} (Ray's default temporary folder)"
-    hint = "set RAY_TMPDIR (or TMPDIR) to a writable folder with at least " \
-           f"{min_free // 2**20} MB free"  # fmt: skip
-    if not folder.is_dir():
-        raise UsageError(f"{where}: is not a folder (missing, or a file on its path); {hint}")
-    try:
-        Path(tempfile.mkdtemp(prefix=".avn-study-probe-", dir=folder)).rmdir()  # where Ray would make ray/
-        free = shutil.disk_usage(folder).free
-    except OSError as err:
-        raise UsageError(f"{where}: a local Ray cannot make its session folder there ({err.strerror or err}); "
-                         f"{hint}") from None  # fmt: skip
-    if free < min_free:
-        raise UsageError(f"{where}: only {free / 2**20:.0f} MB free, a local Ray needs at least "
-                         f"{min_free // 2**20} MB for its session folder; {hint}")  # fmt: skip
-
-
-def _raise_on_sigterm(*_: object) -> None:
-    raise KeyboardInterrupt  # a SIGTERM while waiting for the cluster stops the wait, as Ctrl-C does
-
-
-def _is_auth_error(err: BaseException) -> bool:
-    """Whether ``err`` (or what caused it) is Ray's token-authentication refusal."""
-    seen: set[int] = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        text = f"{type(cur).__name__}: {cur}"
-        if "AuthenticationError" in text or "InvalidAuthToken" in text or "Unauthenticated" in text:
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-def _reach(address: str, timeout_s: float) -> str:
-    """Wait (at most ``timeout_s``) until the cluster's GCS port takes a TCP connection; return the
-    HOST:PORT Ray will use. ``time.sleep`` between attempts lets SIGTERM and Ctrl-C in.
-
-    Raises:
-        AvnError: no cluster found (``auto``) or none reachable in time, naming the address tried.
-    """
-    import socket
-    import time
-
-    from ray._private.services import canonicalize_bootstrap_address
-
-    try:  # a Ray Client URI (ray://HOST:PORT) is probed at its HOST:PORT
-        resolved = address.split("://", 1)[1] if "://" in address else canonicalize_bootstrap_address(address)
-    except ValueError:
-        raise UsageError(f"--address {address}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)") from None
-    except ConnectionError as err:  # auto, and no cluster found
-        raise AvnError(f"--address {address}: {err}") from None
-    if resolved is None:
-        raise AvnError(f"--address {address}: no running Ray cluster found on this machine (start one with "
-                       "`ray start --head`, or give HOST:PORT)")  # fmt: skip
-    host, _, port = resolved.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--address {address}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)")
-    shown = address if resolved == address else f"{address} ({resolved})"
-    deadline = time.monotonic() + timeout_s
-    last = "no attempt"
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(left, 5.0))):
-                return resolved
-        except OSError as err:
-            last = err.strerror or str(err) or type(err).__name__
-        if time.monotonic() + 0.5 > deadline:
-            raise AvnError(f"--address {shown}: no Ray cluster could be reached within {timeout_s:g} s ({last}); "
-                           f"check the address (`ray status` on the head prints it), or wait longer with "
-                           f"--connect-timeout SECONDS or {CONNECT_TIMEOUT_ENV}")  # fmt: skip
-        time.sleep(0.5)
-
-
-def _probe_auth(resolved: str, timeout_s: float) -> bool:
-    """Whether the GCS at ``resolved`` refuses this client's token (one RPC, in a thread that cannot hold
-    the driver longer than ``timeout_s``); any other outcome is left to ``ray.init``."""
-    outcome: list[BaseException | None] = []
-
-    def probe() -> None:
-        try:
-            from ray._raylet import GcsClient
-
-            GcsClient(address=resolved)
-            outcome.append(None)
-        except BaseException as err:  # classified below, never raised from the thread
-            outcome.append(err)
-
-    thread = threading.Thread(target=probe, name="avn-study-auth-probe", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(outcome) and outcome[0] is not None and _is_auth_error(outcome[0])
-
-
-def _enable_token_if_available(address: str) -> None:
-    """Ray turns token authentication on by itself only for ``auto``; for an explicit HOST:PORT, use it
-    when ``RAY_AUTH_MODE`` is unset and a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
-    ``~/.ray/auth_token``), as ``ray start`` does. ``RAY_AUTH_MODE=disabled`` keeps it off.
-
-    Raises:
-        UsageError: a token source is set but unreadable (``RAY_AUTH_TOKEN_PATH`` naming a missing file).
-    """
-    try:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-        from ray._raylet import AuthenticationTokenLoader
-    except ImportError:  # a Ray without token authentication
-        return
-    mode = os.environ.get("RAY_AUTH_MODE")
-    if mode is not None and mode.lower() != "token":
-        return
-    try:
-        found = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
-        if found and mode is None:
-            _enable_token_auth()  # what Ray does for `auto` (without its "enabled for this cluster" warning)
-    except Exception as err:  # Ray's AuthenticationError: a token source that cannot be read
-        if not _is_auth_error(err):
-            raise
-        reason = str(getattr(err, "message", err))
-        raise UsageError(f"--address {address}: Ray cannot read this client's authentication token ({reason}); "
-                         f"set one of {AUTH_VARIABLES} to the cluster's token (`ray get-auth-token` on the head "
-                         "prints it), see docs/cluster.md") from None  # fmt: skip
-
-
-def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
-             connect_timeout_s: float | None = None) -> None:  # fmt: skip
-    """Join a cluster (``auto`` or HOST:PORT) or start Ray on this machine (``num_gpus``: logical GPUs,
-    for simulations such as ``bench cluster``; default: the GPUs Ray detects).
-
-    Args:
-        address: ``auto``, HOST:PORT, or None for a fresh local Ray.
-        num_cpus: CPUs of a local Ray.
-        num_gpus: logical GPUs of a local Ray.
-        connect_timeout_s: how long to wait for ``address`` (default :func:`connect_timeout`).
-
-    Raises:
-        AvnError: the cluster cannot be reached in time (exit 1).
-        UsageError: the cluster refused this client's token, or a local Ray has no writable temporary
-            folder (exit 2).
-    """
-    # quiet drivers: our ProgressView replaces Ray's tables; snapshot warnings are noise for short epochs
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import optuna
-    import ray
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if not address:  # "local": a fresh Ray on this machine, never a cluster that `ray start` left running here
-        check_ray_tmpdir()
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
-        return
-    import signal
-
-    timeout_s = connect_timeout(connect_timeout_s)
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    try:
-        print(f"joining the Ray cluster at {address} (waiting up to {timeout_s:g} s)", file=sys.stderr, flush=True)
-        resolved = _reach(address, timeout_s)
-        _enable_token_if_available(address)
-        refused = UsageError(
-            f"--address {address}: the Ray cluster at {resolved} refused this client's authentication token "
-            f"(token authentication is on there, RAY_AUTH_MODE=token); give this machine the cluster's token in "
-            f"{AUTH_VARIABLES} (`ray get-auth-token` on the head prints it), see docs/cluster.md"
-        )
-        # at once, where ray.init would retry for 20 s first (a Ray Client URI is left to ray.init)
-        if "://" not in address and _probe_auth(resolved, timeout_s):
-            raise refused
-        try:
-            ray.init(address=address, **kwargs)
-        except Exception as err:  # Ray gives ConnectionError, RuntimeError or AuthenticationError
-            if _is_auth_error(err):
-                raise refused from None
-            if isinstance(err, ConnectionError | RuntimeError):
-                raise AvnError(f"--address {address}: could not join the Ray cluster at {resolved} ({err})") from None
-            raise
-    finally:
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is \
-                _raise_on_sigterm:  # fmt: skip
-            signal.signal(signal.SIGTERM, previous)
