@@ -6,7 +6,8 @@ Per trial the reader uses ``params.json``, ``result.json``, ``resolved_config.js
 ``per_case/epoch_NNN.json`` and ``error.txt``, plus the JSON skeleton of Ray's
 ``experiment_state-*.json`` for statuses. Ray's pickles (``tuner.pkl``, ``searcher-state-*.pkl``,
 ``params.pkl``, ``error.pkl``) are never opened, so analysing somebody else's folder runs no code
-from it.
+from it. The folders' tree is :mod:`avn_study.study.folder`'s; a trial folder is read by
+:func:`avn_study.study.results.read_trial`, as the sweep reads it.
 
 Tables (see :class:`Experiment`):
 

@@ -5,21 +5,30 @@ imported by the sweep, the trainable, the object-store mirror, the analysis and 
 depends on the standard library only::
 
     STORAGE/NAME/                   NAME: a safe name (check_name), never a path
-        study.json                  the manifest: protocol, data, split hash, rows, searches, the space
+        study.json                  the manifest: protocol, data, split hash, rows, searches, primary metric,
+                                    alpha, reference, questions, contrasts, resources, the space as run
         space.yaml                  the search-space file as run
+        splits.json                 the patient-level split the study froze (its trials get it inline)
         optuna.journal              Optuna's journal: one study per stage-1 search
-        nested_splits.json          nested_ablation: the frozen inner folds
+        nested_splits.json          nested_ablation: the frozen inner folds of every outer fold, with hashes
         stage2_plan.json            the stage-2 grid
         .lock                       the live driver (StudyLock): host, pid, heartbeat
         driver.log                  Ray Tune's log records (errored trials' tracebacks, retries)
-        stage1-<slug>[-outer<k>]/   a Ray Tune experiment per search; <slug> = slug(row)
+        stage1-<slug>[-outer<k>][-fold<f>][-seed<s>]/   a Ray Tune experiment per search; <slug> = slug(row)
         stage2/                     a Ray Tune experiment
         stage2-repair-<n>/          --resume: re-runs of stage-2 trials whose folder or result was missing
                                     or damaged (the damaged folder kept as trial_<id>.damaged-<k>)
         stages/                     concurrent_rows: every trial of both stages in one Ray experiment,
                                     told apart by ``_stage`` and ``_run`` in their parameters
-            trial_<id>/params.json, result.json, resolved_config.json, error.txt,
-                       per_case/epoch_NNN.json, per_case/test_epoch_NNN.json
+        <each experiment above>/
+            experiment_state-*.json     Ray's: the trials' statuses (only its JSON skeleton is read)
+            searcher-state-*.pkl        Ray's: the searcher's state (checked opcode by opcode, never loaded)
+            trial_<id>/params.json, result.json, resolved_config.json, error.txt, checkpoint_*/,
+                       per_case/epoch_NNN.json, per_case/test_epoch_NNN.json,
+                       per_case/calibration_epoch_NNN.json, per_case/overlay_epoch_NNN.npz
+
+An object-store study adds ``mirror_of.txt`` to its local mirror (:mod:`avn_study.study.storage`). This tree
+is documented here and in ``docs/architecture.md`` ("The study folder"); other places point here.
 """
 
 from __future__ import annotations
