@@ -6,7 +6,8 @@ Per trial the reader uses ``params.json``, ``result.json``, ``resolved_config.js
 ``per_case/epoch_NNN.json`` and ``error.txt``, plus the JSON skeleton of Ray's
 ``experiment_state-*.json`` for statuses. Ray's pickles (``tuner.pkl``, ``searcher-state-*.pkl``,
 ``params.pkl``, ``error.pkl``) are never opened, so analysing somebody else's folder runs no code
-from it.
+from it. The folders' tree is :mod:`avn_study.study.folder`'s; a trial folder is read by
+:func:`avn_study.study.results.read_trial`, as the sweep reads it.
 
 Tables (see :class:`Experiment`):
 
@@ -41,27 +42,30 @@ from avn_study.study.check import (
     describe_entry,
     read_per_case,
     read_plan,
-    read_results,
     stage2_key,
     trial_key,
 )
 from avn_study.study.folder import (
+    DAMAGED,
     ERROR,
+    EXPERIMENT_STATE,
     MANIFEST,
+    PARAMS,
+    RESOLVED_CONFIG,
     STAGE1_PREFIX,
     STAGE2_PLAN,
     TERMINATED,
     calibration_file,
-    epoch_history,
     is_study,
     merge_grid,
     overlay_file,
     per_case_file,
+    per_case_files,
     stage_folders,
     trial_folders,
-    trial_status,
     trial_statuses,
 )
+from avn_study.study.results import read_trial
 
 IDENTITY = ("trial_id", "experiment", "stage", "row", "arm", "schedule", "fold", "seed", "repeat", "unit")
 FINISHED = TERMINATED
@@ -250,7 +254,7 @@ def _statuses(experiment: Path) -> dict[str, str]:
     try:
         return trial_statuses(experiment)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise UsageError(f"{experiment}: Ray's experiment_state-*.json is unreadable; statuses unknown") from None
+        raise UsageError(f"{experiment}: Ray's {EXPERIMENT_STATE} is unreadable; statuses unknown") from None
 
 
 def experiment_folders(path: Path) -> tuple[dict[str, Any], list[Path]]:
@@ -260,11 +264,11 @@ def experiment_folders(path: Path) -> tuple[dict[str, Any], list[Path]]:
         raise UsageError(f"{path}: no such folder; expected a study folder (STORAGE/NAME) or a Ray experiment")
     if is_study(path):
         return _json(path / MANIFEST, "study manifest"), stage_folders(path)
-    if any(path.glob("experiment_state-*.json")) or any(path.glob("*/params.json")):
+    if any(path.glob(EXPERIMENT_STATE)) or any(path.glob(f"*/{PARAMS}")):
         return {"name": path.name, "protocol": "sweep", "metric": "val_dice", "mode": "max"}, [path]
     raise UsageError(
-        f"{path}: neither a study folder (no study.json) nor a Ray Tune experiment (no experiment_state-*.json "
-        "or */params.json)"
+        f"{path}: neither a study folder (no {MANIFEST}) nor a Ray Tune experiment (no {EXPERIMENT_STATE} "
+        f"or */{PARAMS})"
     )
 
 
@@ -285,10 +289,10 @@ def _last_line(text: str) -> str:
 def trial_config(trial_dir: Path, merged: dict[str, Any] | None = None) -> dict[str, Any]:
     """The trial's resolved training config (``resolved_config.json``), else its Ray parameters without
     avn-study's private keys (a trial that failed before writing the resolved config)."""
-    resolved = trial_dir / "resolved_config.json"
+    resolved = trial_dir / RESOLVED_CONFIG
     if resolved.is_file():
         return _json(resolved, "resolved config")
-    merged = merged if merged is not None else merge_grid(_json(trial_dir / "params.json", "trial parameters"))
+    merged = merged if merged is not None else merge_grid(_json(trial_dir / PARAMS, "trial parameters"))
     return {k: v for k, v in merged.items() if not k.startswith("_")}
 
 
@@ -296,17 +300,14 @@ def _read_trial(
     trial_dir: Path, experiment: str, status: str | None
 ) -> tuple[dict, list[dict], list[dict], list[dict]]:
     """(trial row, case rows, history rows, test-case rows) of one trial folder."""
-    merged = merge_grid(_json(trial_dir / "params.json", "trial parameters"))
-    results = epoch_history(read_results(trial_dir / "result.json")) if (trial_dir / "result.json").is_file() else []
-    config = trial_config(trial_dir, merged)
-    error = (trial_dir / "error.txt").read_text() if (trial_dir / "error.txt").is_file() else ""
-    last = results[-1] if results else {}
+    config = trial_config(trial_dir)
+    trial = read_trial(trial_dir, status, config)  # the sweep's reader: the same id, epochs and status
+    merged, results, error, last, status = trial.params, trial.results, trial.error, trial.last, trial.status
     evaluated = [r for r in results if "val_dice" in r]
     final = evaluated[-1] if evaluated else {}
-    planned = int(config.get("epochs", len(results)))
-    status = trial_status(status, len(results), planned, bool(error))
+    planned = trial.planned
     row = {
-        "trial_id": str(last.get("trial_id", trial_dir.name.removeprefix("trial_"))),
+        "trial_id": trial.trial_id,
         "experiment": experiment,
         "stage": int(merged.get("_stage", last.get("stage", 1))),
         "row": str(merged.get("_row", last.get("row", config.get("arm", "?")))),
@@ -349,7 +350,7 @@ def _read_trial(
     cases: list[dict] = []
     if final:
         cases = _case_rows(trial_dir / per_case_file(int(final["epoch"])), identity)
-    tests = sorted((trial_dir / per_case_file(0, test=True)).parent.glob("test_epoch_*.json"))
+    tests = per_case_files(trial_dir, test=True)
     test_cases = _case_rows(tests[-1], identity) if tests else []
     history = [
         {**identity, **{k: v for k, v in r.items() if k not in _RAY_KEYS}, "epoch_seconds": r.get("time_this_iter_s")}
@@ -397,7 +398,7 @@ def load_experiment(path: str | Path) -> Experiment:
         gone = [
             f"{experiment.name}/{name}"
             for name in sorted(statuses)
-            if not (experiment / name / "params.json").is_file() and not any(experiment.glob(f"{name}.damaged-*"))
+            if not (experiment / name / PARAMS).is_file() and not any(experiment.glob(f"{name}{DAMAGED}*"))
         ]
         if experiment.name.startswith(STAGE1_PREFIX):  # (a stage-2 trial's absence is found against the plan)
             damaged += [f"{name}: listed by Ray's experiment state, but its folder is gone" for name in gone]
@@ -424,7 +425,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if trials.empty:
         if damaged:
             raise DataError(f"{root}: every trial folder is damaged: {'; '.join(damaged)}")
-        raise UsageError(f"{root}: no trial folders (*/params.json) found; has the sweep started?")
+        raise UsageError(f"{root}: no trial folders (*/{PARAMS}) found; has the sweep started?")
     cases = pd.DataFrame(case_rows)
     experiment = Experiment(
         root, manifest, trials, cases, pd.DataFrame(history_rows), test_cases=pd.DataFrame(test_rows)

@@ -16,6 +16,12 @@ from avn_study.data.labels import LABELS, parse_label_map
 from avn_study.data.problems import Problem, format_problems
 from avn_study.errors import DataError
 
+DATASET_JSON = "dataset.json"  # the cohort's description: channels, labels, numTraining, file_ending, patients
+IMAGES_TR, LABELS_TR = "imagesTr", "labelsTr"  # the labelled training cases
+IMAGES_TS, LABELS_TS = "imagesTs", "labelsTs"  # a held-out test set (labelsTs optional: unlabelled test scans)
+UNLABELLED_DIR = "imagesUnlabelled"  # scans without labels: reconstruction (pre-)training only
+SUBSET_FOLDERS = {"Tr": (IMAGES_TR, LABELS_TR), "Ts": (IMAGES_TS, LABELS_TS)}  # subset -> (images, labels)
+SUBSETS = tuple(SUBSET_FOLDERS)
 CHANNEL_SUFFIX = "_0000"  # the first input channel; nnU-Net numbers channels _0000, _0001, ...
 MAX_CHANNELS = 8
 FILE_ENDINGS = (".nii.gz", ".nii")
@@ -61,7 +67,7 @@ class Cohort:
     def label_map(self):  # -> avn_study.data.labels.LabelMap (imported late: labels.py imports this module)
         """How the cohort's label values map to necrosis and femoral head (see ``avn_study.data.labels``)."""
 
-        label_map, problems = parse_label_map(self.spec, self.root / "dataset.json")
+        label_map, problems = parse_label_map(self.spec, self.root / DATASET_JSON)
         if label_map is None:
             raise DataError(format_problems(self.root, problems))
         return label_map
@@ -78,9 +84,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 def read_dataset_json(root: Path) -> tuple[dict | None, list[Problem]]:
     """Parse ``dataset.json`` and check its keys; duplicate JSON keys are an error, not last-wins."""
-    path = root / "dataset.json"
+    path = root / DATASET_JSON
     if not path.is_file():
-        return None, [Problem(path, "dataset.json is missing (expected the nnU-Net v2 raw layout)")]
+        return None, [Problem(path, f"{DATASET_JSON} is missing (expected the nnU-Net v2 raw layout)")]
     try:
         spec = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError) as err:
@@ -199,8 +205,10 @@ def _scan_images(
     return images, problems, incomplete
 
 
-UNLABELLED_DIR = "imagesUnlabelled"  # scans without labels: reconstruction (pre-)training only
-SUBSETS = ("Tr", "Ts")  # imagesTr/labelsTr (training), imagesTs/labelsTs (a held-out test set)
+def subset_folders(root: Path, subset: str) -> tuple[Path, Path]:
+    """The image and the label folder of a subset (``Tr``: training, ``Ts``: a held-out test set)."""
+    images, labels = SUBSET_FOLDERS[subset]
+    return Path(root) / images, Path(root) / labels
 
 
 def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, list[Problem]]:
@@ -214,7 +222,7 @@ def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, li
     if spec is None:
         return None, problems
     ending = spec.get("file_ending", ".nii.gz") if spec.get("file_ending") in FILE_ENDINGS else ".nii.gz"
-    images_dir, labels_dir = root / f"images{subset}", root / f"labels{subset}"
+    images_dir, labels_dir = subset_folders(root, subset)
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
             problems.append(Problem(folder, "folder is missing"))
@@ -225,23 +233,23 @@ def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, li
     labels, label_problems = _scan_folder(labels_dir, ending, "")
     problems += image_problems + label_problems
     for case in sorted(set(images) - set(labels)):
-        problems.append(Problem(images[case][0], f"image has no label (expected labels{subset}/{case}{ending}; "
+        problems.append(Problem(images[case][0], f"image has no label (expected {labels_dir.name}/{case}{ending}; "
                                 f"a scan without a label belongs in {UNLABELLED_DIR}/)"))  # fmt: skip
     for case in sorted(set(labels) - set(images) - incomplete):
-        expected = f"images{subset}/{case}{CHANNEL_SUFFIX}{ending}"
+        expected = f"{images_dir.name}/{case}{CHANNEL_SUFFIX}{ending}"
         problems.append(Problem(labels[case], f"label has no image (expected {expected})"))
     paired = sorted(set(images) & set(labels))
     if subset == "Tr" and isinstance(spec.get("numTraining"), int) and spec["numTraining"] != len(labels):
         problems.append(
             Problem(
-                root / "dataset.json", f"numTraining is {spec['numTraining']} but labelsTr holds {len(labels)} cases"
+                root / DATASET_JSON, f"numTraining is {spec['numTraining']} but {LABELS_TR} holds {len(labels)} cases"
             )
         )
     patients = spec.get("patients", {}) if isinstance(spec.get("patients"), dict) else {}
     for case in sorted(set(patients) - set(images) - set(labels)) if subset == "Tr" else ():
-        if any((root / folder / f"{case}{CHANNEL_SUFFIX}{ending}").exists() for folder in (UNLABELLED_DIR, "imagesTs")):
+        if any((root / folder / f"{case}{CHANNEL_SUFFIX}{ending}").exists() for folder in (UNLABELLED_DIR, IMAGES_TS)):
             continue  # a patient entry of an unlabelled or a test scan (import-dicom names every visit's patient)
-        problems.append(Problem(root / "dataset.json", f"patients names case '{case}' that has no files"))
+        problems.append(Problem(root / DATASET_JSON, f"patients names case '{case}' that has no files"))
     cases = [CaseFiles(c, str(patients.get(c, c)), images[c][0], labels[c], images[c][1:]) for c in paired]
     if not cases:
         problems.append(Problem(labels_dir, "no labelled cases found"))
@@ -250,8 +258,8 @@ def scan_cohort(root: str | Path, subset: str = "Tr") -> tuple[Cohort | None, li
         found, unlabelled_problems, _ = _scan_images(root / UNLABELLED_DIR, ending, names)
         problems += unlabelled_problems
         for case in sorted(set(found) & set(images)):
-            problems.append(Problem(found[case][0], f"case id '{case}' is in imagesTr too; an unlabelled scan needs an "
-                                    "id of its own"))  # fmt: skip
+            problems.append(Problem(found[case][0], f"case id '{case}' is in {IMAGES_TR} too; an unlabelled scan "
+                                    "needs an id of its own"))  # fmt: skip
         unlabelled = [CaseFiles(c, str(patients.get(c, c)), found[c][0], None, found[c][1:])
                       for c in sorted(set(found) - set(images))]  # fmt: skip
     return Cohort(root, spec, cases, unlabelled), problems
@@ -276,6 +284,6 @@ def write_dataset_json(root: Path, case_patients: dict[str, str], **extra: objec
         "patients": dict(sorted(case_patients.items())),
         **extra,
     }
-    path = root / "dataset.json"
+    path = root / DATASET_JSON
     path.write_text(json.dumps(spec, indent=2) + "\n")
     return path

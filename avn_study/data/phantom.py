@@ -84,6 +84,7 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
+from avn_study.data.layout import DATASET_JSON, IMAGES_TR, LABELS_TR
 from avn_study.data.nifti import write_nifti
 
 __all__ = ["PhantomCase", "PhantomConfig", "iter_cohort", "synth_case", "write_cohort"]
@@ -927,7 +928,7 @@ def is_phantom_cohort(path: Path) -> bool:
     """Whether ``path`` holds a cohort written by :func:`write_cohort` (what ``synth --overwrite`` replaces)."""
     from avn_study.outputs import json_marker
 
-    return json_marker(Path(path) / "dataset.json", "phantom")
+    return json_marker(Path(path) / DATASET_JSON, "phantom")
 
 
 PHANTOM_CHANNELS = ("T1", "STIR")
@@ -976,13 +977,13 @@ def write_cohort(
         raise ValueError(f"channels must be ('T1',) or ('T1', 'STIR'), got {channels!r}")
     cohort = iter_cohort(cases, seed, config)  # validates the arguments before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dataset.json").unlink(missing_ok=True)
+    (out / DATASET_JSON).unlink(missing_ok=True)
     patients, infos = {}, {}
     for case in cohort:
-        write_nifti(case.image, case.affine, out / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+        write_nifti(case.image, case.affine, out / IMAGES_TR / f"{case.case_id}_0000.nii.gz")
         if len(channels) > 1:
-            write_nifti(stir_channel(case, seed), case.affine, out / "imagesTr" / f"{case.case_id}_0001.nii.gz")
-        write_nifti(case.label, case.affine, out / "labelsTr" / f"{case.case_id}.nii.gz")
+            write_nifti(stir_channel(case, seed), case.affine, out / IMAGES_TR / f"{case.case_id}_0001.nii.gz")
+        write_nifti(case.label, case.affine, out / LABELS_TR / f"{case.case_id}.nii.gz")
         patients[case.case_id], infos[case.case_id] = case.patient_id, case.info
     dataset = {
         "name": "AVN phantom",
@@ -994,5 +995,5 @@ def write_cohort(
         "patients": patients,
         "phantom": {"seed": int(seed), "config": asdict(config), "cases": infos},
     }
-    (out / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+    (out / DATASET_JSON).write_text(json.dumps(dataset, indent=2) + "\n")
     return out

@@ -20,11 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from avn_study.errors import DataError
 
-SPLITS_FILE = "splits.json"
+SPLITS_FILE = "splits.json"  # a frozen split: in a data folder (DATA/splits.json) and in a study folder
+NESTED_FILE = "nested_splits.json"  # a nested study's frozen inner splits (in the study folder)
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,8 @@ def _test_patients(names: list[str], by_patient: dict[str, list[str]], has_necro
         raise ValueError(f"test_fraction must be in [0, 1), got {fraction=}")
     if fraction == 0:
         return set()
+    import numpy as np  # (here: the study folder's format imports this module's file names, standard library only)
+
     rng = np.random.default_rng([seed, 1])  # not the folds' stream: the folds of the rest stay reproducible
     chosen: set[str] = set()
     for group in _strata(names, by_patient, has_necrosis):
@@ -127,6 +128,8 @@ def make_splits(
     if not 2 <= k <= n:
         held = " outside the test set" if test else ""
         raise ValueError(f"k must be between 2 and the number of patients{held} ({n}), got {k=}")
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     fold_of: dict[str, int] = {}
     offset = 0
@@ -329,9 +332,6 @@ def resolve_splits(
     if splits.k != k:
         raise DataError(f"the study's splits.json has {splits.k} folds but n_folds={k} was asked for")
     return splits
-
-
-NESTED_FILE = "nested_splits.json"
 
 
 def write_nested(outer: Splits, inner: dict[int, Splits], path: str | Path) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from avn_study.data.labels import CANONICAL, LABELS, LabelMap, parse_label_map
-from avn_study.data.layout import CaseFiles, scan_cohort
+from avn_study.data.layout import DATASET_JSON, LABELS_TS, CaseFiles, scan_cohort
 from avn_study.data.nifti import Geometry, NiftiReadError, RawNifti, header_repairs, read_nifti
 from avn_study.data.preprocess import PreprocessConfig
 from avn_study.data.problems import Problem, format_problems
@@ -153,7 +153,7 @@ def _label_problems(path: Path, label: np.ndarray, label_map: LabelMap) -> list[
         return [
             Problem(
                 path,
-                f"label values {sorted(values - allowed)} are not in dataset.json's labels ({declared})",
+                f"label values {sorted(values - allowed)} are not in {DATASET_JSON}'s labels ({declared})",
             )
         ]
     problems = []
@@ -318,12 +318,12 @@ def verify_dataset(root: str | Path) -> VerifyReport:
     cohort, problems = scan_cohort(root)
     n_cases, label_map = 0, None
     if cohort is not None:
-        label_map = parse_label_map(cohort.spec, root / "dataset.json")[0]  # its problems are in ``problems``
+        label_map = parse_label_map(cohort.spec, root / DATASET_JSON)[0]  # its problems are in ``problems``
     if cohort is not None and label_map is not None:  # (without a label map the labels cannot be checked)
         cases = list(cohort.cases)
-        if (root / "labelsTs").is_dir():
+        if (root / LABELS_TS).is_dir():
             test, test_problems = scan_cohort(root, "Ts")
-            problems += [p for p in test_problems if p.path.name != "dataset.json"]  # (reported once above)
+            problems += [p for p in test_problems if p.path.name != DATASET_JSON]  # (reported once above)
             cases += test.cases if test is not None else []
         for case in cases:
             _, case_problems = check_case(case, label_map)

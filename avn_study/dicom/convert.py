@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from avn_study.data.labels import LABELS
+from avn_study.data.layout import DATASET_JSON, IMAGES_TR, IMAGES_TS, LABELS_TR, UNLABELLED_DIR
 from avn_study.data.problems import Problem, format_problems
 from avn_study.dicom.geometry import stack_map
 from avn_study.dicom.tree import DicomTree, Instance, Series, matches, scan_tree, series_problems
 from avn_study.errors import DataError, UsageError
 
 WRITTEN_BY = "avn-study import-dicom"
-UNLABELLED_DESTINATIONS = ("imagesTs", "imagesUnlabelled")
+UNLABELLED_DESTINATIONS = (IMAGES_TS, UNLABELLED_DIR)
 AFFINE_ATOL_MM = 1e-3
 
 
@@ -45,7 +46,7 @@ class PlannedCase:
     study_uid: str
     series: list[Series]  # one per channel, in channel order
     seg: Instance | None = None
-    subset: str = "imagesTs"  # imagesTr, imagesTs or imagesUnlabelled
+    subset: str = IMAGES_TS  # IMAGES_TR, or one of UNLABELLED_DESTINATIONS
 
 
 @dataclass
@@ -65,7 +66,7 @@ def is_imported_cohort(path: Path) -> bool:
     """Whether ``path`` is a cohort that import-dicom wrote (what ``--overwrite`` may replace)."""
     from avn_study.outputs import json_marker
 
-    return json_marker(Path(path) / "dataset.json", "import_dicom")
+    return json_marker(Path(path) / DATASET_JSON, "import_dicom")
 
 
 def channel_patterns(channels: list[str], series: list[str]) -> dict[str, re.Pattern[str] | None]:
@@ -169,7 +170,7 @@ def _assign_segs(cases: list[PlannedCase], segs: list[Instance], problems: list[
             problems.append(Problem(seg.path, f"{case.case_id}: a second DICOM SEG for the visit (the first is "
                                     f"{case.seg.path}); keep one"))  # fmt: skip
             continue
-        case.seg, case.subset = seg, "imagesTr"
+        case.seg, case.subset = seg, IMAGES_TR
 
 
 def run_dcm2niix(series: Series, work: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -239,7 +240,7 @@ def _write_case(case: PlannedCase, staged: Path, work: Path) -> None:
         from avn_study.dicom.seg import read_seg_labels
 
         labels = read_seg_labels(case.seg, referenced, affine0, shape0)
-        write_nifti(labels, affine0, staged / "labelsTr" / f"{case.case_id}.nii.gz")
+        write_nifti(labels, affine0, staged / LABELS_TR / f"{case.case_id}.nii.gz")
 
 
 def _check_mapping(mapping: Path, out: Path, dicom_dir: Path, overwrite: bool) -> None:
@@ -260,7 +261,7 @@ def _check_mapping(mapping: Path, out: Path, dicom_dir: Path, overwrite: bool) -
 
 
 def import_dicom(dicom_dir: str | Path, out: str | Path, *, channels: list[str], series: list[str] | None = None,
-                 plane: str | None = None, labels_from: Path | None = None, unlabelled: str = "imagesTs",
+                 plane: str | None = None, labels_from: Path | None = None, unlabelled: str = IMAGES_TS,
                  mapping: Path | None = None, overwrite: bool = False,
                  progress: Callable[[int, int, str], None] | None = None) -> ImportResult:  # fmt: skip
     """Import a DICOM export as a cohort in the nnU-Net raw layout (see the module docstring).
@@ -315,7 +316,7 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, *, channels: list[str],
                                                                    "nothing was written"))  # fmt: skip
     replace = is_imported_cohort if overwrite else None  # checked again right before the swap
     with tempfile.TemporaryDirectory(prefix="avn-dcm2niix-") as work, staged_folder(out, replace) as staged:
-        for folder in ("imagesTr", "labelsTr", unlabelled):
+        for folder in (IMAGES_TR, LABELS_TR, unlabelled):
             (staged / folder).mkdir(parents=True, exist_ok=True)
         for i, case in enumerate(cases):
             _write_case(case, staged, Path(work))
@@ -339,7 +340,7 @@ def _write_dataset_json(root: Path, cases: list[PlannedCase], channels: list[str
         "name": "imported DICOM cohort",
         "channel_names": {str(i): name for i, name in enumerate(channels)},
         "labels": dict(LABELS),
-        "numTraining": sum(c.subset == "imagesTr" for c in cases),
+        "numTraining": sum(c.subset == IMAGES_TR for c in cases),
         "file_ending": ".nii.gz",
         "patients": {c.case_id: c.patient for c in cases},
         "import_dicom": {
@@ -350,7 +351,7 @@ def _write_dataset_json(root: Path, cases: list[PlannedCase], channels: list[str
             "cases": {c.case_id: c.subset for c in cases},
         },
     }
-    (root / "dataset.json").write_text(json.dumps(spec, indent=2) + "\n")
+    (root / DATASET_JSON).write_text(json.dumps(spec, indent=2) + "\n")
 
 
 def _write_mapping(path: Path, dicom_dir: Path, out: Path, cases: list[PlannedCase], channels: list[str]) -> None:

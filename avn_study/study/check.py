@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import DataError
-from avn_study.study.folder import STAGE2_PLAN, merge_grid, per_case_file
+from avn_study.study.folder import JOURNAL, PARAMS, RESULTS, STAGE2_PLAN, merge_grid, per_case_file, per_case_files
 
 CASE_KEYS = ("case", "patient")  # what every per-case record holds (metrics.py adds the metrics)
 PLAN_KEYS = ("_row", "fold", "seed", "_repeat")  # what identifies a stage-2 entry (see stage2_key)
@@ -97,20 +97,19 @@ def trial_damage(trial_dir: Path, finished: bool) -> str:
     """
     trial_dir = Path(trial_dir)
     try:
-        params = read_json(trial_dir / "params.json", "the trial's parameters (a JSON object)")
+        params = read_json(trial_dir / PARAMS, "the trial's parameters (a JSON object)")
         if not isinstance(params, dict):
-            raise DamagedFile(trial_dir / "params.json", "expected the trial's parameters (a JSON object)")
-        results = read_results(trial_dir / "result.json") if (trial_dir / "result.json").is_file() else []
+            raise DamagedFile(trial_dir / PARAMS, "expected the trial's parameters (a JSON object)")
+        results = read_results(trial_dir / RESULTS) if (trial_dir / RESULTS).is_file() else []
         if finished and not results:
-            return f"{trial_dir / 'result.json'}: missing or empty, expected the finished trial's epochs"
+            return f"{trial_dir / RESULTS}: missing or empty, expected the finished trial's epochs"
         evaluated = [r for r in results if "val_dice" in r and "epoch" in r]
         if finished and evaluated:
             last = trial_dir / per_case_file(int(evaluated[-1]["epoch"]))
             if not last.is_file():
                 return f"{last}: missing, expected the per-case metrics of the trial's last evaluated epoch"
-        for path in sorted((trial_dir / "per_case").glob("*epoch_*.json")):
-            if not path.name.startswith("calibration_"):
-                read_per_case(path)
+        for path in per_case_files(trial_dir) + per_case_files(trial_dir, test=True):
+            read_per_case(path)
     except DamagedFile as error:
         return str(error)
     return ""
@@ -154,7 +153,7 @@ def read_plan(root: Path) -> list[dict[str, Any]] | None:
 def trial_key(trial_dir: Path) -> tuple[str, int, int, int] | None:
     """:func:`stage2_key` of a stage-2 trial folder (None: not a stage-2 trial, or unreadable parameters)."""
     try:
-        merged = merge_grid(json.loads((Path(trial_dir) / "params.json").read_text()))
+        merged = merge_grid(json.loads((Path(trial_dir) / PARAMS).read_text()))
         return stage2_key(merged) if merged.get("_stage") == 2 else None
     except (OSError, ValueError, TypeError):
         return None
@@ -198,7 +197,7 @@ def check_journal(path: Path, expected: list[str]) -> None:
         DamagedFile: a garbage line, or a search whose Optuna study is missing, with the way out.
     """
     path = Path(path)
-    way_out = ("Restore optuna.journal from a copy (an object store's study, a backup), or start the study "
+    way_out = (f"Restore {JOURNAL} from a copy (an object store's study, a backup), or start the study "
                "again under another --name; --resume never restarts a search silently")  # fmt: skip
     if not path.is_file():
         if expected:

@@ -5,21 +5,30 @@ imported by the sweep, the trainable, the object-store mirror, the analysis and 
 depends on the standard library only::
 
     STORAGE/NAME/                   NAME: a safe name (check_name), never a path
-        study.json                  the manifest: protocol, data, split hash, rows, searches, the space
+        study.json                  the manifest: protocol, data, split hash, rows, searches, primary metric,
+                                    alpha, reference, questions, contrasts, resources, the space as run
         space.yaml                  the search-space file as run
+        splits.json                 the patient-level split the study froze (its trials get it inline)
         optuna.journal              Optuna's journal: one study per stage-1 search
-        nested_splits.json          nested_ablation: the frozen inner folds
+        nested_splits.json          nested_ablation: the frozen inner folds of every outer fold, with hashes
         stage2_plan.json            the stage-2 grid
         .lock                       the live driver (StudyLock): host, pid, heartbeat
         driver.log                  Ray Tune's log records (errored trials' tracebacks, retries)
-        stage1-<slug>[-outer<k>]/   a Ray Tune experiment per search; <slug> = slug(row)
+        stage1-<slug>[-outer<k>][-fold<f>][-seed<s>]/   a Ray Tune experiment per search; <slug> = slug(row)
         stage2/                     a Ray Tune experiment
         stage2-repair-<n>/          --resume: re-runs of stage-2 trials whose folder or result was missing
                                     or damaged (the damaged folder kept as trial_<id>.damaged-<k>)
         stages/                     concurrent_rows: every trial of both stages in one Ray experiment,
                                     told apart by ``_stage`` and ``_run`` in their parameters
-            trial_<id>/params.json, result.json, resolved_config.json, error.txt,
-                       per_case/epoch_NNN.json, per_case/test_epoch_NNN.json
+        <each experiment above>/
+            experiment_state-*.json     Ray's: the trials' statuses (only its JSON skeleton is read)
+            searcher-state-*.pkl        Ray's: the searcher's state (checked opcode by opcode, never loaded)
+            trial_<id>/params.json, result.json, resolved_config.json, error.txt, checkpoint_*/,
+                       per_case/epoch_NNN.json, per_case/test_epoch_NNN.json,
+                       per_case/calibration_epoch_NNN.json, per_case/overlay_epoch_NNN.npz
+
+An object-store study adds ``mirror_of.txt`` to its local mirror (:mod:`avn_study.study.storage`). This tree
+is documented here and in ``docs/architecture.md`` ("The study folder"); other places point here.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from avn_study.data.splits import NESTED_FILE, SPLITS_FILE  # (their owner; it imports numpy only when splitting)
 from avn_study.errors import UsageError
 from avn_study.outputs import pid_alive
 from avn_study.vocabulary import ERROR, INCOMPLETE, TERMINATED  # (the statuses' one owner)
@@ -41,8 +51,8 @@ from avn_study.vocabulary import ERROR, INCOMPLETE, TERMINATED  # (the statuses'
 MANIFEST = "study.json"
 SPACE_COPY = "space.yaml"
 JOURNAL = "optuna.journal"
-NESTED_SPLITS = "nested_splits.json"
-SPLITS_COPY = "splits.json"  # the study's frozen outer split (trials get it inline; DATA is never written)
+NESTED_SPLITS = NESTED_FILE  # nested_ablation: the frozen inner folds
+SPLITS_COPY = SPLITS_FILE  # the study's frozen outer split (trials get it inline; DATA is never written)
 STAGE2_PLAN = "stage2_plan.json"
 LOCK_FILE = ".lock"
 DRIVER_LOG = "driver.log"  # Ray Tune's own log records of the driver (tracebacks of errored trials)
@@ -54,6 +64,22 @@ STAGE2 = "stage2"
 NNUNET_CHECKPOINT = "checkpoint_latest.pth"  # an nnU-Net trial's checkpoint file (nnunet_trainer.save_state)
 STAGE2_REPAIR = "stage2-repair"  # --resume: stage-2 trials re-run because theirs was missing or damaged (-1, -2, ...)
 DAMAGED = ".damaged-"  # a damaged trial folder set aside by --resume: trial_<id>.damaged-N (never deleted)
+
+# a trial folder (Ray Tune's, named by the driver): what the trainable writes and the readers read back
+TRIAL_PREFIX = "trial_"  # trial_<Ray's trial id>
+PARAMS = "params.json"  # Ray's: the trial's config (stage 2's ``grid`` entry nested; see merge_grid)
+RESULTS = "result.json"  # Ray's: one JSON object per report (epoch)
+RESOLVED_CONFIG = "resolved_config.json"  # the typed training config the trial ran (TrainConfig.to_flat)
+ERROR_FILE = "error.txt"  # Ray's: the tracebacks of the trial's failures (kept when a retry recovered)
+PER_CASE_DIR = "per_case"  # per-case records of the trial's epochs (see per_case_file)
+TEST_PREFIX = "test_"  # a per-case record of the held-out test set: per_case/test_epoch_NNN.json
+
+# Ray Tune's files of an experiment folder that the readers look at (its pickles are never opened)
+EXPERIMENT_STATE = "experiment_state-*.json"  # one per driver session: the trials' statuses (trial_statuses)
+SEARCHER_STATE = "searcher-state-*.pkl"  # the searcher's saved state (checked, never loaded: check.py)
+SEARCH_GEN_STATE = "search_gen_state-*.json"  # Ray's search generator's state (a pickle despite its name)
+
+MIRROR_MARKER = "mirror_of.txt"  # in an object-store study's mirror: the URI it mirrors (export refuses a mirror)
 
 MAX_NAME = 100  # characters of a study name or a row's folder name (file systems allow 255 bytes)
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -143,17 +169,29 @@ class Stage1:
 # ----------------------------------------------------------------------------------------------- paths
 def per_case_file(epoch: int, test: bool = False) -> str:
     """A trial's per-case metrics of one epoch, relative to its folder (``test``: the held-out set)."""
-    return f"per_case/{'test_' if test else ''}epoch_{int(epoch):03d}.json"
+    return f"{PER_CASE_DIR}/{TEST_PREFIX if test else ''}epoch_{int(epoch):03d}.json"
+
+
+def per_case_files(trial_dir: Path, test: bool = False) -> list[Path]:
+    """A trial's per-case metric files (:func:`per_case_file`) of every epoch, oldest first (``test``: the
+    held-out set's); the calibration and overlay files beside them are not among them."""
+    pattern = f"{TEST_PREFIX if test else ''}epoch_*.json"
+    return sorted((Path(trial_dir) / PER_CASE_DIR).glob(pattern))  # epochs are zero-padded: name order
 
 
 def calibration_file(epoch: int) -> str:
     """A trial's per-case calibration counts of its last epoch (see ``metrics.calibration_counts``)."""
-    return f"per_case/calibration_epoch_{int(epoch):03d}.json"
+    return f"{PER_CASE_DIR}/calibration_epoch_{int(epoch):03d}.json"
 
 
 def overlay_file(epoch: int) -> str:
     """A few validation slices of a trial's last epoch, with reference and predicted masks, for figures."""
-    return f"per_case/overlay_epoch_{int(epoch):03d}.npz"
+    return f"{PER_CASE_DIR}/overlay_epoch_{int(epoch):03d}.npz"
+
+
+def folder_trial_id(trial_dir: Path) -> str:
+    """Ray's trial id from a trial folder's name (``trial_<id>``), for a trial that reported nothing."""
+    return Path(trial_dir).name.removeprefix(TRIAL_PREFIX)
 
 
 def is_study(path: Path) -> bool:
@@ -168,7 +206,7 @@ def stage_folders(root: Path) -> list[Path]:
 def trial_folders(experiment: Path) -> list[Path]:
     """The trial folders of one Ray experiment (those with ``params.json``), in name order; folders that
     ``--resume`` set aside as damaged (``*.damaged-N``) are not trials any more."""
-    return sorted(p.parent for p in Path(experiment).glob("*/params.json") if DAMAGED not in p.parent.name)
+    return sorted(p.parent for p in Path(experiment).glob(f"*/{PARAMS}") if DAMAGED not in p.parent.name)
 
 
 def repair_folders(root: Path) -> list[Path]:
@@ -204,7 +242,7 @@ def trial_statuses(experiment: Path) -> dict[str, str]:
     Only the JSON structure is read; Ray's pickled fields inside it are never decoded.
     """
     # one file per driver session, named by its start time: the last name is the latest session
-    states = sorted(Path(experiment).glob("experiment_state-*.json"), key=lambda p: (p.name, p.stat().st_mtime))
+    states = sorted(Path(experiment).glob(EXPERIMENT_STATE), key=lambda p: (p.name, p.stat().st_mtime))
     if not states:
         return {}
     statuses = {}

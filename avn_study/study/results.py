@@ -14,10 +14,14 @@ from typing import Any
 
 from avn_study.study.folder import (
     ERROR,
+    ERROR_FILE,
+    PARAMS,
+    RESULTS,
     TERMINATED,
     epoch_history,
+    folder_trial_id,
     merge_grid,
-    per_case_file,
+    per_case_files,
     trial_folders,
     trial_status,
     trial_statuses,
@@ -57,7 +61,7 @@ def validated_patients(trial_dir: Path) -> set[str]:
     """Patients in a trial's per-case validation files (any epoch: a trial validates on one fixed set)."""
     from avn_study.study.check import read_per_case
 
-    files = sorted((trial_dir / per_case_file(0)).parent.glob("epoch_*.json"))
+    files = per_case_files(trial_dir)
     return {str(case["patient"]) for case in read_per_case(files[-1])} if files else set()
 
 
@@ -94,6 +98,70 @@ class StudyResult:
         return [o for o in self.outcomes if o.status not in (ERROR, TERMINATED)]
 
 
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial folder read back: what the sweep's bookkeeping (:func:`read_trials`) and the analysis
+    tables (``avn_study.analysis.tables``) both start from, so that they agree on a trial's id, epochs
+    and status."""
+
+    path: Path
+    trial_id: str  # Ray's, from the trial's last report; else from its folder's name (folder_trial_id)
+    params: dict[str, Any]  # params.json, stage 2's grid entry merged in (merge_grid)
+    results: list[dict[str, Any]]  # the reports by completed epoch (epoch_history), oldest first
+    error: str  # error.txt without surrounding blank space ("" when the trial left none)
+    planned: int  # the epochs the trial was to run
+    status: str  # the one rule's (folder.trial_status)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The trial's last report ({} before its first)."""
+        return self.results[-1] if self.results else {}
+
+
+def read_trial(trial_dir: Path, ray_status: str | None, config: dict[str, Any] | None = None) -> TrialRecord:
+    """One trial folder whose files passed :func:`~avn_study.study.check.trial_damage`, from JSON and text
+    files only.
+
+    Args:
+        trial_dir: the trial's folder (``trial_<id>``).
+        ray_status: Ray's status of the trial (:func:`~avn_study.study.folder.trial_statuses`), None when
+            Ray saved none.
+        config: the config whose ``epochs`` the trial was to run (the analysis passes the resolved
+            training config); None: the trial's merged parameters.
+
+    Raises:
+        DamagedFile: unreadable parameters or results (a folder that was not checked first).
+    """
+    from avn_study.study.check import read_json, read_results
+
+    trial_dir = Path(trial_dir)
+    params = merge_grid(read_json(trial_dir / PARAMS, "the trial's parameters (a JSON object)"))
+    results = epoch_history(read_results(trial_dir / RESULTS) if (trial_dir / RESULTS).is_file() else [])
+    error = (trial_dir / ERROR_FILE).read_text().strip() if (trial_dir / ERROR_FILE).is_file() else ""
+    planned = int((params if config is None else config).get("epochs", len(results)))
+    last = results[-1] if results else {}
+    return TrialRecord(
+        path=trial_dir,
+        trial_id=str(last.get("trial_id", folder_trial_id(trial_dir))),
+        params=params,
+        results=results,
+        error=error,
+        planned=planned,
+        status=trial_status(ray_status, len(results), planned, bool(error)),
+    )
+
+
+def _damaged_outcome(trial_dir: Path, damage: str) -> TrialOutcome:
+    """A damaged trial's outcome: never chosen; its row and stage when its parameters still read."""
+    try:
+        merged = merge_grid(json.loads((trial_dir / PARAMS).read_text()))
+    except (ValueError, TypeError, AttributeError):
+        merged = {}
+    return TrialOutcome(trial_id=folder_trial_id(trial_dir), row=str(merged.get("_row", "?")),
+                        stage=int(merged.get("_stage", 1)), status=DAMAGED, path=str(trial_dir), metric=None,
+                        epochs=0, config=merged, error=damage)  # fmt: skip
+
+
 def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome]:
     """Trials of one Ray experiment folder from JSON and text files only (no pickle is opened).
 
@@ -102,33 +170,19 @@ def read_trials(experiment: Path, metric: str = "val_dice") -> list[TrialOutcome
     trial whose files are damaged (:func:`~avn_study.study.check.trial_damage`) is ``DAMAGED``, with
     what is wrong in ``error``: it is never chosen, and ``--resume`` re-runs it in stage 2.
     """
-    from avn_study.study.check import read_results, trial_damage
+    from avn_study.study.check import trial_damage
 
     statuses = trial_statuses(experiment)
     outcomes = []
     for trial_dir in trial_folders(experiment):
         damage = trial_damage(trial_dir, finished=statuses.get(trial_dir.name) == TERMINATED)
         if damage:
-            try:
-                merged = merge_grid(json.loads((trial_dir / "params.json").read_text()))
-            except (ValueError, TypeError, AttributeError):
-                merged = {}
-            outcomes.append(TrialOutcome(trial_id=trial_dir.name.removeprefix("trial_"),
-                                         row=str(merged.get("_row", "?")), stage=int(merged.get("_stage", 1)),
-                                         status=DAMAGED, path=str(trial_dir), metric=None, epochs=0, config=merged,
-                                         error=damage))  # fmt: skip
+            outcomes.append(_damaged_outcome(trial_dir, damage))
             continue
-        config = json.loads((trial_dir / "params.json").read_text())
-        result_file = trial_dir / "result.json"
-        results = epoch_history(read_results(result_file) if result_file.is_file() else [])
-        last = results[-1] if results else {}
-        error = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").is_file() else ""
-        merged = merge_grid(config)
-        planned = int(merged.get("epochs", len(results)))
+        trial = read_trial(trial_dir, statuses.get(trial_dir.name))
         outcomes.append(TrialOutcome(
-            trial_id=str(last.get("trial_id", trial_dir.name)), row=str(merged.get("_row", "?")),
-            stage=int(merged.get("_stage", 1)), path=str(trial_dir),
-            status=trial_status(statuses.get(trial_dir.name), len(results), planned, bool(error)),
-            metric=last.get(metric), epochs=len(results), config=merged, error=error,
+            trial_id=trial.trial_id, row=str(trial.params.get("_row", "?")), stage=int(trial.params.get("_stage", 1)),
+            path=str(trial_dir), status=trial.status, metric=trial.last.get(metric), epochs=len(trial.results),
+            config=trial.params, error=trial.error,
         ))  # fmt: skip
     return outcomes

@@ -24,9 +24,15 @@ import shutil
 from pathlib import Path
 
 from avn_study.errors import AvnError, UsageError
-from avn_study.study.folder import LOCK_FILE, STUDY_FILES, LockFile, storage_error
-
-MIRROR_MARKER = "mirror_of.txt"  # in the mirror: the URI it mirrors (export refuses a mirror: no checkpoints)
+from avn_study.study.folder import (
+    ERROR_FILE,
+    EXPERIMENT_STATE,
+    LOCK_FILE,
+    MIRROR_MARKER,
+    STUDY_FILES,
+    LockFile,
+    storage_error,
+)
 
 
 def _wanted(relative: str) -> bool:
@@ -34,7 +40,7 @@ def _wanted(relative: str) -> bool:
     parts = relative.split("/")
     if any(p.startswith("checkpoint_") for p in parts[:-1]):
         return False
-    return parts[-1].endswith(".json") or parts[-1] == "error.txt"
+    return parts[-1].endswith(".json") or parts[-1] == ERROR_FILE
 
 
 class LocalStudy:
@@ -65,7 +71,7 @@ class LocalStudy:
 
     def saved(self, experiment: str) -> bool:
         """Whether Ray saved the experiment's state (it snapshots after trials start)."""
-        return any((self.mirror / experiment).glob("experiment_state-*.json"))
+        return any((self.mirror / experiment).glob(EXPERIMENT_STATE))
 
     def abandon(self, experiment: str, new_name: str) -> None:
         (self.mirror / experiment).rename(self.mirror / new_name)
@@ -180,7 +186,7 @@ class RemoteStudy:
     def saved(self, experiment: str) -> bool:
         """Whether Ray saved the experiment's state (so ``Tuner.restore`` can continue it)."""
         names = [info.base_name for info in self._listing(experiment, recursive=False)]
-        return any(fnmatch.fnmatch(n, "experiment_state-*.json") for n in names)
+        return any(fnmatch.fnmatch(n, EXPERIMENT_STATE) for n in names)
 
     def _relative(self, info, experiment: str) -> str:
         return info.path.removeprefix(f"{self.base}/{experiment}/")

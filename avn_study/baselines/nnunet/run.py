@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from avn_study.config import TrainConfig
+from avn_study.data.layout import DATASET_JSON, IMAGES_TR, IMAGES_TS, LABELS_TR
 from avn_study.errors import DataError, UsageError, look_up
 from avn_study.study.folder import NNUNET_CHECKPOINT
 from avn_study.vocabulary import NNUNET_ARMS
@@ -181,18 +182,18 @@ def _write_raw(
     fingerprint, plans and normalisation never see them."""
     import nibabel as nib
 
-    (target / "imagesTr").mkdir(parents=True)
-    (target / "labelsTr").mkdir()
-    (target / "imagesTs").mkdir()
+    (target / IMAGES_TR).mkdir(parents=True)
+    (target / LABELS_TR).mkdir()
+    (target / IMAGES_TS).mkdir()
     ending = cohort.file_ending
     label_map = cohort.label_map
     for case in [c for c in cases if c.case_id in held_out]:
         for k, image in enumerate(case.images):
-            _link(image, target / "imagesTs" / f"{case.case_id}_{k:04d}{ending}")
+            _link(image, target / IMAGES_TS / f"{case.case_id}_{k:04d}{ending}")
     cases = [c for c in cases if c.case_id not in held_out]
     for case in cases:
         for k, image in enumerate(case.images):
-            _link(image, target / "imagesTr" / f"{case.case_id}_{k:04d}{ending}")
+            _link(image, target / IMAGES_TR / f"{case.case_id}_{k:04d}{ending}")
         source = nib.load(case.label)
         canonical = label_map.canonical(np.asarray(source.dataobj))
         if labels == "necrosis":
@@ -200,12 +201,12 @@ def _write_raw(
         header = source.header.copy()
         header.set_data_dtype(np.uint8)
         header.set_slope_inter(1, 0)
-        nib.save(nib.Nifti1Image(canonical, source.affine, header), target / "labelsTr" / f"{case.case_id}{ending}")
+        nib.save(nib.Nifti1Image(canonical, source.affine, header), target / LABELS_TR / f"{case.case_id}{ending}")
     classes = {"background": 0, "femoral_head": 1, "necrosis": 2} if labels == "with_head" else \
         {"background": 0, "necrosis": 1}  # fmt: skip
     spec = {"channel_names": {str(i): name for i, name in enumerate(cohort.channels)}, "labels": classes,
             "numTraining": len(cases), "file_ending": ending}  # fmt: skip
-    (target / "dataset.json").write_text(json.dumps(spec, indent=1))
+    (target / DATASET_JSON).write_text(json.dumps(spec, indent=1))
 
 
 def cohort_files_fingerprint(cohort: Any) -> str:
@@ -239,7 +240,7 @@ def prepare_dataset(data_root: str | Path, configuration: str, labels: str, cach
     cohort = open_cohort(data_root)  # (the caller has verified its cases: cohort_split)
     if labels == "with_head" and not cohort.label_map.has_head:
         raise DataError(f"{data_root}: nnunet_labels: with_head needs femoral head labels, but the cohort labels "
-                        "none (dataset.json); use nnunet_labels: necrosis")  # fmt: skip
+                        f"none ({DATASET_JSON}); use nnunet_labels: necrosis")  # fmt: skip
     held = sorted(held_out)
     fingerprint = hashlib.sha256(f"{cohort_files_fingerprint(cohort)}:{labels}:{json.dumps(held)}".encode()).hexdigest()
     root = Path(cache_dir or default_cache_dir()) / "nnunet" / f"{fingerprint[:16]}"
@@ -247,7 +248,7 @@ def prepare_dataset(data_root: str | Path, configuration: str, labels: str, cach
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / ".prepare.lock"):
         log = root / PREPARE_LOG
-        if not (dataset.raw / "dataset.json").is_file():
+        if not (dataset.raw / DATASET_JSON).is_file():
             partial = Path(tempfile.mkdtemp(prefix=".raw-", dir=root))
             try:  # written aside, then renamed: a layout is complete or absent
                 _write_raw(cohort, cohort.cases, labels, partial / "d", frozenset(held))
@@ -399,7 +400,7 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
         save_state(trainer, work / NNUNET_CHECKPOINT)  # the trial's last checkpoint
         raw = dataset.raw
         held = set(splits.test)
-        images = {c: [raw / ("imagesTs" if c in held else "imagesTr") / f"{c}_{k:04d}{_ending(raw)}"
+        images = {c: [raw / (IMAGES_TS if c in held else IMAGES_TR) / f"{c}_{k:04d}{_ending(raw)}"
                       for k in range(by_id[c].n_channels)] for c in [*fold.val, *splits.test]}  # fmt: skip
         out = work / "predictions"
         val = predict_cases(trainer, {c: images[c] for c in fold.val}, out, cfg.tta)
@@ -421,4 +422,4 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
 
 
 def _ending(raw: Path) -> str:
-    return json.loads((raw / "dataset.json").read_text())["file_ending"]
+    return json.loads((raw / DATASET_JSON).read_text())["file_ending"]

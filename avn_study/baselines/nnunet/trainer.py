@@ -19,6 +19,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.file_path_utilities import load_json
 
+from avn_study.data.layout import DATASET_JSON
 from avn_study.study.folder import NNUNET_CHECKPOINT
 
 _CUDA = torch.device("cuda")  # nnU-Net's default (its checkpoints record these init arguments by name)
@@ -65,7 +66,7 @@ def build_trainer(preprocessed: Path, cfg: Any, device: torch.device, hooks: Any
     """The trainer of ``cfg``'s fold on the preprocessed data in ``preprocessed``, resumed when asked."""
     plans = load_json(str(preprocessed / "nnUNetPlans.json"))
     plans["continue_training"] = resume_from is not None
-    dataset_json = load_json(str(preprocessed / "dataset.json"))
+    dataset_json = load_json(str(preprocessed / DATASET_JSON))  # nnU-Net copies the raw one
     trainer = AvnNnUNetTrainer(plans, cfg.configuration, cfg.base.data.fold, dataset_json, device)
     trainer.num_epochs = cfg.epochs
     trainer.num_iterations_per_epoch = cfg.iterations
