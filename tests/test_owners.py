@@ -40,19 +40,7 @@ ALLOWED = {
     ("avn_study.bundle.export", "imagesTs"),  # replaced after the merge
     ("avn_study.bundle.export", "labelsTs"),  # replaced after the merge
     ("avn_study.bundle.export", "study.json"),  # replaced after the merge
-    ("avn_study.cli.commands", "dataset.json"),  # replaced after the merge
-    ("avn_study.cli.commands", "error.txt"),  # replaced after the merge
-    ("avn_study.cli.commands", "imagesTr"),  # replaced after the merge
-    ("avn_study.cli.commands", "imagesTs"),  # replaced after the merge
-    ("avn_study.cli.commands", "imagesUnlabelled"),  # replaced after the merge
-    ("avn_study.cli.commands", "labelsTr"),  # replaced after the merge
-    ("avn_study.cli.commands", "labelsTs"),  # replaced after the merge
-    ("avn_study.cli.commands", "splits.json"),  # replaced after the merge
-    ("avn_study.cli.commands", "study.json"),  # replaced after the merge
     ("avn_study.study.driver", ".damaged-"),  # replaced after the merge
-    ("avn_study.study.driver", "experiment_state-"),  # replaced after the merge
-    ("avn_study.study.driver", "search_gen_state-"),  # replaced after the merge
-    ("avn_study.study.driver", "searcher-state-"),  # replaced after the merge
     ("avn_study.study.trainable", "resolved_config.json"),  # replaced after the merge
     ("avn_study.training.engine", "dataset.json"),  # replaced after the merge
     ("avn_study.training.engine", "imagesUnlabelled"),  # replaced after the merge

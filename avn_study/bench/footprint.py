@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-STATE_GLOB = "experiment_state-*.json"  # Ray Tune's name for an experiment's snapshot
+from avn_study.study.folder import EXPERIMENT_STATE, PARAMS
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def experiment_states(root: Path) -> list[StateSize]:
     """The newest ``experiment_state-*.json`` of every Ray experiment under the study folder ``root``."""
     sizes = []
     for experiment in sorted(p for p in root.iterdir() if p.is_dir()):
-        snapshots = sorted(experiment.glob(STATE_GLOB))
+        snapshots = sorted(experiment.glob(EXPERIMENT_STATE))
         if not snapshots:
             continue
         newest = snapshots[-1]
@@ -45,7 +45,7 @@ def experiment_states(root: Path) -> list[StateSize]:
 
 def params_bytes(root: Path) -> float:
     """Mean size of the study's trials' ``params.json`` (0 without trials)."""
-    sizes = [p.stat().st_size for p in root.glob("*/*/params.json")]
+    sizes = [p.stat().st_size for p in root.glob(f"*/*/{PARAMS}")]
     return statistics.fmean(sizes) if sizes else 0.0
 
 

@@ -7,7 +7,9 @@ import sys
 from typing import Any
 
 from avn_study.cli.args import _path, _positive_int, _progress
+from avn_study.data.layout import IMAGES_TR, IMAGES_TS, LABELS_TR, LABELS_TS
 from avn_study.errors import UsageError
+from avn_study.study.folder import MANIFEST
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -51,7 +53,7 @@ def _export_parser(sub) -> None:
     )
     p.add_argument("experiment", type=_path, help="study folder (STORAGE/NAME) or one Ray Tune experiment folder")
     p.add_argument("--out", type=_path, required=True, help="bundle folder to write")
-    p.add_argument("--arm", help="export the best configuration of this row (a name from study.json 'rows')")
+    p.add_argument("--arm", help=f"export the best configuration of this row (a name from {MANIFEST} 'rows')")
     p.add_argument("--metric", help="selection metric (default: the study's metric, val_dice)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
@@ -155,7 +157,8 @@ def _evaluate_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="score a bundle on a labelled cohort in each scan's own geometry, per case and per hip",
-        description="Predict every labelled case of DATA (imagesTs/labelsTs when present, else imagesTr/labelsTr) "
+        description=f"Predict every labelled case of DATA ({IMAGES_TS}/{LABELS_TS} when present, else "
+        f"{IMAGES_TR}/{LABELS_TR}) "
         "as `predict` does and compare with the reference in the scan's own grid: Dice, HD95, volumes, lesions, "
         "surface Dice, lesion detection with a minimum IoU; next to them the training-grid Dice/HD95 a trial "
         "reports; per hip (split at the midline of the two heads): necrotic fraction of the head with the "

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from avn_study.cli.args import _fraction, _path, _positive_int, _progress
+from avn_study.data.layout import DATASET_JSON, IMAGES_TR, IMAGES_TS, LABELS_TR, UNLABELLED_DIR
+from avn_study.data.splits import SPLITS_FILE
 from avn_study.errors import UsageError
 
 
@@ -46,7 +48,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from avn_study.dicom import looks_like_dicom
 
     data = Path(args.data)
-    if data.is_dir() and not (data / "dataset.json").exists() and looks_like_dicom(data):
+    if data.is_dir() and not (data / DATASET_JSON).exists() and looks_like_dicom(data):
         from avn_study.dicom import require_dicom, verify_dicom_tree
 
         require_dicom("verify of a DICOM export")
@@ -80,10 +82,10 @@ def cmd_import_dicom(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, progress=_progress)  # fmt: skip
     for warning in result.warnings:
         print(f"warning: {warning.path}: {warning.message}", file=sys.stderr)
-    labelled = sum(c.subset == "imagesTr" for c in result.cases)
+    labelled = sum(c.subset == IMAGES_TR for c in result.cases)
     patients = len({c.patient for c in result.cases})
     print(f"imported {len(result.cases)} visit(s) of {patients} patient(s) to {result.out} ({labelled} labelled in "
-          f"imagesTr/labelsTr, {len(result.cases) - labelled} in {args.unlabelled}/)")  # fmt: skip
+          f"{IMAGES_TR}/{LABELS_TR}, {len(result.cases) - labelled} in {args.unlabelled}/)")  # fmt: skip
     for case in result.cases:
         chosen = ", ".join(f"{ch}: series {s.first.series_number} ({s.plane}, {len(s.instances)} slices)"
                            for ch, s in zip(channels, case.series, strict=True))  # fmt: skip
@@ -99,7 +101,7 @@ def _import_dicom_parser(sub) -> None:
         help="a DICOM export (patients, visits, series) to a pseudonymous cohort in the nnU-Net raw layout",
         description="Walk DICOM_DIR, group the files into series, choose per visit one series per channel (by "
         "SeriesDescription regex and/or plane), convert each with dcm2niix and write OUT in the nnU-Net raw layout "
-        "with dataset.json's patients map from PatientID. Cases are case_000, ...; patients P000, ...; the link to "
+        f"with {DATASET_JSON}'s patients map from PatientID. Cases are case_000, ...; patients P000, ...; the link to "
         "the hospital's identifiers goes to one private mapping file (default OUT.mapping.json beside OUT). Needs "
         "avn-study[dicom].",
     )
@@ -113,9 +115,9 @@ def _import_dicom_parser(sub) -> None:
                    help="keep only series acquired in this plane (from the orientation vectors)")  # fmt: skip
     p.add_argument("--labels-from", type=_path, dest="labels_from", metavar="SEG",
                    help="a DICOM SEG file or a folder of them (may be DICOM_DIR): visits with a SEG of a chosen "
-                   "series go to imagesTr/labelsTr")  # fmt: skip
-    p.add_argument("--unlabelled", choices=("imagesTs", "imagesUnlabelled"), default="imagesTs",
-                   help="where visits without labels go (default imagesTs)")  # fmt: skip
+                   f"series go to {IMAGES_TR}/{LABELS_TR}")  # fmt: skip
+    p.add_argument("--unlabelled", choices=(IMAGES_TS, UNLABELLED_DIR), default=IMAGES_TS,
+                   help=f"where visits without labels go (default {IMAGES_TS})")  # fmt: skip
     p.add_argument("--mapping", type=_path, help="the private mapping file (default OUT.mapping.json beside OUT)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier import (only one) and its mapping")
     p.set_defaults(func=cmd_import_dicom)
@@ -175,14 +177,14 @@ def _print_splits(splits, patients: dict[str, str], necrosis: dict[str, bool] | 
 
 def _split_parser(sub) -> None:
     """``avn-study split``'s arguments (next to :func:`cmd_split`)."""
-    p = sub.add_parser("split", help="freeze patient-level K-fold splits in DATA/splits.json")
+    p = sub.add_parser("split", help=f"freeze patient-level K-fold splits in DATA/{SPLITS_FILE}")
     p.add_argument("data", type=_path, help="dataset folder")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--no-stratify", action="store_true", help="do not stratify by necrosis presence")
     p.add_argument("--test-fraction", type=_fraction, default=0.0, dest="test_fraction",
                    help="share of patients held out as a test set, in no fold (stratified, default 0)")  # fmt: skip
-    p.add_argument("--out", type=_path, help="where to write (default DATA/splits.json)")
+    p.add_argument("--out", type=_path, help=f"where to write (default DATA/{SPLITS_FILE})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing splits file")
     p.add_argument("--cache-dir", type=_path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.set_defaults(func=cmd_split)

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from avn_study.cli.args import _path, _positive_float, _positive_int, _text
+from avn_study.data.layout import DATASET_JSON
 from avn_study.errors import UsageError
+from avn_study.study.folder import ERROR_FILE, MANIFEST
 from avn_study.study.launch import run_study
 
 
@@ -39,7 +41,7 @@ def _errored_summary(result) -> str:
     lines = [f"{len(result.errored)} trial(s) errored after their retries:"]
     for o in result.errored:
         reason = next((line for line in reversed(o.error.splitlines()) if line.strip()), "unknown")
-        lines.append(f"  - {o.trial_id} (stage {o.stage}, row {o.row}): {reason[:200]}\n    log: {o.path}/error.txt")
+        lines.append(f"  - {o.trial_id} (stage {o.stage}, row {o.row}): {reason[:200]}\n    log: {o.path}/{ERROR_FILE}")
     return "\n".join(lines)
 
 
@@ -173,13 +175,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed must be an integer >= 0, got {args.seed}")
     space = load_space(_demo_space(args, out))
-    if (cohort / "dataset.json").is_file():
+    if (cohort / DATASET_JSON).is_file():
         print(f"reusing the phantom cohort in {cohort}", file=sys.stderr)
     else:
         print(f"writing a phantom cohort of {cases} patients to {cohort}", file=sys.stderr)
         write_cohort(cohort, cases=cases, seed=args.seed, config=PhantomConfig.tiny() if args.tiny else PhantomConfig())
     study = Study(space, cohort, str(out / "experiments"), progress=not args.quiet)
-    resume = (study.root / "study.json").is_file()
+    resume = (study.root / MANIFEST).is_file()
     from avn_study.outputs import shell
 
     result = run_study(study, resume, None, args.num_cpus, shell("avn-study", "demo", "--out", args.out))

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from avn_study.cli.args import _path
+from avn_study.data.splits import SPLITS_FILE
 from avn_study.errors import UsageError
 from avn_study.vocabulary import AMP_MODES, ARMS, GATINGS
 
@@ -127,7 +128,9 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--cache-dir", type=_path, help="preprocessing cache (default $AVN_STUDY_CACHE or ~/.cache)")
     p.add_argument(
-        "--splits", type=_path, help="frozen splits file (default: DATA/splits.json if you made one, else the cache's)"
+        "--splits",
+        type=_path,
+        help=f"frozen splits file (default: DATA/{SPLITS_FILE} if you made one, else the cache's)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (only a run folder)")

@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from avn_study.data.problems import Problem
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LABELS: dict[str, int] = {"background": 0, "femoral_head": 1, "necrosis": 2}  # the canonical label map
 
@@ -61,6 +63,8 @@ class LabelMap:
 
     def canonical(self, raw: np.ndarray) -> np.ndarray:
         """The cohort's label volume as 0 background / 1 femoral head / 2 necrosis (uint8)."""
+        import numpy as np  # (the raw layout's names and the label map stay light enough for --help)
+
         necrosis = np.isin(raw, self.role_values("necrosis"))
         head = np.isin(raw, self.role_values("femoral_head")) | necrosis
         out = head.astype(np.uint8)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from avn_study.data.layout import DATASET_JSON
 from avn_study.errors import UsageError
 from avn_study.study.space import ABLATIONS, SearchSpace
 
@@ -178,7 +179,7 @@ def _search_shape(space: SearchSpace) -> str:
 def cohort_sizes(space: SearchSpace, data: Path | None) -> tuple[int | None, int | None]:
     """(reported patients the primary metric is defined on, every patient) of a cohort, or (None, None)
     when there is no cohort at ``data``: the plan then shows the replicate floors only."""
-    if data is None or not (Path(data) / "dataset.json").is_file():
+    if data is None or not (Path(data) / DATASET_JSON).is_file():
         return None, None
     from avn_study.config import TrainConfig
     from avn_study.training.engine import cohort_split

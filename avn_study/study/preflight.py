@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import DataError, UsageError
-from avn_study.study.folder import MANIFEST, SPACE_COPY, Stage1, trial_folders
+from avn_study.study.folder import (
+    EXPERIMENT_STATE,
+    MANIFEST,
+    SEARCH_GEN_STATE,
+    SEARCHER_STATE,
+    SPACE_COPY,
+    Stage1,
+    trial_folders,
+)
 from avn_study.study.space import SearchSpace
 
 
@@ -99,18 +107,18 @@ def check_search_files(space: SearchSpace, name: str, journal: Path, searches: l
         return  # no searcher, no journal
     expected: list[str] = []
     for run, folder in searches:
-        if not any(folder.glob("experiment_state-*.json")):
+        if not any(folder.glob(EXPERIMENT_STATE)):
             continue  # never saved: the search starts afresh (and its abandoned trials are set aside)
         if space.concurrent_rows or trial_folders(folder):
             expected.append(run.optuna_study(name))
     folders = {folder for _, folder in searches} if pickles else set()
-    for folder in sorted(f for f in folders if any(f.glob("experiment_state-*.json"))):
-        states = sorted(folder.glob("searcher-state-*.pkl"))
+    for folder in sorted(f for f in folders if any(f.glob(EXPERIMENT_STATE))):
+        states = sorted(folder.glob(SEARCHER_STATE))
         if not states:
-            raise DamagedFile(folder, "has no searcher-state-*.pkl, expected Ray's saved searcher next to its "
+            raise DamagedFile(folder, f"has no {SEARCHER_STATE}, expected Ray's saved searcher next to its "
                                       "experiment state. Restore it from a copy, or start the study again "
                                       "under another --name")  # fmt: skip
         check_searcher_state(states[-1])
-        for state in sorted(folder.glob("search_gen_state-*.json"))[-1:]:
+        for state in sorted(folder.glob(SEARCH_GEN_STATE))[-1:]:
             check_searcher_state(state)
     check_journal(journal, expected)
