@@ -118,7 +118,8 @@ def slice_probabilities(
 ) -> dict[str, np.ndarray]:
     """The mean over the bundle's models (a fold ensemble has several) and, with ``tta="flip"``, over each
     slice and its left-right mirror, of the probabilities (``seg``, ``loc``) and reconstructions."""
-    from avn_study.training.engine import autocast_dtype, predict_slices
+    from avn_study.models.runtime import autocast_dtype
+    from avn_study.training.validation import predict_slices
 
     amp = autocast_dtype(bundle.config.get("amp", "auto"), device)
     outs = []
@@ -483,7 +484,7 @@ def _broken_link(path: Path) -> str:
 
 def _device(name: str) -> torch.device:
     """``resolve_device`` with the option's name in its message."""
-    from avn_study.training.engine import resolve_device
+    from avn_study.models.runtime import resolve_device
 
     try:
         return resolve_device(name)

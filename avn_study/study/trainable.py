@@ -211,7 +211,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
     from avn_study.config import TrainConfig
     from avn_study.study.folder import calibration_file, overlay_file, per_case_file
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
     from avn_study.training.run import TrainingRun
 
     flat, meta = split_trial_config(config)
