@@ -399,7 +399,7 @@ def export_bundle(
     flat = load_config(checkpoint)
     model = _load_model(checkpoint, flat)
     members = _ensemble_members(sel, flat) if ensemble else []
-    if members:  # (as before this function was split: the last member's record stands in for the chosen one's)
+    if members:  # as it always was: the last member's record replaces the chosen one's (suspect; see issue 24)
         record = members[-1][1]
     metrics = _metrics_json(sel, checkpoint, record, note)
     if members:

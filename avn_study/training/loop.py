@@ -67,11 +67,7 @@ def train_one_epoch(
             batch = next(batches, None)
         if batch is None:
             break
-        with timer("transfer"):
-            batch = move_batch(batch, device, channels_last)
-        if augment is not None:
-            with timer("augment"):
-                batch = augment_batch(batch, augment, generator)
+        batch = _on_device(batch, device, channels_last, augment, generator, timer)
         if "seg" not in batch:  # unlabelled scans: the reconstruction term alone
             with timer("forward"):
                 loss = _recon_loss(model, batch, loss_config, device, amp_dtype)
@@ -82,9 +78,7 @@ def train_one_epoch(
                 (loss * weights["recon"]).backward()
         else:
             with timer("forward"):
-                with autocast_context(device, amp_dtype):
-                    outputs = model(batch["image"])
-                losses = branch_losses({k: v.float() for k, v in outputs.items()}, batch, branches, loss_config)
+                losses = _branch_losses(model, batch, branches, loss_config, device, amp_dtype)
                 total = schedule.combine(losses, weights)
             with timer("bookkeeping"):
                 tally.add(step, total, losses, batch["image"].shape[0])
@@ -96,6 +90,37 @@ def train_one_epoch(
     record = tally.record(epoch, timer)
     record.update(train_slices=float(tally.n_slices), train_seconds=time.perf_counter() - start)
     return record
+
+
+def _on_device(
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    channels_last: bool,
+    augment: AugmentConfig | None,
+    generator: torch.Generator | None,
+    timer: Timer,
+) -> dict[str, torch.Tensor]:
+    """The batch moved to the device and, when ``augment`` is set, augmented there."""
+    with timer("transfer"):
+        batch = move_batch(batch, device, channels_last)
+    if augment is not None:
+        with timer("augment"):
+            batch = augment_batch(batch, augment, generator)
+    return batch
+
+
+def _branch_losses(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    branches: tuple[str, ...],
+    loss_config: LossConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """The unweighted loss of each branch on a labelled batch (the forward pass under autocast, losses in fp32)."""
+    with autocast_context(device, amp_dtype):
+        outputs = model(batch["image"])
+    return branch_losses({k: v.float() for k, v in outputs.items()}, batch, branches, loss_config)
 
 
 def _recon_loss(
