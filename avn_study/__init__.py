@@ -18,7 +18,7 @@ _EXPORTS = {  # what a script or notebook needs; everything else is imported fro
     "verify_dataset": "avn_study.data.verify",
     # training, and the registries a new model or schedule plugs into
     "TrainConfig": "avn_study.config",
-    "prepare_data": "avn_study.training.engine",
+    "prepare_data": "avn_study.training.fold",
     "TrainingRun": "avn_study.training.run",
     "create_model": "avn_study.models",
     "register_model": "avn_study.models",

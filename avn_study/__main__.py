@@ -1,3 +1,3 @@
-from avn_study.cli.commands import main
+from avn_study.cli import main
 
 raise SystemExit(main())

@@ -50,7 +50,7 @@ def test_a_two_channel_cohort_is_verified_cached_and_sliced(two_channel: Path, t
 
 def test_training_follows_the_cohorts_channels(two_channel: Path, tmp_path: Path) -> None:
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
     from avn_study.training.run import TrainingRun
 
     config = TrainConfig.from_flat({**BASE, "arm": "seg+recon+loc"})
@@ -84,7 +84,7 @@ def test_layout_problems_of_channels_are_named(two_channel: Path, tmp_path: Path
 def _bundle(out: Path) -> Path:
     from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none", "in_channels": 2})
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ def test_onnx_of_a_two_channel_model_takes_two_channels(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     from avn_study.bundle.onnx import export_onnx
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "unet", "in_channels": 2})
     info = export_onnx(build_model(config).eval(), tmp_path / "m.onnx", 64, channels=2)

@@ -1,4 +1,5 @@
-"""The training engine: every arm x schedule trains, runs are deterministic and resumable, NaN stops."""
+"""One run's training (fold data, epoch loop, validation): every arm x schedule trains, runs are deterministic
+and resumable, NaN stops."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import torch
 
 from avn_study.cli.commands import main
 from avn_study.config import TrainConfig
-from avn_study.data.slices import SliceDataset, validation_volumes
-from avn_study.training import engine as engine
-from avn_study.training.engine import NonFiniteLossError, prepare_data
+from avn_study.data.slices import SliceDataset, augment_batch, validation_volumes
+from avn_study.errors import AvnError
+from avn_study.models import runtime
+from avn_study.training import loop, validation
+from avn_study.training.fold import prepare_data
+from avn_study.training.loop import NonFiniteLossError
 from avn_study.training.run import TrainingRun
 from avn_study.training.schedules import create_schedule, list_schedules
 from avn_study.vocabulary import ARMS
@@ -150,14 +154,14 @@ def test_resume_continues_exactly(tiny_data, tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_with_epoch_and_term(tiny_data, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = engine.branch_losses
+    real = loop.branch_losses
 
     def poisoned(*args, **kwargs):
         losses = real(*args, **kwargs)
         losses["loc"] = losses["loc"] * float("nan")
         return losses
 
-    monkeypatch.setattr(engine, "branch_losses", poisoned)
+    monkeypatch.setattr(loop, "branch_losses", poisoned)
     run = TrainingRun(TrainConfig.from_flat({**TINY, "arm": "seg+loc", "schedule": "constant"}), tiny_data)
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 0: loss term 'loc' is nan"):
         run.run_epoch()
@@ -249,8 +253,8 @@ def test_evaluate_scores_a_perfect_prediction(tiny_data, monkeypatch: pytest.Mon
         targets.append({"seg": dataset.__getitems__(list(range(start, start + n)))["seg"][:, 0].numpy()})
         start += n
     answers = iter(targets)
-    monkeypatch.setattr(engine, "predict_slices", lambda *args, **kwargs: next(answers))
-    summary, per_case = engine.evaluate(run.model, tiny_data.val, run.slice_config, torch.device("cpu"))
+    monkeypatch.setattr(validation, "predict_slices", lambda *args, **kwargs: next(answers))
+    summary, per_case = validation.evaluate(run.model, tiny_data.val, run.slice_config, torch.device("cpu"))
     assert [c["dice"] for c in per_case] == [1.0] * len(per_case)
     assert summary["val_dice"] == 1.0 and summary["n_cases"] == len(tiny_data.val)
     assert {c["case"] for c in per_case} == {c.case_id for c in tiny_data.val}
@@ -259,15 +263,15 @@ def test_evaluate_scores_a_perfect_prediction(tiny_data, monkeypatch: pytest.Mon
 def test_device_names_are_checked() -> None:
     from avn_study.errors import AvnError, UsageError
 
-    assert engine.resolve_device("cpu").type == "cpu"
+    assert runtime.resolve_device("cpu").type == "cpu"
     with pytest.raises(UsageError, match=r"'gpu'.*use auto, cpu, cuda or cuda:N"):
-        engine.resolve_device("gpu")
+        runtime.resolve_device("gpu")
     if torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA device"):
-            engine.resolve_device(f"cuda:{torch.cuda.device_count()}")
+            runtime.resolve_device(f"cuda:{torch.cuda.device_count()}")
     else:
         with pytest.raises(AvnError, match="CUDA is not available"):
-            engine.resolve_device("cuda:0")
+            runtime.resolve_device("cuda:0")
 
 
 def test_recon_dependent_reference_is_the_untrained_loss_whatever_the_learning_rate(tiny_data) -> None:
@@ -327,7 +331,7 @@ def test_train_scores_the_held_out_test_set_apart(tiny_phantom: Path, shared_cac
 
 def test_nan_loss_is_found_at_its_step_though_the_epoch_syncs_once(tiny_data, monkeypatch) -> None:
     """Losses are read once per epoch; a NaN at a later step still names that step, term and value."""
-    real, calls = engine.branch_losses, []
+    real, calls = loop.branch_losses, []
 
     def poisoned(*args, **kwargs):
         losses = real(*args, **kwargs)
@@ -336,7 +340,7 @@ def test_nan_loss_is_found_at_its_step_though_the_epoch_syncs_once(tiny_data, mo
             losses["seg"] = losses["seg"] + float("inf")
         return losses
 
-    monkeypatch.setattr(engine, "branch_losses", poisoned)
+    monkeypatch.setattr(loop, "branch_losses", poisoned)
     run = TrainingRun(TrainConfig.from_flat({**TINY, "arm": "seg+loc", "schedule": "constant"}), tiny_data)
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 2: loss term 'seg' is inf"):
         run.run_epoch()
@@ -353,11 +357,11 @@ def _old_epoch_loop(run: TrainingRun, epoch: int) -> dict[str, float]:
     sums: dict[str, float] = defaultdict(float)
     n = 0
     for batch in run.batches:
-        batch = engine._move(batch, run.device, False)
+        batch = runtime.move_batch(batch, run.device, False)
         if run.augment is not None:
-            batch = engine.augment_batch(batch, run.augment, generator)
+            batch = augment_batch(batch, run.augment, generator)
         outputs = model(batch["image"])
-        losses = engine.branch_losses({k: v.float() for k, v in outputs.items()}, batch, tuple(model.branches),
+        losses = loop.branch_losses({k: v.float() for k, v in outputs.items()}, batch, tuple(model.branches),
                                       run.loss_config)  # fmt: skip
         total = run.schedule.combine(losses, weights)
         assert torch.isfinite(total)
@@ -379,7 +383,7 @@ def test_epoch_loop_gives_the_numbers_of_the_per_step_loop(tiny_data, arm: str) 
     new, old = TrainingRun(config, tiny_data), TrainingRun(config, tiny_data)
     for epoch in range(2):
         for group in (*new.optimizer.param_groups, *old.optimizer.param_groups):
-            group["lr"] = engine.cosine_lr(config.optim.lr, epoch, config.optim.epochs)
+            group["lr"] = loop.cosine_lr(config.optim.lr, epoch, config.optim.epochs)
         record = new.run_epoch()
         new_losses = {k: v for k, v in record.items() if k.startswith("loss_")}
         assert new_losses == _old_epoch_loop(old, epoch)  # exact, not approximate
@@ -477,7 +481,7 @@ def test_batch_source_on_cuda_keeps_slices_resident_only_when_they_fit(tiny_data
     assert kind(resident="off") == "prefetched"
     free["bytes"] = need // 2
     assert kind() == "prefetched"
-    with pytest.raises(engine.AvnError, match=r"resident=on: the fold's \d+ training slices need"):
+    with pytest.raises(AvnError, match=r"resident=on: the fold's \d+ training slices need"):
         kind(resident="on")
     assert batches_module.batch_source(dataset, batch_size=8, seed=0, device=torch.device("cpu")).kind == "streamed"
 
@@ -528,11 +532,11 @@ def test_a_quick_validation_counts_on_the_device_what_the_pasted_volumes_give(ti
     for p in run.model.parameters():  # an untrained network predicts ~0.5 everywhere: spread its outputs
         torch.nn.init.normal_(p, std=0.3)
     first = next(validation_volumes(list(tiny_data.val), run.slice_config))
-    probs = engine.predict_slices(run.model, first.image, torch.device("cpu"))
+    probs = validation.predict_slices(run.model, first.image, torch.device("cpu"))
     threshold = float(np.median(probs["seg"]))  # half of the voxels predicted: partial overlaps
     args = (run.model, tiny_data.val, run.slice_config, torch.device("cpu"), None, threshold)
-    _, quick = engine.evaluate(*args, full=False)
-    _, full = engine.evaluate(*args, full=True)
+    _, quick = validation.evaluate(*args, full=False)
+    _, full = validation.evaluate(*args, full=True)
     # not trivial: predictions and references on the same cases, partial overlaps
     assert any(c["pred_volume_ml"] > 0 and c["ref_volume_ml"] > 0 for c in full)
     assert any(0 < c["loc_dice"] < 1 for c in full) and (slice_size == 32 or any(0 < c["dice"] < 1 for c in full))

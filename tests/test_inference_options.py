@@ -27,7 +27,7 @@ def _slices(seed: int = 0) -> torch.Tensor:
 
 
 def test_flip_tta_is_the_mean_with_the_mirrored_prediction(bundle_dir: Path) -> None:
-    from avn_study.training.engine import predict_slices
+    from avn_study.training.validation import predict_slices
 
     bundle = load_bundle(bundle_dir)
     x, cpu = _slices(), torch.device("cpu")
@@ -84,7 +84,7 @@ def test_restrict_to_head_needs_a_loc_branch(tmp_path: Path, tiny_phantom: Path,
 def test_bundle_defaults_are_used_recorded_and_overridden(tmp_path: Path, tiny_phantom: Path) -> None:
     from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none"})
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def test_a_version_1_bundle_still_loads(bundle_dir: Path, tmp_path: Path) -> Non
 def ensemble_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none"})
     models = []
@@ -137,7 +137,7 @@ def ensemble_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_an_ensemble_predicts_the_mean_of_its_members(ensemble_dir: Path) -> None:
-    from avn_study.training.engine import predict_slices
+    from avn_study.training.validation import predict_slices
 
     bundle = load_bundle(ensemble_dir)
     assert len(bundle.models) == 3 and (ensemble_dir / "ensemble" / "member_02.safetensors").is_file()
@@ -189,5 +189,9 @@ def test_export_ensemble_bundles_every_trial_of_the_best_configuration(
     ids = {str(t["trial_id"]) for t in metrics["configuration"]["trials"]}
     assert {m.get("trial_id", metrics["chosen_trial"]["trial_id"]) for m in members} == ids
     assert bundle.inference.tta == "flip"
+    # the chosen trial is described by its own checkpoint, as in a single-model bundle (not by a member's)
+    assert main(["export", str(smoke_experiment), "--out", str(tmp_path / "single")]) == 0
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert metrics["chosen_trial"] == single["chosen_trial"] and metrics["chosen_trial"]["checkpoint_value"] is not None
     assert main(["export", str(smoke_experiment), "--out", str(tmp_path / "x"), "--ensemble", "--onnx"]) == 2
     assert "--onnx writes one model" in capsys.readouterr().err

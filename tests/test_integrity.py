@@ -109,7 +109,7 @@ def test_non_finite_probabilities_are_refused_naming_the_case(tmp_path: Path, ca
 
     from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": "seg+loc", "gating": "none"})
     model = build_model(config).eval()

@@ -24,30 +24,6 @@ OWNERS = {
     "avn_study.data.splits": ("splits.json", "nested_splits.json"),
 }  # fmt: skip
 
-# literals that still spell a name outside its owner, in modules other helpers rewrite in parallel
-ALLOWED = {
-    ("avn_study.bench.benches", "result.json"),  # replaced after the merge
-    ("avn_study.bench.calibrate", "dataset.json"),  # replaced after the merge
-    ("avn_study.bench.calibrate", "splits.json"),  # replaced after the merge
-    ("avn_study.bench.cluster", "dataset.json"),  # replaced after the merge
-    ("avn_study.bench.cluster", "params.json"),  # replaced after the merge
-    ("avn_study.bench.cluster", "result.json"),  # replaced after the merge
-    ("avn_study.bench.loop_profile", "dataset.json"),  # replaced after the merge
-    ("avn_study.bundle.evaluate", "dataset.json"),  # replaced after the merge
-    ("avn_study.bundle.evaluate", "imagesTs"),  # replaced after the merge
-    ("avn_study.bundle.evaluate", "labelsTr"),  # replaced after the merge
-    ("avn_study.bundle.evaluate", "labelsTs"),  # replaced after the merge
-    ("avn_study.bundle.export", "imagesTs"),  # replaced after the merge
-    ("avn_study.bundle.export", "labelsTs"),  # replaced after the merge
-    ("avn_study.bundle.export", "study.json"),  # replaced after the merge
-    ("avn_study.study.driver", ".damaged-"),  # replaced after the merge
-    ("avn_study.study.trainable", "resolved_config.json"),  # replaced after the merge
-    ("avn_study.training.engine", "dataset.json"),  # replaced after the merge
-    ("avn_study.training.engine", "imagesUnlabelled"),  # replaced after the merge
-    ("avn_study.training.engine", "nested_splits.json"),  # replaced after the merge
-}
-
-
 def _pattern(name: str) -> re.Pattern[str]:
     """``name`` as a whole word of a path: not part of a longer name (``splits.json`` is no ``nested_splits.json``;
     ``per_case/`` is no ``per_case.csv``)."""
@@ -89,13 +65,8 @@ def spellings(package: Path = PACKAGE) -> set[tuple[str, str]]:
 
 
 def test_every_file_name_is_spelled_by_its_owner_only() -> None:
-    unlisted = spellings() - set(ALLOWED)
+    unlisted = spellings()
     assert not unlisted, f"import the owner's constant instead (see OWNERS): {sorted(unlisted)}"
-
-
-def test_the_allowed_list_holds_only_spellings_that_remain() -> None:
-    stale = set(ALLOWED) - spellings()
-    assert not stale, f"no longer spelled: remove from ALLOWED: {sorted(stale)}"
 
 
 def test_the_scan_finds_a_spelling_and_not_its_longer_cousins(tmp_path: Path) -> None:

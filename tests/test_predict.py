@@ -30,7 +30,7 @@ def make_bundle(out: Path, arm: str = "seg+loc", seed: int = 0, **flat: object) 
     """A bundle of a randomly initialised model (gating off, so seg and loc both predict something)."""
     from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
 
     config = TrainConfig.from_flat({**ARCH, "arm": arm, "gating": "none", **flat})
     torch.manual_seed(seed)

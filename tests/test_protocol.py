@@ -218,3 +218,10 @@ def test_nested_tuning_sets_are_the_inner_folds_of_each_outer_fold(tmp_path: Pat
         assert val and set(val) <= set(splits.fold(k).train)  # never the outer fold's reported patients
     inner = protocol.inner_folds(space, splits, cases)
     assert [inner[k].fold(0).val for k in (0, 2)] == list(sets.values())
+
+
+def test_too_many_inner_folds_for_the_cohort_is_a_usage_error_naming_the_space(tmp_path: Path) -> None:
+    # checked before Ray starts, through the tuning sets of a metric that needs necrosis
+    space = _space(tmp_path, protocol="nested_ablation", folds=[0, 2], inner_folds=5, tuning_fold=0)
+    with pytest.raises(UsageError, match=rf"{space.path}: inner_folds: "):
+        protocol.check_tuning_sets(space, _splits(), _cases({0, 1, 2, 3, 4, 5}))

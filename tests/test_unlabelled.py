@@ -13,7 +13,7 @@ from avn_study.cli.commands import main
 from avn_study.config import TrainConfig
 from avn_study.data.verify import verify_dataset
 from avn_study.errors import DataError
-from avn_study.training.engine import prepare_data
+from avn_study.training.fold import prepare_data
 from avn_study.training.run import TrainingRun
 
 BASE = {"n_folds": 3, "slice_size": 64, "depth": 2, "base_channels": 4, "inplane_spacing_mm": 4.0, "epochs": 2,

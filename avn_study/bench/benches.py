@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from avn_study.study.folder import RESULTS
+
 TARGET_SLICES_PER_S_PER_CORE = 2000
 TARGET_PEAK_RSS_GB = 1.5
 
@@ -162,7 +164,7 @@ def bench_train(
     import torch
 
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
     from avn_study.vocabulary import ARMS
 
     peak = matmul_peak_flops()
@@ -250,7 +252,7 @@ def _trial_times(root: Path) -> list[dict[str, float]]:
     import json
 
     out = []
-    for result in sorted(root.glob("stage*/*/result.json")):
+    for result in sorted(root.glob(f"stage*/*/{RESULTS}")):
         records = [json.loads(line) for line in result.read_text().splitlines()]
         out.append({"total_s": records[-1]["time_total_s"], "val_dice": records[-1]["val_dice"],
                     "epoch_s": [r["time_this_iter_s"] for r in records[1:]]})  # fmt: skip
@@ -267,7 +269,7 @@ def _tune_overhead(work: Path, cohort: Path, base: dict, epochs: int = 8, rounds
 
     from avn_study.config import TrainConfig
     from avn_study.study.driver import Study
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
     from avn_study.training.run import TrainingRun
 
     fixed = {**base["fixed"], "epochs": epochs, "lr": 2e-3}
@@ -372,7 +374,7 @@ def _gpu_step_rows(size: int, batch: int, base_channels: int, depth: int, steps:
     import torch
 
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
     from avn_study.vocabulary import ARMS
 
     rows = []
@@ -453,7 +455,7 @@ def bench_gpu(work: Path, per_gpu: int = 4, trials: int = 8, epochs: int = 8) ->
             study.run()
             wall = time.perf_counter() - t0
         records = [
-            json.loads(line) for f in study.root.glob("stage1-*/*/result.json") for line in f.read_text().splitlines()
+            json.loads(line) for f in study.root.glob(f"stage1-*/*/{RESULTS}") for line in f.read_text().splitlines()
         ]
         slices = sum(r["train_slices"] for r in records)
         epoch_s = sorted(r["train_seconds"] for r in records)

@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from avn_study.data.layout import DATASET_JSON
+from avn_study.data.splits import SPLITS_FILE
+
 # row -> overrides of the calibration config (the rows of ablation.yaml, at the calibration's width)
 ROWS: dict[str, dict[str, Any]] = {
     "unet": {"arm": "unet", "schedule": "constant"},
@@ -74,11 +77,11 @@ def calibrate(work: Path, cases: int = 24, seed: int = 0, epochs: int = 8, folds
     from avn_study.config import TrainConfig
     from avn_study.data.phantom import PhantomConfig, write_cohort
     from avn_study.models import matched_width, model_for_arm, n_parameters
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
     from avn_study.training.run import TrainingRun
 
     cohort = work / "cohort"
-    if not (cohort / "dataset.json").is_file():
+    if not (cohort / DATASET_JSON).is_file():
         write_cohort(cohort, cases=cases, seed=seed, config=PhantomConfig.tiny() if tiny else PhantomConfig())
     rows = dict(ROWS if rows is None else rows)
     base = {**BASE, "epochs": epochs, "n_folds": folds}
@@ -87,7 +90,7 @@ def calibrate(work: Path, cases: int = 24, seed: int = 0, epochs: int = 8, folds
     per_case: dict[str, list[dict[str, Any]]] = {"threshold in the true head": []}
     sizes: dict[str, int] = {"threshold in the true head": 0}
     for fold in range(folds):
-        data = prepare_data(cohort, TrainConfig.from_flat({**base, "fold": fold}), work / "cache", work / "splits.json")
+        data = prepare_data(cohort, TrainConfig.from_flat({**base, "fold": fold}), work / "cache", work / SPLITS_FILE)
         per_case["threshold in the true head"] += [{**c, "fold": fold} for c in shortcut_dice(data.train, data.val)]
         for row, overrides in rows.items():
             # seed = fold: one initialisation per fold, not one for all; at this budget an unlucky

@@ -25,6 +25,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from avn_study.data.layout import DATASET_JSON
+from avn_study.study.folder import PARAMS, RESULTS
+
 # train slices/s of each arm relative to unet, measured here by `avn-study bench train` (1 thread, 128 px)
 ARM_COST = {"unet": 1.0, "seg": 1.2, "unet+head": 1.17, "seg+recon": 1.67, "seg+loc": 1.43,
             "seg+recon+loc": 2.02, "cascade": 2.05}  # fmt: skip
@@ -144,9 +147,9 @@ def stage_times(root: Path) -> dict[int, dict[str, float]]:
 
     out = {s: {"busy_s": 0.0, "start": math.inf, "end": -math.inf} for s in (1, 2)}
     for experiment in stage_folders(root):
-        for params in experiment.glob("*/params.json"):
+        for params in experiment.glob(f"*/{PARAMS}"):
             stage = int(merge_grid(json.loads(params.read_text())).get("_stage", 1))
-            results = params.parent / "result.json"
+            results = params.parent / RESULTS
             lines = [json.loads(line) for line in results.read_text().splitlines() if line] if results.is_file() else []
             if lines:
                 t = out[stage]
@@ -178,7 +181,7 @@ def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 
     raw.update({"resources": {"cpu": 1, "gpu": 1 / per_gpu}, "max_concurrent": 0, "checkpoint": {"frequency": 1000}})
     raw.update(shape or {})
     cohort = work / "cohort"
-    if not (cohort / "dataset.json").is_file():
+    if not (cohort / DATASET_JSON).is_file():
         write_cohort(cohort, cases=40, seed=0, config=PhantomConfig.tiny())
     slots = gpus * per_gpu
     init_ray(None, num_cpus=slots, num_gpus=gpus)

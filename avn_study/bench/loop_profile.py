@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from avn_study.data.layout import DATASET_JSON
+
 TRAINING_STEP = ("forward", "backward", "optimizer")
 OVERHEAD_TARGET_MS = 1.0  # everything outside the model, per training slice per core
 STAGES = ("fetch", "transfer", "augment", "bookkeeping", "val_paste", "val_metrics", "checkpoint")
@@ -44,12 +46,12 @@ def profile_loop(
     """
     from avn_study.config import TrainConfig
     from avn_study.data.phantom import PhantomConfig, write_cohort
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
     from avn_study.training.run import TrainingRun
     from avn_study.training.stage_timer import StageTimer
 
     cohort = work / f"profile-cohort-{cases}-{seed}{'-tiny' if tiny else ''}"
-    if not (cohort / "dataset.json").is_file():
+    if not (cohort / DATASET_JSON).is_file():
         write_cohort(cohort, cases=cases, seed=seed, config=PhantomConfig.tiny() if tiny else PhantomConfig())
     flat = {"arm": arm, "slice_size": size, "inplane_spacing_mm": 4.0 if tiny else 2.0, "epochs": epochs,
             "base_channels": base_channels, "depth": depth, "schedule": "constant", "schedule_params": {},

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from avn_study.data.labels import LABELS
-from avn_study.data.layout import scan_cohort
+from avn_study.data.layout import DATASET_JSON, IMAGES_TS, LABELS_TR, LABELS_TS, scan_cohort
 from avn_study.data.problems import format_problems
 from avn_study.errors import DataError, UsageError
 from avn_study.metrics.clinical import hip_rows, hip_summary, lesion_detection_iou, surface_dice
@@ -50,7 +50,7 @@ def pick_subset(data: Path, subset: str) -> str:
     """``auto``: ``Ts`` when ``DATA`` has ``imagesTs`` and ``labelsTs``, else ``Tr``."""
     if subset != "auto":
         return subset
-    return "Ts" if (data / "imagesTs").is_dir() and (data / "labelsTs").is_dir() else "Tr"
+    return "Ts" if (data / IMAGES_TS).is_dir() and (data / LABELS_TS).is_dir() else "Tr"
 
 
 def score_case(
@@ -101,7 +101,7 @@ def match_channels(wanted: list[str], available: list[str], data: Path) -> list[
     """
     missing = [c for c in wanted if c not in available]
     if missing:
-        raise UsageError(f"{data}/dataset.json: channel_names ({', '.join(available)}) lack {', '.join(missing)}, "
+        raise UsageError(f"{data}/{DATASET_JSON}: channel_names ({', '.join(available)}) lack {', '.join(missing)}, "
                          f"which the bundle reads ({', '.join(wanted)})")  # fmt: skip
     return [available.index(c) for c in wanted]
 
@@ -146,19 +146,11 @@ def evaluate_bundle(
             or the bundle cannot be loaded.
     """
     from avn_study.bundle.format import load_bundle
-    from avn_study.bundle.predict import UNVERIFIED_BUNDLE, _device, resolve_options
-    from avn_study.data.verify import check_case
-    from avn_study.metrics.case import summarize
+    from avn_study.bundle.predict import _device, resolve_options
     from avn_study.outputs import check_target, staged_folder
 
     data, out = Path(data), Path(out)
-    if subset not in ("auto", "Tr", "Ts"):
-        raise UsageError(f"--subset must be auto, Tr or Ts, got {subset!r}")
-    for name, value, low in (("--min-volume-ml", min_volume_ml, 0.0), ("--tau-mm", tau_mm, 0.0)):
-        if not (math.isfinite(value) and value >= low):
-            raise UsageError(f"{name} must be a finite number >= {low:g}, got {value}")
-    if not 0.0 < min_iou <= 1.0:
-        raise UsageError(f"--min-iou must be in (0, 1], got {min_iou}")
+    _check_settings(subset, min_volume_ml, min_iou, tau_mm)
     check_target(out, flag="--out", kind="an evaluation", is_own=is_evaluation, overwrite=overwrite,
                  inputs=[data, Path(bundle_path)])  # fmt: skip
     subset = pick_subset(data, subset)
@@ -166,20 +158,63 @@ def evaluate_bundle(
     errors = [p for p in problems if p.severity == "error"]
     if cohort is None or errors:
         raise DataError(format_problems(data, errors))
-    label_map = cohort.label_map
     bundle = load_bundle(bundle_path)
     chosen = resolve_options(bundle, **options)
     order = match_channels(bundle.channels, cohort.channels, data)
-    torch_device = _device(device)
+    settings = {"min_volume_ml": min_volume_ml, "min_iou": min_iou, "tau_mm": tau_mm}
+    cases, hips = _score_cases(bundle, cohort, data, _device(device), chosen, order, settings, progress)
+    summary = _summary(bundle, data, subset, cohort.label_map, chosen, cases, hips, settings)
+    with staged_folder(out, is_evaluation if overwrite else None) as staged:
+        _write_csv(staged / "per_case.csv", cases)
+        _write_csv(staged / "per_hip.csv", hips)
+        (staged / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _check_settings(subset: str, min_volume_ml: float, min_iou: float, tau_mm: float) -> None:
+    """Refuse a bad ``--subset`` or threshold before anything is read.
+
+    Raises:
+        UsageError: names the flag, its allowed values and the value given.
+    """
+    if subset not in ("auto", "Tr", "Ts"):
+        raise UsageError(f"--subset must be auto, Tr or Ts, got {subset!r}")
+    for name, value, low in (("--min-volume-ml", min_volume_ml, 0.0), ("--tau-mm", tau_mm, 0.0)):
+        if not (math.isfinite(value) and value >= low):
+            raise UsageError(f"{name} must be a finite number >= {low:g}, got {value}")
+    if not 0.0 < min_iou <= 1.0:
+        raise UsageError(f"--min-iou must be in (0, 1], got {min_iou}")
+
+
+def _score_cases(
+    bundle: Any,
+    cohort: Any,
+    data: Path,
+    device: Any,
+    chosen: Any,
+    order: list[int],
+    settings: dict[str, float],
+    progress: Callable[[int, int, str], None] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Check and score every case of the cohort: one row per case, and its hips' rows.
+
+    ``settings`` holds ``min_volume_ml``, ``min_iou`` and ``tau_mm`` (see :func:`score_case`). Once a case
+    fails its checks no further case is scored, but every case is still checked, so all problems are listed.
+
+    Raises:
+        DataError: a case is broken (every problem listed), or the model produced NaN for one (names its image).
+    """
+    from avn_study.data.verify import check_case
+
+    label_map = cohort.label_map
     cases, hips, errors = [], [], []
     for i, case in enumerate(cohort.cases):
         volumes, case_problems = check_case(case, label_map)
         errors += [p for p in case_problems if p.severity == "error"]
         if volumes is not None and not errors:
             try:
-                row, hip = score_case(bundle, volumes, torch_device, min_volume_ml=min_volume_ml, min_iou=min_iou,
-                                      tau_mm=tau_mm, has_head_labels=label_map.has_head, options=chosen,
-                                      order=order)  # fmt: skip
+                row, hip = score_case(bundle, volumes, device, **settings, has_head_labels=label_map.has_head,
+                                      options=chosen, order=order)  # fmt: skip
             except DataError as err:  # the model produced NaN for this case, say
                 raise DataError(f"{case.image}: {err}") from None
             cases.append(row)
@@ -188,6 +223,23 @@ def evaluate_bundle(
             progress(i + 1, len(cohort.cases), case.case_id)
     if errors:
         raise DataError(format_problems(data, errors))
+    return cases, hips
+
+
+def _summary(
+    bundle: Any,
+    data: Path,
+    subset: str,
+    label_map: Any,
+    chosen: Any,
+    cases: list[dict[str, Any]],
+    hips: list[dict[str, Any]],
+    settings: dict[str, float],
+) -> dict[str, Any]:
+    """The contents of ``summary.json``: what was scored, how, and the cohort-level numbers (None for NaN)."""
+    from avn_study.bundle.predict import UNVERIFIED_BUNDLE
+    from avn_study.metrics.case import summarize
+
     extra = ("case", "patient", "surface_dice", "lesion_sensitivity_iou", "lesion_fp_iou", "grid_dice", "grid_hd95_mm")
     native = summarize([{k: v for k, v in c.items() if k not in extra} for c in cases])
     necrotic = [c for c in cases if c["has_necrosis"] > 0]
@@ -197,19 +249,14 @@ def evaluate_bundle(
         if any(not math.isnan(c["grid_hd95_mm"]) for c in cases)
         else math.nan,
     }
-    summary = {
+    return {
         "written_by": WRITTEN_BY,
         "bundle": str(bundle.path),
         "trial_id": bundle.provenance.get("trial_id"),
         "data": str(data),
         "subset": subset,
         "labels": label_map.describe(),
-        "settings": {
-            "min_volume_ml": min_volume_ml,
-            "min_iou": min_iou,
-            "tau_mm": tau_mm,
-            "threshold": bundle.threshold,
-        },
+        "settings": {**settings, "threshold": bundle.threshold},
         "inference": chosen.to_json(),
         "models": len(bundle.models),
         "warnings": [*([UNVERIFIED_BUNDLE] if not bundle.verified else []), *_seen_by_the_model(bundle, data, subset)],
@@ -219,11 +266,6 @@ def evaluate_bundle(
         "hips": {k: _finite(v) for k, v in hip_summary(hips).items()},
         "n_cases": len(cases),
     }
-    with staged_folder(out, is_evaluation if overwrite else None) as staged:
-        _write_csv(staged / "per_case.csv", cases)
-        _write_csv(staged / "per_hip.csv", hips)
-        (staged / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
 
 
 def _seen_by_the_model(bundle: Any, data: Path, subset: str) -> list[str]:
@@ -237,8 +279,8 @@ def _seen_by_the_model(bundle: Any, data: Path, subset: str) -> list[str]:
         same = False
     if not same:
         return []
-    return [f"{data} is the cohort the bundle was trained on and labelsTr holds its training cases: these numbers are "
-            "optimistic; score a held-out test set (imagesTs/labelsTs) for an estimate"]  # fmt: skip
+    return [f"{data} is the cohort the bundle was trained on and {LABELS_TR} holds its training cases: these numbers "
+            f"are optimistic; score a held-out test set ({IMAGES_TS}/{LABELS_TS}) for an estimate"]  # fmt: skip
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:

@@ -39,8 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from avn_study.data.layout import IMAGES_TS, LABELS_TS
 from avn_study.errors import AvnError, UsageError, look_up
-from avn_study.study.folder import TERMINATED, per_case_file
+from avn_study.study.folder import MANIFEST, TERMINATED, per_case_file
 from avn_study.vocabulary import NNUNET_ARMS, TRIAL_METRICS
 
 SELECTION_RULE = (
@@ -51,7 +52,7 @@ SELECTION_RULE = (
     "(nested_ablation: all of a row's trials, since every outer fold chose its own). A configuration's score "
     "is the mean of the metric (the study's metric, default val_dice, each trial's final value) over its "
     "trials across folds and seeds, so a lucky fold does not win. The configuration with the best score is "
-    "chosen (ties: the row listed first in study.json, then the lower trial id). Among its trials the one "
+    f"chosen (ties: the row listed first in {MANIFEST}, then the lower trial id). Among its trials the one "
     "with the best value is exported, from the checkpoint of the epoch that gave that value; if Ray did not "
     "keep that checkpoint (checkpoint.num_to_keep), from the kept checkpoint with the best value, and "
     "metrics.json says so. That trial's own value is optimistic (the best of several); the configuration's "
@@ -386,19 +387,10 @@ def export_bundle(
     """
     from avn_study.analysis.tables import load_experiment
     from avn_study.bundle.format import check_bundle_out, package_versions, write_bundle
-    from avn_study.config import TrainConfig
-    from avn_study.study.storage import MIRROR_MARKER
-    from avn_study.training.checkpoint import load_config, load_training_state, load_weights
-    from avn_study.training.engine import build_model
+    from avn_study.training.checkpoint import load_config, load_training_state
 
     check_bundle_out(Path(out), overwrite, inputs=(Path(experiment_dir),))
-    mirror_of = Path(experiment_dir) / MIRROR_MARKER
-    if mirror_of.is_file():
-        raise UsageError(
-            f"{experiment_dir} is the local JSON mirror of {mirror_of.read_text().strip()}: it holds no checkpoints. "
-            "Export from the study folder itself: mount the store, or download it (aws s3 sync, gcloud storage "
-            "rsync, ...) and run avn-study export on that folder"
-        )
+    _refuse_a_mirror(Path(experiment_dir))
     wait_for_driver(Path(experiment_dir), wait)
     experiment = load_experiment(experiment_dir)
     sel = select(experiment, row, metric)
@@ -406,43 +398,80 @@ def export_bundle(
         raise UsageError("--onnx writes one model, and --ensemble asks for several; export the ensemble without --onnx")
     checkpoint, record, note = choose_checkpoint(sel.trial, sel.metric, sel.mode)
     flat = load_config(checkpoint)
-
-    def load(folder: Path, config: dict[str, Any]) -> Any:
-        model = build_model(TrainConfig.from_flat(config, source=str(folder / "config.json")))
-        try:
-            model.load_state_dict(load_weights(folder))
-        except RuntimeError as err:
-            raise AvnError(f"{folder}: the weights do not fit the checkpoint's config.json ({err})") from None
-        return model.eval()
-
-    model = load(checkpoint, flat)
-    members = []
-    if ensemble:
-        others = sorted((t for t in sel.best.trials if t["trial_id"] != sel.trial["trial_id"]),
-                        key=lambda t: (t["fold"], t["seed"], t.get("repeat", 0), str(t["trial_id"])))  # fmt: skip
-        for trial in others:
-            folder, member_record, _ = choose_checkpoint(trial, sel.metric, sel.mode)
-            config = load_config(folder)
-            _check_same_model(flat, config, sel.trial, trial)
-            record = {"trial_id": str(trial["trial_id"]), "fold": trial["fold"], "seed": trial["seed"],
-                      "epoch": member_record.get("epoch")}  # fmt: skip
-            members.append((load(folder, config), record))
-        if not members:
-            raise AvnError(f"--ensemble: the best configuration (row {sel.best.row}) has one trial only; "
-                           "there is nothing to ensemble")  # fmt: skip
+    model = _load_model(checkpoint, flat)
+    members = _ensemble_members(sel, flat) if ensemble else []
     metrics = _metrics_json(sel, checkpoint, record, note)
     if members:
         metrics["ensemble"] = {
             "members": 1 + len(members),
             "note": "the validation metrics here are the first member's on its own fold; each member was validated "
                     "on its own fold, and no patient of the study is unseen by the ensemble as a whole: score it on "
-                    "a held-out test set (`avn-study evaluate BUNDLE DATA` with imagesTs/labelsTs)",
+                    f"a held-out test set (`avn-study evaluate BUNDLE DATA` with {IMAGES_TS}/{LABELS_TS})",
         }  # fmt: skip
     provenance = _provenance_json(experiment, sel, checkpoint, package_versions())
     channels = (load_training_state(checkpoint).get("provenance") or {}).get("channels")
     path, onnx_info = write_bundle(out, model, flat, metrics, provenance, onnx=onnx, overwrite=overwrite,
                                    inference=inference, members=members, channels=channels)  # fmt: skip
     return ExportResult(path, sel, checkpoint, record, onnx_info)
+
+
+def _refuse_a_mirror(experiment_dir: Path) -> None:
+    """Refuse the local JSON mirror of a study kept in a store: it holds no checkpoints to export.
+
+    Raises:
+        UsageError: names the store the mirror copies and how to export from it.
+    """
+    from avn_study.study.folder import MIRROR_MARKER
+
+    mirror_of = experiment_dir / MIRROR_MARKER
+    if mirror_of.is_file():
+        raise UsageError(
+            f"{experiment_dir} is the local JSON mirror of {mirror_of.read_text().strip()}: it holds no checkpoints. "
+            "Export from the study folder itself: mount the store, or download it (aws s3 sync, gcloud storage "
+            "rsync, ...) and run avn-study export on that folder"
+        )
+
+
+def _load_model(folder: Path, config: dict[str, Any]) -> Any:
+    """The checkpoint's model in eval mode, built from its flat ``config`` and loaded with its weights.
+
+    Raises:
+        AvnError: the weights do not fit the config.
+    """
+    from avn_study.config import TrainConfig
+    from avn_study.models.runtime import build_model
+    from avn_study.training.checkpoint import load_weights
+
+    model = build_model(TrainConfig.from_flat(config, source=str(folder / "config.json")))
+    try:
+        model.load_state_dict(load_weights(folder))
+    except RuntimeError as err:
+        raise AvnError(f"{folder}: the weights do not fit the checkpoint's config.json ({err})") from None
+    return model.eval()
+
+
+def _ensemble_members(sel: Selection, flat: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
+    """The other trials of the winning configuration, each as (model, record), in (fold, seed, repeat, id) order.
+
+    Raises:
+        AvnError: a member is another model than the chosen one (``flat``), or there is no other trial.
+    """
+    from avn_study.training.checkpoint import load_config
+
+    members = []
+    others = sorted((t for t in sel.best.trials if t["trial_id"] != sel.trial["trial_id"]),
+                    key=lambda t: (t["fold"], t["seed"], t.get("repeat", 0), str(t["trial_id"])))  # fmt: skip
+    for trial in others:
+        folder, member_record, _ = choose_checkpoint(trial, sel.metric, sel.mode)
+        config = load_config(folder)
+        _check_same_model(flat, config, sel.trial, trial)
+        record = {"trial_id": str(trial["trial_id"]), "fold": trial["fold"], "seed": trial["seed"],
+                  "epoch": member_record.get("epoch")}  # fmt: skip
+        members.append((_load_model(folder, config), record))
+    if not members:
+        raise AvnError(f"--ensemble: the best configuration (row {sel.best.row}) has one trial only; "
+                       "there is nothing to ensemble")  # fmt: skip
+    return members
 
 
 def _check_same_model(first: dict[str, Any], other: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> None:

@@ -256,7 +256,7 @@ def build_bundle_model(config: dict[str, Any], path: Path) -> torch.nn.Module:
     """
     from avn_study.config import TrainConfig
     from avn_study.models import list_models
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
     from avn_study.vocabulary import ARMS
 
     name, arm = _key(config, "model.name", path), _key(config, "model.arm", path)

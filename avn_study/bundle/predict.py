@@ -14,15 +14,13 @@ On a GPU the model runs under the trial's ``amp`` setting (bf16 autocast by defa
 there); on the CPU in float32.
 
 File names in folder mode follow nnU-Net: ``{case}_0000.nii.gz`` -> ``{case}.nii.gz`` (other names are
-kept), and ``volumes.json`` lists each case's volumes; a single file ``OUT.nii.gz`` gets ``OUT.json``.
+kept), and ``volumes.json`` lists each case's volumes; a single file ``OUT.nii.gz`` gets ``OUT.json``
+(:mod:`avn_study.bundle.predict_paths` pairs and checks the names; its public names are importable here too).
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +30,15 @@ import numpy as np
 import torch
 
 from avn_study.bundle.format import SLICE_AXIS, Bundle, InferenceOptions, load_bundle
+from avn_study.bundle.predict_paths import (
+    WRITTEN_BY,
+    json_path,
+    output_name,
+    plan,
+    predicted_outputs,
+    written_by_predict,
+)
 from avn_study.data.labels import LABELS
-from avn_study.data.layout import FILE_ENDINGS
 from avn_study.data.nifti import Geometry, load_ras, save_in_geometry
 from avn_study.data.preprocess import (
     PreprocessConfig,
@@ -46,8 +51,6 @@ from avn_study.data.slices import crop_box
 from avn_study.errors import AvnError, DataError, UsageError
 from avn_study.vocabulary import LOC_THRESHOLD
 
-_CHANNEL = re.compile(r"_(\d{4})$")  # nnU-Net channel suffix of an image file name
-WRITTEN_BY = "avn-study predict"  # the mark of predict's own JSON files (what it may replace)
 MAX_GRID_VOXELS = 2**28  # 268 M voxels (~1 GiB per float32 copy): no hip MRI comes near it
 OBLIQUE_WARNING_DEG = 5.0  # beyond this, coronal slices of the RAS grid cut the anatomy at an angle
 PLAUSIBLE_SPACING_MM = (0.2, 10.0)  # outside this a voxel size is a header error, not hip MRI
@@ -118,7 +121,8 @@ def slice_probabilities(
 ) -> dict[str, np.ndarray]:
     """The mean over the bundle's models (a fold ensemble has several) and, with ``tta="flip"``, over each
     slice and its left-right mirror, of the probabilities (``seg``, ``loc``) and reconstructions."""
-    from avn_study.training.engine import autocast_dtype, predict_slices
+    from avn_study.models.runtime import autocast_dtype
+    from avn_study.training.validation import predict_slices
 
     amp = autocast_dtype(bundle.config.get("amp", "auto"), device)
     outs = []
@@ -326,164 +330,9 @@ def predict_file(bundle: Bundle, source: Path | tuple[Path, ...], target: Path, 
     }
 
 
-def _nifti_ending(name: str) -> str | None:
-    return next((e for e in FILE_ENDINGS if name.endswith(e) and len(name) > len(e)), None)
-
-
-def output_name(name: str) -> str:
-    """nnU-Net naming: ``{case}_0000.nii.gz`` -> ``{case}.nii.gz``; other NIfTI names are kept."""
-    ending = _nifti_ending(name)
-    assert ending is not None, name
-    return name[: -len(ending)].removesuffix("_0000") + ending
-
-
-def json_path(output: Path) -> Path:
-    """``OUT.nii.gz`` / ``OUT.nii`` -> ``OUT.json`` (the volumes of a single-file prediction)."""
-    ending = _nifti_ending(output.name) or ""
-    return output.with_name(output.name[: -len(ending)] + ".json")
-
-
-def written_by_predict(path: Path) -> bool:
-    """Whether ``path`` is a JSON record that predict wrote (the only JSON it replaces)."""
-    from avn_study.outputs import json_marker
-
-    return json_marker(path, "written_by", WRITTEN_BY)
-
-
-def _predicted(record: Path) -> set[str]:
-    """Output names a predict record lists (the label maps that predict may replace)."""
-    if not written_by_predict(record):
-        return set()
-    data = json.loads(record.read_text())
-    cases = data.get("cases", [data])
-    planned = data.get("planned", [])  # an interrupted predict's record lists what it was writing
-    names = {Path(str(c.get("output", ""))).name for c in cases if isinstance(c, dict)}
-    return names | {Path(str(n)).name for n in planned if isinstance(planned, list) and isinstance(n, str)}
-
-
-def _check_outputs(pairs: list[tuple[Path, Path]], record: Path, overwrite: bool) -> None:
-    """Predict never replaces what it did not write: its JSON record only over its own record, a label
-    map only with ``--overwrite`` and only one that record lists."""
-    if record.exists() and not written_by_predict(record):
-        raise UsageError(f"{record}: exists and was not written by avn-study predict; it is never replaced: "
-                         "choose another OUTPUT")  # fmt: skip
-    ours = _predicted(record)
-    for _, out in pairs:
-        if not out.exists():
-            continue
-        if not overwrite:
-            raise UsageError(f"{out}: already exists; pass --overwrite to replace earlier predictions")
-        if out.name not in ours:
-            raise UsageError(f"{out}: exists and {record.name} does not list it as a prediction; it is not "
-                             "replaced: choose another OUTPUT")  # fmt: skip
-
-
-def _channel_files(first: Path, channels: list[str]) -> tuple[Path, ...]:
-    """``{case}_0000.nii.gz`` and its sibling channels ``_0001``, ... (a multi-channel bundle's input).
-
-    Raises:
-        UsageError: ``first`` is not a ``_0000`` file, or a channel's file is missing.
-    """
-    ending = _nifti_ending(first.name) or ""
-    stem = first.name[: -len(ending)]
-    if not stem.endswith("_0000"):
-        raise UsageError(
-            f"{first}: the bundle reads {len(channels)} channels ({', '.join(channels)}), so inputs are named like "
-            f"nnU-Net's: case_0000{ending} ({channels[0]}), case_0001{ending} ({channels[1]}), ..."
-        )
-    case = stem[: -len("_0000")]
-    files = tuple(first.with_name(f"{case}_{i:04d}{ending}") for i in range(len(channels)))
-    for i, path in enumerate(files):
-        if not path.is_file():
-            raise UsageError(f"{path}: missing channel _{i:04d} ({channels[i]}) of case '{case}'; the bundle reads "
-                             f"{', '.join(channels)}")  # fmt: skip
-    return files
-
-
-def plan(
-    source: Path, target: Path, overwrite: bool = False, channels: list[str] | None = None
-) -> tuple[list[tuple[Path | tuple[Path, ...], Path]], bool]:
-    """(input, output) pairs and whether this is folder mode; checks names before any work.
-
-    With a multi-channel bundle (``channels``), an input is the tuple of a case's channel files.
-
-    Raises:
-        UsageError: a missing input, a non-NIfTI file, an empty folder, outputs that collide with each
-            other or overwrite an input, a folder input with a file output, an existing output that
-            predict did not write (or any existing output without ``overwrite``), a missing channel.
-    """
-    channels = channels or ["T1"]
-    n = len(channels)
-    if not source.exists():
-        raise UsageError(f"{source}: {_broken_link(source) or 'no such file or folder'}")
-    if source.is_file():
-        if _nifti_ending(source.name) is None:
-            raise UsageError(f"{source}: not a NIfTI file (expected a .nii or .nii.gz name)")
-        inputs = _channel_files(source, channels) if n > 1 else (source,)
-        if target.is_dir():
-            target = target / output_name(source.name)
-        elif _nifti_ending(target.name) is None:
-            raise UsageError(f"{target}: the output of a single file must be a .nii or .nii.gz file name (or a folder)")
-        resolved = {p.resolve() for p in inputs}
-        if target.resolve() in resolved:
-            raise UsageError(f"{target}: the output would overwrite the input")
-        if json_path(target).resolve() in resolved:
-            raise UsageError(f"{json_path(target)}: the output's JSON record would overwrite the input")
-        pairs: list[tuple[Path | tuple[Path, ...], Path]] = [(inputs if n > 1 else source, target)]
-        _check_outputs(pairs, json_path(target), overwrite)
-        return pairs, False
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"{target}: INPUT is a folder, so OUTPUT must be a folder too")
-    broken = [(p, _broken_link(p)) for p in sorted(source.iterdir()) if not p.name.startswith(".")
-              and _nifti_ending(p.name) and p.is_symlink() and not p.exists()]  # fmt: skip
-    if broken:
-        raise UsageError(f"{len(broken)} input(s) of {source} cannot be read: "
-                         + "; ".join(f"{p}: {why}" for p, why in broken[:5]) + "; fix or remove them")  # fmt: skip
-    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".") and _nifti_ending(p.name))
-    if not files:
-        raise UsageError(f"{source}: no .nii or .nii.gz files in this folder")
-    stems = {p.name[: -len(_nifti_ending(p.name) or "")] for p in files}
-    pairs, seen = [], {}
-    for path in files:
-        stem = path.name[: -len(_nifti_ending(path.name) or "")]
-        channel = _CHANNEL.search(stem)
-        inputs: Path | tuple[Path, ...] = path
-        if channel and channel.group(1) != "0000" and f"{stem[: channel.start()]}_0000" in stems:
-            if int(channel.group(1)) < n:
-                continue  # read with its case's _0000 file
-            raise UsageError(f"{path}: an extra input channel of case '{stem[: channel.start()]}'; the bundle reads "
-                             f"{n} ({', '.join(f'_{i:04d} {c}' for i, c in enumerate(channels))})")  # fmt: skip
-        if n > 1:
-            inputs = _channel_files(path, channels)
-        out = target / output_name(path.name)
-        if out.name in seen:
-            raise UsageError(f"{path} and {seen[out.name]} would both be written to {out}; rename one")
-        if out.resolve() in {p.resolve() for p in files}:
-            raise UsageError(f"{out}: the output would overwrite an input; choose another OUTPUT folder")
-        seen[out.name] = path
-        pairs.append((inputs, out))
-    _check_outputs(pairs, target / "volumes.json", overwrite)
-    return pairs, True
-
-
-def _broken_link(path: Path) -> str:
-    """Why a symbolic link cannot be followed ("" for a path that is no link)."""
-    if not path.is_symlink():
-        return ""
-    try:
-        path.resolve(strict=True)
-    except RuntimeError:  # Python < 3.13
-        return "a symbolic link loop"
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            return "a symbolic link loop"
-        return f"a symbolic link to {os.readlink(path)}, which does not exist"
-    return ""
-
-
 def _device(name: str) -> torch.device:
     """``resolve_device`` with the option's name in its message."""
-    from avn_study.training.engine import resolve_device
+    from avn_study.models.runtime import resolve_device
 
     try:
         return resolve_device(name)
@@ -522,21 +371,18 @@ def predict(
     torch_device = _device(device)
     record = Path(target) / "volumes.json" if folder else json_path(pairs[0][1])
     existed = record.exists()
-    ours = _predicted(record)  # what an earlier predict here wrote (read before this run lists its own)
+    ours = predicted_outputs(record)  # what an earlier predict here wrote (read before this run lists its own)
     header = {"written_by": WRITTEN_BY, "bundle": str(loaded.path), "trial_id": loaded.provenance.get("trial_id"),
               "labels": dict(LABELS), "inference": chosen.to_json(), "models": len(loaded.models)}  # fmt: skip
 
     def replace(path: Path) -> bool:
         return overwrite and path.name in ours
 
-    def own_record(path: Path) -> bool:
-        return written_by_predict(path)
-
     # first the record of what this run writes: a killed predict leaves it, and --overwrite may then replace
     # the label maps it lists (each is renamed into place whole, so none is ever truncated)
     planned = sorted(ours | {out.name for _, out in pairs})
     write_text_atomic(record, json.dumps({**header, "complete": False, "planned": planned, "cases": []}, indent=1)
-                      + "\n", own_record)  # fmt: skip
+                      + "\n", written_by_predict)  # fmt: skip
     records, problems = [], []
     for i, (src, dst) in enumerate(pairs):
         try:
@@ -552,24 +398,49 @@ def predict(
             problems.append(str(err))
         if progress:
             progress(i + 1, len(pairs), (src[0] if isinstance(src, tuple) else src).name)
-    if folder:
-        summary = {**header, "complete": True, "planned": planned, "cases": records, "failed": problems}
-        write_text_atomic(record, json.dumps(summary, indent=1) + "\n", own_record)
-        if problems:
-            raise DataError(
-                f"{len(problems)} of {len(pairs)} input(s) could not be predicted (the others were written):\n"
-                + "\n".join(f"  - {p}" for p in problems)
-            )
-    else:
-        write_text_atomic(record, json.dumps({**header, "complete": True, **records[0]}, indent=1) + "\n", own_record)
+    _complete_record(record, header, planned, records, problems, len(pairs) if folder else None)
     return records
 
 
+def _complete_record(
+    record: Path,
+    header: dict[str, Any],
+    planned: list[str],
+    records: list[dict[str, Any]],
+    problems: list[str],
+    n_inputs: int | None,
+) -> None:
+    """Replace the record of a run in progress with the finished one: every case of a folder
+    (``n_inputs`` of them), or the one case of a file (``n_inputs`` None).
+
+    Raises:
+        DataError: some inputs of a folder could not be predicted (each named; the others were written).
+    """
+    from avn_study.outputs import write_text_atomic
+
+    if n_inputs is None:
+        finished = {**header, "complete": True, **records[0]}
+        write_text_atomic(record, json.dumps(finished, indent=1) + "\n", written_by_predict)
+        return
+    summary = {**header, "complete": True, "planned": planned, "cases": records, "failed": problems}
+    write_text_atomic(record, json.dumps(summary, indent=1) + "\n", written_by_predict)
+    if problems:
+        raise DataError(
+            f"{len(problems)} of {n_inputs} input(s) could not be predicted (the others were written):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
 __all__ = [
+    "WRITTEN_BY",
     "CasePrediction",
+    "json_path",
+    "output_name",
+    "plan",
     "predict",
     "predict_file",
     "predict_volume",
     "preprocess_image",
     "resolve_options",
+    "written_by_predict",
 ]

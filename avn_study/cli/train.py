@@ -64,7 +64,7 @@ def _epoch_line(record: dict, epochs: int) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """``avn-study train``: one run without Ray; ``--out`` is checked before any training."""
     from avn_study.outputs import check_target
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
     from avn_study.training.run import TrainingRun, is_run_folder, write_run_outputs
 
     config = train_config_from_args(args)

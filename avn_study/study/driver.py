@@ -1,17 +1,8 @@
 """Running a search-space file on Ray Tune: sweeps, the fair-ablation protocol, resume.
 
-A study lives in ``STORAGE/NAME/``::
-
-    study.json            manifest: protocol, data, split hash, stages and their Ray experiments
-    space.yaml            the search-space file as run
-    splits.json           the patient-level split the study froze (its trials get it inline)
-    optuna.journal        Optuna's journal storage: one study per row (optuna.load_study / optuna-dashboard)
-    nested_splits.json    nested_ablation: the inner folds of each outer fold, frozen with their hashes
-    stage1-<row>/         Ray Tune experiment: the Optuna search of one row on the tuning fold (ASHA)
-    stage1-<row>-outer<k>/  nested_ablation: the search of one row inside outer fold k
-    stage2/               Ray Tune experiment: each row's best configuration on every reported fold x seed
-    stages/               concurrent_rows: both stages of every row in one Ray experiment (Study.run_concurrent)
-    stage2-repair-<n>/    --resume: stage-2 trials re-run because theirs was missing or damaged (Study.repair_stage2)
+A study lives in ``STORAGE/NAME/``, in the format :mod:`avn_study.study.folder` owns (its docstring draws the
+tree): the study's own files beside one Ray Tune experiment per stage (or, with ``concurrent_rows``, one for
+the whole study).
 
 ``protocol: sweep`` runs stage 1 only. ``protocol: fair_ablation`` gives every row the same Optuna
 budget on the tuning fold (stage 1, early stopping allowed), then re-trains each row's best
@@ -49,6 +40,7 @@ from typing import Any
 from avn_study.errors import UsageError
 from avn_study.study import preflight, protocol
 from avn_study.study.folder import (
+    DAMAGED,
     ERROR,
     JOURNAL,
     MANIFEST,
@@ -61,6 +53,7 @@ from avn_study.study.folder import (
     STAGE2_REPAIR,
     STAGES,
     TERMINATED,
+    TRIAL_PREFIX,
     Stage1,
     StudyLock,
     check_name,
@@ -163,7 +156,7 @@ class Study:
         from avn_study.config import TrainConfig
         from avn_study.data.slices import crop_warning
         from avn_study.study.check import read_json
-        from avn_study.training.engine import cohort_split
+        from avn_study.training.fold import cohort_split
 
         self._check_exists(resume)  # the common mistakes fail at once, before the cohort is read
         self._check_not_running(resume)  # a live driver too (read only: the lock is taken once Ray is up)
@@ -306,10 +299,7 @@ class Study:
         if resume:
             inner = {k: read_nested(path, splits, k) for k in self.space.folds}
         else:
-            try:
-                inner = protocol.inner_folds(self.space, splits, cases)
-            except ValueError as err:
-                raise UsageError(f"{self.space.path}: inner_folds: {err}") from None
+            inner = protocol.inner_folds(self.space, splits, cases)
             write_nested(splits, inner, path)
         self.inner = {k: v.to_dict() for k, v in inner.items()}
 
@@ -504,7 +494,7 @@ class Study:
                 entries = protocol.run_entries(self.space, run)
                 follow_ups[run.experiment] = FollowUp([{**e, **meta} for e in entries],
                                                       self._search_patients(run))  # fmt: skip
-            for row in set(self.space.arms) - set(self.space.searched_rows):  # nnU-Net: chooses nothing
+            for row in (r for r in self.space.arms if r not in self.space.searched_rows):  # nnU-Net: chooses nothing
                 entries = protocol.stage2_entries(self.space, row, self.space.folds, protocol.unchosen(self.space, row))
                 ready += [{**e, **meta} for e in entries]
         total = len(runs) * self.space.trials + sum(len(f.grid) for f in follow_ups.values()) + len(ready)
@@ -617,9 +607,9 @@ class Study:
         """Move a damaged trial folder to ``NAME.damaged-K`` next to it (never deleted; in the store too, for
         an object-store ``--storage``), saying why."""
         k = 0
-        while trial_dir.with_name(f"{trial_dir.name}.damaged-{k}").exists():
+        while trial_dir.with_name(f"{trial_dir.name}{DAMAGED}{k}").exists():
             k += 1
-        aside = trial_dir.with_name(f"{trial_dir.name}.damaged-{k}")
+        aside = trial_dir.with_name(f"{trial_dir.name}{DAMAGED}{k}")
         where = trial_dir.parent.name
         self.store.abandon(f"{where}/{trial_dir.name}", f"{where}/{aside.name}")  # (in an object store too)
         print(f"warning: {why}; the trial is set aside as {aside} and runs again", file=sys.stderr)
@@ -656,4 +646,4 @@ def _asha(max_t: int, grace_period: int, reduction_factor: float):
 
 def _trial_dirname(trial: Any) -> str:
     """Short trial folder names (Ray's default embeds the whole config)."""
-    return f"trial_{trial.trial_id}"
+    return f"{TRIAL_PREFIX}{trial.trial_id}"

@@ -182,7 +182,7 @@ def cohort_sizes(space: SearchSpace, data: Path | None) -> tuple[int | None, int
     if data is None or not (Path(data) / DATASET_JSON).is_file():
         return None, None
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import cohort_split
+    from avn_study.training.fold import cohort_split
 
     searched = space.searched_rows
     config = TrainConfig.from_flat(space.trial_config(searched[0]) if searched else space.fixed)

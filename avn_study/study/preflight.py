@@ -31,7 +31,7 @@ def check_nnunet_rows(space: SearchSpace, cases: list[Any]) -> None:
     """
     from avn_study.baselines.nnunet.run import NnUNetConfig, require_nnunet
 
-    for row in set(space.arms) - set(space.searched_rows):
+    for row in (r for r in space.arms if r not in space.searched_rows):  # (in the declared order)
         where = f"{space.path}: arms.{row}"
         require_nnunet(where)
         cfg = NnUNetConfig.from_flat(space.trial_config(row), source=where)
@@ -43,7 +43,7 @@ def check_nnunet_rows(space: SearchSpace, cases: list[Any]) -> None:
 def check_head_labels(space: SearchSpace, cases: list[Any]) -> None:
     """A +loc row on a cohort without head labels: refused before Ray starts."""
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import require_head_labels
+    from avn_study.training.fold import require_head_labels
 
     for row in space.searched_rows:
         require_head_labels(TrainConfig.from_flat(space.trial_config(row)).model.arm, cases,
@@ -54,7 +54,8 @@ def check_unlabelled(space: SearchSpace, data: Path, cases: list[Any]) -> None:
     """Verify and cache imagesUnlabelled/ on the driver when a row will use it (a broken scan fails here,
     naming its file, not inside a trial)."""
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import arm_branches, usable_unlabelled
+    from avn_study.models.runtime import arm_branches
+    from avn_study.training.fold import usable_unlabelled
 
     for row in space.searched_rows:
         row_config = TrainConfig.from_flat(space.trial_config(row))

@@ -166,13 +166,16 @@ def inner_folds(space: SearchSpace, splits: Splits, cases: list[Any]) -> dict[in
     """nested_ablation: the inner split of every outer fold's training patients.
 
     Raises:
-        ValueError: an outer fold has fewer training patients than ``inner_folds``.
+        UsageError: an outer fold has fewer training patients than ``inner_folds`` (naming the space file).
     """
     from avn_study.data.splits import inner_splits
 
     patients = {c.case_id: c.patient_id for c in cases}
     necrosis = {c.case_id: c.has_necrosis for c in cases}
-    return {k: inner_splits(splits, k, patients, necrosis, space.inner_folds) for k in space.folds}
+    try:
+        return {k: inner_splits(splits, k, patients, necrosis, space.inner_folds) for k in space.folds}
+    except ValueError as err:
+        raise UsageError(f"{space.path}: inner_folds: {err}") from None
 
 
 def tuning_sets(space: SearchSpace, splits: Splits, cases: list[Any]) -> dict[str, tuple[str, ...]]:

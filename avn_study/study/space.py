@@ -579,7 +579,7 @@ def _parse_param(r: _Reader, key: str, spec: Any) -> Param:
 
 def _check_every_row(r: _Reader, space: SearchSpace) -> None:
     """Build every row's config with the extreme search values and its schedule, as a trial would."""
-    from avn_study.training.engine import arm_branches
+    from avn_study.models.runtime import arm_branches
     from avn_study.training.schedules import create_schedule
 
     for row in space.searched_rows:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.baselines.nnunet.run import is_nnunet
+from avn_study.study.folder import RESOLVED_CONFIG
 
 
 def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -153,7 +154,7 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
     cfg = NnUNetConfig.from_flat(flat, source="trial config")
     torch.set_num_threads(cfg.base.runtime.threads)
     files = TrialFiles()
-    files.write("resolved_config.json", json.dumps(cfg.to_flat(), indent=1))
+    files.write(RESOLVED_CONFIG, json.dumps(cfg.to_flat(), indent=1))
     identity = {
         "row": meta["row"], "arm": cfg.arm, "schedule": "nnunet", "stage": meta["stage"], "fold": cfg.base.data.fold,
         "seed": cfg.base.runtime.seed, "repeat": meta["repeat"], "node_id": ray.get_runtime_context().get_node_id(),
@@ -211,7 +212,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
     from avn_study.config import TrainConfig
     from avn_study.study.folder import calibration_file, overlay_file, per_case_file
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
     from avn_study.training.run import TrainingRun
 
     flat, meta = split_trial_config(config)
@@ -230,7 +231,7 @@ def train_trial(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             run.restore(directory)
     files = TrialFiles()
-    files.write("resolved_config.json", json.dumps(run.config.to_flat(), indent=1))
+    files.write(RESOLVED_CONFIG, json.dumps(run.config.to_flat(), indent=1))
     identity = _identity(run, meta)
     every = int(meta.get("checkpoint_frequency", 1))
     while not run.done:

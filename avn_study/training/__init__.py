@@ -1,5 +1,6 @@
-"""One training run without Ray: fold data and the epoch loop (``engine``), the resumable run
-(``run.TrainingRun``), losses, loss-weight schedules, pickle-free checkpoints.
+"""One training run without Ray, in the order a trial runs it: the fold's data (``fold``), the resumable run
+(``run.TrainingRun``), the epoch loop (``loop``) and validation (``validation``); losses, loss-weight schedules,
+pickle-free checkpoints. (``engine`` re-exports the names these had when they were one module.)
 
 The public names of ``avn_study.training.run`` are importable from here too, as they were before the package
 existed.

@@ -12,21 +12,14 @@ import torch
 from avn_study.config import TrainConfig
 from avn_study.data.batches import batch_source
 from avn_study.data.slices import AugmentConfig, SliceConfig, SliceDataset, UnlabelledBatches, interleave
+from avn_study.models.runtime import autocast_dtype, build_model, resolve_device
 from avn_study.training.checkpoint import load_training_state, load_weights, save_checkpoint, save_weights
-from avn_study.training.engine import (
-    RunData,
-    autocast_dtype,
-    build_model,
-    cosine_lr,
-    evaluate,
-    reference_indices,
-    reference_losses,
-    resolve_device,
-    train_one_epoch,
-)
+from avn_study.training.fold import RunData
+from avn_study.training.loop import cosine_lr, reference_indices, reference_losses, train_one_epoch
 from avn_study.training.losses import LossConfig
 from avn_study.training.schedules import create_schedule
 from avn_study.training.stage_timer import NO_TIMER, Timer
+from avn_study.training.validation import evaluate
 
 
 def resolve_channels(config: TrainConfig, data: RunData) -> TrainConfig:
@@ -168,7 +161,7 @@ class TrainingRun:
         )
 
     def measure_reference(self) -> dict[str, float]:
-        """Losses of the untrained network on a fixed set of training slices (see ``engine.reference_losses``)."""
+        """Losses of the untrained network on a fixed set of training slices (see ``loop.reference_losses``)."""
         indices = reference_indices(self.dataset.has_head)
         size = self.config.optim.batch_size
         batches = (self.dataset.__getitems__(indices[i : i + size].tolist()) for i in range(0, indices.size, size))

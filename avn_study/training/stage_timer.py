@@ -1,10 +1,10 @@
 """Wall time of the training loop's stages, for ``avn-study bench train`` (off in real runs).
 
-The loops in :mod:`avn_study.training.engine` wrap each stage (batch fetch, transfer, augmentation, the model's
-forward/backward/optimizer step, loss bookkeeping, validation prediction, paste and metrics) in
-``timer("name")``. The default :data:`NO_TIMER` costs one attribute lookup and a no-op context; a
-:class:`StageTimer` adds a ``torch.profiler.record_function`` range (so the same names show in a
-profiler trace) and, on CUDA, synchronises around the stage so the time is the stage's own.
+The loops in :mod:`avn_study.training.loop` and :mod:`avn_study.training.validation` wrap each stage (batch
+fetch, transfer, augmentation, the model's forward/backward/optimizer step, loss bookkeeping, validation
+prediction, paste and metrics) in ``timer("name")``. The default :data:`NO_TIMER` costs one attribute lookup
+and a no-op context; a :class:`StageTimer` adds a ``torch.profiler.record_function`` range (so the same names
+show in a profiler trace) and, on CUDA, synchronises around the stage so the time is the stage's own.
 """
 
 from __future__ import annotations

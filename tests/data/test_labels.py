@@ -133,7 +133,7 @@ def test_undeclared_values_are_refused_with_the_declared_map(toy_cohort: Path) -
 
 def test_necrosis_only_cohort_trains_seg_and_refuses_loc(toy_cohort: Path, tmp_path: Path) -> None:
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
 
     _relabel(toy_cohort, {"labels": {"background": 0, "necrosis": 1}}, lambda lab: (lab == 2).astype(np.uint8))
     report = verify_dataset(toy_cohort)

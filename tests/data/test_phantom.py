@@ -347,7 +347,7 @@ def test_a_cohort_written_before_the_harder_phantom_still_verifies_and_trains(tm
 
     from avn_study.cli.commands import main
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import prepare_data
+    from avn_study.training.fold import prepare_data
 
     legacy = Path(__file__).parent / "legacy_phantom"
     assert main(["verify", str(legacy)]) == 0

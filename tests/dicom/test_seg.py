@@ -23,7 +23,7 @@ def make_bundle(out: Path, arm: str = "seg+loc") -> Path:
 
     from avn_study.bundle.format import write_bundle
     from avn_study.config import TrainConfig
-    from avn_study.training.engine import build_model
+    from avn_study.models.runtime import build_model
 
     flat = {"base_channels": 4, "depth": 2, "slice_size": 64, "inplane_spacing_mm": 4.0, "arm": arm, "gating": "none"}
     config = TrainConfig.from_flat(flat)

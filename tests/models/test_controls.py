@@ -8,8 +8,8 @@ import pytest
 
 from avn_study.config import TrainConfig
 from avn_study.models import matched_width, model_for_arm, n_parameters
+from avn_study.models.runtime import build_model
 from avn_study.study.space import group_rows, load_space
-from avn_study.training.engine import build_model
 from avn_study.vocabulary import ARMS
 
 ABLATION = Path(__file__).parents[2] / "search_spaces" / "ablation.yaml"

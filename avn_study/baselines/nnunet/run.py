@@ -377,7 +377,8 @@ def run_trial(cfg: NnUNetConfig, data_root: str | Path, cache_dir: str | Path | 
     import torch
 
     from avn_study.data.cache import cohort_fingerprint
-    from avn_study.training.engine import cohort_split, resolve_device
+    from avn_study.models.runtime import resolve_device
+    from avn_study.training.fold import cohort_split
 
     require_nnunet("arm " + cfg.arm)
     if cfg.base.data.inner_fold >= 0:
