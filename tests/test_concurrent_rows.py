@@ -88,7 +88,7 @@ def _study_search(budget: int = 2) -> RowSearch:
     """Two searches of 2 trials, each followed by 2 stage-2 trials; one nnU-Net-like trial ready at once."""
     search, subs = _row_search(budget)
     grid = [{"fold": f, "seed": 0, "_stage": 2} for f in (1, 2)]
-    follow_ups = {key: FollowUp([{**g, "_row": key} for g in grid], [f"P{key}"]) for key in subs}
+    follow_ups = {key: FollowUp([{**g, "_row": key} for g in grid]) for key in subs}
     return RowSearch(search._runs, metric="val_dice", mode="max", follow_ups=follow_ups,
                      ready=[{"arm": "nnunet_2d", "_stage": 2}])  # fmt: skip
 
@@ -110,8 +110,8 @@ def test_a_search_hands_out_its_stage2_once_its_own_trials_have_ended(tmp_path: 
         s.on_trial_complete("t3", {"val_dice": 0.9, "training_iteration": 1})
         s.on_trial_complete("t3", {"val_dice": 0.9, "training_iteration": 1})  # (a repeat changes nothing)
         released = [s.suggest(f"u{i}") for i in range(2)]
-        assert [(c["_row"], c["fold"], c["_selected_trial"], c["_selected_on"]) for c in released] == [
-            ("stage1-seg-loc", fold, "t1", ["Pstage1-seg-loc"]) for fold in (1, 2)]  # fmt: skip
+        assert [(c["_row"], c["fold"], c["_selected_trial"], c["_selected_in"]) for c in released] == [
+            ("stage1-seg-loc", fold, "t1", "stage1-seg-loc") for fold in (1, 2)]  # fmt: skip
         assert released[0]["lr"] == first[1]["lr"] and released[0]["arm"] == "seg-loc" and "_run" not in released[0]
         assert s.suggest("w2") is None  # unet's stage 2 still waits for its search
         s.on_trial_complete("t2", {"val_dice": 0.2, "training_iteration": 2})

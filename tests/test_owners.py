@@ -24,6 +24,7 @@ OWNERS = {
     "avn_study.data.splits": ("splits.json", "nested_splits.json"),
 }  # fmt: skip
 
+
 def _pattern(name: str) -> re.Pattern[str]:
     """``name`` as a whole word of a path: not part of a longer name (``splits.json`` is no ``nested_splits.json``;
     ``per_case/`` is no ``per_case.csv``)."""

@@ -81,20 +81,8 @@ def test_stage1_config_of_a_search_per_seed_has_a_seed_of_its_own(tmp_path: Path
     assert len(seeds) == len(protocol.stage1_runs(space)) == 8  # rows x folds x seeds, none shared
 
 
-def test_search_patients_are_the_validation_patients_of_the_tuning_fold(tmp_path: Path) -> None:
-    space = _space(tmp_path, tuning_fold=1, folds=[0, 2])
-    assert protocol.search_patients(space, Stage1("unet"), _splits(), {}, PATIENTS) == ["P1"]
-
-
-def test_a_nested_search_validates_on_its_outer_folds_inner_split(tmp_path: Path) -> None:
-    space = _space(tmp_path, protocol="nested_ablation", folds=[0, 2], inner_folds=2, tuning_fold=0)
-    inner = Splits(2, 0, False, (Fold(("c4", "c5"), ("c2", "c3")), Fold(("c2", "c3"), ("c4", "c5"))))
-    got = protocol.search_patients(space, Stage1("unet", outer=0), _splits(), {0: inner.to_dict()}, PATIENTS)
-    assert got == ["P1"]  # inner fold 0 of outer fold 0, not the outer split's fold 0 (P0)
-
-
 # ----------------------------------------------------------------------------------------------- select
-def test_select_takes_the_best_trial_that_ran_to_the_end_and_records_every_validated_patient() -> None:
+def test_select_takes_the_best_trial_of_its_own_search_that_ran_to_the_end() -> None:
     run = Stage1("unet")
     trials = [
         _trial("t0", 0.6, lr=1e-3),
@@ -105,26 +93,24 @@ def test_select_takes_the_best_trial_that_ran_to_the_end_and_records_every_valid
         _trial("t5", 0.99, stage=2),
         _trial("t6", 0.99, _run="stage1-other"),  # another search's trial in a shared folder
     ]
-    validated = {"t0": {"P0"}, "t1": {"P1"}, "t2": {"P2"}, "t3": {"P3"}, "t4": {"P4"}, "t5": {"P5"}, "t6": {"P6"}}
-    chosen = protocol.select(run, trials, "max", "val_dice", "stage1-unet", lambda o: validated[o.trial_id])
-    assert chosen == Selected({"lr": 2e-3}, "t1", "stage1-unet", ["P0", "P1", "P2", "P3"])
+    chosen = protocol.select(run, trials, "max", "val_dice", "stage1-unet")
+    assert chosen == Selected({"lr": 2e-3}, "t1", "stage1-unet")
 
 
 def test_select_in_min_mode_and_among_stopped_trials_when_none_finished() -> None:
     trials = [_trial("t0", 0.3, epochs=1), _trial("t1", 0.1, epochs=1), _trial("t2", 0.2, epochs=1)]
-    chosen = protocol.select(Stage1("unet"), trials, "min", "loss", "x", lambda o: set())
-    assert (chosen.trial_id, chosen.patients) == ("t1", [])
+    assert protocol.select(Stage1("unet"), trials, "min", "loss", "x").trial_id == "t1"
 
 
 def test_select_without_a_finished_trial_names_the_row_and_the_folder() -> None:
     trials = [_trial("t0", None), _trial("t1", 0.9, status=ERROR)]
     with pytest.raises(AvnError, match="stage 1 of row 'unet' has no finished trial with a val_dice; see STUDY/x"):
-        protocol.select(Stage1("unet"), trials, "max", "val_dice", "STUDY/x", lambda o: set())
+        protocol.select(Stage1("unet"), trials, "max", "val_dice", "STUDY/x")
 
 
-def test_an_unchosen_row_keeps_its_one_configuration_on_no_patient(tmp_path: Path) -> None:
+def test_an_unchosen_row_keeps_its_one_configuration_from_no_search(tmp_path: Path) -> None:
     space = _space(tmp_path)
-    assert protocol.unchosen(space, "unet") == Selected(space.trial_config("unet"), None, None, [])
+    assert protocol.unchosen(space, "unet") == Selected(space.trial_config("unet"), None, None)
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
@@ -143,12 +129,13 @@ def test_replicate_of(tmp_path: Path, run: Stage1, expected: tuple) -> None:
 
 def test_stage2_entries_cover_folds_seeds_and_repeats_and_record_the_choice(tmp_path: Path) -> None:
     space = _space(tmp_path, seeds=[0, 1], repeats=2)
-    chosen = Selected({"lr": 2e-3}, "t1", "stage1-unet", ["P0"])
+    chosen = Selected({"lr": 2e-3}, "t1", "stage1-unet")
     entries = protocol.stage2_entries(space, "unet", [1, 2], chosen)
     assert [(e["fold"], e["seed"], e["_repeat"], e["_replicate"]) for e in entries] == [
         (f, s + 10_007 * r, r, s) for f in (1, 2) for s in (0, 1) for r in (0, 1)]  # fmt: skip
-    assert {(e["lr"], e["_selected_on"][0], e["_selected_trial"], e["_selected_in"]) for e in entries} == {
-        (2e-3, "P0", "t1", "stage1-unet")}  # fmt: skip
+    # the record is a reference to the search, never a patient list (the same size whatever the cohort)
+    assert {(e["lr"], e["_selected_trial"], e["_selected_in"]) for e in entries} == {(2e-3, "t1", "stage1-unet")}
+    assert not any("_selected_on" in e for e in entries)
     assert {(e["_row"], e["_stage"], e["inner_fold"]) for e in entries} == {("unet", 2, -1)}
 
 
@@ -172,7 +159,7 @@ def test_stage2_grid_trains_each_searchs_choice_on_its_folds_row_by_row(tmp_path
 
     def choose(run: Stage1) -> Selected:
         asked.append(run.experiment)
-        return Selected({"lr": float(len(asked))}, f"t{len(asked)}", run.experiment, [])
+        return Selected({"lr": float(len(asked))}, f"t{len(asked)}", run.experiment)
 
     grid = protocol.stage2_grid(space, choose)
     assert sorted(asked) == sorted(r.experiment for r in protocol.stage1_runs(space))
@@ -185,10 +172,10 @@ def test_stage2_grid_trains_each_searchs_choice_on_its_folds_row_by_row(tmp_path
 def test_stage2_grid_runs_a_row_without_a_search_on_every_fold_and_chooses_nothing_for_it(tmp_path: Path) -> None:
     space = _space(tmp_path)
     space = dataclasses.replace(space, arms={**space.arms, "nnunet_2d": {"arm": "nnunet_2d"}})
-    grid = protocol.stage2_grid(space, lambda run: Selected({"lr": 1e-3}, "t", run.experiment, ["P0"]))
+    grid = protocol.stage2_grid(space, lambda run: Selected({"lr": 1e-3}, "t", run.experiment))
     nnunet = [e for e in grid if e["_row"] == "nnunet_2d"]
     assert [e["fold"] for e in nnunet] == [1, 2]
-    assert {(e["arm"], e["_selected_trial"], tuple(e["_selected_on"])) for e in nnunet} == {("nnunet_2d", None, ())}
+    assert {(e["arm"], e["_selected_trial"], e["_selected_in"]) for e in nnunet} == {("nnunet_2d", None, None)}
 
 
 # ----------------------------------------------------------------------------------------------- tuning sets

@@ -2,8 +2,9 @@
 
 docs/architecture.md ("Protocol rules"): a patient whose metrics enter an ablation table must not have been in
 any validation set
-used to choose that row's configuration. Each stage-2 trial records the patients its configuration was
-selected on (``_selected_on``); these tests check the record against the study's own files.
+used to choose that row's configuration. Each stage-2 trial records the search its configuration was
+selected in (``_selected_in``, ``_selected_trial``: a reference, not a patient list); these tests check the
+patients the analysis resolves it to against the study's own files.
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ def _stage2(root: Path) -> list[tuple[Path, dict]]:
     return [(t, params) for t, params in _trials(root) if params.get("_stage") == 2]
 
 
+def _trial_id(trial_dir: Path) -> str:
+    return str(json.loads((trial_dir / "result.json").read_text().splitlines()[-1])["trial_id"])
+
+
 def audit(root: Path) -> int:
-    """Every stage-2 trial: the patients its configuration was selected on (recorded) are exactly the
-    validation patients of the stage-1 search it came from, and none of them is among those it reports.
+    """Every stage-2 trial: the patients the analysis finds its configuration was selected on are exactly
+    the validation patients of the stage-1 search it records, and none of them is among those it reports.
     Returns the number of trials audited."""
     trials = _stage2(root)
     assert trials
+    experiment = load_experiment(root)
     for trial_dir, grid in trials:
-        selected = set(grid["_selected_on"])
+        assert "_selected_on" not in grid  # a reference to the search, not a patient list
+        selected = set(experiment.selection[_trial_id(trial_dir)])
         searched = grid["_selected_in"]  # the search (its own experiment, or its trials in the shared one)
         validated = set().union(*(_patients(f) for f in _search_files(root, searched, "per_case/epoch_*.json")))
         assert selected == validated and selected, trial_dir  # the record is what the search looked at
@@ -63,7 +70,6 @@ def audit(root: Path) -> int:
         reported = set().union(*(_patients(f) for f in files))
         assert reported and not reported & selected, (trial_dir, reported & selected)
     # and the analysis reports exactly those trials' cases, none of a selection patient
-    experiment = load_experiment(root)
     for frame in (experiment.evaluation_cases(), experiment.evaluation_test_cases()):
         for t, p in zip(frame.get("trial_id", []), frame.get("patient", []), strict=True):
             assert str(p) not in experiment.selection[str(t)]
@@ -154,7 +160,7 @@ def test_a_study_from_before_the_rule_has_its_tuning_patients_excluded(smoke_exp
     tuning_patients = set().union(*(_patients(f) for f in root.glob("stage1-unet/*/per_case/epoch_*.json")))
     for trial_dir, _ in _stage2(root):
         params = json.loads((trial_dir / "params.json").read_text())
-        for key in ("_selected_on", "_selected_in", "_selected_trial"):
+        for key in ("_selected_in", "_selected_trial"):
             params["grid"].pop(key)
         (trial_dir / "params.json").write_text(json.dumps(params))
     # as if the trial had also evaluated a tuning-fold patient
@@ -218,3 +224,15 @@ def test_a_tuning_set_without_necrosis_is_refused_before_ray_starts(tmp_path: Pa
             study.prepare(resume=False)
         assert not (tmp_path / protocol).exists()  # nothing written
     assert not (cohort / "splits.json").exists()  # the cohort's folder is never written
+
+
+def test_an_older_sweeps_patient_list_is_read_as_it_is(smoke_experiment: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(smoke_experiment, tmp_path / "old"))
+    trial_dir = next(t for t, g in _stage2(root) if g["_row"] == "unet")
+    reported = sorted(_patients(sorted((trial_dir / "per_case").glob("epoch_*.json"))[-1]))
+    params = json.loads((trial_dir / "params.json").read_text())
+    params["grid"]["_selected_on"] = ["P-elsewhere", reported[0]]  # the list wins over the search's reference
+    (trial_dir / "params.json").write_text(json.dumps(params))
+    experiment = load_experiment(root)
+    assert experiment.selection[_trial_id(trial_dir)] == frozenset({"P-elsewhere", reported[0]})
+    assert reported[0] not in set(experiment.evaluation_cases().query("row == 'unet'")["patient"])

@@ -14,13 +14,16 @@ Tables (see :class:`Experiment`):
 - ``trials``: one row per trial: identity (``trial_id, experiment, stage, row, arm, schedule, fold,
   seed, repeat``), ``status`` and ``error``, ``epochs``/``epochs_planned``/``stopped_early``, the
   final validation metrics, ``best_val_dice``/``best_epoch``, ``train_seconds``, ``node``, split hash
-  and data fingerprint, and the resolved training config (``schedule_params.*`` flattened).
+  and data fingerprint, what it was selected in (stage 2: ``selected_in``, ``selected_trial``) or the
+  search it belongs to (stage 1: ``search``), and the resolved training config (``schedule_params.*``
+  flattened).
 - ``cases``: one row per trial x validation case, the per-case metrics of the trial's last evaluated
   epoch (the epoch its final ``val_dice`` came from).
 - ``test_cases``: one row per stage-2 trial x held-out test case (when the split has a test set),
   scored once, after the last epoch.
-- ``selection``: per stage-2 trial, the patients its configuration was selected on (recorded by the
-  sweep as ``_selected_on``; for studies from before that record, the validation patients of the row's
+- ``selection``: per stage-2 trial, the patients its configuration was selected on: those the trials of
+  the search it records (``_selected_in``) validated on, read from their per-case records (older sweeps
+  recorded the list, ``_selected_on``; studies from before both: the validation patients of the row's
   stage-1 trials). :meth:`Experiment.evaluation_cases` never reports a trial on those patients.
 - ``history``: one row per trial x epoch: learning rate, loss weights ``w_*``, losses ``loss_*`` and
   the validation metrics of evaluated epochs.
@@ -306,10 +309,11 @@ def _read_trial(
     evaluated = [r for r in results if "val_dice" in r]
     final = evaluated[-1] if evaluated else {}
     planned = trial.planned
+    stage = int(merged.get("_stage", last.get("stage", 1)))
     row = {
         "trial_id": trial.trial_id,
         "experiment": experiment,
-        "stage": int(merged.get("_stage", last.get("stage", 1))),
+        "stage": stage,
         "row": str(merged.get("_row", last.get("row", config.get("arm", "?")))),
         "arm": config.get("arm", last.get("arm")),
         "schedule": config.get("schedule", last.get("schedule")),
@@ -321,6 +325,8 @@ def _read_trial(
         # the pipeline replicate the trial belongs to: the stage-1 search whose choice it trains (a row that
         # searches nothing, such as nnU-Net's, or a stage-1 trial: the trial itself)
         "unit": str(merged.get("_selected_in") or f"trial:{trial_dir.name}"),
+        # a stage-1 trial's search: its own experiment, or its ``_run`` in one shared by several searches
+        "search": str(merged.get("_run") or experiment) if stage == 1 else "",
         "status": status,
         "error": _last_line(error) if status == ERROR else "",
         "recovered_failures": error.count("Traceback") if status != ERROR else 0,
@@ -461,19 +467,26 @@ def _missing_from_plan(root: Path, trials: pd.DataFrame, gone: list[str], damage
 def _selection(trials: pd.DataFrame, cases: pd.DataFrame) -> dict[str, frozenset[str]]:
     """Stage-2 trial id -> the patients its configuration was selected on.
 
-    Recorded by the sweep (``_selected_on``); for a trial without the record (studies from before it
-    existed), every patient that the row's stage-1 trials validated on.
+    Those the stage-1 trials of the search it records (``_selected_in``) validated on, from their per-case
+    records (what the search's choice rested on); a list recorded by older sweeps (``_selected_on``) as it
+    is; for a trial with neither (studies from before both), every patient the row's stage-1 trials
+    validated on.
     """
     stage1 = cases[cases["stage"] == 1] if len(cases) else cases
-    derived = (
-        {row: frozenset(map(str, group["patient"])) for row, group in stage1.groupby("row")} if len(stage1) else {}
-    )
+    by_row, by_search = {}, {}
+    if len(stage1):
+        by_row = {row: frozenset(map(str, group["patient"])) for row, group in stage1.groupby("row")}
+        search_of = dict(zip(trials["trial_id"].astype(str), trials["search"], strict=True))
+        searches = stage1["trial_id"].astype(str).map(search_of)
+        by_search = {key: frozenset(map(str, group["patient"])) for key, group in stage1.groupby(searches)}
     out = {}
     for t in trials[trials["stage"] == 2].itertuples():
-        recorded = json.loads(t.selected_on) if t.selected_on else None
-        out[str(t.trial_id)] = (
-            frozenset(map(str, recorded)) if recorded is not None else derived.get(t.row, frozenset())
-        )
+        if t.selected_on:
+            out[str(t.trial_id)] = frozenset(map(str, json.loads(t.selected_on)))
+        elif t.selected_in:
+            out[str(t.trial_id)] = by_search.get(str(t.selected_in), frozenset())
+        else:
+            out[str(t.trial_id)] = by_row.get(t.row, frozenset())
     return out
 
 

@@ -14,8 +14,8 @@ not untouched by the search, only not selected on. ``nested_ablation`` keeps the
 entirely. ``protocol:
 nested_ablation`` does stage 1 inside every outer fold, on an inner fold of its training patients,
 and stage 2 trains each outer fold's choice on all of its training patients: every patient is
-reported, always by models tuned without them. Every stage-2 trial records the patients its
-configuration was selected on (``_selected_on`` in its parameters). Each stage folder is Ray Tune's
+reported, always by models tuned without them. Every stage-2 trial records the search its
+configuration was selected in (:func:`~avn_study.study.protocol.selection_record`). Each stage folder is Ray Tune's
 own format (``ExperimentAnalysis``, ``Tuner.restore``). ``--resume`` restores unfinished stages with
 ``Tuner.restore``, which unpickles Ray's state files: resume only experiments whose storage you trust.
 
@@ -76,6 +76,7 @@ from avn_study.study.ray_session import (
 )
 from avn_study.study.results import Selected, StudyResult, read_trials
 from avn_study.study.space import ABLATIONS, SearchSpace, group_rows
+from avn_study.study.trial_split import split_reference
 
 __all__ = [  # (the Ray session's names too: cli/, bench/ and old code import them from here)
     "AUTH_VARIABLES",
@@ -137,8 +138,6 @@ class Study:
         self.stop_requested = threading.Event()
         self.split_hash = ""
         self.splits: Any = None  # the study's split (frozen in STUDY/splits.json), set by prepare
-        self.patients: dict[str, str] = {}  # case id -> patient id, set by prepare
-        self.inner: dict[int, dict[str, Any]] = {}  # nested_ablation: outer fold -> frozen inner splits
 
     # ---------------------------------------------------------------- preparation (driver side)
     def prepare(self, resume: bool) -> None:
@@ -166,7 +165,6 @@ class Study:
         cases, splits = cohort_split(self.data, config, frozen=read_json(frozen, "the study's frozen split")
                                      if resume and frozen.is_file() else None)  # fmt: skip
         self.splits = splits
-        self.patients = {c.case_id: c.patient_id for c in cases}
         preflight.check_head_labels(self.space, cases)
         preflight.check_nnunet_rows(self.space, cases)
         preflight.check_unlabelled(self.space, self.data, cases)
@@ -290,18 +288,18 @@ class Study:
         return protocol.stage1_runs(self.space)
 
     def _freeze_inner(self, splits: Any, cases: list[Any], resume: bool) -> None:
-        """nested_ablation: make (or, resuming, read back) the inner folds of every outer fold."""
+        """nested_ablation: freeze (or, resuming, check) the inner folds of every outer fold, which the trials
+        read from the study folder."""
         from avn_study.data.splits import read_nested, write_nested
 
         if self.space.protocol != "nested_ablation":
             return
         path = self.root / NESTED_SPLITS
         if resume:
-            inner = {k: read_nested(path, splits, k) for k in self.space.folds}
+            for k in self.space.folds:
+                read_nested(path, splits, k)
         else:
-            inner = protocol.inner_folds(self.space, splits, cases)
-            write_nested(splits, inner, path)
-        self.inner = {k: v.to_dict() for k, v in inner.items()}
+            write_nested(splits, protocol.inner_folds(self.space, splits, cases), path)
 
     @property
     def location(self) -> str:
@@ -312,12 +310,11 @@ class Study:
         self.store.push(*names)
 
     def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
-        """What every trial of a stage needs to find its data (the same for all its trials)."""
-        # the split inline, like the inner folds: readable on any node and storage, never a file in DATA
-        meta = {"data": str(self.data), "split": self.splits.to_dict(),
+        """What every trial of a stage needs to find its data (the same for all its trials): the cohort, and
+        its split by hash (and outer fold), read from the study folder (:mod:`avn_study.study.trial_split`):
+        the same size whatever the cohort, never a file in DATA."""
+        meta = {"data": str(self.data), **split_reference(self.split_hash, outer),
                 "checkpoint_frequency": self.space.checkpoint_frequency, "fault": self.fault, "test": test}  # fmt: skip
-        if outer is not None:
-            meta["inner"] = self.inner[outer]  # in the trial's parameters: readable on any node and storage
         return {**meta, **self.trial_meta}
 
     # ---------------------------------------------------------------- Ray pieces
@@ -492,8 +489,7 @@ class Study:
             meta = {"_avn": self._meta(test=True)}
             for run in runs:
                 entries = protocol.run_entries(self.space, run)
-                follow_ups[run.experiment] = FollowUp([{**e, **meta} for e in entries],
-                                                      self._search_patients(run))  # fmt: skip
+                follow_ups[run.experiment] = FollowUp([{**e, **meta} for e in entries])
             for row in (r for r in self.space.arms if r not in self.space.searched_rows):  # nnU-Net: chooses nothing
                 entries = protocol.stage2_entries(self.space, row, self.space.folds, protocol.unchosen(self.space, row))
                 ready += [{**e, **meta} for e in entries]
@@ -513,10 +509,6 @@ class Study:
                               run_config=self._run_config(experiment, label, total))  # fmt: skip
 
         self._fit(experiment, make_tuner, {}, resume)
-
-    def _search_patients(self, run: Stage1) -> list[str]:
-        """The patients a stage-1 search validates on (:func:`~avn_study.study.protocol.search_patients`)."""
-        return protocol.search_patients(self.space, run, self.splits, self.inner, self.patients)
 
     def select(self, run: Stage1, read: dict[Path, list[Any]] | None = None) -> Selected:
         """The stage-1 configuration of ``run`` (:func:`~avn_study.study.protocol.select`), read back from

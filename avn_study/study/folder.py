@@ -8,7 +8,7 @@ depends on the standard library only::
         study.json                  the manifest: protocol, data, split hash, rows, searches, primary metric,
                                     alpha, reference, questions, contrasts, resources, the space as run
         space.yaml                  the search-space file as run
-        splits.json                 the patient-level split the study froze (its trials get it inline)
+        splits.json                 the patient-level split the study froze (its trials read it by hash)
         optuna.journal              Optuna's journal: one study per stage-1 search
         nested_splits.json          nested_ablation: the frozen inner folds of every outer fold, with hashes
         stage2_plan.json            the stage-2 grid
@@ -52,7 +52,7 @@ MANIFEST = "study.json"
 SPACE_COPY = "space.yaml"
 JOURNAL = "optuna.journal"
 NESTED_SPLITS = NESTED_FILE  # nested_ablation: the frozen inner folds
-SPLITS_COPY = SPLITS_FILE  # the study's frozen outer split (trials get it inline; DATA is never written)
+SPLITS_COPY = SPLITS_FILE  # the study's frozen outer split (trials read it by hash; DATA is never written)
 STAGE2_PLAN = "stage2_plan.json"
 LOCK_FILE = ".lock"
 DRIVER_LOG = "driver.log"  # Ray Tune's own log records of the driver (tracebacks of errored trials)

@@ -2,8 +2,8 @@
 
 What a study runs and what each run rests on, without Ray, Optuna or the study folder: the stage-1
 searches (:func:`stage1_runs`) and the configuration each one's trials share (:func:`stage1_config`);
-the patients a search validates on (:func:`search_patients`); the one rule by which a search's trials
-choose a configuration (:func:`select`); the stage-2 runs trained from a choice (:func:`replicate_of`,
+the one rule by which a search's trials choose a configuration (:func:`select`) and the record a
+stage-2 trial keeps of it (:func:`selection_record`); the stage-2 runs trained from a choice (:func:`replicate_of`,
 :func:`stage2_entries`, :func:`stage2_grid`); and the tuning sets on which the tuning metric must be
 defined (:func:`check_tuning_sets`). :class:`~avn_study.study.driver.Study` feeds them what it read and
 runs what they return.
@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from avn_study.errors import AvnError, UsageError
 from avn_study.study.folder import TERMINATED, Stage1
-from avn_study.study.results import Selected, TrialOutcome, best_trial, validated_patients
+from avn_study.study.results import Selected, TrialOutcome, best_trial
 from avn_study.study.space import ABLATIONS, SearchSpace
-from avn_study.vocabulary import DAMAGED
 
 if TYPE_CHECKING:
     from avn_study.data.splits import Splits
@@ -55,31 +54,9 @@ def stage1_config(space: SearchSpace, run: Stage1) -> dict[str, Any]:
     return {**flat, "_row": run.row, "_stage": 1}
 
 
-def search_patients(space: SearchSpace, run: Stage1, splits: Splits, inner: dict[int, dict[str, Any]],
-                    patients: dict[str, str]) -> list[str]:  # fmt: skip
-    """The patients the search ``run`` validates on (its fold's validation cases), before it runs.
-
-    Args:
-        space: the study's search space.
-        run: the search.
-        splits: the study's split.
-        inner: nested_ablation: outer fold -> its frozen inner split (``Splits.to_dict``).
-        patients: case id -> patient id.
-    """
-    from avn_study.data.splits import splits_from_dict
-
-    searched = splits if run.outer is None else splits_from_dict(inner[run.outer])
-    return sorted({patients[c] for c in searched.fold(space.tuning_fold).val})
-
-
-def _validated_on(trial: TrialOutcome) -> set[str]:
-    return validated_patients(Path(trial.path))
-
-
-def select(run: Stage1, trials: list[TrialOutcome], mode: str, metric: str, where: Path | str,
-           validated: Callable[[TrialOutcome], set[str]] = _validated_on) -> Selected:  # fmt: skip
+def select(run: Stage1, trials: list[TrialOutcome], mode: str, metric: str, where: Path | str) -> Selected:
     """The configuration the search ``run`` chose among ``trials`` (the rule of
-    :func:`~avn_study.study.results.best_trial`), and every patient it validated on.
+    :func:`~avn_study.study.results.best_trial`).
 
     Args:
         run: the search.
@@ -88,7 +65,6 @@ def select(run: Stage1, trials: list[TrialOutcome], mode: str, metric: str, wher
         mode: ``max`` or ``min``.
         metric: the tuning metric (for the message).
         where: the experiment folder (for the message).
-        validated: the patients a trial validated on (default: read from its per-case files).
 
     Raises:
         AvnError: no trial of ``run`` finished with a value of ``metric``.
@@ -98,18 +74,26 @@ def select(run: Stage1, trials: list[TrialOutcome], mode: str, metric: str, wher
     if best is None:
         raise AvnError(f"stage 1 of row '{run.row}' has no finished trial with a {metric}; see {where}")
     chosen = next(o for o in mine if o.trial_id == best)
-    # (a damaged trial validated on the same fold; its per-case files may be what is damaged)
-    patients = set().union(*(validated(o) for o in mine if o.status != DAMAGED))
     config = {k: v for k, v in chosen.config.items() if not k.startswith("_")}
-    return Selected(config, best, run.experiment, sorted(patients))
+    return Selected(config, best, run.experiment)
 
 
 def unchosen(space: SearchSpace, row: str) -> Selected:
-    """A row that chooses nothing (nnU-Net configures itself): its one configuration, on no patient."""
-    return Selected(space.trial_config(row), None, None, [])
+    """A row that chooses nothing (nnU-Net configures itself): its one configuration, from no search."""
+    return Selected(space.trial_config(row), None, None)
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
+def selection_record(trial_id: str | None, search: str | None) -> dict[str, Any]:
+    """What a stage-2 trial records of the choice it trains: the search (``_selected_in``: its stage-1
+    experiment, or its ``_run`` in a shared one) and the trial chosen there (``_selected_trial``). A
+    reference, not a patient list: the patients it was selected on are those the search's trials validated
+    on, which the analysis reads from their per-case records (``Experiment.selection``), so a trial's
+    parameters stay the same size whatever the cohort. Trials of older studies carry the list
+    (``_selected_on``); the analysis reads it as it is."""
+    return {"_selected_trial": trial_id, "_selected_in": search}
+
+
 def replicate_of(space: SearchSpace, run: Stage1) -> tuple[list[int], list[int]]:
     """(folds, seeds) of the stage-2 runs trained from ``run``'s choice."""
     if run.outer is not None:
@@ -127,8 +111,7 @@ def stage2_entries(space: SearchSpace, row: str, folds: list[int], chosen: Selec
     the record of what they rest on are added once the row's search has chosen). ``run``: the search
     whose choice it is; with ``search_per_seed`` it seeds its runs itself (:meth:`Stage1.replicate_seed`)."""
     config = chosen.config if chosen is not None else {}
-    record = {} if chosen is None else {"_selected_on": chosen.patients, "_selected_trial": chosen.trial_id,
-                                        "_selected_in": chosen.experiment}  # fmt: skip
+    record = {} if chosen is None else selection_record(chosen.trial_id, chosen.experiment)
     entries = []
     for fold in folds:
         for seed in space.seeds if seeds is None else seeds:

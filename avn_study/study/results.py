@@ -21,7 +21,6 @@ from avn_study.study.folder import (
     epoch_history,
     folder_trial_id,
     merge_grid,
-    per_case_files,
     trial_folders,
     trial_status,
     trial_statuses,
@@ -35,8 +34,7 @@ class Selected:
 
     config: dict[str, Any]  # the winning trial's flat config (without private keys)
     trial_id: str | None  # None: a row that chose nothing (nnU-Net)
-    experiment: str | None
-    patients: list[str]  # every patient the search validated on: none may be reported for this choice
+    experiment: str | None  # the search's key: none of the patients its trials validated on may be reported
 
 
 def best_trial(candidates: list[tuple], mode: str) -> str | None:
@@ -55,14 +53,6 @@ def best_trial(candidates: list[tuple], mode: str) -> str | None:
     pool = [c for c in scored if c[2] == longest]
     sign = -1.0 if mode == "max" else 1.0
     return min(pool, key=lambda c: (sign * c[1], c[3], str(c[0])))[0]
-
-
-def validated_patients(trial_dir: Path) -> set[str]:
-    """Patients in a trial's per-case validation files (any epoch: a trial validates on one fixed set)."""
-    from avn_study.study.check import read_per_case
-
-    files = per_case_files(trial_dir)
-    return {str(case["patient"]) for case in read_per_case(files[-1])} if files else set()
 
 
 @dataclass

@@ -75,10 +75,10 @@ class RowSearchRun:
 @dataclass
 class FollowUp:
     """The stage-2 trials that wait for one stage-1 search: its grid without the chosen parameters
-    (fold, seed, repeat, row, the trial's run-time meta) and the patients the search validated on."""
+    (fold, seed, repeat, row, the trial's run-time meta). (Searcher states saved before the selection
+    became a reference also hold the patients the search validated on; they are not read.)"""
 
     grid: list[dict[str, Any]]
-    patients: list[str]
 
 
 STAGE2_OWNER = "stage2"  # RowSearch's owner key of a stage-2 trial
@@ -95,7 +95,7 @@ class RowSearch(Searcher):
 
     When a search's last trial ends, its choice is made by the protocol's one rule
     (:func:`~avn_study.study.results.best_trial`) and its stage-2 trials join the queue, with the
-    record of what they rest on (``_selected_on``, ``_selected_trial``, ``_selected_in``). ``ready``
+    record of what they rest on (:func:`~avn_study.study.protocol.selection_record`). ``ready``
     holds stage-2 trials that wait for nothing (rows that choose nothing, such as nnU-Net's). Stage 1
     goes first; stage-2 trials fill the slots that stage 1 no longer needs, so a row's stage 2 runs
     while other rows are still searching. A search with no finished trial releases nothing; the driver
@@ -162,6 +162,7 @@ class RowSearch(Searcher):
             self._release(key)
 
     def _release(self, key: str) -> None:
+        from avn_study.study.protocol import selection_record
         from avn_study.study.results import best_trial
 
         follow_up = self._follow_ups.pop(key)
@@ -170,7 +171,7 @@ class RowSearch(Searcher):
             return  # nothing to re-train; the driver refuses the study with the row's name
         chosen = {k: v for k, v in {**self._runs[key].constants, **self._configs[best]}.items()
                   if not k.startswith("_")}  # fmt: skip
-        record = {"_selected_on": follow_up.patients, "_selected_trial": best, "_selected_in": key}
+        record = selection_record(best, key)
         self._queue += [{**chosen, **entry, **record} for entry in follow_up.grid]
 
     def save(self, checkpoint_path: str) -> None:

@@ -70,13 +70,25 @@ def _identity(run: Any, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 class TrialFiles:
-    """Writes into the trial's folder of the experiment storage (local, shared or a pyarrow URI)."""
+    """Writes into the trial's folder of the experiment storage (local, shared or a pyarrow URI), and reads
+    the study's frozen split from the study folder above it."""
 
     def __init__(self) -> None:
         from ray import tune
 
         storage = tune.get_context().get_storage()
         self.fs, self.root = storage.storage_filesystem, storage.trial_fs_path
+        self.study = storage.storage_fs_path  # STORAGE/NAME: the study folder, which holds the experiments
+
+    def split(self, meta: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The trial's (split, inner folds), found by the hash in its ``meta`` (:mod:`~avn_study.study.trial_split`)."""
+        from avn_study.study.trial_split import trial_split
+
+        return trial_split(meta, self.study, self._read_study)
+
+    def _read_study(self, name: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.study}/{name}") as stream:
+            return stream.read()
 
     def write(self, relative: str, data: str | bytes) -> None:
         path = f"{self.root}/{relative}"
@@ -179,7 +191,7 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
                 resume_from = work / "resume.pth"
                 shutil.copyfile(Path(directory) / NNUNET_CHECKPOINT, resume_from)
         hooks = EpochHooks(report, int(meta.get("checkpoint_frequency", 1)))
-        out = run_trial(cfg, meta["data"], meta.get("cache_dir"), meta.get("split"), work, hooks, resume_from,
+        out = run_trial(cfg, meta["data"], meta.get("cache_dir"), files.split(meta)[0], work, hooks, resume_from,
                         processes=cfg.base.runtime.threads, test=bool(meta.get("test")))  # fmt: skip
         ids = {"split_hash": out["split_hash"], "data_fingerprint": out["data_fingerprint"],
                "n_parameters": out["n_parameters"]}  # fmt: skip
@@ -221,8 +233,9 @@ def train_trial(config: dict[str, Any]) -> None:
         return nnunet_trial(flat, meta)
     train_config = TrainConfig.from_flat(flat, source="trial config")
     torch.set_num_threads(train_config.runtime.threads)
-    data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"), meta.get("inner"),
-                        meta.get("split"))  # fmt: skip
+    files = TrialFiles()
+    split, inner = files.split(meta)
+    data = prepare_data(meta["data"], train_config, meta.get("cache_dir"), meta.get("splits"), inner, split)
     run = TrainingRun(train_config, data)
     if run.device.type == "cuda":  # the peak this trial reaches, not a previous trial's in a reused worker
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -230,7 +243,6 @@ def train_trial(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             run.restore(directory)
-    files = TrialFiles()
     files.write(RESOLVED_CONFIG, json.dumps(run.config.to_flat(), indent=1))
     identity = _identity(run, meta)
     every = int(meta.get("checkpoint_frequency", 1))
