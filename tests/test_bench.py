@@ -98,6 +98,32 @@ def test_bench_cluster_runs_both_schedulings_of_the_real_study(tmp_path: Path) -
     assert [r[0] for r in rows[-2:]] == ["concurrent rows vs one row at a time",
                                          "concurrent rows without any Ray overhead (model)"]  # fmt: skip
     assert 0 < results[1]["model_ceiling"] <= 1.0
+    # what the study cost: a real trial's records (the cohort's own validation cases), analysed and resumed
+    cohort = {p.name.removesuffix("_0000.nii.gz") for p in (tmp_path / "cohort-40" / "imagesTr").iterdir()}
+    for r in results:
+        f = r["footprint"]
+        assert f["trials"] == 2 * 2 + 2 * 1  # two rows: a search of 2 trials each, then one stage-2 run each
+        assert f["state_mb"] > 0 and f["state_kb_per_trial"] > 0 and f["files"] > 0 and f["resume_s"] > 0
+        assert f["analyzed_cases"] >= 8 * f["trials"]  # every trial's 8 validation cases (40 patients, 5 folds)
+    records = next((tmp_path / "storage" / "cluster-concurrent" / "stages").glob("*/per_case/epoch_000.json"))
+    assert {c["case"] for c in json.loads(records.read_text())} <= cohort
+    assert any(r[0] == "concurrent rows: Ray experiment state" for r in rows)
+
+
+def test_the_driver_alone_runs_the_planned_trials_against_the_schedulings_ceiling(tmp_path: Path) -> None:
+    from avn_study.bench.driver_only import bench_driver_only, driver_only_rows
+
+    shape = {"arms": {"unet": {"schedule": "constant"}, "seg+loc": {"schedule": "constant"}}, "groups": {},
+             "folds": [0, 1], "trials": 6, "seeds": [0], "fixed": {"epochs": 8, "n_folds": 5, "slice_size": 64,
+             "inplane_spacing_mm": 4.0, "schedule_params": {}}, "scheduler": {"type": "asha", "grace_period": 2,
+             "reduction_factor": 2}}  # fmt: skip
+    result = bench_driver_only(tmp_path, gpus=4, per_gpu=2, epoch_s=60.0, shape=shape, patients=12)
+    run = result["run"]
+    assert run.trials == result["planned"] == 2 * 2 * 6 + 2 * 2  # 2 rows x 2 outer folds: 6 trials, 1 stage-2 run
+    assert run.results < run.trials * 8  # ASHA stopped some trials early
+    assert 0 < run.utilisation <= 1 and 0 < result["ceiling"] <= 1 and run.driver_calls > 2 * run.trials
+    rows = driver_only_rows(result)
+    assert rows[1][2].startswith(f"driver only / ceiling = {run.utilisation / result['ceiling']:.3f}")
 
 
 def test_bench_cluster_rows_say_whether_the_target_is_met() -> None:
@@ -175,9 +201,12 @@ def test_bench_cluster_flags_choose_the_schedulings_and_the_folds(monkeypatch, c
 
     monkeypatch.setattr(bench_cluster, "bench_cluster", fake)
     assert main(["bench", "cluster", "--scheduling", "concurrent", "--outer-folds", "2", "--epoch-seconds", "2"]) == 0
-    assert calls == [{"gpus": 8, "per_gpu": 4, "epoch_s": 2.0, "shape": {"folds": [0, 1]}, "schedulings": (True,)}]
+    assert calls == [{"gpus": 8, "per_gpu": 4, "epoch_s": 2.0, "shape": {"folds": [0, 1]}, "schedulings": (True,),
+                      "patients": 40}]  # fmt: skip
     out = capsys.readouterr().out
     assert "outer folds 0-1" in out and "target >= 0.9 overall: met" in out
     assert main(["bench", "cluster", "--scheduling", "sequential"]) == 0
     assert calls[-1]["schedulings"] == (False,) and calls[-1]["shape"] is None
     assert main(["bench", "cluster"]) == 0 and calls[-1]["schedulings"] == (False, True)
+    assert main(["bench", "cluster", "--patients", "1000", "--trials", "3"]) == 0
+    assert (calls[-1]["patients"], calls[-1]["shape"], calls[-1]["epoch_s"]) == (1000, {"trials": 3}, 0.1)

@@ -504,6 +504,39 @@ def work_folder(work_dir: str | Path | None) -> Path:
     return work
 
 
+def _run_cluster(work: Path, args: argparse.Namespace) -> None:
+    """``bench cluster``: both schedulings on Ray's logical resources, or (``--driver-only``) the driver alone."""
+    shape = {"folds": list(range(args.outer_folds))} if args.outer_folds else {}
+    if args.trials:
+        shape["trials"] = args.trials
+    folds = f", outer folds 0-{args.outer_folds - 1}" if args.outer_folds else ""
+    trials = f", {args.trials} trials per search" if args.trials else ""
+    if args.driver_only:
+        import optuna
+
+        from avn_study.bench.driver_only import bench_driver_only, driver_only_rows
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per Optuna study otherwise
+        epoch_s = args.epoch_seconds or 60.0
+        result = bench_driver_only(work, gpus=args.gpus, per_gpu=args.per_gpu, epoch_s=epoch_s, shape=shape,
+                                   patients=args.patients)  # fmt: skip
+        title = (f"avn-study bench cluster --driver-only (ablation.yaml's shape{folds}{trials}, concurrent rows, "
+                 f"{args.gpus} logical GPUs x {args.per_gpu} trials, {args.patients} patients, stand-in trials "
+                 f"of {epoch_s:g} simulated s per unet epoch)")  # fmt: skip
+        print_table(title, driver_only_rows(result))
+        return
+    from avn_study.bench.cluster import bench_cluster, cluster_rows
+
+    which = {"both": (False, True), "sequential": (False,), "concurrent": (True,)}[args.scheduling]
+    epoch_s = args.epoch_seconds or 0.1
+    results = bench_cluster(work, gpus=args.gpus, per_gpu=args.per_gpu, epoch_s=epoch_s, shape=shape or None,
+                            schedulings=which, patients=args.patients)  # fmt: skip
+    title = (f"avn-study bench cluster (ablation.yaml's shape{folds}{trials}, {args.gpus} logical GPUs x "
+             f"{args.per_gpu} trials, {args.patients} patients, stand-in trials of {epoch_s:g} s per unet "
+             "epoch)")  # fmt: skip
+    print_table(title, cluster_rows(results))
+
+
 def run(what: str, args: argparse.Namespace) -> int:
     work = work_folder(args.work_dir)
     try:
@@ -517,16 +550,7 @@ def run(what: str, args: argparse.Namespace) -> int:
                      f"{args.epochs} epochs, 3 folds, every row alike; Dice over patients with necrosis)")  # fmt: skip
             print_table(title, table_rows(summary))
         elif what == "cluster":
-            from avn_study.bench.cluster import bench_cluster, cluster_rows
-
-            shape = {"folds": list(range(args.outer_folds))} if args.outer_folds else None
-            which = {"both": (False, True), "sequential": (False,), "concurrent": (True,)}[args.scheduling]
-            results = bench_cluster(work, gpus=args.gpus, per_gpu=args.per_gpu, epoch_s=args.epoch_seconds,
-                                    shape=shape, schedulings=which)  # fmt: skip
-            folds = f", outer folds 0-{args.outer_folds - 1}" if args.outer_folds else ""
-            title = (f"avn-study bench cluster (ablation.yaml's shape{folds}, {args.gpus} logical GPUs x "
-                     f"{args.per_gpu} trials, stand-in trials of {args.epoch_seconds:g} s per unet epoch)")  # fmt: skip
-            print_table(title, cluster_rows(results))
+            _run_cluster(work, args)
         elif what == "verdicts":
             from avn_study.analysis.design import verdict_tables
 

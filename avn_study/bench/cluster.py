@@ -18,6 +18,7 @@ from its first trial's start to its last trial's end (with concurrent rows they 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -33,10 +34,60 @@ ARM_COST = {"unet": 1.0, "seg": 1.2, "unet+head": 1.17, "seg+recon": 1.67, "seg+
             "seg+recon+loc": 2.02, "cascade": 2.05}  # fmt: skip
 
 
-def stand_in_trial(config: dict[str, Any]) -> None:
-    """A trial that sleeps through its epochs (see the module docstring); reports like the real one."""
-    import random
+class StandIn:
+    """A stand-in trial's epoch durations and learning curve, seeded by its row, fold, seed and learning
+    rate: the same numbers in a Ray worker (:func:`stand_in_trial`) and in the driver-only simulation."""
 
+    def __init__(self, flat: dict[str, Any], row: str, epoch_s: float) -> None:
+        import random
+
+        key = json.dumps({"row": row, **{k: flat.get(k) for k in ("fold", "inner_fold", "seed", "lr")}},
+                         sort_keys=True)  # fmt: skip
+        self._seed = zlib.crc32(key.encode())
+        rng = random.Random(self._seed)
+        self.scale = epoch_s * ARM_COST.get(str(flat.get("arm", "unet")), 1.0)
+        optimum = rng.uniform(-3.5, -2.5)  # this row's best log10(lr)
+        self.ceiling = 0.4 + 0.3 * rng.random() - 0.5 * (math.log10(float(flat.get("lr", 1e-3))) - optimum) ** 2
+        self.epochs = int(flat["epochs"])
+
+    def _rng(self, epoch: int):
+        import random
+
+        return random.Random(self._seed * 1_000_003 + epoch)
+
+    def epoch_s(self, epoch: int) -> float:
+        """Seconds of ``epoch``: the arm's cost, +-20 %."""
+        return self.scale * self._rng(epoch).uniform(0.8, 1.2)
+
+    def value(self, epoch: int) -> float:
+        """The metric after ``epoch``: a saturating curve to the learning rate's ceiling, with noise."""
+        noise = self._rng(epoch + 7919).gauss(0, 0.01)
+        return self.ceiling * (1 - math.exp(-3 * (epoch + 1) / self.epochs)) + noise
+
+
+@functools.cache
+def _patients_of(data: str) -> dict[str, str]:
+    """Case id -> patient id of the cohort at ``data`` (its dataset.json), read once per worker."""
+    from avn_study.data.layout import read_dataset_json
+
+    spec, _ = read_dataset_json(Path(data))
+    patients = (spec or {}).get("patients", {})
+    return patients if isinstance(patients, dict) else {}
+
+
+def _validation_cases(flat: dict[str, Any], split: dict[str, Any] | None, inner: dict[str, Any] | None) -> list[str]:
+    """The case ids a trial of ``flat`` validates on: its inner fold's (nested stage 1) or its fold's."""
+    if split is None:
+        return []
+    inner_fold = int(flat.get("inner_fold", -1))
+    folds, fold = (inner, inner_fold) if inner is not None and inner_fold >= 0 else (split, int(flat["fold"]))
+    return list(folds["folds"][fold]["val"])
+
+
+def stand_in_trial(config: dict[str, Any]) -> None:
+    """A trial that sleeps through its epochs (see the module docstring) and reports and writes like the real
+    one: per-case records of its fold's real validation cases (read from the study's split by hash), so
+    ``analyze`` and ``export`` read the bench study at its real size."""
     from ray import tune
 
     from avn_study.study.folder import per_case_file
@@ -44,22 +95,17 @@ def stand_in_trial(config: dict[str, Any]) -> None:
 
     flat, meta = split_trial_config(config)
     files = TrialFiles()
-    key = json.dumps({"row": meta["row"], **{k: flat.get(k) for k in ("fold", "inner_fold", "seed", "lr")}},
-                     sort_keys=True)  # fmt: skip
-    rng = random.Random(zlib.crc32(key.encode()))
-    scale = float(meta["bench_epoch_s"]) * ARM_COST.get(str(flat.get("arm", "unet")), 1.0)
-    optimum = rng.uniform(-3.5, -2.5)  # this row's best log10(lr)
-    ceiling = 0.4 + 0.3 * rng.random() - 0.5 * (math.log10(float(flat.get("lr", 1e-3))) - optimum) ** 2
-    epochs = int(flat["epochs"])
+    stand_in = StandIn(flat, meta["row"], float(meta["bench_epoch_s"]))
+    patients = _patients_of(str(meta["data"]))
+    cases = _validation_cases(flat, *files.split(meta))
     started = time.time()
-    for epoch in range(epochs):
-        busy = scale * rng.uniform(0.8, 1.2)
+    for epoch in range(stand_in.epochs):
+        busy = stand_in.epoch_s(epoch)
         time.sleep(busy)
-        value = ceiling * (1 - math.exp(-3 * (epoch + 1) / epochs)) + rng.gauss(0, 0.01)
-        # per-case records like a real trial's (three stand-in cases), so the study reads back as a real one
-        cases = [{"case": f"bench_{k}", "patient": f"bench_{k}", "epoch": epoch, "dice": value, "has_necrosis": 1}
-                 for k in range(3)]  # fmt: skip
-        files.write(per_case_file(epoch), json.dumps(cases))
+        value = stand_in.value(epoch)
+        rows = [{"case": c, "patient": patients.get(c, c), "epoch": epoch, "dice": value, "has_necrosis": 1}
+                for c in cases]  # fmt: skip
+        files.write(per_case_file(epoch), json.dumps(rows))
         tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch, "t_start": started, "t_end": time.time()})
 
 
@@ -159,59 +205,121 @@ def stage_times(root: Path) -> dict[int, dict[str, float]]:
 
 
 def bench_cluster(work: Path, gpus: int = 8, per_gpu: int = 4, epoch_s: float = 0.1,
-                  shape: dict[str, Any] | None = None,
-                  schedulings: tuple[bool, ...] = (False, True)) -> list[dict[str, Any]]:  # fmt: skip
+                  shape: dict[str, Any] | None = None, schedulings: tuple[bool, ...] = (False, True),
+                  patients: int = 40) -> list[dict[str, Any]]:  # fmt: skip
     """Both schedulings (``schedulings``: ``concurrent_rows`` values) of one study shape on ``gpus x per_gpu``
-    logical slots; one dict per scheduling.
+    logical slots, on a tiny phantom cohort of ``patients``; one dict per scheduling, with its utilisation
+    and what the study cost its driver and its storage (:func:`footprint`).
 
     ``shape`` overrides keys of ``ablation.yaml`` (default: its rows, folds and trials, with 20 epochs
     and ASHA grace 4 standing in for 100 and 20, the same rung ratios at a fifth of the reports).
     """
     import ray
-    import yaml
 
-    from avn_study.data.phantom import PhantomConfig, write_cohort
-    from avn_study.resources import shipped_space
-    from avn_study.study.driver import Study, init_ray
-    from avn_study.study.space import load_space
+    from avn_study.study.driver import init_ray
 
-    raw = yaml.safe_load(shipped_space("ablation").read_text())
-    raw["fixed"] = {**raw["fixed"], "epochs": 20}
-    raw["scheduler"] = {**raw["scheduler"], "grace_period": 4}
-    raw.update({"resources": {"cpu": 1, "gpu": 1 / per_gpu}, "max_concurrent": 0, "checkpoint": {"frequency": 1000}})
-    raw.update(shape or {})
-    cohort = work / "cohort"
-    if not (cohort / DATASET_JSON).is_file():
-        write_cohort(cohort, cases=40, seed=0, config=PhantomConfig.tiny())
+    raw = bench_space(per_gpu, shape)
+    cohort = bench_cohort(work, patients)
     slots = gpus * per_gpu
     init_ray(None, num_cpus=slots, num_gpus=gpus)
     out = []
     try:
         for concurrent in schedulings:
-            name = f"cluster-{'concurrent' if concurrent else 'sequential'}"
-            path = work / f"{name}.yaml"
-            path.write_text(yaml.safe_dump({**raw, "name": name, "concurrent_rows": concurrent}, sort_keys=False))
-            # a scheduling bench, not a study: its shapes need not reach a verdict
-            study = Study(load_space(path), cohort, str(work / "storage"), progress=False, allow_no_verdict=True,
-                          trainable=stand_in_trial, trial_meta={"bench_epoch_s": epoch_s})  # fmt: skip
+            study = _bench_study(work, raw, cohort, concurrent, epoch_s)
             study.prepare(resume=False)
             start = time.time()
             study.run()
             wall = time.time() - start
-            times = stage_times(study.root)
-            # a stage's span: stage 1 from the study's start to its last trial's end, stage 2 from its first
-            # trial's start to its last's end (with concurrent rows the two overlap)
-            spans = {"stage 1": times[1]["end"] - start, "stage 2": max(0.0, times[2]["end"] - times[2]["start"])}
-            busy = {"stage 1": times[1]["busy_s"], "stage 2": times[2]["busy_s"]}
-            use = {k: busy[k] / (slots * spans[k]) if spans[k] > 0 else math.nan for k in spans}
-            out.append({"scheduling": "concurrent rows" if concurrent else "one row at a time", "slots": slots,
-                        "wall_s": wall, "stage_wall_s": spans, "busy_s": busy,
-                        "utilisation": {**use, "all": sum(busy.values()) / (slots * wall)}})  # fmt: skip
+            resume = functools.partial(_resume, work, raw, cohort, concurrent, epoch_s)
+            out.append({**_utilisation(study.root, start, wall, slots), "patients": patients,
+                        "scheduling": "concurrent rows" if concurrent else "one row at a time",
+                        "footprint": footprint(study.root, resume)})  # fmt: skip
             if concurrent:
                 out[-1]["model_ceiling"] = model_utilisation(study.space, slots)["utilisation"]
     finally:
         ray.shutdown()
     return out
+
+
+def bench_space(per_gpu: int, shape: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``ablation.yaml`` as the cluster benches run it (see :func:`bench_cluster`)."""
+    import yaml
+
+    from avn_study.resources import shipped_space
+
+    raw = yaml.safe_load(shipped_space("ablation").read_text())
+    raw["fixed"] = {**raw["fixed"], "epochs": 20}
+    raw["scheduler"] = {**raw["scheduler"], "grace_period": 4}
+    raw.update({"resources": {"cpu": 1, "gpu": 1 / per_gpu}, "max_concurrent": 0, "checkpoint": {"frequency": 1000}})
+    return {**raw, **(shape or {})}
+
+
+def bench_cohort(work: Path, patients: int) -> Path:
+    """A tiny phantom cohort of ``patients`` in ``work`` (made once; the stand-in trials read only its split)."""
+    from avn_study.data.phantom import PhantomConfig, write_cohort
+
+    cohort = work / f"cohort-{patients}"
+    if not (cohort / DATASET_JSON).is_file():
+        write_cohort(cohort, cases=patients, seed=0, config=PhantomConfig.tiny())
+    return cohort
+
+
+def _bench_study(work: Path, raw: dict[str, Any], cohort: Path, concurrent: bool, epoch_s: float,
+                 name: str | None = None):  # fmt: skip
+    """The real Study of one scheduling with the stand-in trainable (a scheduling bench, not a study: its
+    shapes need not reach a verdict)."""
+    import yaml
+
+    from avn_study.study.driver import Study
+    from avn_study.study.space import load_space
+
+    name = name or f"cluster-{'concurrent' if concurrent else 'sequential'}"
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**raw, "name": name, "concurrent_rows": concurrent}, sort_keys=False))
+    return Study(load_space(path), cohort, str(work / "storage"), progress=False, allow_no_verdict=True,
+                 trainable=stand_in_trial, trial_meta={"bench_epoch_s": epoch_s})  # fmt: skip
+
+
+def _resume(work: Path, raw: dict[str, Any], cohort: Path, concurrent: bool, epoch_s: float) -> None:
+    """``--resume`` of the finished bench study: Ray restores every experiment and finds nothing to run."""
+    study = _bench_study(work, raw, cohort, concurrent, epoch_s)
+    study.prepare(resume=True)
+    study.run(resume=True)
+
+
+def _utilisation(root: Path, start: float, wall: float, slots: int) -> dict[str, Any]:
+    """Slot utilisation per stage and overall, from the stand-in trials' own timestamps."""
+    times = stage_times(root)
+    # a stage's span: stage 1 from the study's start to its last trial's end, stage 2 from its first
+    # trial's start to its last's end (with concurrent rows the two overlap)
+    spans = {"stage 1": times[1]["end"] - start, "stage 2": max(0.0, times[2]["end"] - times[2]["start"])}
+    busy = {"stage 1": times[1]["busy_s"], "stage 2": times[2]["busy_s"]}
+    use = {k: busy[k] / (slots * spans[k]) if spans[k] > 0 else math.nan for k in spans}
+    return {"slots": slots, "wall_s": wall, "stage_wall_s": spans, "busy_s": busy,
+            "utilisation": {**use, "all": sum(busy.values()) / (slots * wall)}}  # fmt: skip
+
+
+def footprint(root: Path, resume: Any) -> dict[str, float]:
+    """What the finished study at ``root`` cost: Ray's experiment state (MB in all, KB per trial), a trial's
+    ``params.json``, the study folder (MB, files), the driver's peak resident memory so far, and the
+    seconds of ``analyze`` and of ``resume()`` (a no-op resume of the finished study)."""
+    from avn_study.analysis import analyze
+    from avn_study.bench.footprint import experiment_states, folder_size, params_bytes, peak_rss_mb
+
+    states = experiment_states(root)
+    trials = sum(s.trials for s in states)
+    start = time.perf_counter()
+    analysis = analyze(root)
+    analyze_s = time.perf_counter() - start
+    start = time.perf_counter()
+    resume()
+    resume_s = time.perf_counter() - start
+    size, files = folder_size(root)
+    return {"trials": trials, "state_mb": sum(s.bytes for s in states) / 2**20,
+            "state_kb_per_trial": sum(s.per_trial * s.trials for s in states) / max(trials, 1) / 1024,
+            "params_b": params_bytes(root), "folder_mb": size / 2**20, "files": files,
+            "driver_rss_mb": peak_rss_mb(), "analyze_s": analyze_s, "analyzed_cases": len(analysis.experiment.cases),
+            "resume_s": resume_s}  # fmt: skip
 
 
 def cluster_rows(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -223,6 +331,8 @@ def cluster_rows(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
                      f"{u['stage 1']:.2f} / {u['stage 2']:.2f} / {u['all']:.2f}",
                      f"{r['slots']} slots, wall {r['wall_s']:.0f} s (stage 1 {w['stage 1']:.0f} s, "
                      f"stage 2 {w['stage 2']:.0f} s)"))  # fmt: skip
+        if "footprint" in r:
+            rows += footprint_rows(r["scheduling"], r["footprint"], r.get("patients"))
     by = {r["scheduling"]: r for r in results}
     if "concurrent rows" in by:
         concurrent = by["concurrent rows"]
@@ -235,3 +345,16 @@ def cluster_rows(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             rows.append(("concurrent rows without any Ray overhead (model)", f"{concurrent['model_ceiling']:.2f}",
                          "the scheduling's own ceiling for this shape: see model_utilisation"))  # fmt: skip
     return rows
+
+
+def footprint_rows(label: str, f: dict[str, float], patients: int | None) -> list[tuple[str, str, str]]:
+    """Rows of :func:`footprint`'s figures for :func:`avn_study.bench.benches.print_table`."""
+    who = f"{int(f['trials'])} trials" + (f", {patients} patients" if patients else "")
+    return [
+        (f"{label}: Ray experiment state", f"{f['state_mb']:.1f} MB",
+         f"{f['state_kb_per_trial']:.1f} KB per trial ({who}); params.json {f['params_b']:.0f} B"),
+        (f"{label}: study folder", f"{f['folder_mb']:.1f} MB", f"{int(f['files'])} files"),
+        (f"{label}: driver peak RSS", f"{f['driver_rss_mb']:.0f} MB", "this process, so far"),
+        (f"{label}: analyze / resume", f"{f['analyze_s']:.1f} s / {f['resume_s']:.1f} s",
+         f"analyze read {int(f['analyzed_cases'])} per-case rows; resume of the finished study"),
+    ]  # fmt: skip

@@ -23,6 +23,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -119,3 +120,54 @@ def simulate(search: Any, scheduler: Any, slots: int, epochs: int, metric: str,
             heapq.heappush(events, (at + epoch_s(trial.config, epoch + 1), next(ids), trial, epoch + 1))
         now = max(now, at)
     return DriverRun(slots, trials, results, now, busy, driver.spent, driver.calls)
+
+
+def bench_driver_only(work: Path, gpus: int = 64, per_gpu: int = 4, epoch_s: float = 60.0,
+                      shape: dict[str, Any] | None = None, patients: int = 40) -> dict[str, Any]:  # fmt: skip
+    """``ablation.yaml``'s shape (as ``bench cluster`` runs it; ``shape`` overrides keys, e.g. ``trials``) with
+    concurrent rows on ``gpus x per_gpu`` slots, driven by the real Study's searcher and scheduler in
+    simulated time (see the module docstring); with the scheduling's own ceiling
+    (:func:`~avn_study.bench.cluster.model_utilisation`) and the driver's peak memory."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from avn_study.bench.cluster import StandIn, _bench_study, bench_cohort, bench_space, model_utilisation
+    from avn_study.bench.footprint import peak_rss_mb
+
+    slots = gpus * per_gpu
+    study = _bench_study(work, bench_space(per_gpu, shape), bench_cohort(work, patients), True, epoch_s,
+                         name="driver-only")  # fmt: skip
+    study.prepare(resume=False)
+    try:
+        search, scheduler, planned = study.shared_search()
+        scheduler = scheduler or FIFOScheduler()
+        scheduler.set_search_properties(study.space.metric, study.space.mode)
+        stand_ins: dict[int, StandIn] = {}
+
+        def stand_in(config: dict[str, Any]) -> StandIn:
+            if id(config) not in stand_ins:
+                stand_ins[id(config)] = StandIn(config, str(config.get("_row")), epoch_s)
+            return stand_ins[id(config)]
+
+        epochs = stand_in(search._runs[next(iter(search._runs))].constants).epochs
+        run = simulate(search, scheduler, slots, epochs, study.space.metric,
+                       lambda c, e: stand_in(c).epoch_s(e), lambda c, e: stand_in(c).value(e))  # fmt: skip
+    finally:
+        study.close()
+    ceiling = model_utilisation(study.space, slots)["utilisation"]
+    return {"run": run, "planned": planned, "ceiling": ceiling, "driver_rss_mb": peak_rss_mb(), "epoch_s": epoch_s}
+
+
+def driver_only_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Rows for :func:`avn_study.bench.benches.print_table`."""
+    run: DriverRun = result["run"]
+    share = run.utilisation / result["ceiling"]
+    return [
+        ("driver only: utilisation", f"{run.utilisation:.3f}",
+         f"{run.slots} slots, {run.trials} trials ({result['planned']} planned), {run.results} results, "
+         f"simulated wall {run.wall_s / 3600:.1f} h at {result['epoch_s']:g} s per unet epoch"),
+        ("the scheduling's own ceiling (model)", f"{result['ceiling']:.3f}",
+         f"driver only / ceiling = {share:.3f} (target >= 0.9: {'met' if share >= 0.9 else 'missed'})"),
+        ("driver time", f"{run.driver_s:.1f} s",
+         f"{run.driver_calls} calls; {run.start_rate:.0f} trial starts per driver-second"),
+        ("driver peak RSS", f"{result['driver_rss_mb']:.0f} MB", "this process: searchers, Optuna studies, schedulers"),
+    ]  # fmt: skip

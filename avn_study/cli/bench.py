@@ -23,12 +23,20 @@ def _bench_parser(sub) -> None:
                         "verdicts: the simulated A/A, power and coverage tables of docs/analysis.md, --cases "
                         "studies per cell)")  # fmt: skip
     p.add_argument("--gpus", type=_positive_int, default=8, help="cluster bench: logical GPUs (default 8)")
-    p.add_argument("--epoch-seconds", type=_positive_float, default=0.1, dest="epoch_seconds",
-                   help="cluster bench: seconds of one unet epoch of the stand-in trials (default 0.1)")  # fmt: skip
+    p.add_argument("--epoch-seconds", type=_positive_float, dest="epoch_seconds",
+                   help="cluster bench: seconds of one unet epoch of the stand-in trials (default 0.1; "
+                        "60 simulated seconds with --driver-only)")  # fmt: skip
     p.add_argument("--scheduling", choices=["both", "sequential", "concurrent"], default="both",
                    help="cluster bench: which scheduling(s) to run (default both, side by side)")  # fmt: skip
     p.add_argument("--outer-folds", type=_positive_int, dest="outer_folds",
                    help="cluster bench: only the first N of ablation.yaml's outer folds (default: all)")  # fmt: skip
+    p.add_argument("--patients", type=_positive_int, default=40,
+                   help="cluster bench: patients of the bench's phantom cohort (default 40)")  # fmt: skip
+    p.add_argument("--trials", type=_positive_int,
+                   help="cluster bench: trials of every stage-1 search (default: ablation.yaml's)")  # fmt: skip
+    p.add_argument("--driver-only", action="store_true", dest="driver_only",
+                   help="cluster bench: the study's own driver (searchers, ASHA, hand-out) against stand-in "
+                        "trials in simulated time, without Ray's workers (see docs/benchmarks.md)")  # fmt: skip
     p.add_argument("--per-gpu", type=_positive_int, default=4, dest="per_gpu",
                    help="gpu and cluster benches: trials per GPU (default 4)")  # fmt: skip
     p.add_argument(

@@ -481,7 +481,21 @@ class Study:
     def _run_shared(self, experiment: str, with_stage2: bool, resume: bool) -> None:
         from ray import tune
 
-        from avn_study.study.search import FollowUp, RowScheduler, RowSearch, RowSearchRun
+        total = self._shared_plan(with_stage2)[3]
+
+        def make_tuner():  # the Optuna studies are created (or loaded) only when a fresh run starts
+            search, scheduler, _ = self.shared_search(with_stage2)
+            label = "both stages, all rows" if with_stage2 else "stage 1, all rows"
+            return tune.Tuner(self._trainable(), param_space={},
+                              tune_config=self._tune_config(search, scheduler, total),
+                              run_config=self._run_config(experiment, label, total))  # fmt: skip
+
+        self._fit(experiment, make_tuner, {}, resume)
+
+    def _shared_plan(self, with_stage2: bool) -> tuple[list[Stage1], dict[str, Any], list[dict[str, Any]], int]:
+        """(the searches, each search's stage-2 trials waiting for its choice, the stage-2 trials that wait for
+        nothing, how many trials in all) of the study in one experiment."""
+        from avn_study.study.search import FollowUp
 
         runs = self.stage1_runs()
         follow_ups, ready = {}, []
@@ -494,21 +508,21 @@ class Study:
                 entries = protocol.stage2_entries(self.space, row, self.space.folds, protocol.unchosen(self.space, row))
                 ready += [{**e, **meta} for e in entries]
         total = len(runs) * self.space.trials + sum(len(f.grid) for f in follow_ups.values()) + len(ready)
+        return runs, follow_ups, ready, total
 
-        def make_tuner():
-            search = RowSearch({run.experiment: RowSearchRun(self._stage1_constants(run),
-                                                             self._optuna(run) if self.space.search else None,
-                                                             self.space.trials) for run in runs},
-                               metric=self.space.metric, mode=self.space.mode, follow_ups=follow_ups,
-                               ready=ready)  # fmt: skip
-            factory = self._scheduler_factory(1)
-            scheduler = RowScheduler(factory) if factory is not None else None
-            label = "both stages, all rows" if with_stage2 else "stage 1, all rows"
-            return tune.Tuner(self._trainable(), param_space={},
-                              tune_config=self._tune_config(search, scheduler, total),
-                              run_config=self._run_config(experiment, label, total))  # fmt: skip
+    def shared_search(self, with_stage2: bool = True) -> tuple[Any, Any, int]:
+        """(searcher, trial scheduler, trials in all) of the study in one experiment (``concurrent_rows``):
+        what Ray Tune is handed, and what ``bench cluster --driver-only`` drives without Ray's workers."""
+        from avn_study.study.search import RowScheduler, RowSearch, RowSearchRun
 
-        self._fit(experiment, make_tuner, {}, resume)
+        runs, follow_ups, ready, total = self._shared_plan(with_stage2)
+        search = RowSearch({run.experiment: RowSearchRun(self._stage1_constants(run),
+                                                         self._optuna(run) if self.space.search else None,
+                                                         self.space.trials) for run in runs},
+                           metric=self.space.metric, mode=self.space.mode, follow_ups=follow_ups,
+                           ready=ready)  # fmt: skip
+        factory = self._scheduler_factory(1)
+        return search, RowScheduler(factory) if factory is not None else None, total
 
     def select(self, run: Stage1, read: dict[Path, list[Any]] | None = None) -> Selected:
         """The stage-1 configuration of ``run`` (:func:`~avn_study.study.protocol.select`), read back from
