@@ -272,6 +272,21 @@ def _log(path: Path, line: str) -> None:
         handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}: {line}\n")
 
 
+@contextlib.contextmanager
+def _pools_spawn_their_workers():
+    """Python's default worker start method is ``spawn`` inside: nnU-Net starts its own pools with
+    ``spawn`` but lists the raw files with a default ``Pool``, whose forked workers can hang for ever in a
+    process that runs threads (a Ray worker, a driver with Ray up) when they inherit a held lock."""
+    import multiprocessing
+
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+
+
 def _plan_and_preprocess(dataset: NnUNetDataset, configuration: str, processes: int, log: Path) -> None:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints,
@@ -280,7 +295,8 @@ def _plan_and_preprocess(dataset: NnUNetDataset, configuration: str, processes: 
     )
 
     number = int(dataset.name[7:10])
-    with nnunet_paths(dataset.root / "raw", dataset.root / "preprocessed", dataset.root / "results", processes):
+    paths = nnunet_paths(dataset.root / "raw", dataset.root / "preprocessed", dataset.root / "results", processes)
+    with paths, _pools_spawn_their_workers():
         if not (dataset.preprocessed / "nnUNetPlans.json").is_file():
             start = time.perf_counter()
             extract_fingerprints([number], num_processes=processes, check_dataset_integrity=True, clean=True,
