@@ -352,7 +352,7 @@ def footprint_rows(label: str, f: dict[str, float], patients: int | None) -> lis
     who = f"{int(f['trials'])} trials" + (f", {patients} patients" if patients else "")
     return [
         (f"{label}: Ray experiment state", f"{f['state_mb']:.1f} MB",
-         f"{f['state_kb_per_trial']:.1f} KB per trial ({who}); params.json {f['params_b']:.0f} B"),
+         f"{f['state_kb_per_trial']:.1f} KB per trial ({who}); {PARAMS} {f['params_b']:.0f} B"),
         (f"{label}: study folder", f"{f['folder_mb']:.1f} MB", f"{int(f['files'])} files"),
         (f"{label}: driver peak RSS", f"{f['driver_rss_mb']:.0f} MB", "this process, so far"),
         (f"{label}: analyze / resume", f"{f['analyze_s']:.1f} s / {f['resume_s']:.1f} s",
