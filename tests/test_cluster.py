@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from conftest import small_space
 from ray import tune
 
+from avn_study.study.check import read_epochs
 from avn_study.study.driver import Study
 from avn_study.study.space import load_space
+from avn_study.study.tracking import full_record
 
 _LIVE: dict = {}  # the cluster objects hold locks: Tune pickles callbacks, so they are looked up here
 
@@ -19,8 +20,8 @@ class RemoveWorkerNode(tune.Callback):
     """Removes the worker node as soon as a trial has reported from it."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not _LIVE["removed"] and result["node_id"] == _LIVE["worker"].node_id:
-            _LIVE["removed"] = True
+        if not _LIVE["removed"] and full_record(trial, result)["node_id"] == _LIVE["worker"].node_id:
+            _LIVE["removed"], _LIVE["moved"] = True, trial.trial_id
             _LIVE["cluster"].remove_node(_LIVE["worker"])
 
 
@@ -48,7 +49,7 @@ def _space(tmp_path: Path, epochs: int):
 
 
 def _nodes(trial_path: str) -> list[str]:
-    return [json.loads(line)["node_id"] for line in (Path(trial_path) / "result.json").read_text().splitlines()]
+    return [record["node_id"] for record in read_epochs(Path(trial_path))]
 
 
 def test_trials_run_on_both_nodes(two_nodes, sweep_cohort: Path, tmp_path: Path) -> None:
@@ -72,11 +73,9 @@ def test_trials_finish_when_a_worker_node_is_removed(two_nodes, sweep_cohort: Pa
     assert _LIVE["removed"]
     assert [o.status for o in outcomes] == ["TERMINATED", "TERMINATED"]
     for o in outcomes:  # each trial ends with its last epoch, whatever node it finished on
-        last = (Path(o.path) / "result.json").read_text().splitlines()[-1]
-        assert json.loads(last)["epoch"] == 2
-    moved = [o for o in outcomes if len(set(_nodes(o.path))) == 2]
-    assert moved, "the trial on the removed node should have finished on the head node"
-    assert _nodes(moved[0].path)[-1] == cluster.head_node.node_id
+        assert read_epochs(Path(o.path))[-1]["epoch"] == 2
+    (moved,) = [o for o in outcomes if o.trial_id == _LIVE["moved"]]  # it finished on the head node
+    assert _nodes(moved.path)[-1] == cluster.head_node.node_id
 
 
 class RemoveWorkerAtIteration(tune.Callback):
@@ -90,7 +89,7 @@ class RemoveWorkerAtIteration(tune.Callback):
         worker = _LIVE["worker"]
         if (
             not _LIVE["removed"]
-            and result["node_id"] == worker.node_id
+            and full_record(trial, result)["node_id"] == worker.node_id
             and result["training_iteration"] == self.iteration
         ):
             _LIVE["removed"] = True

@@ -13,6 +13,7 @@ import pytest
 
 from avn_study.cli.commands import _plan_text, main
 from avn_study.errors import UsageError
+from avn_study.study.check import read_epochs
 from avn_study.study.space import load_space
 from tests.conftest import Payload, small_space, write_toy_cohort
 
@@ -157,7 +158,7 @@ def test_nnunet_cases_are_scored_by_our_metrics(nnunet_study: dict[str, Path], s
     for row, expected in zip(rows, again, strict=True):
         for key, value in expected.items():
             assert row[key] == value or (value != value and row[key] != row[key]), key  # NaN == NaN
-    result = json.loads((trial / "result.json").read_text().splitlines()[-1])
+    result = read_epochs(trial)[-1]
     assert result["nnunet_epochs"] == 2 and result["nnunet_iterations_per_epoch"] == 2
     assert result["training_iteration"] == 2 and result["nnunet_configuration"] == "2d"
 

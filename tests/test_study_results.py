@@ -51,3 +51,47 @@ def test_the_folder_readers_count_epochs_like_the_live_searcher(tmp_path: Path) 
     assert chosen == "trial_b"
     trials = load_experiment(experiment).trials.set_index("trial_id")
     assert trials.loc["trial_a", "epochs"] == 4 and not trials.loc["trial_a", "stopped_early"]
+
+
+def _brief_trial(folder: Path, reported: list[int], records: dict[int, object]) -> Path:
+    """A trial that told Tune only ``val_dice`` and the epoch (``_avn.metric``), with its epoch records."""
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps({"epochs": 3, "_row": "unet", "_avn": {"metric": "val_dice"}}))
+    lines = [{"training_iteration": e + 1, "epoch": e, "val_dice": 0.1 * e, "trial_id": "t", "time_total_s": e}
+             for e in reported]  # fmt: skip
+    (folder / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "epochs").mkdir()
+    for epoch, record in records.items():
+        (folder / "epochs" / f"epoch_{epoch:03d}.json").write_text(
+            record if isinstance(record, str) else json.dumps(record)
+        )
+    return folder
+
+
+def test_a_trials_epochs_are_tunes_lines_with_its_records_laid_over(tmp_path: Path) -> None:
+    from avn_study.study.check import read_epochs
+
+    full = {e: {"epoch": e, "val_dice": 0.1 * e, "loss_seg": 1.0 - 0.1 * e, "node_id": "n"} for e in range(3)}
+    trial = _brief_trial(tmp_path / "trial_t", [0, 1], full)  # epoch 2's record: written, never reported
+    epochs = read_epochs(trial)
+    assert [e["epoch"] for e in epochs] == [0, 1]  # result.json says which epochs completed
+    assert epochs[1]["loss_seg"] == 0.9 and epochs[1]["time_total_s"] == 1 and epochs[1]["node_id"] == "n"
+    older = tmp_path / "old"  # a study from before the records: full lines, read as they are
+    older.mkdir()
+    (older / "params.json").write_text(json.dumps({"epochs": 1, "_avn": {"data": "x"}}))
+    (older / "result.json").write_text(json.dumps({"training_iteration": 1, "epoch": 0, "loss_seg": 0.5}) + "\n")
+    assert read_epochs(older) == [{"training_iteration": 1, "epoch": 0, "loss_seg": 0.5}]
+
+
+def test_a_missing_or_damaged_epoch_record_is_named(tmp_path: Path) -> None:
+    from avn_study.study.check import trial_damage
+
+    good = {"epoch": 0, "val_dice": 0.0}
+    missing = _brief_trial(tmp_path / "a" / "trial_a", [0, 1], {0: good})
+    assert trial_damage(missing, finished=False).startswith(f"{missing / 'epochs' / 'epoch_001.json'}: missing")
+    truncated = _brief_trial(tmp_path / "b" / "trial_b", [0], {0: '{"epoch": 0, "val_d'})
+    assert "epoch_000.json: not valid JSON" in trial_damage(truncated, finished=False)
+    listed = _brief_trial(tmp_path / "c" / "trial_c", [0], {0: "[1, 2]"})
+    assert "a JSON list, expected the trial's record of one epoch" in trial_damage(listed, finished=False)
+    (outcome,) = read_trials(tmp_path / "a")
+    assert outcome.status == "DAMAGED" and "epoch_001.json: missing" in outcome.error

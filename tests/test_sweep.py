@@ -9,6 +9,8 @@ import pytest
 from conftest import small_space
 
 from avn_study.cli.commands import main
+from avn_study.study.check import read_epochs
+from avn_study.study.folder import epoch_files
 from avn_study.study.results import read_trials
 
 IDENTITY = ("row", "arm", "schedule", "stage", "fold", "seed", "split_hash", "data_fingerprint", "node_id")
@@ -34,13 +36,27 @@ def test_smoke_fair_ablation_runs_both_stages(smoke_study: tuple[int, Path]) -> 
     assert all(o.status == "TERMINATED" and o.epochs == 2 for o in stage2)  # stage 2 runs to the end
 
 
+def test_tune_is_told_only_the_metric_and_the_epoch(smoke_study: tuple[int, Path]) -> None:
+    """What the driver keeps per trial: Ray's own keys, the epoch and the study's metric (the full records
+    are in the trial folders: every reported epoch has one)."""
+    from ray.tune.result import AUTO_RESULT_KEYS, DONE, SHOULD_CHECKPOINT, TRIAL_ID
+
+    _, root = smoke_study
+    told = set()
+    for result_file in root.glob("stage*/*/result.json"):
+        lines = [json.loads(line) for line in result_file.read_text().splitlines()]
+        told.update(k for line in lines for k in line)
+        assert sorted(epoch_files(result_file.parent)) == [line["epoch"] for line in lines]
+    ray_keys = {*AUTO_RESULT_KEYS, DONE, SHOULD_CHECKPOINT, TRIAL_ID, "experiment_tag"}
+    assert told - ray_keys == {"epoch", "val_dice"}, told - ray_keys
+
+
 def test_every_result_records_identity_and_per_case_metrics(smoke_study: tuple[int, Path]) -> None:
     _, root = smoke_study
     split_hash = json.loads((root / "study.json").read_text())["split_hash"]
     for result_file in root.glob("stage*/*/result.json"):
-        lines = result_file.read_text().splitlines()
-        for line in lines:
-            record = json.loads(line)
+        lines = read_epochs(result_file.parent)
+        for record in lines:
             assert all(key in record for key in IDENTITY), sorted(record)
             assert record["split_hash"] == split_hash
             assert "w_seg" in record and "loss_seg" in record and "val_dice" in record
@@ -58,7 +74,8 @@ def test_output_opens_with_ray_and_optuna(smoke_study: tuple[int, Path]) -> None
 
     _, root = smoke_study
     frame = tune.ExperimentAnalysis(str(root / "stage2")).dataframe()
-    assert len(frame) == 8 and set(frame["row"]) == {"unet", "seg+recon+loc"}
+    assert len(frame) == 8 and set(frame["config/grid/_row"]) == {"unet", "seg+recon+loc"}
+    assert frame["val_dice"].notna().all() and (frame["epoch"] == 1).all()  # what Tune is told
     assert tune.Tuner.can_restore(str(root / "stage2"))
     storage = JournalStorage(JournalFileBackend(str(root / "optuna.journal")))
     study = optuna.load_study(study_name="smoke-unet", storage=storage)
@@ -86,7 +103,7 @@ def test_worker_crash_is_retried_from_checkpoint(ray_2cpus, sweep_cohort: Path, 
     (trial,) = study.run().outcomes
     assert trial.status == "TERMINATED"
     assert (Path(trial.path) / ".fault-injected").read_text() == "0"  # it did die once
-    records = [json.loads(line) for line in (Path(trial.path) / "result.json").read_text().splitlines()]
+    records = read_epochs(Path(trial.path))
     assert [r["epoch"] for r in records] == [0, 1]  # resumed at epoch 1, not restarted: same epoch count
 
 

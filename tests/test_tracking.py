@@ -30,7 +30,8 @@ def test_every_trial_is_in_tensorboard(smoke_experiment: Path) -> None:
     for trial in trials:
         events = list(trial.glob("events.out.tfevents.*"))
         assert events, trial
-        assert any("val_dice" in tag for tag in _event_tags(events[0])), trial
+        tags = _event_tags(events[0])  # the full epoch records, not only what Tune was told
+        assert any("val_dice" in tag for tag in tags) and any("loss_seg" in tag for tag in tags), trial
 
 
 def test_every_trial_is_an_mlflow_run(smoke_experiment: Path) -> None:
@@ -44,6 +45,7 @@ def test_every_trial_is_an_mlflow_run(smoke_experiment: Path) -> None:
     assert set(runs["tags.experiment"]) == set(trials["experiment"])
     finished = runs[runs["status"] == "FINISHED"]
     assert len(finished) == len(trials) and finished["metrics.val_dice"].notna().all()
+    assert finished["metrics.loss_seg"].notna().all() and finished["metrics.w_seg"].notna().all()
     assert "params.lr" in runs and runs["tags.avn_study"].eq("smoke").all()
 
 

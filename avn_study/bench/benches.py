@@ -249,11 +249,11 @@ def _sweep_space(path: Path, **changes: object):
 
 
 def _trial_times(root: Path) -> list[dict[str, float]]:
-    import json
+    from avn_study.study.check import read_epochs
 
     out = []
     for result in sorted(root.glob(f"stage*/*/{RESULTS}")):
-        records = [json.loads(line) for line in result.read_text().splitlines()]
+        records = read_epochs(result.parent)
         out.append({"total_s": records[-1]["time_total_s"], "val_dice": records[-1]["val_dice"],
                     "epoch_s": [r["time_this_iter_s"] for r in records[1:]]})  # fmt: skip
     return out
@@ -421,12 +421,11 @@ class _GpuSampler:
 def bench_gpu(work: Path, per_gpu: int = 4, trials: int = 8, epochs: int = 8) -> list[tuple[str, str, str]]:
     """GPU paths: fp32 vs bf16 step speed and memory per arm, then trial packing: the same ``trials``
     run with ``gpu: 1`` (one at a time) and ``gpu: 1/per_gpu`` (``per_gpu`` at a time)."""
-    import json
-
     import torch
 
     from avn_study.data.phantom import write_cohort
     from avn_study.errors import UsageError
+    from avn_study.study.check import read_epochs
     from avn_study.study.driver import Study, init_ray
 
     if not torch.cuda.is_available():
@@ -454,9 +453,7 @@ def bench_gpu(work: Path, per_gpu: int = 4, trials: int = 8, epochs: int = 8) ->
             t0 = time.perf_counter()
             study.run()
             wall = time.perf_counter() - t0
-        records = [
-            json.loads(line) for f in study.root.glob(f"stage1-*/*/{RESULTS}") for line in f.read_text().splitlines()
-        ]
+        records = [r for f in study.root.glob(f"stage1-*/*/{RESULTS}") for r in read_epochs(f.parent)]
         slices = sum(r["train_slices"] for r in records)
         epoch_s = sorted(r["train_seconds"] for r in records)
         peak = max(r.get("gpu_mem_peak_mb", 0.0) for r in records)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.data.layout import DATASET_JSON
-from avn_study.study.folder import PARAMS, RESULTS
+from avn_study.study.folder import PARAMS
 
 # train slices/s of each arm relative to unet, measured here by `avn-study bench train` (1 thread, 128 px)
 ARM_COST = {"unet": 1.0, "seg": 1.2, "unet+head": 1.17, "seg+recon": 1.67, "seg+loc": 1.43,
@@ -88,10 +88,8 @@ def stand_in_trial(config: dict[str, Any]) -> None:
     """A trial that sleeps through its epochs (see the module docstring) and reports and writes like the real
     one: per-case records of its fold's real validation cases (read from the study's split by hash), so
     ``analyze`` and ``export`` read the bench study at its real size."""
-    from ray import tune
-
     from avn_study.study.folder import per_case_file
-    from avn_study.study.trainable import TrialFiles, split_trial_config
+    from avn_study.study.trainable import TrialFiles, report_epoch, split_trial_config
 
     flat, meta = split_trial_config(config)
     files = TrialFiles()
@@ -106,7 +104,8 @@ def stand_in_trial(config: dict[str, Any]) -> None:
         rows = [{"case": c, "patient": patients.get(c, c), "epoch": epoch, "dice": value, "has_necrosis": 1}
                 for c in cases]  # fmt: skip
         files.write(per_case_file(epoch), json.dumps(rows))
-        tune.report({"val_dice": value, "busy_s": busy, "epoch": epoch, "t_start": started, "t_end": time.time()})
+        record = {"val_dice": value, "busy_s": busy, "epoch": epoch, "t_start": started, "t_end": time.time()}
+        report_epoch(files, record, meta)
 
 
 def _asha_epochs(recorded: dict[int, list[float]], value: float, rungs: list[int], reduction_factor: float,
@@ -188,15 +187,15 @@ def model_utilisation(space: Any, slots: int, seed: int = 0) -> dict[str, float]
 
 def stage_times(root: Path) -> dict[int, dict[str, float]]:
     """Stage -> the trials' summed ``busy_s``, the first trial's start and the last trial's end (from
-    their ``result.json`` files)."""
+    their epoch records)."""
+    from avn_study.study.check import read_epochs
     from avn_study.study.folder import merge_grid, stage_folders
 
     out = {s: {"busy_s": 0.0, "start": math.inf, "end": -math.inf} for s in (1, 2)}
     for experiment in stage_folders(root):
         for params in experiment.glob(f"*/{PARAMS}"):
-            stage = int(merge_grid(json.loads(params.read_text())).get("_stage", 1))
-            results = params.parent / RESULTS
-            lines = [json.loads(line) for line in results.read_text().splitlines() if line] if results.is_file() else []
+            raw = json.loads(params.read_text())
+            stage, lines = int(merge_grid(raw).get("_stage", 1)), read_epochs(params.parent, raw)
             if lines:
                 t = out[stage]
                 t["busy_s"] += sum(r["busy_s"] for r in lines)

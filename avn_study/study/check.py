@@ -5,6 +5,7 @@ file or remove a folder. What the sweep and the analysis read back is checked he
 so damage is named (the file and what was expected) instead of silently changing a table or a search:
 
 - trial results (``result.json``): every line a JSON object; a truncated last line is damage;
+- epoch records (``epochs/epoch_NNN.json``): each a JSON object (the trial's full record of an epoch);
 - per-case files (``per_case/[test_]epoch_NNN.json``): a list of case records with ``case`` and
   ``patient``; a finished trial must have the one of its last evaluated epoch;
 - the stage-2 plan (``stage2_plan.json``): a list of stage-2 entries (``_row``, ``fold``, ``seed``,
@@ -25,7 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.errors import DataError
-from avn_study.study.folder import JOURNAL, PARAMS, RESULTS, STAGE2_PLAN, merge_grid, per_case_file, per_case_files
+from avn_study.study.folder import (
+    JOURNAL,
+    PARAMS,
+    RESULTS,
+    STAGE2_PLAN,
+    epoch_file,
+    epoch_files,
+    epoch_history,
+    merge_grid,
+    per_case_file,
+    per_case_files,
+    reports_to_tune_in_brief,
+)
 
 CASE_KEYS = ("case", "patient")  # what every per-case record holds (metrics.py adds the metrics)
 PLAN_KEYS = ("_row", "fold", "seed", "_repeat")  # what identifies a stage-2 entry (see stage2_key)
@@ -64,6 +77,40 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_epochs(trial_dir: Path, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A trial's reports by completed epoch (:func:`~avn_study.study.folder.epoch_history` of ``result.json``),
+    each with the trial's full record of that epoch (:func:`~avn_study.study.folder.epoch_file`) laid over
+    Ray's line. ``result.json`` says which epochs completed: a record the driver never got (a trial killed
+    between writing it and reporting) is not an epoch. A study from before the records has full lines.
+
+    Args:
+        trial_dir: the trial's folder.
+        params: its ``params.json``; a trial that told Tune only its metric (``_avn.metric``) must have
+            the record of every epoch it reported. None: read from the folder.
+
+    Raises:
+        DamagedFile: a line or a record that is not a JSON object, or a reported epoch's missing record.
+    """
+    trial_dir = Path(trial_dir)
+    if params is None:
+        params = read_json(trial_dir / PARAMS, "the trial's parameters (a JSON object)")
+    results = epoch_history(read_results(trial_dir / RESULTS)) if (trial_dir / RESULTS).is_file() else []
+    files = epoch_files(trial_dir)
+    expected = bool(files) or reports_to_tune_in_brief(params)
+    merged = []
+    for line in results:
+        epoch = line.get("epoch")
+        path = files.get(epoch) if isinstance(epoch, int) else None
+        if path is None and expected and isinstance(epoch, int):
+            raise DamagedFile(trial_dir / epoch_file(epoch), f"missing; expected the trial's record of epoch {epoch}, "
+                                                             "written before the epoch was reported")  # fmt: skip
+        record = read_json(path, "the trial's record of one epoch (a JSON object)") if path else {}
+        if not isinstance(record, dict):
+            raise DamagedFile(path, f"a JSON {type(record).__name__}, expected the trial's record of one epoch")
+        merged.append({**line, **record})
+    return merged
+
+
 def read_json(path: Path, what: str) -> Any:
     """A JSON file, or :class:`DamagedFile` naming ``what`` was expected."""
     try:
@@ -100,7 +147,7 @@ def trial_damage(trial_dir: Path, finished: bool) -> str:
         params = read_json(trial_dir / PARAMS, "the trial's parameters (a JSON object)")
         if not isinstance(params, dict):
             raise DamagedFile(trial_dir / PARAMS, "expected the trial's parameters (a JSON object)")
-        results = read_results(trial_dir / RESULTS) if (trial_dir / RESULTS).is_file() else []
+        results = read_epochs(trial_dir, params)
         if finished and not results:
             return f"{trial_dir / RESULTS}: missing or empty, expected the finished trial's epochs"
         evaluated = [r for r in results if "val_dice" in r and "epoch" in r]

@@ -312,8 +312,9 @@ class Study:
     def _meta(self, outer: int | None = None, test: bool = False) -> dict[str, Any]:
         """What every trial of a stage needs to find its data (the same for all its trials): the cohort, and
         its split by hash (and outer fold), read from the study folder (:mod:`avn_study.study.trial_split`):
-        the same size whatever the cohort, never a file in DATA."""
-        meta = {"data": str(self.data), **split_reference(self.split_hash, outer),
+        the same size whatever the cohort, never a file in DATA; and the one metric its trials tell Tune
+        (their full epoch records stay in their folders: ``study.trainable.driver_view``)."""
+        meta = {"data": str(self.data), **split_reference(self.split_hash, outer), "metric": self.space.metric,
                 "checkpoint_frequency": self.space.checkpoint_frequency, "fault": self.fault, "test": test}  # fmt: skip
         return {**meta, **self.trial_meta}
 

@@ -24,6 +24,7 @@ depends on the standard library only::
             experiment_state-*.json     Ray's: the trials' statuses (only its JSON skeleton is read)
             searcher-state-*.pkl        Ray's: the searcher's state (checked opcode by opcode, never loaded)
             trial_<id>/params.json, result.json, resolved_config.json, error.txt, checkpoint_*/,
+                       epochs/epoch_NNN.json (the epoch's full record; result.json holds what Tune saw),
                        per_case/epoch_NNN.json, per_case/test_epoch_NNN.json,
                        per_case/calibration_epoch_NNN.json, per_case/overlay_epoch_NNN.npz
 
@@ -68,7 +69,8 @@ DAMAGED = ".damaged-"  # a damaged trial folder set aside by --resume: trial_<id
 # a trial folder (Ray Tune's, named by the driver): what the trainable writes and the readers read back
 TRIAL_PREFIX = "trial_"  # trial_<Ray's trial id>
 PARAMS = "params.json"  # Ray's: the trial's config (stage 2's ``grid`` entry nested; see merge_grid)
-RESULTS = "result.json"  # Ray's: one JSON object per report (epoch)
+RESULTS = "result.json"  # Ray's: one JSON object per report (epoch): what the driver saw (see epoch_file)
+EPOCHS_DIR = "epochs"  # the trial's full record of each epoch (see epoch_file)
 RESOLVED_CONFIG = "resolved_config.json"  # the typed training config the trial ran (TrainConfig.to_flat)
 ERROR_FILE = "error.txt"  # Ray's: the tracebacks of the trial's failures (kept when a retry recovered)
 PER_CASE_DIR = "per_case"  # per-case records of the trial's epochs (see per_case_file)
@@ -179,6 +181,20 @@ def per_case_files(trial_dir: Path, test: bool = False) -> list[Path]:
     return sorted((Path(trial_dir) / PER_CASE_DIR).glob(pattern))  # epochs are zero-padded: name order
 
 
+def epoch_file(epoch: int) -> str:
+    """A trial's full record of one epoch (identity, losses, loss weights, validation metrics), relative to
+    its folder. Ray Tune is told only what it schedules on (the metric and the epoch: see
+    ``study.trainable.driver_view``), so the driver's state per trial stays small; the analysis lays this
+    record over the epoch's line of ``result.json`` (``study.check.read_epochs``)."""
+    return f"{EPOCHS_DIR}/epoch_{int(epoch):03d}.json"
+
+
+def epoch_files(trial_dir: Path) -> dict[int, Path]:
+    """A trial's full epoch records (:func:`epoch_file`) by epoch; {} for a study from before them."""
+    found = (Path(trial_dir) / EPOCHS_DIR).glob("epoch_*.json")
+    return {int(p.stem.removeprefix("epoch_")): p for p in found if p.stem.removeprefix("epoch_").isdigit()}
+
+
 def calibration_file(epoch: int) -> str:
     """A trial's per-case calibration counts of its last epoch (see ``metrics.calibration_counts``)."""
     return f"{PER_CASE_DIR}/calibration_epoch_{int(epoch):03d}.json"
@@ -218,6 +234,14 @@ def repair_folders(root: Path) -> list[Path]:
 def merge_grid(config: dict[str, Any]) -> dict[str, Any]:
     """A trial's Ray config with stage 2's ``grid`` entry (one row x fold x seed) merged into the top level."""
     return {**config.get("grid", {}), **{k: v for k, v in config.items() if k != "grid"}}
+
+
+def reports_to_tune_in_brief(params: dict[str, Any]) -> bool:
+    """Whether a trial (its ``params.json``) told Tune only its metric and epoch and kept its full records in
+    its folder (:func:`epoch_file`): trials given the metric's name (``_avn.metric``) do; older ones reported
+    everything to Tune."""
+    meta = merge_grid(params).get("_avn")
+    return isinstance(meta, dict) and isinstance(meta.get("metric"), str)
 
 
 def epoch_history(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

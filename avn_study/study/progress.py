@@ -9,6 +9,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from avn_study.study.folder import merge_grid
+
 
 class ProgressView(Callback):
     """Prints one status line when something changes, at most every ``every_s`` seconds."""
@@ -39,7 +41,7 @@ class ProgressView(Callback):
         self.show(force=len(self.running) == 1 and not self.finished)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        value, row = result.get(self.metric), str(result.get("row", "?"))
+        value, row = result.get(self.metric), str(result.get("row") or merge_grid(trial.config).get("_row", "?"))
         if isinstance(value, int | float) and not math.isnan(value) and self._better(value, self.best.get(row)):
             self.best[row] = float(value)
             self.show()  # a new best is news; other results only refresh the line every every_s

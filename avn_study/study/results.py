@@ -16,9 +16,7 @@ from avn_study.study.folder import (
     ERROR,
     ERROR_FILE,
     PARAMS,
-    RESULTS,
     TERMINATED,
-    epoch_history,
     folder_trial_id,
     merge_grid,
     trial_folders,
@@ -97,7 +95,7 @@ class TrialRecord:
     path: Path
     trial_id: str  # Ray's, from the trial's last report; else from its folder's name (folder_trial_id)
     params: dict[str, Any]  # params.json, stage 2's grid entry merged in (merge_grid)
-    results: list[dict[str, Any]]  # the reports by completed epoch (epoch_history), oldest first
+    results: list[dict[str, Any]]  # the full records by completed epoch (check.read_epochs), oldest first
     error: str  # error.txt without surrounding blank space ("" when the trial left none)
     planned: int  # the epochs the trial was to run
     status: str  # the one rule's (folder.trial_status)
@@ -122,11 +120,11 @@ def read_trial(trial_dir: Path, ray_status: str | None, config: dict[str, Any] |
     Raises:
         DamagedFile: unreadable parameters or results (a folder that was not checked first).
     """
-    from avn_study.study.check import read_json, read_results
+    from avn_study.study.check import read_epochs, read_json
 
     trial_dir = Path(trial_dir)
     params = merge_grid(read_json(trial_dir / PARAMS, "the trial's parameters (a JSON object)"))
-    results = epoch_history(read_results(trial_dir / RESULTS) if (trial_dir / RESULTS).is_file() else [])
+    results = read_epochs(trial_dir, params)
     error = (trial_dir / ERROR_FILE).read_text().strip() if (trial_dir / ERROR_FILE).is_file() else ""
     planned = int((params if config is None else config).get("epochs", len(results)))
     last = results[-1] if results else {}

@@ -1,8 +1,10 @@
 """Following a study in the tools Ray Tune users already use: TensorBoard, MLflow, Weights & Biases.
 
 ``avn-study sweep --track NAME`` (repeatable) adds Ray Tune's own logger callback for each tool, so every
-trial's reported metrics (per epoch: losses, loss weights, ``val_dice`` ...) and its configuration land
-there as well as in the study folder, which stays the record that analysis reads.
+trial's epoch records (losses, loss weights, ``val_dice`` ...) and its configuration land there as well as
+in the study folder, which stays the record that analysis reads. Tune is told only the metric and the
+epoch (``study.trainable.driver_view``); the loggers are given the epoch's full record, read from the
+trial's folder in the experiment storage (:func:`full_record`).
 
 - ``tensorboard``: event files in each trial's folder (Ray writes them whenever tensorboardX is
   installed, which ``ray[tune]`` brings); ``tensorboard --logdir STORAGE/NAME``.
@@ -17,6 +19,7 @@ there as well as in the study folder, which stays the record that analysis reads
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,35 @@ def mlflow_uri(study_folder: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(study_folder).resolve() / 'mlflow.db'}"
 
 
+def full_record(trial: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """A Tune result with the trial's full record of its epoch laid over it (``epochs/epoch_NNN.json`` in the
+    trial's folder of the experiment storage, which the trial wrote before reporting); the result as it
+    is when there is none (a study from before the records) or it cannot be read."""
+    from avn_study.study.folder import epoch_file
+
+    epoch = result.get("epoch")
+    if not isinstance(epoch, int):
+        return result
+    storage = trial.storage
+    try:
+        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/{epoch_file(epoch)}") as stream:
+            record = json.loads(stream.read())
+    except (OSError, ValueError):  # none written (an older study), or one being replaced by a retry
+        return result
+    return {**result, **record} if isinstance(record, dict) else result
+
+
+class _FullRecords:
+    """Mixed into a Ray Tune logger callback: it logs every epoch's full record (:func:`full_record`)."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        super().on_trial_result(iteration, trials, trial, full_record(trial, result), **info)  # type: ignore[misc]
+
+
+def _with_full_records(logger: type) -> type:
+    return type(logger.__name__, (_FullRecords, logger), {})
+
+
 def tracker_callbacks(names: list[str], study: str, study_folder: str, experiment: str) -> list[Any]:
     """Ray Tune logger callbacks for one experiment of a study (see the module docstring)."""
     callbacks: list[Any] = []
@@ -54,17 +86,18 @@ def tracker_callbacks(names: list[str], study: str, study_folder: str, experimen
         if name == "tensorboard":
             from ray.tune.logger import TBXLoggerCallback
 
-            callbacks.append(TBXLoggerCallback())
+            callbacks.append(_with_full_records(TBXLoggerCallback)())
         elif name == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-            callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_uri(study_folder), experiment_name=study,
-                                                  tags={"avn_study": study, "experiment": experiment},
-                                                  save_artifact=False))  # fmt: skip
+            mlflow = _with_full_records(MLflowLoggerCallback)
+            tags = {"avn_study": study, "experiment": experiment}
+            callbacks.append(mlflow(tracking_uri=mlflow_uri(study_folder), experiment_name=study, tags=tags,
+                                    save_artifact=False))  # fmt: skip
         elif name == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 
             project = os.environ.get("WANDB_PROJECT") or study
-            callbacks.append(WandbLoggerCallback(project=project, group=experiment, log_config=True,
-                                                 upload_checkpoints=False))  # fmt: skip
+            wandb = _with_full_records(WandbLoggerCallback)
+            callbacks.append(wandb(project=project, group=experiment, log_config=True, upload_checkpoints=False))
     return callbacks

@@ -2,12 +2,16 @@
 
 No training logic lives here. The trainable converts Ray's flat config to a
 :class:`~avn_study.config.TrainConfig`, resumes from ``tune.get_checkpoint()``, runs one epoch at a
-time, writes the epoch's per-case metrics into the trial folder, and calls ``tune.report`` with the
-epoch record (losses, loss weights, validation metrics) plus the trial's identity (row, arm, stage,
-fold, seed, split hash, node). Checkpoints are safetensors + JSON inside a ``tune.Checkpoint``.
+time, and writes each epoch's record (the trial's identity: row, arm, stage, fold, seed, split hash,
+node; losses, loss weights, validation metrics) and its per-case metrics into the trial folder. Tune is
+told only what it schedules on, the metric and the epoch (:func:`driver_view`): the driver keeps
+statistics and copies of every number it is told, for every trial, so a full record (~45 numbers)
+cost ~30 KB of experiment state per trial. Checkpoints are safetensors + JSON inside a
+``tune.Checkpoint``.
 
-Files of the trial (``resolved_config.json``, ``per_case/epoch_NNN.json`` and, in stage 2 when the
-split holds a test set, ``per_case/test_epoch_NNN.json`` of the last epoch) are written straight into
+Files of the trial (``resolved_config.json``, ``epochs/epoch_NNN.json``, ``per_case/epoch_NNN.json`` and,
+in stage 2 when the split holds a test set, ``per_case/test_epoch_NNN.json`` of the last epoch) are
+written straight into
 the trial's folder *in the experiment storage*, through the filesystem Ray itself uses for
 checkpoints (``tune.get_context().get_storage()``). ``get_trial_dir()`` would name a node-local
 staging folder that Ray does not sync from worker nodes, so files written there would be missing
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from avn_study.baselines.nnunet.run import is_nnunet
-from avn_study.study.folder import RESOLVED_CONFIG
+from avn_study.study.folder import RESOLVED_CONFIG, epoch_file
 
 
 def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -102,6 +106,30 @@ class TrialFiles:
         return self.fs.get_file_info(f"{self.root}/{relative}").type != fs.FileType.NotFound
 
 
+def driver_view(record: dict[str, Any], metric: str | None) -> dict[str, Any]:
+    """What Tune is told of an epoch: the epoch and, when it was evaluated, the study's ``metric`` (all
+    the schedulers, the searchers and the progress line read). ``metric`` None: a trial of a study from
+    before the trials' epoch records, which reported everything to Tune (it still does)."""
+    if metric is None:
+        return record
+    return {"epoch": record["epoch"], **({metric: record[metric]} if metric in record else {})}
+
+
+def report_epoch(files: TrialFiles, record: dict[str, Any], meta: dict[str, Any], checkpoint_dir: Any = None) -> None:
+    """Writes the epoch's full record into the trial folder, then reports it to Tune (:func:`driver_view`),
+    with the checkpoint in ``checkpoint_dir`` if given. The record is written first, so every epoch Tune
+    saw has one (``study.check.read_epochs`` holds a missing one for damage)."""
+    from ray import tune
+
+    view = driver_view(record, meta.get("metric"))
+    if view is not record:
+        files.write(epoch_file(record["epoch"]), json.dumps(record))
+    if checkpoint_dir is None:
+        tune.report(view)
+    else:
+        tune.report(view, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+
 OVERLAY_CASES = 3  # validation cases per trial kept for figures: those with the most reference necrosis
 
 
@@ -174,11 +202,7 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
     }  # fmt: skip
 
     def report(record: dict[str, Any], checkpoint_dir: Any) -> None:
-        metrics = {**identity, **record}
-        if checkpoint_dir is None:
-            tune.report(metrics)
-        else:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        report_epoch(files, {**identity, **record}, meta, checkpoint_dir)
 
     scratch = Path(meta.get("cache_dir") or default_cache_dir()) / "nnunet" / "work"  # node-local, not /tmp
     scratch.mkdir(parents=True, exist_ok=True)
@@ -212,7 +236,7 @@ def nnunet_trial(flat: dict[str, Any], meta: dict[str, Any]) -> None:
                    "nnunet_iterations_per_epoch": cfg.iterations}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copyfile(out["checkpoint"], Path(tmp) / Path(out["checkpoint"]).name)
-            tune.report({**identity, **summary, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(tmp))
+            report_epoch(files, {**identity, **summary, "epoch": epoch}, meta, tmp)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -263,7 +287,7 @@ def train_trial(config: dict[str, Any]) -> None:
         if run.done or (epoch + 1) % every == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 run.save(tmp)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+                report_epoch(files, metrics, meta, tmp)
         else:
-            tune.report(metrics)
+            report_epoch(files, metrics, meta)
         _maybe_inject_fault(meta, epoch, files)
