@@ -210,3 +210,24 @@ def test_bench_cluster_flags_choose_the_schedulings_and_the_folds(monkeypatch, c
     assert main(["bench", "cluster"]) == 0 and calls[-1]["schedulings"] == (False, True)
     assert main(["bench", "cluster", "--patients", "1000", "--trials", "3"]) == 0
     assert (calls[-1]["patients"], calls[-1]["shape"], calls[-1]["epoch_s"]) == (1000, {"trials": 3}, 0.1)
+
+
+def test_bench_controller_measures_rays_controller_per_trial(tmp_path: Path) -> None:
+    """A few trials through the CLI in a subprocess (the bench starts its own Ray): trials shaped like the
+    study's, telling Tune only the metric and the epoch."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "avn_study", "bench", "controller", "--trials", "8", "--epochs", "3",
+               "--work-dir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "avn-study bench controller (8 trials of 3 reports" in done.stdout
+    for label in ("driver RSS growth per trial", "experiment state per trial", "trial completions per second"):
+        assert label in done.stdout, done.stdout
+    results = [json.loads(line) for f in (tmp_path / "controller").glob("*/result.json")
+               for line in f.read_text().splitlines()]  # fmt: skip
+    assert len(results) == 8 * 3 and {"epoch", "val_dice"} <= set(results[0]) and "loss_0" not in results[0]
+    state = float(done.stdout.split("experiment state per trial")[1].split("KB")[0])
+    assert 5 < state < 20  # Ray's floor for two numbers and two kept checkpoints, ~14-16 KB

@@ -548,6 +548,14 @@ def run(what: str, args: argparse.Namespace) -> int:
             print_table(title, table_rows(summary))
         elif what == "cluster":
             _run_cluster(work, args)
+        elif what == "controller":
+            from avn_study.bench.controller import bench_controller, controller_rows
+
+            trials = args.trials or 1000
+            result = bench_controller(work, trials, args.epochs)
+            title = (f"avn-study bench controller ({trials} trials of {args.epochs} reports telling Tune the metric "
+                     f"and the epoch, a checkpoint every 5 epochs, 2 kept; local Ray, reused actors)")  # fmt: skip
+            print_table(title, controller_rows(result))
         elif what == "verdicts":
             from avn_study.analysis.design import verdict_tables
 

@@ -17,9 +17,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_parser(sub) -> None:
     """``avn-study bench``'s arguments (next to :func:`cmd_bench`)."""
     p = sub.add_parser("bench", help="throughput figures")
-    p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate", "cluster", "verdicts"],
+    p.add_argument("what", choices=["data", "train", "sweep", "gpu", "calibrate", "cluster", "controller", "verdicts"],
                    help="what to measure (gpu: needs CUDA; calibrate: every ablation row on the phantom; "
-                        "cluster: slot utilisation of ablation.yaml on logical GPUs; "
+                        "cluster: slot utilisation of ablation.yaml on logical GPUs; controller: Ray Tune's "
+                        "controller memory and state per trial, --trials of --epochs reports; "
                         "verdicts: the simulated A/A, power and coverage tables of docs/analysis.md, --cases "
                         "studies per cell)")  # fmt: skip
     p.add_argument("--gpus", type=_positive_int, default=8, help="cluster bench: logical GPUs (default 8)")
@@ -33,7 +34,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--patients", type=_positive_int, default=40,
                    help="cluster bench: patients of the bench's phantom cohort (default 40)")  # fmt: skip
     p.add_argument("--trials", type=_positive_int,
-                   help="cluster bench: trials of every stage-1 search (default: ablation.yaml's)")  # fmt: skip
+                   help="cluster bench: trials of every stage-1 search (default: ablation.yaml's); "
+                        "controller bench: trials (default 1000)")  # fmt: skip
     p.add_argument("--driver-only", action="store_true", dest="driver_only",
                    help="cluster bench: the study's own driver (searchers, ASHA, hand-out) against stand-in "
                         "trials in simulated time, without Ray's workers (see docs/benchmarks.md)")  # fmt: skip
@@ -45,7 +47,12 @@ def _bench_parser(sub) -> None:
         help="cohort size (data: 200 for the RSS figure; calibrate: 24; train: 16 for the loop profile)",
     )
     p.add_argument("--seed", type=int, default=0, help="calibrate: phantom seed (default 0)")
-    p.add_argument("--epochs", type=_positive_int, default=8, help="calibrate: epochs of every row (default 8)")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=8,
+        help="calibrate: epochs of every row; controller: reports per trial (default 8)",
+    )
     p.add_argument("--tiny", action="store_true", help="calibrate: the coarse test phantom (smoke runs)")
     p.add_argument("--work-dir", type=_path, help="where to put the bench cohorts (default: a temp folder)")
     p.add_argument("--slice-size", type=int, default=128, dest="slice_size", help="train bench: slice size")
