@@ -17,7 +17,6 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from avn_study.analysis import analyze
-from avn_study.study.interrupted import ray_temp_root, staged_folders
 from avn_study.study.results import read_trials
 from avn_study.study.search import FinalValueOptunaSearch, FollowUp, RowScheduler, RowSearch, RowSearchRun
 
@@ -209,13 +208,8 @@ def test_a_killed_concurrent_stage1_resumes_without_rerunning(sweep_cohort: Path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = finished()
-    # the kill lands at random in Ray's copy of its snapshot; here it cuts the searcher's state for sure
-    (staged,) = staged_folders(root, ray_temp_root())
-    (searcher,) = root.glob("searcher-state-*.pkl")
-    searcher.write_bytes((staged / searcher.name).read_bytes()[:100])
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"stages/{searcher.name} was cut short when the driver was killed" in resumed.stderr
     after = finished()
     assert all(after[name] == text for name, text in before.items())  # neither re-run nor lost
     trials = read_trials(root)

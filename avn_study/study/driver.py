@@ -251,20 +251,7 @@ class Study:
         self.store.pull_study()
         preflight.check_manifest(self.root, self.space, self.split_hash)
         self._freeze_inner(splits, cases, resume=True)
-        self._finish_interrupted_upload()
         self._check_search_files()
-
-    def _finish_interrupted_upload(self) -> None:
-        """A driver killed on this host while Ray copied its last snapshot into the study folder: complete the
-        files it cut short from its staging folder (:mod:`~avn_study.study.interrupted`)."""
-        if self.remote or self.lock is None or not self.lock.took_over_a_dead_driver_here():
-            return
-        from avn_study.study.interrupted import finish_upload
-
-        for experiment in stage_folders(self.root):
-            for path in finish_upload(experiment):
-                print(f"resume: {path.relative_to(self.root)} was cut short when the driver was killed during "
-                      "Ray's upload; completed from its staging folder", file=sys.stderr)  # fmt: skip
 
     def _check_search_files(self) -> None:
         """Before a resume: the searchers' saved states and Optuna's journal are whole

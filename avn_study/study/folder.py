@@ -335,12 +335,6 @@ class StudyLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False  # another driver forced the lock away from us
-        self.taken_over: dict[str, Any] | None = None  # the stale holder that acquire() took the lock from
-
-    def took_over_a_dead_driver_here(self) -> bool:
-        """Whether the lock was taken from a driver that died on this host (its staging folders are here)."""
-        held = self.taken_over or {}
-        return held.get("host") == self.me["host"] and not held.get("unreadable") and not pid_alive(held.get("pid"))
 
     def _payload(self) -> bytes:
         return json.dumps({**self.me, "heartbeat": time.time()}).encode()
@@ -383,10 +377,8 @@ class StudyLock:
             UsageError: another live driver holds it (or a stale one, without ``takeover_stale``).
         """
         if not self.where.create(self._payload()):
-            holder = self.holder()
             self.check_free(takeover_stale, force)
             self.where.replace(self._payload())
-            self.taken_over = holder if holder and not self._mine(holder) else None
         self._thread = threading.Thread(target=self._beat, name="avn-study-lock", daemon=True)
         self._thread.start()
 
