@@ -91,3 +91,28 @@ def test_an_inline_split_of_an_older_study_folder_is_used_as_it_is(study) -> Non
     assert trial_split.trial_split(meta, str(root), read) == ({"hash": "old"}, {"k": 2})
     assert trial_split.trial_split({}, str(root), read) == (None, None)
     assert reads == []
+
+
+def test_a_trials_files_are_written_whole_or_not_at_all(tmp_path) -> None:
+    from pyarrow import fs
+
+    from avn_study.study.trainable import write_whole
+
+    local = fs.LocalFileSystem()
+    target = tmp_path / "trial" / "epochs" / "epoch_000.json"
+    write_whole(local, str(target), b'{"epoch": 0}')
+    write_whole(local, str(target), b'{"epoch": 0, "again": true}')  # a retried epoch replaces its record
+    assert target.read_bytes() == b'{"epoch": 0, "again": true}'
+
+    class Full(fs.LocalFileSystem):  # a disk that fills up while the record is written
+        def move(self, src, dest):
+            raise OSError(28, "No space left on device")
+
+    try:
+        write_whole(Full(), str(target), b'{"epoch": 0, "torn')
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the failed write was not reported")
+    assert target.read_bytes() == b'{"epoch": 0, "again": true}'  # the old record, whole
+    assert sorted(p.name for p in target.parent.iterdir()) == ["epoch_000.json"]  # no temporary left

@@ -23,6 +23,7 @@ Trial configs hold the flat TrainConfig keys, Optuna's sampled keys (``schedule_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -73,6 +74,25 @@ def _identity(run: Any, meta: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def write_whole(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` on the pyarrow filesystem ``fs`` under a temporary name beside it, then move
+    it into place: a trial killed mid-write (or retried while rewriting an epoch's record) leaves at most
+    the temporary, never a torn file under the final name."""
+    import uuid
+
+    folder, name = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open_output_stream(tmp, compression=None) as stream:  # (else a .gz name is gzipped again)
+            stream.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+
+
 class TrialFiles:
     """Writes into the trial's folder of the experiment storage (local, shared or a pyarrow URI), and reads
     the study's frozen split from the study folder above it."""
@@ -95,10 +115,7 @@ class TrialFiles:
             return stream.read()
 
     def write(self, relative: str, data: str | bytes) -> None:
-        path = f"{self.root}/{relative}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(path, compression=None) as stream:  # (else a .gz name is gzipped again)
-            stream.write(data.encode() if isinstance(data, str) else data)
+        write_whole(self.fs, f"{self.root}/{relative}", data.encode() if isinstance(data, str) else data)
 
     def exists(self, relative: str) -> bool:
         from pyarrow import fs
